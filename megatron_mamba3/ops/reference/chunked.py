@@ -1,0 +1,126 @@
+"""The chunked form: masked matmuls inside a chunk, the SPEC 4 state passed between chunks.
+
+Within a chunk, token j's k_j v_jᵀ enters h_i with weight L[i, j]:
+    L[i, i] = γ_i,   L[i, j] = exp(Σ_{j<m≤i} A_m Δ_m) · (γ_j + (1 − λ_{j+1}) Δ_{j+1})   for j < i,
+zero across a document start. The incoming state enters as h̃ = h + (1 − λ_0) Δ_0 Σ_r v_prev,r k_prev,rᵀ,
+decayed by exp(Σ_{m≤i} A_m Δ_m). A short last chunk is padded with copies of the last token and
+Δ = 0, which leave h, θ and the previous (k, v) exactly as the last real token left them.
+"""
+
+from __future__ import annotations
+
+import math
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from megatron_mamba3.ops.interface import (
+    TWO_PI,
+    Mamba3Inputs,
+    Mamba3State,
+    Mamba3Weights,
+    compute_dtype,
+    scan_dims,
+)
+from megatron_mamba3.ops.reference.gate import gate_output
+from megatron_mamba3.ops.reference.heads import head_keys, rank_values
+from megatron_mamba3.ops.reference.packing import run_packed
+
+
+def mamba3_chunked(
+    inputs: Mamba3Inputs,
+    weights: Mamba3Weights,
+    *,
+    segment_ids: Tensor | None = None,
+    cu_seqlens: Tensor | None = None,
+    initial_state: Mamba3State | None = None,
+    chunk_size: int = 64,
+) -> tuple[Tensor, Mamba3State]:
+    """Chunked scan over (b, l, ...) inputs -> (gated output (b, l, H, p), final state).
+
+    Same contract as `mamba3_recurrent`; `chunk_size` (any int >= 1) never changes the result
+    beyond rounding. Computes in fp32 for fp32/bf16 inputs (fp64 for fp64) and is differentiable.
+    """
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size!r} must be an int >= 1")
+    dims = scan_dims(inputs, weights)
+    return run_packed(
+        partial(_chunked_rows, chunk_size=chunk_size), inputs, weights, dims,
+        segment_ids=segment_ids, cu_seqlens=cu_seqlens, initial_state=initial_state,
+    )
+
+
+def _chunked_rows(
+    inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state: Mamba3State, chunk_size: int
+) -> tuple[Tensor, Mamba3State]:
+    out_dtype, length = inputs.x.dtype, inputs.x.shape[1]
+    dtype = compute_dtype(out_dtype)
+    inputs, weights, state = inputs.to(dtype), weights.to(dtype), state.to(dtype)
+    pad = -length % chunk_size
+    if pad:
+        inputs = _pad_with_identity_steps(inputs, pad)
+        starts = F.pad(starts, (0, pad))
+    outs = []
+    for begin in range(0, length + pad, chunk_size):
+        window = slice(begin, begin + chunk_size)
+        out, state = chunk_scan(inputs.tokens(window), weights, starts[:, window], state)
+        outs.append(out)
+    return torch.cat(outs, dim=1)[:, :length].to(out_dtype), state
+
+
+def _pad_with_identity_steps(inputs: Mamba3Inputs, pad: int) -> Mamba3Inputs:
+    """Append `pad` copies of the last token with Δ = 0: steps that change no part of the state."""
+    repeat_last = lambda t: torch.cat((t, t[:, -1:].expand(-1, pad, *t.shape[2:])), dim=1)  # noqa: E731
+    padded = Mamba3Inputs(*(repeat_last(t) for t in inputs))
+    return padded._replace(dt=F.pad(inputs.dt, (0, 0, 0, pad)))
+
+
+def chunk_scan(
+    chunk: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state: Mamba3State
+) -> tuple[Tensor, Mamba3State]:
+    """One chunk of c tokens (inputs (b, c, ...), starts (b, c) bool) from `state`.
+
+    Shape-stable in c, with document starts as runtime data. Returns (out (b, c, H, p), state after
+    the chunk's last token). Inputs, weights and state must share one compute dtype.
+    """
+    x, z, B, C, dt, A, trap, angles = chunk
+    c = x.shape[1]
+    lam = torch.sigmoid(trap)
+    gamma = lam * dt
+    # ε_j = (1 − λ_{j+1}) Δ_{j+1}: the extra weight of k_j v_jᵀ once token j + 1 has run.
+    eps = F.pad(((1 - lam) * dt)[:, 1:], (0, 0, 0, 1))
+
+    document = starts.cumsum(dim=1)
+    carried = document == 0  # (b, c): rows still in the document the incoming state belongs to
+    causal = torch.ones(c, c, dtype=torch.bool, device=x.device).tril()
+    same_document = (document[:, :, None] == document[:, None, :]) & causal  # (b, i, j)
+
+    increments = math.pi * torch.tanh(angles).unsqueeze(-2) * dt.unsqueeze(-1)  # (b, c, H, S)
+    theta = torch.einsum("bij,bjhs->bihs", same_document.to(dt.dtype), increments)
+    theta = theta + carried[:, :, None, None] * state.theta[:, None]
+    k = head_keys(B, weights.B_bias, theta)  # (b, c, R, H, n)
+    q = head_keys(C, weights.C_bias, theta)
+    v = rank_values(x, weights.mimo_x)  # (b, c, R, H, p)
+
+    # Σ_{j<m≤i} A_m Δ_m as a cumulative sum over m of the terms with m > j: no differences of
+    # running sums, so a document's decays never depend on another document's values.
+    log_alpha = A * dt  # (b, c, H)
+    below_diagonal = torch.ones(c, c, dtype=torch.bool, device=x.device).tril(-1)
+    gap = (log_alpha[:, :, None, :] * below_diagonal[None, :, :, None]).cumsum(dim=1)  # (b, i, j, H)
+    decay = torch.exp(gap.masked_fill(~same_document[..., None], -math.inf))
+    mix = decay * (gamma[:, None] + eps[:, None] * below_diagonal[None, :, :, None])  # L: (b, i, j, H)
+
+    incoming_kv = torch.einsum("brhp,brhn->bhpn", rank_values(state.v_prev, weights.mimo_x), state.k_prev)
+    h_in = state.h + ((1 - lam[:, 0]) * dt[:, 0])[..., None, None] * incoming_kv  # (b, H, p, n)
+    carry_decay = carried[..., None] * torch.exp(log_alpha.cumsum(dim=1))  # (b, c, H)
+
+    scores = torch.einsum("birhn,bjshn,bijh->bhirjs", q, k, mix)
+    y = torch.einsum("bhirjs,bjshp->birhp", scores, v)
+    y = y + torch.einsum("birhn,bhpn,bih->birhp", q, h_in, carry_decay)
+    y = y + weights.D[:, None] * v
+    out = gate_output(y, z, weights)
+
+    h = carry_decay[:, -1, :, None, None] * h_in + torch.einsum("bjh,bjrhp,bjrhn->bhpn", mix[:, -1], v, k)
+    return out, Mamba3State(h, k[:, -1], x[:, -1], torch.remainder(theta[:, -1], TWO_PI))

@@ -1,0 +1,27 @@
+"""Per-head keys, queries and values built from the inputs that heads share (SPEC 3).
+
+k_{t,r} = rot(θ_t, B_{t,r} + B_bias[h, r]), q likewise from C, and v_{t,r} = x_t ⊙ mimo_x[h, r].
+"""
+
+from __future__ import annotations
+
+from torch import Tensor
+
+from megatron_mamba3.ops.reference.rotary import rotate
+
+
+def head_keys(shared: Tensor, bias: Tensor, theta: Tensor) -> Tensor:
+    """Normalized B or C (..., R, G, n), bias (H, R, n), angles (..., H, S) -> (..., R, H, n).
+
+    Head h reads group h // (H / G); rank > 1 (MIMO) selects the half-split rotary pairing.
+    """
+    R, G = shared.shape[-3:-1]
+    H = bias.shape[0]
+    per_head = shared.repeat_interleave(H // G, dim=-2) + bias.transpose(0, 1)
+    return rotate(per_head, theta.unsqueeze(-3), half_split=R > 1)
+
+
+def rank_values(x: Tensor, mimo_x: Tensor | None) -> Tensor:
+    """x (..., H, p) -> per-rank values (..., R, H, p); SISO (no mimo_x) gives R = 1."""
+    v = x.unsqueeze(-3)
+    return v if mimo_x is None else v * mimo_x.transpose(0, 1)

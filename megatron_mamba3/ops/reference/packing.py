@@ -1,0 +1,75 @@
+"""Runs a row scan over a batch, over `segment_ids`-packed rows, or over `cu_seqlens` documents.
+
+A row scan maps (inputs (b, l, ...), weights, starts (b, l) bool, state) to (out (b, l, H, p), state):
+it resets the state to zero wherever `starts` is set. With `cu_seqlens` (THD layout, b = 1) every
+document runs alone from its own initial state, and states are per document: (N, ...).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+from torch import Tensor
+
+from megatron_mamba3.ops.interface import (
+    Mamba3Inputs,
+    Mamba3State,
+    Mamba3Weights,
+    ScanDims,
+    check_state,
+    compute_dtype,
+)
+from megatron_mamba3.ops.segments import document_bounds, document_starts
+
+RowScan = Callable[[Mamba3Inputs, Mamba3Weights, Tensor, Mamba3State], tuple[Tensor, Mamba3State]]
+
+
+def run_packed(
+    row_scan: RowScan,
+    inputs: Mamba3Inputs,
+    weights: Mamba3Weights,
+    dims: ScanDims,
+    *,
+    segment_ids: Tensor | None,
+    cu_seqlens: Tensor | None,
+    initial_state: Mamba3State | None,
+) -> tuple[Tensor, Mamba3State]:
+    """Apply `row_scan` under the packing given; returns (out (b, l, H, p), final state)."""
+    if segment_ids is not None and cu_seqlens is not None:
+        raise ValueError("pass either segment_ids or cu_seqlens, not both")
+    state_dtype = compute_dtype(inputs.x.dtype)
+
+    def start_state(batch: int, index: int | None) -> Mamba3State:
+        if initial_state is None:
+            return Mamba3State.zeros(batch, dims, state_dtype, inputs.x.device)
+        return initial_state if index is None else initial_state.rows(index)
+
+    def scan_rows(rows: Mamba3Inputs, starts: Tensor, state: Mamba3State) -> tuple[Tensor, Mamba3State]:
+        if rows.x.shape[1] == 0:
+            return rows.x, state
+        return row_scan(rows, weights, starts, state)
+
+    if cu_seqlens is None:
+        if segment_ids is None:
+            starts = torch.zeros(dims.b, dims.l, dtype=torch.bool, device=inputs.x.device)
+        elif tuple(segment_ids.shape) != (dims.b, dims.l):
+            raise ValueError(f"segment_ids has shape {tuple(segment_ids.shape)}, expected (b, l) = {(dims.b, dims.l)}")
+        else:
+            starts = document_starts(segment_ids)
+        if initial_state is not None:
+            check_state(initial_state, dims.b, dims)
+        return scan_rows(inputs, starts, start_state(dims.b, None))
+
+    if dims.b != 1:
+        raise ValueError(f"cu_seqlens packs documents into one row; got batch b={dims.b}, expected 1")
+    bounds = document_bounds(cu_seqlens, dims.l)
+    if initial_state is not None:
+        check_state(initial_state, len(bounds), dims)
+    outs, finals = [], []
+    for index, (begin, end) in enumerate(bounds):
+        no_starts = torch.zeros(1, end - begin, dtype=torch.bool, device=inputs.x.device)
+        out, final = scan_rows(inputs.tokens(slice(begin, end)), no_starts, start_state(1, index))
+        outs.append(out)
+        finals.append(final)
+    return torch.cat(outs, dim=1), Mamba3State(*(torch.cat(field, dim=0) for field in zip(*finals)))

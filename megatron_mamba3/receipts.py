@@ -1,0 +1,45 @@
+"""Receipts (SPEC 6): which backend and kernel variant actually ran, per layer and step kind.
+
+Each distinct receipt is logged once (logger "megatron_mamba3", level INFO) and counted; tests and
+users query them with `receipts()`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+
+logger = logging.getLogger("megatron_mamba3")
+
+_calls: dict["Receipt", int] = {}
+
+
+@dataclasses.dataclass(frozen=True)
+class Receipt:
+    """One kind of call: `layer` (the caller's name or None), `step_kind` ("forward" or "decode"),
+    the `backend` and `variant` that ran, the input `dtype`, the input `shapes` as (name, shape)
+    pairs, and `compile_count`, the kernels compiled for the call (0 for the reference)."""
+
+    layer: str | None
+    step_kind: str
+    backend: str
+    variant: str
+    dtype: str
+    shapes: tuple[tuple[str, tuple[int, ...]], ...]
+    compile_count: int = 0
+
+
+def record(receipt: Receipt) -> None:
+    """Count `receipt`; log it the first time it is seen."""
+    if receipt not in _calls:
+        logger.info("mamba3 receipt: %s", receipt)
+    _calls[receipt] = _calls.get(receipt, 0) + 1
+
+
+def receipts() -> dict[Receipt, int]:
+    """Every distinct receipt recorded since the last `clear_receipts()`, with its call count."""
+    return dict(_calls)
+
+
+def clear_receipts() -> None:
+    _calls.clear()

@@ -1,0 +1,85 @@
+"""The chunked form against the float64 sequential oracle (`mamba3_recurrent`).
+
+Tolerances: float64 1e-10 relative; fp32 1e-5 relative; bf16 at most 2x the error of the oracle's
+own output rounded to bf16 (the bf16 reference's own error), on the same bf16-valued inputs.
+"""
+
+import pytest
+import torch
+
+from megatron_mamba3.ops.reference import mamba3_chunked, mamba3_recurrent
+from tests.helpers import angle_err, make_case, make_state, rel_err
+
+LENGTH = 50
+
+
+def _packing(b, l, H, p, R, n, S, packed):  # noqa: E741
+    if not packed:
+        return {}
+    segment_ids = torch.tensor([[0] * 9 + [1] * 20 + [2] * (l - 29), [0] * (l - 3) + [5] * 3])[:b]
+    return dict(segment_ids=segment_ids, initial_state=make_state(b, H, p, R, n, S))
+
+
+def assert_states_close(actual, expected, tol):
+    for name in ("h", "k_prev", "v_prev"):
+        assert rel_err(getattr(actual, name), getattr(expected, name)) < tol, name
+    assert angle_err(actual.theta, expected.theta) < tol
+
+
+_oracle_cache = {}
+
+
+def _oracle(n, p, R, packed):
+    key = (n, p, R, packed)
+    if key not in _oracle_cache:
+        G = 2 if R == 2 else 1
+        inputs, weights = make_case(b=2, l=LENGTH, H=2, p=p, R=R, G=G, n=n, seed=n + p + R, norm=R == 4)
+        options = _packing(2, LENGTH, 2, p, R, n, n // 4, packed)
+        _oracle_cache[key] = (inputs, weights, options, mamba3_recurrent(inputs, weights, **options))
+    return _oracle_cache[key]
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["plain", "segments+initial_state"])
+@pytest.mark.parametrize("chunk_size", [7, 16, 64])
+@pytest.mark.parametrize("R", [1, 2, 4])
+@pytest.mark.parametrize("p", [16, 64])
+@pytest.mark.parametrize("n", [16, 64, 128])
+def test_chunked_matches_oracle_float64(n, p, R, chunk_size, packed):
+    inputs, weights, options, (out_ref, state_ref) = _oracle(n, p, R, packed)
+    out, state = mamba3_chunked(inputs, weights, chunk_size=chunk_size, **options)
+    assert out.dtype == torch.float64 and state.h.dtype == torch.float64
+    assert rel_err(out, out_ref) < 1e-10
+    assert_states_close(state, state_ref, 1e-10)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3])
+def test_tiny_chunks_match_oracle(chunk_size):
+    inputs, weights = make_case(R=2, G=1, norm=True)
+    out_ref, state_ref = mamba3_recurrent(inputs, weights)
+    out, state = mamba3_chunked(inputs, weights, chunk_size=chunk_size)
+    assert rel_err(out, out_ref) < 1e-10
+    assert_states_close(state, state_ref, 1e-10)
+
+
+@pytest.mark.parametrize("R", [1, 4])
+def test_chunked_float32_within_1e_5(R):
+    inputs, weights = make_case(b=2, l=200, H=4, p=32, R=R, G=2, n=64, seed=3)
+    inputs32, weights32 = inputs.to(torch.float32), weights.to(torch.float32)
+    out_ref, state_ref = mamba3_recurrent(inputs32.to(torch.float64), weights32.to(torch.float64))
+    out, state = mamba3_chunked(inputs32, weights32, chunk_size=64 if R == 1 else 16)
+    assert out.dtype == torch.float32 and state.h.dtype == torch.float32
+    assert rel_err(out, out_ref) < 1e-5
+    assert_states_close(state, state_ref, 1e-5)
+
+
+@pytest.mark.parametrize("R", [1, 4])
+def test_chunked_bfloat16_within_twice_bf16_rounding(R):
+    inputs, weights = make_case(b=2, l=200, H=4, p=32, R=R, G=2, n=64, seed=4)
+    inputs16, weights16 = inputs.to(torch.bfloat16), weights.to(torch.bfloat16)
+    out_ref, state_ref = mamba3_recurrent(inputs16.to(torch.float64), weights16.to(torch.float64))
+    out, state = mamba3_chunked(inputs16, weights16, chunk_size=64 if R == 1 else 16)
+    assert out.dtype == torch.bfloat16 and state.h.dtype == torch.float32
+    own_error = (out_ref.to(torch.bfloat16).double() - out_ref).abs().max().item()
+    assert 0 < own_error
+    assert (out.double() - out_ref).abs().max().item() <= 2 * own_error
+    assert_states_close(state, state_ref, 1e-5)  # the state stays fp32

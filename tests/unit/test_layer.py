@@ -1,0 +1,137 @@
+"""The layer entry point, backend selection, receipts, parameter init and input validation."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from megatron_mamba3 import Mamba3Config, clear_receipts, init_layer_params, mamba3_layer, mamba3_scan, receipts
+from megatron_mamba3.ops.layer import decay_rate, split_projection
+from megatron_mamba3.ops.registry import BACKEND_ENV
+from tests.helpers import make_case, rel_err
+
+
+def test_decay_rate_follows_spec():
+    u = torch.tensor([-3.0, -0.5, 0.0, 0.5, 2.0, -1e6], dtype=torch.float64)
+    expected = torch.tensor([-1 / 4, -1 / 1.5, -1.0, -1.5, -3.0, -1e-4], dtype=torch.float64)
+    assert torch.allclose(decay_rate(u, 1e-4), expected, rtol=1e-12, atol=0)
+
+
+def test_init_layer_params_follow_spec():
+    config = Mamba3Config(d_model=64, headdim=8, d_state=16, mimo_rank=4, is_outproj_norm=True)
+    params = init_layer_params(config, torch.Generator().manual_seed(0))
+    H, R, n, p = 16, 4, 16, 8
+    shapes = {"dt_bias": (H,), "B_norm": (n,), "C_norm": (n,), "B_bias": (H, R, n), "C_bias": (H, R, n),
+              "D": (H,), "mimo_x": (H, R, p), "mimo_z": (H, R, p), "mimo_o": (H, R, p), "norm": (128,)}
+    assert {k: tuple(v.shape) for k, v in params.items()} == shapes
+    assert all(v.dtype == torch.float32 for v in params.values())
+    dt0 = F.softplus(params["dt_bias"])
+    assert (dt0 >= config.dt_min * (1 - 1e-5)).all() and (dt0 <= config.dt_max * (1 + 1e-5)).all()
+    assert torch.equal(params["mimo_x"], torch.full((H, R, p), 0.25)) and torch.equal(params["mimo_o"], params["mimo_x"])
+    for name in ("B_norm", "C_norm", "B_bias", "C_bias", "D", "mimo_z", "norm"):
+        assert torch.equal(params[name], torch.ones(shapes[name])), name
+    siso = init_layer_params(Mamba3Config(d_model=64, headdim=8, d_state=16))
+    assert "mimo_x" not in siso and "norm" not in siso and siso["B_bias"].shape == (H, 1, n)
+
+
+def test_dt_floor_clamps_initial_dt():
+    config = Mamba3Config(d_model=16, headdim=8, d_state=8, dt_min=1e-6, dt_max=2e-6, dt_floor=1e-3)
+    assert torch.allclose(F.softplus(init_layer_params(config)["dt_bias"]), torch.full((4,), 1e-3))
+
+
+def test_split_projection_layout_and_width_check():
+    config = Mamba3Config(d_model=8, headdim=4, d_state=8, ngroups=2, mimo_rank=2)
+    projected = torch.arange(config.d_in_proj, dtype=torch.float64).expand(1, 1, -1)
+    z, x, B, C, dd_dt, dd_A, trap, angles = split_projection(projected, config)
+    assert z.shape == x.shape == (1, 1, 4, 4) and B.shape == C.shape == (1, 1, 2, 2, 8)
+    assert B[0, 0, 1, 0, 0] == 32 + 16  # (r g n): rank 1 comes after both groups of rank 0
+    assert (dd_dt[0, 0, 0], dd_A[0, 0, 0], trap[0, 0, 0], angles[0, 0, 0]) == (96, 100, 104, 108)
+    with pytest.raises(ValueError, match=f"width 10, expected d_in_proj = {config.d_in_proj}"):
+        split_projection(torch.zeros(1, 1, 10), config)
+
+
+def test_receipts_record_what_ran():
+    clear_receipts()
+    inputs, weights = make_case(b=1, l=9, seed=31)
+    mamba3_scan(inputs, weights, layer="layer0")
+    mamba3_scan(inputs, weights, layer="layer0")
+    mamba3_scan(inputs, weights, variant="recurrent", layer="layer1")
+    recorded = receipts()
+    assert [(r.layer, r.backend, r.variant, r.step_kind, r.dtype) for r in recorded] == [
+        ("layer0", "reference", "chunked", "forward", "float64"),
+        ("layer1", "reference", "recurrent", "forward", "float64"),
+    ]
+    assert list(recorded.values()) == [2, 1]
+    assert dict(next(iter(recorded)).shapes)["B"] == (1, 9, 1, 2, 16)
+    clear_receipts()
+    assert receipts() == {}
+
+
+def test_backend_selection(monkeypatch):
+    inputs, weights = make_case(b=1, l=5, seed=32)
+    with pytest.raises(ValueError, match="backend='tilelang' is not available; available: auto, reference"):
+        mamba3_scan(inputs, weights, backend="tilelang")
+    with pytest.raises(ValueError, match="variant='fused' is not a variant of backend 'reference'"):
+        mamba3_scan(inputs, weights, variant="fused")
+    monkeypatch.setenv(BACKEND_ENV, "xla")
+    with pytest.raises(ValueError, match=f"{BACKEND_ENV}='xla' is not available"):
+        mamba3_scan(inputs, weights)
+    monkeypatch.setenv(BACKEND_ENV, "reference")
+    out, _ = mamba3_scan(inputs, weights, chunk_size=2)
+    reference, _ = mamba3_scan(inputs, weights, backend="auto", variant="recurrent")
+    assert rel_err(out, reference) < 1e-10
+
+
+@pytest.mark.parametrize(
+    "field, change, message",
+    [
+        ("x", lambda t: t[..., :7], r"z has shape \(1, 5, 4, 8\), expected \(1, 5, 4, 7\)"),
+        ("B", lambda t: t[..., :1, :], r"C has shape \(1, 5, 1, 2, 16\), expected \(1, 5, 1, 1, 16\)"),
+        ("dt", lambda t: t[:, :4], r"dt has shape \(1, 4, 4\), expected \(1, 5, 4\)"),
+        ("angles", lambda t: torch.cat((t, t, t), dim=-1), r"angles carry S=12 angles"),
+        ("x", lambda t: t[0], r"x has shape \(5, 4, 8\), expected \(b, l, H, p\)"),
+    ],
+)
+def test_bad_inputs_raise_naming_the_tensor(field, change, message):
+    inputs, weights = make_case(b=1, l=5, seed=33)
+    with pytest.raises(ValueError, match=message):
+        mamba3_scan(inputs._replace(**{field: change(getattr(inputs, field))}), weights)
+
+
+def test_bad_weights_raise_naming_the_tensor():
+    inputs, weights = make_case(b=1, l=5, R=2, G=1, seed=34)
+    with pytest.raises(ValueError, match="mimo_z must be given exactly when R > 1"):
+        mamba3_scan(inputs, weights._replace(mimo_z=None))
+    with pytest.raises(ValueError, match=r"D has shape \(3,\), expected \(4,\)"):
+        mamba3_scan(inputs, weights._replace(D=weights.D[:3]))
+    with pytest.raises(ValueError, match=r"norm has shape \(8,\), expected \(32,\)"):
+        mamba3_scan(inputs, weights._replace(norm=torch.ones(8, dtype=torch.float64)))
+    with pytest.raises(ValueError, match="chunk_size=0 must be an int >= 1"):
+        mamba3_scan(inputs, weights, chunk_size=0)
+
+
+def test_layer_in_bfloat16_keeps_fp32_state():
+    config = Mamba3Config(d_model=32, headdim=8, d_state=16, mimo_rank=2)
+    params = init_layer_params(config)
+    projected = torch.randn(2, 20, config.d_in_proj)
+    y32, state32 = mamba3_layer(projected, params, config)
+    y16, state16 = mamba3_layer(projected.bfloat16(), {k: v.bfloat16() for k, v in params.items()}, config)
+    assert y16.dtype == torch.bfloat16 and state16.h.dtype == torch.float32 and y32.shape == (2, 20, 64)
+    assert rel_err(y16, y32) < 0.05  # bf16 inputs and weights: a sanity bound, not an accuracy claim
+    assert math.isfinite(state16.h.abs().sum().item())
+
+
+def test_installed_subpackages_import():
+    import megatron_mamba3.layer_specs
+    import megatron_mamba3.patches
+
+    assert megatron_mamba3.layer_specs.__doc__ and megatron_mamba3.patches.__doc__
+
+
+def test_demo_runs(capsys):
+    from megatron_mamba3.demo import run_layer
+
+    run_layer(Mamba3Config(d_model=16, headdim=8, d_state=8, mimo_rank=2), batch=1, length=12, seed=0)
+    printed = capsys.readouterr().out
+    assert "backend=reference variant=chunked dtype=float32" in printed and "checksum" in printed
