@@ -18,6 +18,7 @@ from megatron_mamba3.ops.reference.gate import rms_norm
 from megatron_mamba3.ops.scan import mamba3_scan
 
 Mamba3Params = Mapping[str, Tensor]
+REQUIRED_PARAMS = frozenset({"dt_bias", "B_norm", "C_norm", "B_bias", "C_bias", "D"})
 
 
 def decay_rate(dd_A: Tensor, A_floor: float) -> Tensor:
@@ -56,6 +57,9 @@ def mamba3_layer(
     shared B_norm / C_norm weights; the scan adds the per-head biases, rotates, runs the recurrence,
     adds D·v and gates (with the optional per-head RMSNorm `norm` and the MIMO projections).
     """
+    missing = sorted(REQUIRED_PARAMS - params.keys())
+    if missing:
+        raise ValueError(f"params lacks {missing}; it needs {sorted(REQUIRED_PARAMS)} and the MIMO / norm ones in use")
     z, x, B, C, dd_dt, dd_A, trap, angles = split_projection(projected, config)
     dtype = compute_dtype(projected.dtype)
     dt = F.softplus(dd_dt.to(dtype) + params["dt_bias"].to(dtype))

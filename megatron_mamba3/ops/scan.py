@@ -24,7 +24,9 @@ def mamba3_scan(
     """Run the Mamba-3 scan: (b, l, ...) inputs -> (gated output (b, l, H, p), final state).
 
     See `Mamba3Inputs` / `Mamba3Weights` / `Mamba3State` for shapes. Packing: `segment_ids` (b, l)
-    with per-row states, or `cu_seqlens` (N + 1,) with b = 1 and per-document states (N, ...).
+    with per-row states (the initial state continues each row's first document; the final state is
+    the state after its last token), or `cu_seqlens` (N + 1,) with b = 1 and per-document states
+    (N, ...). Without either, each row is one sequence.
     `backend`/`variant` pick the implementation (default: `MEGATRON_MAMBA3_BACKEND` or "auto");
     `layer` names the caller in the receipt.
     """

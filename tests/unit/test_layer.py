@@ -111,6 +111,14 @@ def test_bad_weights_raise_naming_the_tensor():
         mamba3_scan(inputs, weights, chunk_size=0)
 
 
+def test_layer_needs_every_parameter():
+    config = Mamba3Config(d_model=16, headdim=8, d_state=8)
+    params = init_layer_params(config)
+    del params["C_norm"]
+    with pytest.raises(ValueError, match=r"params lacks \['C_norm'\]"):
+        mamba3_layer(torch.zeros(1, 3, config.d_in_proj), params, config)
+
+
 def test_layer_in_bfloat16_keeps_fp32_state():
     config = Mamba3Config(d_model=32, headdim=8, d_state=16, mimo_rank=2)
     params = init_layer_params(config)
