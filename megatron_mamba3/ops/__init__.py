@@ -4,17 +4,12 @@ around it), the interface types, and the packing helpers."""
 from megatron_mamba3.ops.interface import Mamba3Inputs, Mamba3State, Mamba3Weights
 from megatron_mamba3.ops.layer import mamba3_layer
 from megatron_mamba3.ops.scan import mamba3_scan
-from megatron_mamba3.ops.segments import (
-    document_starts,
-    segment_ids_from_cu_seqlens,
-    segment_ids_from_doc_ids,
-)
+from megatron_mamba3.ops.segments import segment_ids_from_cu_seqlens, segment_ids_from_doc_ids
 
 __all__ = [
     "Mamba3Inputs",
     "Mamba3State",
     "Mamba3Weights",
-    "document_starts",
     "mamba3_layer",
     "mamba3_scan",
     "segment_ids_from_cu_seqlens",

@@ -4,7 +4,8 @@ and nothing crosses a document boundary. Float64; tolerances 1e-10 relative unle
 import pytest
 import torch
 
-from megatron_mamba3.ops import Mamba3State, document_starts, segment_ids_from_cu_seqlens, segment_ids_from_doc_ids
+from megatron_mamba3.ops import Mamba3State, segment_ids_from_cu_seqlens, segment_ids_from_doc_ids
+from megatron_mamba3.ops.segments import document_starts
 from megatron_mamba3.ops.reference import mamba3_chunked, mamba3_recurrent
 from tests.helpers import angle_err, make_case, make_state, rel_err
 
