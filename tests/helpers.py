@@ -25,6 +25,13 @@ def angle_err(actual: Tensor, expected: Tensor) -> float:
     return delta.abs().max().item()
 
 
+def assert_states_close(actual: Mamba3State, expected: Mamba3State, tol: float) -> None:
+    """h, k_prev and v_prev within `tol` relative; θ within `tol` modulo 2π."""
+    for name in ("h", "k_prev", "v_prev"):
+        assert rel_err(getattr(actual, name), getattr(expected, name)) < tol, name
+    assert angle_err(actual.theta, expected.theta) < tol
+
+
 def make_case(
     b: int = 2,
     l: int = 37,  # noqa: E741

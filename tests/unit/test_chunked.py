@@ -4,11 +4,13 @@ Tolerances: float64 1e-10 relative; fp32 1e-5 relative; bf16 at most 2x the erro
 own output rounded to bf16 (the bf16 reference's own error), on the same bf16-valued inputs.
 """
 
+import functools
+
 import pytest
 import torch
 
 from megatron_mamba3.ops.reference import mamba3_chunked, mamba3_recurrent
-from tests.helpers import angle_err, make_case, make_state, rel_err
+from tests.helpers import assert_states_close, make_case, make_state, rel_err
 
 LENGTH = 50
 
@@ -20,23 +22,12 @@ def _packing(b, l, H, p, R, n, S, packed):  # noqa: E741
     return dict(segment_ids=segment_ids, initial_state=make_state(b, H, p, R, n, S))
 
 
-def assert_states_close(actual, expected, tol):
-    for name in ("h", "k_prev", "v_prev"):
-        assert rel_err(getattr(actual, name), getattr(expected, name)) < tol, name
-    assert angle_err(actual.theta, expected.theta) < tol
-
-
-_oracle_cache = {}
-
-
+@functools.cache
 def _oracle(n, p, R, packed):
-    key = (n, p, R, packed)
-    if key not in _oracle_cache:
-        G = 2 if R == 2 else 1
-        inputs, weights = make_case(b=2, l=LENGTH, H=2, p=p, R=R, G=G, n=n, seed=n + p + R, norm=R == 4)
-        options = _packing(2, LENGTH, 2, p, R, n, n // 4, packed)
-        _oracle_cache[key] = (inputs, weights, options, mamba3_recurrent(inputs, weights, **options))
-    return _oracle_cache[key]
+    G = 2 if R == 2 else 1
+    inputs, weights = make_case(b=2, l=LENGTH, H=2, p=p, R=R, G=G, n=n, seed=n + p + R, norm=R == 4)
+    options = _packing(2, LENGTH, 2, p, R, n, n // 4, packed)
+    return inputs, weights, options, mamba3_recurrent(inputs, weights, **options)
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["plain", "segments+initial_state"])

@@ -5,15 +5,9 @@ import pytest
 import torch
 
 from megatron_mamba3.ops.reference import mamba3_chunked, mamba3_recurrent, mamba3_step
-from tests.helpers import angle_err, make_case, make_state, rel_err
+from tests.helpers import assert_states_close, make_case, make_state, rel_err
 
-LENGTH, CHUNK = 29, 8
-
-
-def assert_states_close(actual, expected):
-    for name in ("h", "k_prev", "v_prev"):
-        assert rel_err(getattr(actual, name), getattr(expected, name)) < 1e-10, name
-    assert angle_err(actual.theta, expected.theta) < 1e-10
+LENGTH, CHUNK, TOL = 29, 8, 1e-10
 
 
 @pytest.mark.parametrize("R,G,n", [(1, 2, 16), (2, 1, 16), (4, 2, 32)])
@@ -24,8 +18,8 @@ def test_split_at_every_position_equals_one_run(R, G, n):
     for t in range(LENGTH + 1):  # includes empty halves and every chunk-unaligned split
         first, middle = mamba3_chunked(inputs.tokens(slice(0, t)), weights, initial_state=initial, chunk_size=CHUNK)
         second, final = mamba3_chunked(inputs.tokens(slice(t, LENGTH)), weights, initial_state=middle, chunk_size=CHUNK)
-        assert rel_err(torch.cat((first, second), dim=1), whole) < 1e-10, t
-        assert_states_close(final, whole_state)
+        assert rel_err(torch.cat((first, second), dim=1), whole) < TOL, t
+        assert_states_close(final, whole_state, TOL)
 
 
 @pytest.mark.parametrize("R", [1, 2])
@@ -35,8 +29,8 @@ def test_oracle_split_equals_one_run(R):
     for t in (0, 1, 13, LENGTH):
         first, middle = mamba3_recurrent(inputs.tokens(slice(0, t)), weights)
         second, final = mamba3_recurrent(inputs.tokens(slice(t, LENGTH)), weights, initial_state=middle)
-        assert rel_err(torch.cat((first, second), dim=1), whole) < 1e-10
-        assert_states_close(final, whole_state)
+        assert rel_err(torch.cat((first, second), dim=1), whole) < TOL
+        assert_states_close(final, whole_state, TOL)
 
 
 @pytest.mark.parametrize("R,norm", [(1, False), (1, True), (4, True)])
@@ -46,8 +40,8 @@ def test_decode_token_by_token_equals_chunked_forward(R, norm):
     parallel, parallel_state = mamba3_chunked(inputs, weights, initial_state=state, chunk_size=CHUNK)
     for t in range(LENGTH):
         out, state = mamba3_step(inputs.tokens(t), weights, state)
-        assert rel_err(out, parallel[:, t]) < 1e-10, t
-    assert_states_close(state, parallel_state)
+        assert rel_err(out, parallel[:, t]) < TOL, t
+    assert_states_close(state, parallel_state, TOL)
 
 
 def test_prefill_then_decode_in_float32():
