@@ -1,6 +1,6 @@
 """megatron-mamba3: the Mamba-3 mixer for Megatron-Core hybrid models."""
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 setup(
     name="megatron-mamba3",
@@ -10,9 +10,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.12",
     packages=[
-        "megatron_mamba3",
-        "megatron_mamba3.ops",
-        "megatron_mamba3.ops.reference",
+        *find_packages(include=["megatron_mamba3", "megatron_mamba3.*"]),
         "megatron_mamba3.layer_specs",
         "megatron_mamba3.patches",
     ],

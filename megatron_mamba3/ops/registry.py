@@ -1,46 +1,107 @@
-"""Scan backends and their variants; selection by argument or `MEGATRON_MAMBA3_BACKEND` (SPEC 6).
+"""Scan backends, their variants and how one is chosen (SPEC 6).
 
-Only the reference backend exists so far: "chunked" (the default) and "recurrent" (the oracle).
-An explicitly requested backend or variant that is not available raises `ValueError`.
+Each backend lives in its own package and exports `BACKEND` (a `Backend`) from its `backend`
+module; the registry imports it on first use, so a missing optional dependency (TileLang,
+torch_xla) only matters when that backend is asked for.
+
+Selection: the `backend` argument, else `MEGATRON_MAMBA3_BACKEND`, else "auto".
+- An explicitly named backend (or variant) that cannot run here raises `ValueError` saying why.
+- "auto" picks by the tensors' device type (cuda -> tilelang, xla -> xla, otherwise reference);
+  when that backend cannot run it falls back to the reference and logs why, once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
-from typing import Callable
+from typing import Callable, Mapping
 
-from megatron_mamba3.ops.reference import mamba3_chunked, mamba3_recurrent
+from torch import Tensor
+
+from megatron_mamba3.receipts import logger
 
 BACKEND_ENV = "MEGATRON_MAMBA3_BACKEND"
+AUTO = "auto"
 
 
 @dataclasses.dataclass(frozen=True)
 class ScanVariant:
+    """One implementation: `fn(inputs, weights, *, segment_ids, cu_seqlens, initial_state,
+    chunk_size) -> (out, state)`, the signature of `mamba3_scan` without the selection arguments."""
+
     backend: str
     name: str
     fn: Callable
-    takes_chunk_size: bool
 
 
-_VARIANTS = {
-    "reference": {
-        "chunked": ScanVariant("reference", "chunked", mamba3_chunked, takes_chunk_size=True),
-        "recurrent": ScanVariant("reference", "recurrent", mamba3_recurrent, takes_chunk_size=False),
-    },
+@dataclasses.dataclass(frozen=True)
+class Backend:
+    """A backend: its variants, the default one, `why_not(x)` (None when it can run on tensors
+    like `x`, else the reason) and `compile_count()` (kernels or graphs compiled so far)."""
+
+    name: str
+    variants: Mapping[str, ScanVariant]
+    default_variant: str
+    why_not: Callable[[Tensor], str | None]
+    compile_count: Callable[[], int] = lambda: 0
+
+
+_MODULES = {
+    "reference": "megatron_mamba3.ops.reference.backend",
+    "tilelang": "megatron_mamba3.ops.tilelang.backend",
+    "xla": "megatron_mamba3.ops.xla.backend",
 }
-_DEFAULT_VARIANT = {"reference": "chunked"}
+_AUTO_BY_DEVICE = {"cuda": "tilelang", "xla": "xla"}
+_fallbacks_logged: set[tuple[str, str]] = set()
 
 
-def select_variant(backend: str | None = None, variant: str | None = None) -> ScanVariant:
-    """Resolve `backend` (None reads `MEGATRON_MAMBA3_BACKEND`, default "auto") and `variant`."""
-    requested = backend if backend is not None else os.environ.get(BACKEND_ENV, "auto")
-    name = "reference" if requested == "auto" else requested
-    if name not in _VARIANTS:
-        source = "backend" if backend is not None else BACKEND_ENV
-        raise ValueError(f"{source}={requested!r} is not available; available: auto, {', '.join(_VARIANTS)}")
-    variants = _VARIANTS[name]
-    chosen = variant if variant is not None else _DEFAULT_VARIANT[name]
-    if chosen not in variants:
-        raise ValueError(f"variant={chosen!r} is not a variant of backend {name!r}; available: {', '.join(variants)}")
-    return variants[chosen]
+def load_backend(name: str) -> Backend | str:
+    """The registered backend `name`, or the reason it cannot be imported."""
+    try:
+        return importlib.import_module(_MODULES[name]).BACKEND
+    except ImportError as error:
+        return f"it cannot be imported ({error})"
+
+
+def _runnable(name: str, x: Tensor) -> Backend | str:
+    backend = load_backend(name)
+    if isinstance(backend, str):
+        return backend
+    return backend.why_not(x) or backend
+
+
+def _auto(x: Tensor) -> Backend:
+    preferred = _AUTO_BY_DEVICE.get(x.device.type, "reference")
+    chosen = _runnable(preferred, x)
+    if isinstance(chosen, Backend):
+        return chosen
+    if (preferred, chosen) not in _fallbacks_logged:
+        _fallbacks_logged.add((preferred, chosen))
+        logger.warning("mamba3 backend auto: %s cannot run because %s; falling back to reference", preferred, chosen)
+    return load_backend("reference")
+
+
+def select_backend(backend: str | None, x: Tensor) -> Backend:
+    """Resolve `backend` (None reads `MEGATRON_MAMBA3_BACKEND`, default "auto") for tensors like `x`."""
+    requested = backend if backend is not None else os.environ.get(BACKEND_ENV, AUTO)
+    source = "backend" if backend is not None else BACKEND_ENV
+    if requested == AUTO:
+        return _auto(x)
+    if requested not in _MODULES:
+        raise ValueError(f"{source}={requested!r} is not a backend; choose one of: {AUTO}, {', '.join(_MODULES)}")
+    chosen = _runnable(requested, x)
+    if isinstance(chosen, str):
+        raise ValueError(f"{source}={requested!r} cannot run on {x.device.type} {str(x.dtype).removeprefix("torch.")} tensors: {chosen}")
+    return chosen
+
+
+def select_variant(backend: str | None, variant: str | None, x: Tensor) -> tuple[Backend, ScanVariant]:
+    """The backend (see `select_backend`) and its `variant` (None: the backend's default)."""
+    chosen = select_backend(backend, x)
+    name = variant if variant is not None else chosen.default_variant
+    if name not in chosen.variants:
+        raise ValueError(
+            f"variant={name!r} is not a variant of backend {chosen.name!r}; available: {', '.join(chosen.variants)}"
+        )
+    return chosen, chosen.variants[name]

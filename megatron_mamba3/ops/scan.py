@@ -1,12 +1,18 @@
-"""`mamba3_scan`: one entry point for every backend; it selects, runs and writes the receipt."""
+"""`mamba3_scan` and `mamba3_decode`: one entry point per step kind for every backend; each selects,
+runs and writes the receipt (SPEC 6)."""
 
 from __future__ import annotations
 
 from torch import Tensor
 
 from megatron_mamba3.ops.interface import Mamba3Inputs, Mamba3State, Mamba3Weights
+from megatron_mamba3.ops.reference.step import mamba3_step
 from megatron_mamba3.ops.registry import select_variant
 from megatron_mamba3.receipts import Receipt, record
+
+
+def _shapes(inputs: Mamba3Inputs) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    return tuple((name, tuple(t.shape)) for name, t in zip(inputs._fields, inputs))
 
 
 def mamba3_scan(
@@ -27,14 +33,26 @@ def mamba3_scan(
     with per-row states (the initial state continues each row's first document; the final state is
     the state after its last token), or `cu_seqlens` (N + 1,) with b = 1 and per-document states
     (N, ...). Without either, each row is one sequence.
-    `backend`/`variant` pick the implementation (default: `MEGATRON_MAMBA3_BACKEND` or "auto");
-    `layer` names the caller in the receipt.
+    `backend`/`variant` pick the implementation (default: `MEGATRON_MAMBA3_BACKEND` or "auto", see
+    `registry`); `layer` names the caller in the receipt.
     """
-    chosen = select_variant(backend, variant)
-    options = dict(segment_ids=segment_ids, cu_seqlens=cu_seqlens, initial_state=initial_state)
-    if chosen.takes_chunk_size:
-        options["chunk_size"] = chunk_size
-    out, state = chosen.fn(inputs, weights, **options)
-    shapes = tuple((name, tuple(t.shape)) for name, t in zip(inputs._fields, inputs))
-    record(Receipt(layer, "forward", chosen.backend, chosen.name, str(inputs.x.dtype).removeprefix("torch."), shapes))
+    chosen, implementation = select_variant(backend, variant, inputs.x)
+    out, state = implementation.fn(
+        inputs, weights,
+        segment_ids=segment_ids, cu_seqlens=cu_seqlens, initial_state=initial_state, chunk_size=chunk_size,
+    )
+    dtype = str(inputs.x.dtype).removeprefix("torch.")
+    record(Receipt(layer, "forward", chosen.name, implementation.name, dtype, _shapes(inputs), chosen.compile_count()))
+    return out, state
+
+
+def mamba3_decode(
+    inputs: Mamba3Inputs, weights: Mamba3Weights, state: Mamba3State, *, layer: str | None = None
+) -> tuple[Tensor, Mamba3State]:
+    """One decode step: per-token inputs without `l` (x: (b, H, p), ...) and the running state ->
+    (gated output (b, H, p), new state). Runs the reference step on the inputs' device (no backend
+    has a decode kernel yet) and records a "decode" receipt saying so."""
+    out, state = mamba3_step(inputs, weights, state)
+    dtype = str(inputs.x.dtype).removeprefix("torch.")
+    record(Receipt(layer, "decode", "reference", "step", dtype, _shapes(inputs)))
     return out, state

@@ -1,5 +1,6 @@
 """The layer entry point, backend selection, receipts, parameter init and input validation."""
 
+import logging
 import math
 
 import pytest
@@ -8,7 +9,10 @@ import torch.nn.functional as F
 
 from megatron_mamba3 import Mamba3Config, clear_receipts, init_layer_params, mamba3_layer, mamba3_scan, receipts
 from megatron_mamba3.ops.layer import decay_rate, split_projection
+from megatron_mamba3.ops import registry
+from megatron_mamba3.ops.interface import Mamba3State, scan_dims
 from megatron_mamba3.ops.registry import BACKEND_ENV
+from megatron_mamba3.ops.scan import mamba3_decode
 from tests.helpers import make_case, rel_err
 
 
@@ -70,17 +74,39 @@ def test_receipts_record_what_ran():
 
 def test_backend_selection(monkeypatch):
     inputs, weights = make_case(b=1, l=5, seed=32)
-    with pytest.raises(ValueError, match="backend='tilelang' is not available; available: auto, reference"):
+    with pytest.raises(ValueError, match="backend='tilelang' cannot run on cpu float64 tensors"):
         mamba3_scan(inputs, weights, backend="tilelang")
+    with pytest.raises(ValueError, match="backend='triton' is not a backend; choose one of: auto, reference"):
+        mamba3_scan(inputs, weights, backend="triton")
     with pytest.raises(ValueError, match="variant='fused' is not a variant of backend 'reference'"):
         mamba3_scan(inputs, weights, variant="fused")
     monkeypatch.setenv(BACKEND_ENV, "xla")
-    with pytest.raises(ValueError, match=f"{BACKEND_ENV}='xla' is not available"):
+    with pytest.raises(ValueError, match=f"{BACKEND_ENV}='xla' cannot run on cpu float64 tensors"):
         mamba3_scan(inputs, weights)
     monkeypatch.setenv(BACKEND_ENV, "reference")
     out, _ = mamba3_scan(inputs, weights, chunk_size=2)
     reference, _ = mamba3_scan(inputs, weights, backend="auto", variant="recurrent")
     assert rel_err(out, reference) < 1e-10
+
+
+def test_auto_falls_back_to_reference_and_says_why(monkeypatch, caplog):
+    inputs, weights = make_case(b=1, l=5, seed=32)
+    monkeypatch.setattr(registry, "_AUTO_BY_DEVICE", {"cpu": "tilelang"})
+    clear_receipts()
+    with caplog.at_level(logging.WARNING, logger="megatron_mamba3"):
+        mamba3_scan(inputs, weights, backend="auto")
+    assert "auto: tilelang cannot run because" in caplog.text and "falling back to reference" in caplog.text
+    assert [r.backend for r in receipts()] == ["reference"]
+
+
+def test_decode_records_its_own_receipt():
+    clear_receipts()
+    inputs, weights = make_case(b=2, l=1, seed=34)
+    state = Mamba3State.zeros(2, scan_dims(inputs, weights), torch.float64, torch.device("cpu"))
+    out, _ = mamba3_decode(inputs.tokens(0), weights, state, layer="layer0")
+    expected, _ = mamba3_scan(inputs, weights, variant="recurrent")
+    assert rel_err(out, expected[:, 0]) < 1e-10
+    assert [(r.step_kind, r.backend, r.variant) for r in receipts()][0] == ("decode", "reference", "step")
 
 
 @pytest.mark.parametrize(
