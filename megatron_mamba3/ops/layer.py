@@ -57,19 +57,10 @@ def mamba3_layer(
     shared B_norm / C_norm weights; the scan adds the per-head biases, rotates, runs the recurrence,
     adds D·v and gates (with the optional per-head RMSNorm `norm` and the MIMO projections).
     """
-    missing = sorted(REQUIRED_PARAMS - params.keys())
-    if missing:
-        raise ValueError(f"params lacks {missing}; it needs {sorted(REQUIRED_PARAMS)} and the MIMO / norm ones in use")
     z, x, B, C, dd_dt, dd_A, trap, angles = split_projection(projected, config)
-    dtype = compute_dtype(projected.dtype)
-    dt = F.softplus(dd_dt.to(dtype) + params["dt_bias"].to(dtype))
-    A = decay_rate(dd_A.to(dtype), config.A_floor)
-    B = rms_norm(B.to(dtype), params["B_norm"].to(dtype))
-    C = rms_norm(C.to(dtype), params["C_norm"].to(dtype))
-    weights = Mamba3Weights(*(params.get(name) for name in Mamba3Weights._fields))
     out, state = mamba3_scan(
-        Mamba3Inputs(x, z, B, C, dt, A, trap, angles),
-        weights,
+        scan_inputs(z, x, B, C, dd_dt, dd_A, trap, angles, params, config.A_floor),
+        scan_weights(params),
         segment_ids=segment_ids,
         cu_seqlens=cu_seqlens,
         initial_state=initial_state,
@@ -79,3 +70,31 @@ def mamba3_layer(
         layer=layer,
     )
     return out.flatten(-2), state
+
+
+def scan_inputs(
+    z: Tensor, x: Tensor, B: Tensor, C: Tensor, dd_dt: Tensor, dd_A: Tensor, trap: Tensor, angles: Tensor,
+    params: Mamba3Params, A_floor: float,
+) -> Mamba3Inputs:
+    """The split projection (shapes as `split_projection` gives, with or without the `l` dimension)
+    -> scan inputs: Δ = softplus(dd_dt + dt_bias), A = `decay_rate(dd_A)`, B and C RMSNormed
+    (eps 1e-5) by the shared B_norm / C_norm weights, in the compute dtype."""
+    check_params(params)
+    dtype = compute_dtype(x.dtype)
+    dt = F.softplus(dd_dt.to(dtype) + params["dt_bias"].to(dtype))
+    A = decay_rate(dd_A.to(dtype), A_floor)
+    B = rms_norm(B.to(dtype), params["B_norm"].to(dtype))
+    C = rms_norm(C.to(dtype), params["C_norm"].to(dtype))
+    return Mamba3Inputs(x, z, B, C, dt, A, trap, angles)
+
+
+def scan_weights(params: Mamba3Params) -> Mamba3Weights:
+    """The per-head weights the scan consumes, picked from `params` by their official names."""
+    check_params(params)
+    return Mamba3Weights(*(params.get(name) for name in Mamba3Weights._fields))
+
+
+def check_params(params: Mamba3Params) -> None:
+    missing = sorted(REQUIRED_PARAMS - params.keys())
+    if missing:
+        raise ValueError(f"params lacks {missing}; it needs {sorted(REQUIRED_PARAMS)} and the MIMO / norm ones in use")

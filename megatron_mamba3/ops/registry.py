@@ -82,17 +82,23 @@ def _auto(x: Tensor) -> Backend:
     return load_backend("reference")
 
 
+def check_backend_name(name: str, source: str = "backend") -> None:
+    """`ValueError` naming `source` unless `name` is "auto" or a registered backend."""
+    if name != AUTO and name not in _MODULES:
+        raise ValueError(f"{source}={name!r} is not a backend; choose one of: {AUTO}, {', '.join(_MODULES)}")
+
+
 def select_backend(backend: str | None, x: Tensor) -> Backend:
     """Resolve `backend` (None reads `MEGATRON_MAMBA3_BACKEND`, default "auto") for tensors like `x`."""
     requested = backend if backend is not None else os.environ.get(BACKEND_ENV, AUTO)
     source = "backend" if backend is not None else BACKEND_ENV
+    check_backend_name(requested, source)
     if requested == AUTO:
         return _auto(x)
-    if requested not in _MODULES:
-        raise ValueError(f"{source}={requested!r} is not a backend; choose one of: {AUTO}, {', '.join(_MODULES)}")
     chosen = _runnable(requested, x)
     if isinstance(chosen, str):
-        raise ValueError(f"{source}={requested!r} cannot run on {x.device.type} {str(x.dtype).removeprefix("torch.")} tensors: {chosen}")
+        dtype = str(x.dtype).removeprefix("torch.")
+        raise ValueError(f"{source}={requested!r} cannot run on {x.device.type} {dtype} tensors: {chosen}")
     return chosen
 
 

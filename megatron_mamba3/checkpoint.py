@@ -1,0 +1,81 @@
+"""Distributed-checkpoint layout of one Mamba-3 mixer (SPEC 5): a checkpoint saved at one TP size
+loads at any other, bit-exact.
+
+Per-head parameters are sharded along their head axis (`parallel.HEAD_AXES`), B_norm / C_norm are
+replicated, and in_proj's weight is saved as one tensor per piece (`parallel.InProjLayout`), each
+with a TP-independent global shape, through a `ShardedTensorFactory` that splits it on save and
+concatenates the pieces back on load.
+"""
+
+from __future__ import annotations
+
+import torch
+from megatron.core.dist_checkpointing.mapping import ReplicaId, ShardedStateDict, ShardedTensor, ShardedTensorFactory
+from megatron.core.transformer.utils import (
+    ensure_metadata_has_dp_cp_group,
+    make_sharded_tensors_for_checkpoint,
+    sharded_state_dict_default,
+)
+from torch import Tensor, nn
+
+from megatron_mamba3.parallel import HEAD_AXES, InProjLayout
+
+
+def mixer_sharded_state_dict(
+    mixer: nn.Module, layout: InProjLayout, tp_group, prefix: str, sharded_offsets: tuple, metadata: dict | None
+) -> ShardedStateDict:
+    """The sharded state dict of `mixer` (a `Mamba3Mixer`) under `prefix`."""
+    metadata = ensure_metadata_has_dp_cp_group(metadata)
+    groups = dict(tp_group=tp_group, dp_cp_group=metadata["dp_cp_group"])
+    own: dict[str, Tensor] = {}
+    mixer._save_to_state_dict(own, "", keep_vars=True)
+    sharded = make_sharded_tensors_for_checkpoint(
+        own, prefix, {name: HEAD_AXES[name] for name in own}, sharded_offsets, **groups
+    )
+    for name, child in mixer.named_children():
+        child_prefix = f"{prefix}{name}."
+        if name == "norm":  # the per-head gated norm: sharded by head like the parameters above
+            sharded.update(make_sharded_tensors_for_checkpoint(
+                child.state_dict(keep_vars=True), child_prefix, {"weight": 0}, sharded_offsets, **groups
+            ))
+        else:
+            sharded.update(sharded_state_dict_default(child, child_prefix, sharded_offsets, metadata, tp_group=tp_group))
+    key = f"{prefix}in_proj.weight"
+    sharded[key] = in_proj_factory(sharded[key], layout, sharded_offsets)
+    return sharded
+
+
+def in_proj_factory(saved: ShardedTensor, layout: InProjLayout, sharded_offsets: tuple) -> ShardedTensorFactory:
+    """Replace in_proj's TP-sharded tensor by one sharded tensor per piece: `<key>.z`, `<key>.B`, ..."""
+    if tuple(saved.local_shape)[-2] != layout.width:
+        raise ValueError(f"in_proj.weight has {saved.local_shape[-2]} rows on this rank, the layout expects {layout.width}")
+    prepend = len(sharded_offsets)
+
+    @torch.no_grad()
+    def build(key: str, weight: Tensor, replica_id: ReplicaId, flattened_range: slice | None) -> ShardedStateDict:
+        if flattened_range is not None:
+            raise NotImplementedError("Mamba-3 in_proj checkpoints do not support flattened (fully sharded) ranges")
+        pieces = {}
+        for piece, rows in zip(layout.pieces, torch.split(weight, layout.local_sizes, dim=0)):
+            local = rows.reshape(*piece.local_shape(layout.tp_size), weight.shape[1])
+            if piece.shard_axis is None:
+                offsets, replica = (), _with_tp_replica(replica_id, layout.tp_rank)
+            else:
+                offsets, replica = ((piece.shard_axis + prepend, layout.tp_rank, layout.tp_size),), replica_id
+            pieces[piece.name] = ShardedTensor.from_rank_offsets(
+                f"{key}.{piece.name}", local, *sharded_offsets, *offsets, replica_id=replica, prepend_axis_num=prepend
+            )
+        return pieces
+
+    @torch.no_grad()
+    def merge(loaded: dict[str, Tensor]) -> Tensor:
+        return torch.cat([loaded[piece.name].flatten(0, -2) for piece in layout.pieces], dim=0)
+
+    return ShardedTensorFactory(saved.key, saved.data, build, merge, saved.replica_id)
+
+
+def _with_tp_replica(replica_id: ReplicaId, tp_rank: int) -> ReplicaId:
+    """A replica id that also marks copies across TP ranks (only TP rank 0 writes a replicated piece)."""
+    if isinstance(replica_id, int):
+        return (replica_id, tp_rank)
+    return (replica_id[0], tp_rank, *replica_id[2:])

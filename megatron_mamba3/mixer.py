@@ -1,0 +1,235 @@
+"""`Mamba3Mixer`: the Mamba-3 mixer as a Megatron-Core module (in_proj -> scan -> out_proj).
+
+Built from a ModuleSpec by Megatron's `MambaLayer` (which passes `d_model`, `layer_number`,
+`pg_collection`, `pp_layer_offset` and `name`); the Mamba-3 settings come from the spec's `params`
+(or a whole `Mamba3Config`), and the head size, state size and groups from the TransformerConfig's
+`mamba_head_dim`, `mamba_state_dim` and `mamba_num_groups`. Tensor parallelism follows SPEC 5
+(see `parallel`); checkpoints follow `checkpoint`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Union
+
+import torch
+import torch.distributed as dist
+from megatron.core import parallel_state
+from megatron.core.inference.contexts import BaseInferenceContext
+from megatron.core.packed_seq_params import PackedSeqParams
+from megatron.core.process_groups_config import ProcessGroupCollection
+from megatron.core.tensor_parallel import set_tensor_model_parallel_attributes
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.utils import deprecate_inference_params
+from torch import Tensor, nn
+
+from megatron_mamba3 import inference
+from megatron_mamba3.checkpoint import mixer_sharded_state_dict
+from megatron_mamba3.config import Mamba3Config
+from megatron_mamba3.ops.interface import Mamba3State
+from megatron_mamba3.ops.layer import scan_inputs, scan_weights
+from megatron_mamba3.ops.registry import check_backend_name
+from megatron_mamba3.ops.scan import mamba3_decode, mamba3_scan
+from megatron_mamba3.ops.segments import segment_ids_from_cu_seqlens
+from megatron_mamba3.parameters import init_layer_params
+from megatron_mamba3.parallel import HEAD_AXES, InProjLayout, sync_replicated_grad
+
+# Mamba3Config fields a spec may set; the sizes shared with Megatron come from the TransformerConfig.
+FROM_TRANSFORMER_CONFIG = {"headdim": "mamba_head_dim", "d_state": "mamba_state_dim", "ngroups": "mamba_num_groups"}
+SETTINGS = frozenset(f.name for f in dataclasses.fields(Mamba3Config)) - {"d_model", *FROM_TRANSFORMER_CONFIG}
+
+
+@dataclasses.dataclass
+class Mamba3MixerSubmodules:
+    """The two linears: `in_proj` column-parallel, `out_proj` row-parallel (local or TE classes)."""
+
+    in_proj: Union[ModuleSpec, type] = None
+    out_proj: Union[ModuleSpec, type] = None
+
+
+def mixer_config(config: TransformerConfig, d_model: int, settings: dict) -> Mamba3Config:
+    """The `Mamba3Config` of a mixer: sizes from `config`, Mamba-3 settings from `settings`."""
+    unknown = sorted(settings.keys() - SETTINGS)
+    if unknown:
+        raise ValueError(f"Mamba3Mixer got unknown setting(s) {unknown}; allowed: {sorted(SETTINGS)}")
+    sizes = {field: getattr(config, name) for field, name in FROM_TRANSFORMER_CONFIG.items()}
+    mamba3 = Mamba3Config(d_model=d_model, **sizes, **settings)
+    if config.mamba_num_heads is not None and config.mamba_num_heads != mamba3.nheads:
+        raise ValueError(
+            f"TransformerConfig.mamba_num_heads={config.mamba_num_heads} disagrees with the "
+            f"H = expand * d_model / mamba_head_dim = {mamba3.nheads} heads of the Mamba-3 mixer"
+        )
+    return mamba3
+
+
+class Mamba3Mixer(MegatronModule):
+    """Mamba-3 mixer: (l, b, d) hidden states -> ((l, b, d) output, bias None).
+
+    Args:
+        config: the TransformerConfig (sizes `mamba_head_dim`, `mamba_state_dim`, `mamba_num_groups`).
+        submodules: `Mamba3MixerSubmodules` with the in_proj / out_proj linear classes.
+        d_model: hidden size. layer_number, pg_collection, pp_layer_offset, name: as MambaLayer passes.
+        backend: scan backend ("auto", "reference", "tilelang", "xla"; None reads
+            `MEGATRON_MAMBA3_BACKEND`).
+        mamba3_config: a whole `Mamba3Config` instead of `settings` (its d_model must match).
+        **settings: Mamba3Config fields such as mimo_rank, rope_fraction, chunk_size, is_outproj_norm.
+    Every bad value raises `ValueError` here, naming it.
+    """
+
+    def __init__(
+        self,
+        config: TransformerConfig,
+        submodules: Mamba3MixerSubmodules,
+        d_model: int,
+        layer_number: int | None = None,
+        pg_collection: ProcessGroupCollection | None = None,
+        pp_layer_offset: int = 0,
+        name: str | None = None,
+        *,
+        backend: str | None = None,
+        mamba3_config: Mamba3Config | None = None,
+        **settings,
+    ):
+        super().__init__(config)
+        if mamba3_config is not None and settings:
+            raise ValueError(f"give either mamba3_config or settings {sorted(settings)}, not both")
+        if mamba3_config is not None and mamba3_config.d_model != d_model:
+            raise ValueError(f"mamba3_config.d_model={mamba3_config.d_model} but the layer's d_model is {d_model}")
+        if backend is not None:
+            check_backend_name(backend)
+        self.mamba3 = mamba3_config or mixer_config(config, d_model, settings)
+        self.backend = backend
+        self.layer_number = layer_number
+        self.pp_layer_offset = pp_layer_offset
+        self.receipt_name = name or f"layer{layer_number}"
+        self.tp_group = pg_collection.tp if pg_collection is not None else parallel_state.get_tensor_model_parallel_group()
+        tp_size = self.tp_group.size()
+        self.layout = InProjLayout(self.mamba3, tp_size, self.tp_group.rank())
+        if tp_size > 1 and config.gradient_accumulation_fusion:
+            raise ValueError(
+                "gradient_accumulation_fusion=True writes in_proj's weight gradient straight into main_grad, "
+                "past the sum of its replicated B/C/angle rows; set it False for tensor_model_parallel_size > 1"
+            )
+
+        m = self.mamba3
+        self.in_proj = build_module(
+            submodules.in_proj, d_model, self.layout.width * tp_size,
+            config=config, init_method=config.init_method, gather_output=False, bias=False, skip_bias_add=False,
+            is_expert=False, tp_comm_buffer_name="fc1", tp_group=self.tp_group,
+            name=f"{name}.in_proj" if name else None,
+        )
+        self.out_proj = build_module(
+            submodules.out_proj, m.d_inner, d_model,
+            config=config, init_method=config.output_layer_init_method, bias=False, input_is_parallel=True,
+            skip_bias_add=True, is_expert=False, tp_comm_buffer_name="fc2", tp_group=self.tp_group,
+            name=f"{name}.out_proj" if name else None,
+        )
+        device = self.in_proj.weight.device
+        self.B_norm = nn.RMSNorm(m.d_state, eps=1e-5, device=device)
+        self.C_norm = nn.RMSNorm(m.d_state, eps=1e-5, device=device)
+        if m.is_outproj_norm:
+            self.norm = nn.RMSNorm(m.d_inner // tp_size, eps=1e-5, device=device)
+            set_tensor_model_parallel_attributes(self.norm.weight, True, 0, 1)
+        heads = slice(self.layout.tp_rank * self.layout.heads, (self.layout.tp_rank + 1) * self.layout.heads)
+        for param_name, value in init_layer_params(m).items():
+            if param_name in HEAD_AXES:
+                param = nn.Parameter(value[heads].to(device))
+                set_tensor_model_parallel_attributes(param, True, 0, 1)
+                self.register_parameter(param_name, param)
+        if tp_size > 1:
+            self._make_replicas_identical()
+
+    def _make_replicas_identical(self) -> None:
+        """Copy TP rank 0's replicated in_proj rows to every rank and sum their gradients from now on."""
+        weight, rows = self.in_proj.weight, self.layout.replicated_rows
+        with torch.no_grad():
+            merged = torch.cat([weight[r] for r in rows], dim=0)
+            dist.broadcast(merged, src=dist.get_global_rank(self.tp_group, 0), group=self.tp_group)
+            for r, block in zip(rows, torch.split(merged, [r.stop - r.start for r in rows], dim=0)):
+                weight[r] = block
+        sync_replicated_grad(weight, self.tp_group, rows)
+        sync_replicated_grad(self.B_norm.weight, self.tp_group)
+        sync_replicated_grad(self.C_norm.weight, self.tp_group)
+
+    def layer_params(self) -> dict[str, Tensor]:
+        """This rank's parameters by their official names, as `ops.layer` takes them."""
+        params = {"B_norm": self.B_norm.weight, "C_norm": self.C_norm.weight}
+        params.update((name, param) for name, param in self.named_parameters(recurse=False))
+        if self.mamba3.is_outproj_norm:
+            params["norm"] = self.norm.weight
+        return params
+
+    def forward(
+        self,
+        hidden_states: Tensor,
+        inference_context: BaseInferenceContext | None = None,
+        *,
+        packed_seq_params: PackedSeqParams | None = None,
+        inference_params: BaseInferenceContext | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """(l, b, d) hidden states (l / tp under sequence parallelism) -> ((l, b, d) output, bias).
+
+        packed_seq_params: THD packing with b = 1; documents from `cu_seqlens_q_padded` (else
+        `cu_seqlens_q`), tokens past the last offset form one more document.
+        inference_context: a static context; its first call (sequence_len_offset 0) is the prefill,
+        later calls decode token by token from the stored state.
+        """
+        inference_context = deprecate_inference_params(inference_context, inference_params)
+        projected, _ = self.in_proj(hidden_states)
+        projected = projected.transpose(0, 1)  # (b, l, width)
+        segment_ids = self._segment_ids(packed_seq_params, projected.shape)
+        if inference_context is None:
+            y, _ = self._scan(projected, segment_ids)
+        else:
+            y = self._infer(projected, segment_ids, inference_context)
+        return self.out_proj(y.transpose(0, 1).contiguous())
+
+    def _scan(self, projected: Tensor, segment_ids: Tensor | None) -> tuple[Tensor, Mamba3State]:
+        params = self.layer_params()
+        out, state = mamba3_scan(
+            scan_inputs(*self.layout.split(projected), params, self.mamba3.A_floor),
+            scan_weights(params),
+            segment_ids=segment_ids,
+            chunk_size=self.mamba3.scan_chunk_size,
+            backend=self.backend,
+            layer=self.receipt_name,
+        )
+        return out.flatten(-2), state
+
+    def _infer(self, projected: Tensor, segment_ids: Tensor | None, context: BaseInferenceContext) -> Tensor:
+        inference.check_context(context, self.config.sequence_parallel)
+        if segment_ids is not None:
+            raise ValueError("Mamba3Mixer inference does not take packed sequences")
+        if self.layer_number is None:
+            raise ValueError("Mamba3Mixer needs a layer_number to keep its decode state in the inference context")
+        if inference.is_prefill(context):
+            y, state = self._scan(projected, None)
+        else:
+            params = self.layer_params()
+            weights, state = scan_weights(params), inference.load_state(context, self.layer_number, projected.shape[0])
+            inputs = scan_inputs(*self.layout.split(projected), params, self.mamba3.A_floor)
+            outs = []
+            for t in range(projected.shape[1]):
+                out, state = mamba3_decode(inputs.tokens(t), weights, state, layer=self.receipt_name)
+                outs.append(out.flatten(-2))
+            y = torch.stack(outs, dim=1)
+        inference.store_state(context, self.layer_number, state)
+        return y
+
+    @staticmethod
+    def _segment_ids(packed: PackedSeqParams | None, shape: torch.Size) -> Tensor | None:
+        if packed is None:
+            return None
+        if packed.qkv_format not in (None, "thd") or shape[0] != 1:
+            raise ValueError(
+                f"packed_seq_params must describe THD packing with batch 1; got qkv_format={packed.qkv_format!r}, "
+                f"batch {shape[0]}"
+            )
+        cu_seqlens = packed.cu_seqlens_q_padded if packed.cu_seqlens_q_padded is not None else packed.cu_seqlens_q
+        return segment_ids_from_cu_seqlens(cu_seqlens, shape[1])
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):
+        """Distributed-checkpoint entries that reshard across TP sizes (see `checkpoint`)."""
+        return mixer_sharded_state_dict(self, self.layout, self.tp_group, prefix, sharded_offsets, metadata)
