@@ -28,12 +28,13 @@ from torch import Tensor, nn
 from megatron_mamba3 import inference
 from megatron_mamba3.checkpoint import mixer_sharded_state_dict
 from megatron_mamba3.config import Mamba3Config
-from megatron_mamba3.ops.interface import Mamba3State
+from megatron_mamba3.ops.interface import Mamba3State, compute_dtype
 from megatron_mamba3.ops.layer import scan_inputs, scan_weights
 from megatron_mamba3.ops.registry import check_backend_name
 from megatron_mamba3.ops.scan import mamba3_decode, mamba3_scan
 from megatron_mamba3.ops.segments import segment_ids_from_cu_seqlens
 from megatron_mamba3.parameters import init_layer_params
+from megatron_mamba3.psiv import check_psiv_gate
 from megatron_mamba3.parallel import HEAD_AXES, InProjLayout, sync_replicated_grad
 
 # Mamba3Config fields a spec may set; the sizes shared with Megatron come from the TransformerConfig.
@@ -75,7 +76,8 @@ class Mamba3Mixer(MegatronModule):
             `MEGATRON_MAMBA3_BACKEND`).
         mamba3_config: a whole `Mamba3Config` instead of `settings` (its d_model must match).
         **settings: Mamba3Config fields such as mimo_rank, rope_fraction, chunk_size, is_outproj_norm.
-    Every bad value raises `ValueError` here, naming it.
+    Every bad value raises `ValueError` here, naming it; a set PsiV gate (SPEC 7) raises
+    `NotImplementedError` naming `MEGATRON_MAMBA3_PSIV_CACHE`.
     """
 
     def __init__(
@@ -93,6 +95,7 @@ class Mamba3Mixer(MegatronModule):
         **settings,
     ):
         super().__init__(config)
+        check_psiv_gate()
         if mamba3_config is not None and settings:
             raise ValueError(f"give either mamba3_config or settings {sorted(settings)}, not both")
         if mamba3_config is not None and mamba3_config.d_model != d_model:
@@ -126,16 +129,17 @@ class Mamba3Mixer(MegatronModule):
             skip_bias_add=True, is_expert=False, tp_comm_buffer_name="fc2", tp_group=self.tp_group,
             name=f"{name}.out_proj" if name else None,
         )
-        device = self.in_proj.weight.device
-        self.B_norm = nn.RMSNorm(m.d_state, eps=1e-5, device=device)
-        self.C_norm = nn.RMSNorm(m.d_state, eps=1e-5, device=device)
+        # The small per-head and norm parameters stay fp32 under bf16 / fp16 params (fp64 under fp64).
+        factory = dict(device=self.in_proj.weight.device, dtype=compute_dtype(config.params_dtype))
+        self.B_norm = nn.RMSNorm(m.d_state, eps=1e-5, **factory)
+        self.C_norm = nn.RMSNorm(m.d_state, eps=1e-5, **factory)
         if m.is_outproj_norm:
-            self.norm = nn.RMSNorm(m.d_inner // tp_size, eps=1e-5, device=device)
+            self.norm = nn.RMSNorm(m.d_inner // tp_size, eps=1e-5, **factory)
             set_tensor_model_parallel_attributes(self.norm.weight, True, 0, 1)
         heads = slice(self.layout.tp_rank * self.layout.heads, (self.layout.tp_rank + 1) * self.layout.heads)
         for param_name, value in init_layer_params(m).items():
             if param_name in HEAD_AXES:
-                param = nn.Parameter(value[heads].to(device))
+                param = nn.Parameter(value[heads].to(**factory))
                 set_tensor_model_parallel_attributes(param, True, 0, 1)
                 self.register_parameter(param_name, param)
         if tp_size > 1:

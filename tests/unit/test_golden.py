@@ -1,30 +1,19 @@
 """The reference layer against float64 golden cases from an independent implementation (official
 weight layout; tests/data, copied from shared/golden). Tolerance 1e-10 relative; angles modulo 2π."""
 
-import json
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-from megatron_mamba3 import Mamba3Config
 from megatron_mamba3.ops import Mamba3State, mamba3_layer
+from tests.golden import ARRAYS, CASES, golden_array, golden_config, golden_weights
 from tests.helpers import assert_states_close, rel_err
 
-DATA = Path(__file__).parent.parent / "data"
-CASES = json.loads((DATA / "mamba3_layer_cases.json").read_text())
-ARRAYS = np.load(DATA / "mamba3_layer_cases.npz")
 TOL = 1e-10
 
 
 def _case(name):
-    spec = CASES[name]
-    assert spec["is_mimo"] == (spec["mimo_rank"] > 1)
-    config = Mamba3Config(**{k: v for k, v in spec.items() if k != "is_mimo"})
-    get = lambda key: torch.from_numpy(ARRAYS[f"{name}.{key}"])  # noqa: E731
-    weights = {key.split(".", 2)[2]: torch.from_numpy(ARRAYS[key]) for key in ARRAYS.files if key.startswith(f"{name}.W.")}
-    return config, weights, get
+    return golden_config(name), golden_weights(name), lambda key: golden_array(name, key)
 
 
 def _state(get, prefix):
