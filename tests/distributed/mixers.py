@@ -1,10 +1,12 @@
-"""Small Mamba3Mixer cases for the multi-process tests: configs, full (tp = 1) weights, inputs."""
+"""Mamba3Mixer cases for the multi-process tests (gloo on CPU, NCCL in tests/multigpu): build a
+mixer on the current TP group, load full (tp = 1) weights, run forward and backward, gather."""
 
 from __future__ import annotations
 
 import dataclasses
 
 import torch
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
 from megatron.core.transformer.transformer_config import TransformerConfig
@@ -13,48 +15,60 @@ from megatron_mamba3 import Mamba3Config
 from megatron_mamba3.mixer import Mamba3Mixer, Mamba3MixerSubmodules
 from megatron_mamba3.parallel import shard_mixer_state
 
-D_MODEL, HEADDIM, D_STATE, LENGTH, BATCH = 32, 8, 16, 24, 2  # H = 8 heads
-PACKED_CU_SEQLENS = (0, 5, 13, 19)  # THD documents in one row of LENGTH tokens; 19..23 form one more
-
 
 @dataclasses.dataclass(frozen=True)
 class MixerCase:
+    """One mixer setting and its input sizes (small CPU sizes by default). `packed` runs one THD row
+    of `length` tokens holding four documents (the last one after the final cu_seqlens offset)."""
+
     mimo_rank: int
     ngroups: int
     packed: bool = False
+    d_model: int = 32
+    headdim: int = 8
+    d_state: int = 16
+    length: int = 24
+    batch: int = 2
+    chunk_size: int | None = 8
 
     @property
     def settings(self) -> dict:
-        return dict(mimo_rank=self.mimo_rank, is_outproj_norm=self.mimo_rank > 1, chunk_size=8)
+        return dict(mimo_rank=self.mimo_rank, is_outproj_norm=self.mimo_rank > 1, chunk_size=self.chunk_size)
 
     @property
-    def batch(self) -> int:
-        return 1 if self.packed else BATCH
+    def rows(self) -> int:
+        return 1 if self.packed else self.batch
+
+    @property
+    def cu_seqlens(self) -> torch.Tensor:
+        return torch.tensor([0, 5 * self.length // 24, 13 * self.length // 24, 19 * self.length // 24], dtype=torch.int32)
+
+    @property
+    def config(self) -> Mamba3Config:
+        """The `Mamba3Config` a mixer built for this case has."""
+        return Mamba3Config(d_model=self.d_model, headdim=self.headdim, d_state=self.d_state, ngroups=self.ngroups, **self.settings)
 
 
-def case_config(case: MixerCase) -> Mamba3Config:
-    """The `Mamba3Config` a mixer built for `case` has."""
-    return Mamba3Config(d_model=D_MODEL, headdim=HEADDIM, d_state=D_STATE, ngroups=case.ngroups, **case.settings)
-
-
-def transformer_config(case: MixerCase, tp: int, sequence_parallel: bool = False) -> TransformerConfig:
-    return TransformerConfig(
-        num_layers=1, hidden_size=D_MODEL, num_attention_heads=4, mamba_head_dim=HEADDIM,
-        mamba_state_dim=D_STATE, mamba_num_groups=case.ngroups, tensor_model_parallel_size=tp,
-        sequence_parallel=sequence_parallel, use_cpu_initialization=True, params_dtype=torch.float32,
+def build_mixer(
+    case: MixerCase, tp: int, sequence_parallel: bool = False, *, layer_number: int = 1,
+    params_dtype: torch.dtype = torch.float32, device: str = "cpu", backend: str | None = None,
+) -> Mamba3Mixer:
+    """A randomly initialised mixer on the current TP group."""
+    config = TransformerConfig(
+        num_layers=1, hidden_size=case.d_model, num_attention_heads=4, mamba_head_dim=case.headdim,
+        mamba_state_dim=case.d_state, mamba_num_groups=case.ngroups, tensor_model_parallel_size=tp,
+        sequence_parallel=sequence_parallel, use_cpu_initialization=True, params_dtype=params_dtype,
     )
-
-
-def build_mixer(case: MixerCase, tp: int, sequence_parallel: bool = False, layer_number: int = 1) -> Mamba3Mixer:
-    """A mixer on the current TP group (randomly initialised)."""
-    return Mamba3Mixer(
-        transformer_config(case, tp, sequence_parallel),
+    mixer = Mamba3Mixer(
+        config,
         Mamba3MixerSubmodules(in_proj=ColumnParallelLinear, out_proj=RowParallelLinear),
-        D_MODEL,
+        case.d_model,
         layer_number=layer_number,
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+        backend=backend,
         **case.settings,
     )
+    return mixer.to(device)
 
 
 def full_weights(mixer_config, seed: int = 0) -> dict[str, torch.Tensor]:
@@ -82,12 +96,48 @@ def full_weights(mixer_config, seed: int = 0) -> dict[str, torch.Tensor]:
 
 
 def load_full(mixer: Mamba3Mixer, full: dict[str, torch.Tensor]) -> None:
-    layout = mixer.layout
-    mixer.load_state_dict(shard_mixer_state(full, mixer.mamba3, layout.tp_size, layout.tp_rank))
+    """Load full (tp = 1) weights into this rank's mixer, cast to its parameters' dtypes."""
+    layout, own = mixer.layout, mixer.state_dict()
+    local = shard_mixer_state(full, mixer.mamba3, layout.tp_size, layout.tp_rank)
+    mixer.load_state_dict({name: tensor.to(own[name].dtype) for name, tensor in local.items()})
 
 
 def inputs(case: MixerCase, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hidden states, output gradient), both (l, b, d)."""
+    """(hidden states, output gradient), both (l, b, d) fp32 on the CPU."""
     g = torch.Generator().manual_seed(seed)
-    shape = (LENGTH, case.batch, D_MODEL)
+    shape = (case.length, case.rows, case.d_model)
     return torch.randn(shape, generator=g), torch.randn(shape, generator=g)
+
+
+def forward_backward(
+    mixer: Mamba3Mixer, case: MixerCase, sequence_parallel: bool, dtype: torch.dtype = torch.float32
+) -> dict:
+    """One forward and backward on this rank's part of the case's input (in `dtype`, on the
+    mixer's device) -> output, bias, input gradient and parameter gradients, all on the CPU."""
+    device = mixer.in_proj.weight.device
+    u, grad_out = (t.to(device, dtype) for t in inputs(case))
+    if sequence_parallel:
+        tp, rank = mixer.layout.tp_size, mixer.layout.tp_rank
+        u, grad_out = u.chunk(tp)[rank], grad_out.chunk(tp)[rank]
+    u = u.clone().requires_grad_()
+    packed = None
+    if case.packed:
+        cu_seqlens = case.cu_seqlens.to(device)
+        packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens)
+    out, bias = mixer(u, packed_seq_params=packed)
+    out.backward(grad_out)
+    cpu = lambda t: t.detach().float().cpu()  # noqa: E731
+    return {
+        "out": cpu(out), "bias": bias, "u_grad": cpu(u.grad),
+        "grads": {name: cpu(param.grad) for name, param in mixer.named_parameters()},
+        "in_proj_rows": mixer.layout.replicated_rows,
+    }
+
+
+def gathered(ranks: list[dict], key: str, sequence_parallel: bool) -> torch.Tensor:
+    """A (l, b, d) result split along l under sequence parallelism, else equal on every rank."""
+    if sequence_parallel:
+        return torch.cat([r[key] for r in ranks])
+    for r in ranks[1:]:
+        assert torch.equal(r[key], ranks[0][key]), f"{key} differs across ranks"
+    return ranks[0][key]

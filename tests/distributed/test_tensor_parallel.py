@@ -14,14 +14,11 @@ import pytest
 import torch
 from megatron.core import dist_checkpointing
 from megatron.core.inference.contexts import StaticInferenceContext
-from megatron.core.packed_seq_params import PackedSeqParams
 
 from megatron_mamba3 import receipts
 from megatron_mamba3.parallel import REPLICATED, unshard_mixer_state
 from tests.distributed.harness import run_ranks
-from tests.distributed.mixers import (
-    BATCH, LENGTH, PACKED_CU_SEQLENS, MixerCase, build_mixer, case_config, full_weights, inputs, load_full,
-)
+from tests.distributed.mixers import MixerCase, build_mixer, forward_backward, full_weights, gathered, inputs, load_full
 from tests.helpers import rel_err
 
 pytestmark = pytest.mark.distributed
@@ -33,32 +30,21 @@ CHECKPOINT_CASE = MixerCase(4, 2)  # B/C split at TP = 2, replicated at TP = 4
 PREFILL = 10
 
 
-def _forward_backward(case: MixerCase, tp: int, sequence_parallel: bool, rank: int) -> dict:
+def _parity(case: MixerCase, tp: int, sequence_parallel: bool) -> dict:
     mixer = build_mixer(case, tp, sequence_parallel)
     load_full(mixer, full_weights(mixer.mamba3))
-    u, grad_out = inputs(case)
-    if sequence_parallel:
-        u, grad_out = u.chunk(tp)[rank], grad_out.chunk(tp)[rank]
-    u = u.clone().requires_grad_()
-    packed = None
-    if case.packed:
-        cu_seqlens = torch.tensor(PACKED_CU_SEQLENS, dtype=torch.int32)
-        packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens)
-    out, bias = mixer(u, packed_seq_params=packed)
-    out.backward(grad_out)
-    grads = {name: param.grad for name, param in mixer.named_parameters()}
-    return {"out": out.detach(), "bias": bias, "u_grad": u.grad, "grads": grads, "in_proj_rows": mixer.layout.replicated_rows}
+    return forward_backward(mixer, case, sequence_parallel)
 
 
 def _decode(case: MixerCase, tp: int) -> dict:
     mixer = build_mixer(case, tp).eval()
     load_full(mixer, full_weights(mixer.mamba3))
     u, _ = inputs(case)
-    context = StaticInferenceContext(BATCH, LENGTH)
+    context = StaticInferenceContext(case.batch, case.length)
     with torch.no_grad():
         forward, _ = mixer(u)
         steps = [mixer(u[:PREFILL], inference_context=context)[0]]
-        for t in range(PREFILL, LENGTH):
+        for t in range(PREFILL, case.length):
             context.sequence_len_offset = t
             steps.append(mixer(u[t : t + 1], inference_context=context)[0])
     kinds = {(r.step_kind, r.backend, r.variant) for r in receipts()}
@@ -83,11 +69,11 @@ def _checkpoint(tp: int, folder: str) -> dict:
         return {"state": state, "out": mixer(u)[0], "direct_out": direct(u)[0]}
 
 
-def _tp_worker(rank: int, tp: int, folder: str) -> dict:
+def _tp_worker(_rank: int, tp: int, folder: str) -> dict:
     results = {}
     for case in CASES:
         for sequence_parallel in (False, True) if tp > 1 else (False,):
-            results[case, sequence_parallel] = _forward_backward(case, tp, sequence_parallel, rank)
+            results[case, sequence_parallel] = _parity(case, tp, sequence_parallel)
     results["decode"] = {case: _decode(case, tp) for case in DECODE_CASES}
     results["checkpoint"] = _checkpoint(tp, folder)
     return results
@@ -100,15 +86,6 @@ def runs(tmp_path_factory) -> dict[int, list[dict]]:
     return {tp: run_ranks(_tp_worker, tp, tp, folder) for tp in (2, 1, 4)}
 
 
-def _gathered(ranks: list[dict], key: str, sequence_parallel: bool) -> torch.Tensor:
-    """A (l, b, d) tensor that is split along l under sequence parallelism, else equal on all ranks."""
-    if sequence_parallel:
-        return torch.cat([r[key] for r in ranks])
-    for r in ranks[1:]:
-        assert torch.equal(r[key], ranks[0][key]), f"{key} differs across ranks"
-    return ranks[0][key]
-
-
 @pytest.mark.parametrize("sequence_parallel", [False, True], ids=["tp", "sp"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: f"R{c.mimo_rank}-g{c.ngroups}{'-packed' if c.packed else ''}")
 @pytest.mark.parametrize("tp", [2, 4])
@@ -116,9 +93,9 @@ def test_matches_tp1(runs, tp, case, sequence_parallel):
     expected = runs[1][0][case, False]
     ranks = [r[case, sequence_parallel] for r in runs[tp]]
     assert ranks[0]["bias"] is None
-    assert rel_err(_gathered(ranks, "out", sequence_parallel), expected["out"]) < FP32_TOL
-    assert rel_err(_gathered(ranks, "u_grad", sequence_parallel), expected["u_grad"]) < FP32_TOL
-    grads = unshard_mixer_state([r["grads"] for r in ranks], case_config(case))
+    assert rel_err(gathered(ranks, "out", sequence_parallel), expected["out"]) < FP32_TOL
+    assert rel_err(gathered(ranks, "u_grad", sequence_parallel), expected["u_grad"]) < FP32_TOL
+    grads = unshard_mixer_state([r["grads"] for r in ranks], case.config)
     assert grads.keys() == expected["grads"].keys()
     for name, grad in grads.items():
         assert rel_err(grad, expected["grads"][name]) < FP32_TOL, name
@@ -139,8 +116,8 @@ def test_decode_through_inference_context_equals_forward(runs, tp, case):
 
 @pytest.mark.parametrize("tp", [1, 4])
 def test_checkpoint_saved_at_tp2_loads_bit_exact(runs, tp):
-    saved = unshard_mixer_state([r["checkpoint"]["state"] for r in runs[2]], case_config(CHECKPOINT_CASE))
-    loaded = unshard_mixer_state([r["checkpoint"]["state"] for r in runs[tp]], case_config(CHECKPOINT_CASE))
+    saved = unshard_mixer_state([r["checkpoint"]["state"] for r in runs[2]], CHECKPOINT_CASE.config)
+    loaded = unshard_mixer_state([r["checkpoint"]["state"] for r in runs[tp]], CHECKPOINT_CASE.config)
     assert saved.keys() == loaded.keys()
     for name in saved:
         assert torch.equal(loaded[name], saved[name]), name
