@@ -20,7 +20,7 @@ setup(
         "megatron_mamba3.layer_specs": "layer_specs",
         "megatron_mamba3.patches": "patches",
     },
-    install_requires=["torch==2.9.0", "megatron-core==0.19.2"],
+    install_requires=["torch==2.9.0", "megatron-core==0.19.2", "psutil"],  # psutil: Megatron's dist-checkpoint writer
     extras_require={
         "test": ["pytest", "numpy", "torch_xla==2.9.0"],
         "tpu": ["torch_xla==2.9.0"],

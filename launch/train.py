@@ -1,0 +1,394 @@
+"""Train a Mamba-3 hybrid language model on megatron-core alone (no Megatron-LM needed).
+
+One process per tensor-parallel rank (data-parallel size 1), started by torchrun:
+
+    python -m torch.distributed.run --standalone --nproc-per-node 2 launch/train.py \\
+        --hybrid-layer-pattern 'M*M-' --train-iters 20 --save ckpt --load ckpt
+
+(`python launch/train.py ...` alone runs one process.) The model is Megatron's `HybridModel` with
+`megatron_mamba3.layer_specs.mamba3_stack_spec` (M: Mamba-3, *: attention, -: MLP, E: MoE). On a
+machine without CUDA it uses gloo and applies `megatron_mamba3.patches.apply_cpu_patches()`; with
+CUDA it uses NCCL and applies no patch. The optimizer is Megatron's (`get_megatron_optimizer`, Adam,
+fp32) with Megatron's learning-rate scheduler (warm-up, then constant, linear or cosine).
+Checkpoints are Megatron distributed checkpoints of model and optimizer, written atomically (see
+`checkpoints.py`). Tokens are synthetic or read from a memory-mapped file (see `token_data.py`) and
+depend only on the step, so a resumed run repeats the uninterrupted run's losses exactly (CPU, same
+settings). Every bad flag or combination is refused up front, naming it.
+
+Rank 0 prints one progress line every `--log-interval` steps:
+
+    step 12/20 | loss 2.315617 | 5866 tokens/s | step 87.3 ms | lr 3.00e-03 | grad norm 0.412 | mamba3 reference/chunked float32 x2 layers
+
+(`tokens/s` and `step` are averaged over the interval; the last field is the Mamba-3 receipt: the
+backend and kernel variant that ran, the dtype and the number of M layers that reported it.)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import time
+
+import torch
+import torch.distributed as dist
+
+MODEL_ARGS = (
+    "hybrid_layer_pattern", "hidden_size", "num_attention_heads", "ffn_hidden_size", "num_experts", "moe_router_topk",
+    "mamba_head_dim", "mamba_state_dim", "mamba_num_groups", "mimo_rank", "rope_fraction", "outproj_norm",
+    "vocab_size", "transformer_impl",
+)
+LAYER_SYMBOLS = "M*-E"
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    model = parser.add_argument_group("model")
+    model.add_argument("--hybrid-layer-pattern", default="M*M-",
+                       help="one symbol per layer: M Mamba-3, * self-attention, - MLP, E MoE (CUDA only)")
+    model.add_argument("--hidden-size", type=int, default=64)
+    model.add_argument("--num-attention-heads", type=int, default=4)
+    model.add_argument("--ffn-hidden-size", type=int, default=None, help="MLP width (default 4 x hidden size)")
+    model.add_argument("--num-experts", type=int, default=None, help="experts of each E layer (needed for E)")
+    model.add_argument("--moe-router-topk", type=int, default=2)
+    model.add_argument("--mamba-head-dim", type=int, default=16, help="Mamba-3 head dim p")
+    model.add_argument("--mamba-state-dim", type=int, default=32, help="Mamba-3 state size n")
+    model.add_argument("--mamba-num-groups", type=int, default=1, help="Mamba-3 B/C groups g")
+    model.add_argument("--mimo-rank", type=int, default=1, help="1 = SISO, > 1 = MIMO rank R")
+    model.add_argument("--rope-fraction", type=float, default=0.5, choices=(0.5, 1.0))
+    model.add_argument("--chunk-size", type=int, default=None, help="scan chunk (default 64 SISO, 16 MIMO)")
+    model.add_argument("--outproj-norm", action="store_true", help="gated RMSNorm before out_proj")
+    model.add_argument("--mamba3-backend", default=None,
+                       help="auto, reference, tilelang or xla (default: MEGATRON_MAMBA3_BACKEND, else auto)")
+    model.add_argument("--vocab-size", type=int, default=256, help="must be divisible by the TP size")
+    model.add_argument("--transformer-impl", default="local", choices=("local", "transformer_engine"))
+    parallel = parser.add_argument_group("parallelism")
+    parallel.add_argument("--tensor-model-parallel-size", type=int, default=None,
+                          help="TP size; must equal the number of processes (default: the number of processes)")
+    parallel.add_argument("--sequence-parallel", action="store_true")
+    data = parser.add_argument_group("data")
+    data.add_argument("--seq-length", type=int, default=128)
+    data.add_argument("--micro-batch-size", type=int, default=4)
+    data.add_argument("--data-path", default=None,
+                      help="memory-mapped 1-D integer .npy token file (default: synthetic Markov-chain tokens)")
+    data.add_argument("--doc-ids-path", default=None,
+                      help=".npy document id per token of --data-path: pack each window's documents (THD, "
+                           "micro-batch 1; patterns without attention on the local implementation)")
+    data.add_argument("--seed", type=int, default=1234, help="initialization and synthetic-data seed")
+    optim = parser.add_argument_group("optimizer")
+    optim.add_argument("--lr", type=float, default=3e-3, help="peak learning rate")
+    optim.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of the decay")
+    optim.add_argument("--lr-warmup-iters", type=int, default=0, help="linear warm-up steps from 0 to --lr")
+    optim.add_argument("--lr-decay-style", default="constant", choices=("constant", "linear", "cosine"))
+    optim.add_argument("--lr-decay-iters", type=int, default=None,
+                       help="steps from --lr to --min-lr (default --train-iters; a resume keeps the checkpoint's)")
+    optim.add_argument("--weight-decay", type=float, default=0.01)
+    optim.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clip (0 disables)")
+    optim.add_argument("--adam-beta1", type=float, default=0.9)
+    optim.add_argument("--adam-beta2", type=float, default=0.95)
+    train = parser.add_argument_group("training and checkpoints")
+    train.add_argument("--train-iters", type=int, default=20, help="total steps, counting those before a resume")
+    train.add_argument("--log-interval", type=int, default=1)
+    train.add_argument("--save", default=None, help="checkpoint root to save into")
+    train.add_argument("--save-interval", type=int, default=None, help="also save every N steps (always at the end)")
+    train.add_argument("--load", default=None, help="checkpoint root to resume from (its latest; none there: start at 0)")
+    train.add_argument("--ckpt-step", type=int, default=None, help="resume from this step instead of the latest")
+    train.add_argument("--metrics-file", default=None, help="rank 0 appends one JSON line per step (full-precision loss)")
+    train.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    args = parser.parse_args(argv)
+
+    pattern = args.hybrid_layer_pattern
+    if not pattern or set(pattern) - set(LAYER_SYMBOLS):
+        parser.error(f"--hybrid-layer-pattern {pattern!r}: use the symbols {LAYER_SYMBOLS!r} only "
+                     f"(no '|' pipeline stages or '/' MTP: this entry has neither)")
+    if "E" in pattern and args.num_experts is None:
+        parser.error(f"--hybrid-layer-pattern {pattern!r} has MoE layers (E): give --num-experts")
+    for name in ("train_iters", "log_interval", "seq_length", "micro_batch_size", "hidden_size", "vocab_size"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.lr_decay_iters is None:
+        args.lr_decay_iters = args.train_iters
+    if not 0 <= args.lr_warmup_iters < args.lr_decay_iters:
+        parser.error(f"--lr-warmup-iters {args.lr_warmup_iters} must be >= 0 and below the decay length {args.lr_decay_iters}")
+    if not 0 <= args.min_lr <= args.lr:
+        parser.error(f"--min-lr {args.min_lr} must be in [0, --lr {args.lr}]")
+    if args.save_interval is not None and args.save_interval < 1:
+        parser.error(f"--save-interval must be >= 1, got {args.save_interval}")
+    if args.save_interval is not None and args.save is None:
+        parser.error("--save-interval needs --save")
+    if args.ckpt_step is not None and args.load is None:
+        parser.error("--ckpt-step needs --load")
+    if args.doc_ids_path is not None and args.data_path is None:
+        parser.error("--doc-ids-path needs --data-path")
+    if args.doc_ids_path is not None and "*" in pattern and args.transformer_impl == "local":
+        parser.error("packed documents (--doc-ids-path) reach attention layers as THD, which Megatron's local "
+                     "DotProductAttention refuses: use a pattern without '*' or --transformer-impl transformer_engine")
+    if args.device == "auto":
+        args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available here")
+    if args.device == "cpu" and "E" in pattern:
+        parser.error("MoE layers (E) need CUDA: megatron-core 0.19.2's router moves its weights to the GPU")
+    return args
+
+
+def init_distributed(args: argparse.Namespace) -> None:
+    """Join the torchrun process group (or make a one-process group when started without torchrun)
+    and build Megatron's model-parallel groups: TP = world size, DP = 1."""
+    if "RANK" not in os.environ:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    world = int(os.environ["WORLD_SIZE"])
+    tp = args.tensor_model_parallel_size or world
+    if tp != world:
+        raise SystemExit(
+            f"--tensor-model-parallel-size {tp} with {world} processes: this entry runs one data-parallel replica, "
+            f"so TP must equal the number of processes"
+        )
+    if args.vocab_size % tp:
+        raise SystemExit(f"--vocab-size {args.vocab_size} must be divisible by the TP size {tp}")
+    if args.sequence_parallel and args.seq_length % tp:
+        raise SystemExit(f"--sequence-parallel needs --seq-length ({args.seq_length}) divisible by the TP size {tp}")
+    if args.device == "cuda":
+        torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
+    dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
+    args.tensor_model_parallel_size = tp
+
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    if args.device == "cpu":
+        from megatron_mamba3.patches import apply_cpu_patches
+
+        args.patches = [patch.name for patch in apply_cpu_patches()]
+    else:
+        args.patches = []
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    torch.manual_seed(args.seed)
+    model_parallel_cuda_manual_seed(args.seed)
+
+
+def build_model(args: argparse.Namespace):
+    """HybridModel with the Mamba-3 stack spec, fp32 parameters, built on the training device (the
+    Megatron layers initialize there; the rest is moved)."""
+    from megatron.core.models.hybrid.hybrid_model import HybridModel
+    from megatron.core.process_groups_config import ProcessGroupCollection
+    from megatron.core.transformer import TransformerConfig
+
+    from megatron_mamba3.layer_specs import mamba3_stack_spec
+
+    tp = args.tensor_model_parallel_size
+    config = TransformerConfig(
+        num_layers=len(args.hybrid_layer_pattern),
+        hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads,
+        ffn_hidden_size=args.ffn_hidden_size,
+        num_moe_experts=args.num_experts,
+        moe_router_topk=args.moe_router_topk,
+        mamba_head_dim=args.mamba_head_dim,
+        mamba_state_dim=args.mamba_state_dim,
+        mamba_num_groups=args.mamba_num_groups,
+        tensor_model_parallel_size=tp,
+        sequence_parallel=args.sequence_parallel and tp > 1,
+        normalization="RMSNorm",
+        add_bias_linear=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        use_cpu_initialization=args.device == "cpu",
+        params_dtype=torch.float32,
+    )
+    spec = mamba3_stack_spec(
+        transformer_engine=args.transformer_impl == "transformer_engine",
+        backend=args.mamba3_backend,
+        mimo_rank=args.mimo_rank,
+        rope_fraction=args.rope_fraction,
+        chunk_size=args.chunk_size,
+        is_outproj_norm=args.outproj_norm,
+    )
+    model = HybridModel(
+        config,
+        spec,
+        vocab_size=args.vocab_size,
+        max_sequence_length=args.seq_length,
+        hybrid_layer_pattern=args.hybrid_layer_pattern,
+        pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+    )
+    if args.device == "cuda":
+        model.cuda()
+    return model
+
+
+def build_optimizer(args: argparse.Namespace, model):
+    """(model wrapped for Megatron's optimizer and grad finalization, Megatron's optimizer, its
+    learning-rate and weight-decay scheduler)."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+    from megatron.core.distributed.data_parallel_base import _BaseDataParallel
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    class OneReplica(_BaseDataParallel):
+        """Megatron's data-parallel interface for a single replica: nothing to reduce across
+        replicas, so gradient sync is a no-op and gradients stay in `param.grad`."""
+
+        def __init__(self, config, module):
+            super().__init__(config=config, module=module)
+            self.ddp_config = DistributedDataParallelConfig()
+
+        def finish_grad_sync(self, force_all_reduce: bool = False) -> None:
+            pass
+
+    wrapped = OneReplica(model.config, model)
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(
+            optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
+            adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
+        ),
+        [wrapped],
+    )
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if args.lr_warmup_iters else args.lr, max_lr=args.lr, min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.lr_decay_iters, lr_decay_style=args.lr_decay_style,
+        start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=args.lr_decay_iters, wd_incr_style="constant",
+    )
+    return wrapped, optimizer, scheduler
+
+
+def build_data(args: argparse.Namespace):
+    from token_data import SyntheticTokens, TokenFile
+
+    if args.data_path is None:
+        return SyntheticTokens(args.vocab_size, args.micro_batch_size, args.seq_length, args.seed)
+    return TokenFile(args.data_path, args.vocab_size, args.micro_batch_size, args.seq_length, args.doc_ids_path)
+
+
+def receipt_summary() -> str:
+    """The Mamba-3 forward receipts since the last call, e.g. "reference/chunked float32 x2 layers"."""
+    from megatron_mamba3 import clear_receipts, receipts
+
+    kinds: dict[tuple, set] = {}
+    for receipt in receipts():
+        if receipt.step_kind == "forward":
+            kinds.setdefault((receipt.backend, receipt.variant, receipt.dtype), set()).add(receipt.layer)
+    clear_receipts()
+    if not kinds:
+        return "none"
+    return ", ".join(
+        f"{backend}/{variant} {str(dtype).removeprefix('torch.')} x{len(layers)} layers"
+        for (backend, variant, dtype), layers in sorted(kinds.items())
+    )
+
+
+def checkpoint_to_resume(args: argparse.Namespace):
+    """The checkpoint folder --load / --ckpt-step ask for (None: start at step 0). Raises SystemExit
+    when it was trained with other model settings, before anything is built."""
+    from checkpoints import find_checkpoint, read_train_state
+
+    if args.load is None:
+        return None
+    folder = find_checkpoint(args.load, args.ckpt_step)
+    if folder is None:
+        log(f"no checkpoint under {args.load}: starting at step 0")
+        return None
+    saved = read_train_state(folder)["args"]
+    changed = {name: (saved.get(name), getattr(args, name)) for name in MODEL_ARGS if saved.get(name) != getattr(args, name)}
+    if changed:
+        raise SystemExit(f"{folder} was trained with other model settings (saved, now): {changed}")
+    return folder
+
+
+def resume(folder, model, optimizer, scheduler) -> int:
+    """Load model, optimizer and scheduler state from `folder`; return the step to continue from."""
+    from checkpoints import load_checkpoint, read_train_state
+
+    state = read_train_state(folder)
+    load_checkpoint(folder, model, optimizer)
+    scheduler.load_state_dict(state["scheduler"])
+    log(f"resumed from {folder} at step {state['iteration']}")
+    return state["iteration"]
+
+
+def log(message: str) -> None:
+    if dist.get_rank() == 0:
+        print(f"[train] {message}", flush=True)
+
+
+def train(args: argparse.Namespace) -> None:
+    from checkpoints import save_checkpoint
+    from megatron.core.distributed import finalize_model_grads
+    from megatron.core.packed_seq_params import PackedSeqParams
+
+    folder = checkpoint_to_resume(args)
+    data = build_data(args)
+    model = build_model(args)
+    wrapped, optimizer, scheduler = build_optimizer(args, model)
+    start = 0 if folder is None else resume(folder, model, optimizer, scheduler)
+    params = sum(p.numel() for p in model.parameters())
+    log(f"HybridModel {args.hybrid_layer_pattern!r} hidden {args.hidden_size} vocab {args.vocab_size} | "
+        f"{params} parameters on each of {args.tensor_model_parallel_size} TP ranks "
+        f"(sequence parallel {model.config.sequence_parallel}) | device {args.device} | "
+        f"patches {', '.join(args.patches) or 'none'} | data {type(data).__name__}")
+    if start >= args.train_iters:
+        log(f"the checkpoint is at step {start}, which already reaches --train-iters {args.train_iters}: nothing to do")
+        return
+
+    device = torch.device(args.device)
+    tokens_per_step = args.micro_batch_size * args.seq_length
+    metrics = open(args.metrics_file, "a") if args.metrics_file and dist.get_rank() == 0 else None
+    interval_time, interval_steps = 0.0, 0
+    receipt_summary()  # start the first interval's receipts afresh
+    for step in range(start, args.train_iters):
+        began = time.perf_counter()
+        batch = data.batch(step)
+        tokens = batch.tokens.to(device)
+        packed = None
+        if batch.cu_seqlens is not None:
+            cu_seqlens = batch.cu_seqlens.to(device)
+            longest = int((batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).max())
+            packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
+                                     max_seqlen_q=longest, max_seqlen_kv=longest)
+        optimizer.zero_grad()
+        losses = wrapped(tokens[:, :-1], None, None, labels=tokens[:, 1:], packed_seq_params=packed)
+        loss = losses.float().mean()
+        loss.backward()
+        finalize_model_grads([wrapped])
+        lr = optimizer.param_groups[0]["lr"]
+        updated, grad_norm, _ = optimizer.step()
+        if not updated:
+            raise RuntimeError(f"the optimizer skipped step {step + 1}")
+        scheduler.step(increment=1)
+        loss_value = loss.item()
+        if args.device == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - began
+        interval_time, interval_steps = interval_time + elapsed, interval_steps + 1
+        if metrics:
+            metrics.write(json.dumps({"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
+                                      "step_time_s": elapsed, "tokens_per_s": tokens_per_step / elapsed}) + "\n")
+            metrics.flush()
+        if (step + 1) % args.log_interval == 0 or step + 1 == args.train_iters:
+            mean = interval_time / interval_steps
+            log(f"step {step + 1}/{args.train_iters} | loss {loss_value:.6f} | {tokens_per_step / mean:.0f} tokens/s | "
+                f"step {mean * 1e3:.1f} ms | lr {lr:.2e} | grad norm {float(grad_norm):.3f} | mamba3 {receipt_summary()}")
+            interval_time, interval_steps = 0.0, 0
+        if args.save and (step + 1 == args.train_iters or (args.save_interval and (step + 1) % args.save_interval == 0)):
+            train_state = {"args": vars(args), "scheduler": scheduler.state_dict()}
+            folder = save_checkpoint(args.save, step + 1, model, optimizer, train_state)
+            log(f"saved {folder}")
+    if metrics:
+        metrics.close()
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    init_distributed(args)
+    try:
+        train(args)
+    finally:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

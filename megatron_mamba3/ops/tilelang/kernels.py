@@ -1,0 +1,344 @@
+"""The three TileLang kernels of the chunk-parallel scan (math in `chunk_math`).
+
+    chunk_state   grid (nc, H, b): S_c = Σ_j w_j k_j v_jᵀ of each chunk, fp32 (b, nc, H, n, p)
+    state_pass    grid (n / 8, H, b): h̃_{c+1} = mult_c h̃_c + S_c over the chunks; writes h̃_c (bf16) and h̃ after the last
+    chunk_output  grid (nc, H, b): intra-chunk masked matmuls + q·h̃_c + D·v, per-head norm and gate
+
+Keys and queries are built per head inside the kernels (bias, RMSNormed B/C of the head's group,
+rotation by θ) and values per rank (x ⊙ mimo_x), so no per-head copy of B/C and no rank-expanded
+value ever reaches device memory. Batch, length and chunk count are runtime sizes (`T.dynamic`):
+one compiled set per `KernelConfig`, whatever the length. Importing this module needs TileLang.
+"""
+
+
+import functools
+import logging
+import math
+import time
+from typing import NamedTuple
+
+import tilelang
+import tilelang.language as T
+
+logger = logging.getLogger("megatron_mamba3")
+
+_PASS_CONFIGS = {
+    tilelang.PassConfigKey.TL_DISABLE_TMA_LOWER: True,
+    tilelang.PassConfigKey.TL_DISABLE_WARP_SPECIALIZED: True,
+}
+THREADS = 128
+STATE_ROWS = 8  # state rows (of n) per block in the state pass
+NORM_EPS = 1e-5
+F32, BF16 = "float32", "bfloat16"
+
+
+class KernelConfig(NamedTuple):
+    """Static sizes of one compiled kernel set: H heads, p head dim, n state, R ranks, G groups,
+    S rotated pairs, Q tokens per chunk, whether the per-head output norm is applied."""
+
+    H: int
+    p: int
+    n: int
+    R: int
+    G: int
+    S: int
+    Q: int
+    norm: bool
+
+
+class KernelSet(NamedTuple):
+    chunk_state: object
+    state_pass: object
+    chunk_output: object
+
+
+_compiled = 0
+
+
+def compile_count() -> int:
+    """TileLang kernels compiled (or loaded from the disk cache) in this process."""
+    return _compiled
+
+
+@functools.cache
+def kernel_set(config: KernelConfig) -> KernelSet:
+    """Build (or load from TileLang's disk cache) the three kernels for `config`; logs the time taken."""
+    global _compiled
+    start = time.perf_counter()
+    built = KernelSet(*(
+        tilelang.compile(make(config), out_idx=[], target="cuda", pass_configs=_PASS_CONFIGS)
+        for make in (_chunk_state, _state_pass, _chunk_output)
+    ))
+    _compiled += len(built)
+    logger.info("mamba3 tilelang: built kernels for %s in %.1f s", config, time.perf_counter() - start)
+    return built
+
+
+def _pairing(nn, n: int, S: int, half_split: bool):
+    """For state index nn: (is rotated, angle index, partner index, sign of the partner's sine term).
+
+    Adjacent pairs (2s, 2s + 1) for SISO, half-split pairs (s, n/2 + s) for MIMO; a pair (a, b) turns
+    into (a cos − b sin, a sin + b cos)."""
+    if half_split:
+        half = n // 2
+        upper = nn >= half
+        s = T.if_then_else(upper, nn - half, nn)
+        partner = T.if_then_else(upper, nn - half, nn + half)
+        sign = T.if_then_else(upper, 1.0, -1.0)
+        return s < S, T.min(s, S - 1), partner, sign
+    odd = nn % 2
+    return nn < 2 * S, T.min(nn // 2, S - 1), nn + 1 - 2 * odd, T.cast(2 * odd - 1, F32)
+
+
+def _chunk_prologue(c: KernelConfig):
+    """Macros shared by the per-chunk kernels: per-token scalars, θ, and rotated keys/queries."""
+    Q, S, R, n, p = c.Q, c.S, c.R, c.n, c.p
+    half_split = R > 1
+
+    @T.macro
+    def load_scalars(SEG, CS, WD, WO, b, h, t0, seg_s, cs_s, wd_s, wo_s):
+        for i in T.Parallel(Q):
+            seg_s[i] = SEG[b, t0 + i]
+            cs_s[i] = CS[b, h, t0 + i]
+            wd_s[i] = WD[b, h, t0 + i]
+            wo_s[i] = WO[b, h, t0 + i]
+
+    @T.macro
+    def rotation(ANG, DT, THS, L, b, h, chunk, t0, seg_s, seg_before, turn_s, theta_f, cos_s, sin_s):
+        for i, s in T.Parallel(Q, S):
+            turn_s[i, s] = T.if_then_else(
+                t0 + i < L,
+                math.pi * T.tanh(T.cast(ANG[b, t0 + i, s], F32)) * T.cast(DT[b, t0 + i, h], F32),
+                0.0,
+            )
+        for s in T.Parallel(S):
+            theta_f[s] = THS[b, chunk, h, s]
+        for i in T.serial(Q):
+            for s in T.Parallel(S):
+                previous = T.if_then_else(i == 0, seg_before, seg_s[T.max(i - 1, 0)])
+                theta_f[s] = T.if_then_else(seg_s[i] != previous, 0.0, theta_f[s]) + turn_s[i, s]
+                cos_s[i, s] = theta_f[s]  # θ for now; turn_s stays read-only (theta_f is replicated per warp)
+        for i, s in T.Parallel(Q, S):
+            sin_s[i, s] = T.sin(cos_s[i, s])
+            cos_s[i, s] = T.cos(cos_s[i, s])
+
+    @T.macro
+    def keys(SRC, BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, scale_s, out_s):
+        """out_s[(i, r), :] = scale_i · rot(θ_i, SRC[t0 + i, r, group] + BIAS[h, r]) as bf16."""
+        for r, nn in T.Parallel(R, n):
+            bias_s[r, nn] = BIAS[h, r, nn]
+        for row, nn in T.Parallel(Q * R, n):
+            raw_s[row, nn] = T.if_then_else(
+                t0 + row // R < L, SRC[b, t0 + row // R, row % R, h // (c.H // c.G), nn], T.cast(0, BF16)
+            )
+        for row, nn in T.Parallel(Q * R, n):
+            rotated, s, partner, sign = _pairing(nn, n, S, half_split)
+            u = T.cast(raw_s[row, nn], F32) + bias_s[row % R, nn]
+            w = T.cast(raw_s[row, partner], F32) + bias_s[row % R, partner]
+            turned = T.if_then_else(rotated, u * cos_s[row // R, s] + sign * w * sin_s[row // R, s], u)
+            out_s[row, nn] = T.cast(turned * scale_s[row // R], BF16)
+
+    @T.macro
+    def values(X, MIMO_X, L, b, h, t0, x_s, mx_s, v_s):
+        """x_s = the chunk's x (bf16, zero past L); v_s[(i, r), :] = x_i ⊙ mimo_x[h, r] (bf16)."""
+        for i, pp in T.Parallel(Q, p):
+            x_s[i, pp] = T.if_then_else(t0 + i < L, X[b, t0 + i, h, pp], T.cast(0, BF16))
+        for r, pp in T.Parallel(R, p):
+            mx_s[r, pp] = MIMO_X[h, r, pp]
+        for row, pp in T.Parallel(Q * R, p):
+            v_s[row, pp] = T.cast(T.cast(x_s[row // R, pp], F32) * mx_s[row % R, pp], BF16)
+
+    return load_scalars, rotation, keys, values
+
+
+def _chunk_state(c: KernelConfig):
+    H, p, n, R, G, S, Q = c.H, c.p, c.n, c.R, c.G, c.S, c.Q
+    batch, L, LP, NC = T.dynamic("batch, L, LP, NC")
+    load_scalars, rotation, keys, values = _chunk_prologue(c)
+
+    @T.prim_func
+    def chunk_state(
+        X: T.Tensor((batch, L, H, p), BF16),
+        Bk: T.Tensor((batch, L, R, G, n), BF16),
+        ANG: T.Tensor((batch, L, S), BF16),
+        DT: T.Tensor((batch, L, H), BF16),
+        SEG: T.Tensor((batch, LP), "int32"),
+        CS: T.Tensor((batch, H, LP), F32),
+        WD: T.Tensor((batch, H, LP), F32),
+        WO: T.Tensor((batch, H, LP), F32),
+        THS: T.Tensor((batch, NC, H, S), F32),
+        B_BIAS: T.Tensor((H, R, n), F32),
+        MIMO_X: T.Tensor((H, R, p), F32),
+        ST: T.Tensor((batch, NC, H, n, p), F32),
+    ):
+        with T.Kernel(NC, H, batch, threads=THREADS) as (chunk, h, b):
+            t0 = chunk * Q
+            seg_s = T.alloc_shared((Q,), "int32")
+            cs_s = T.alloc_shared((Q,), F32)
+            wd_s = T.alloc_shared((Q,), F32)
+            wo_s = T.alloc_shared((Q,), F32)
+            w_s = T.alloc_shared((Q,), F32)
+            turn_s = T.alloc_shared((Q, S), F32)
+            cos_s = T.alloc_shared((Q, S), F32)
+            sin_s = T.alloc_shared((Q, S), F32)
+            theta_f = T.alloc_fragment((S,), F32)
+            raw_s = T.alloc_shared((Q * R, n), BF16)
+            bias_s = T.alloc_shared((R, n), F32)
+            k_s = T.alloc_shared((Q * R, n), BF16)
+            x_s = T.alloc_shared((Q, p), BF16)
+            mx_s = T.alloc_shared((R, p), F32)
+            v_s = T.alloc_shared((Q * R, p), BF16)
+            acc = T.alloc_fragment((n, p), F32)
+
+            load_scalars(SEG, CS, WD, WO, b, h, t0, seg_s, cs_s, wd_s, wo_s)
+            seg_before = SEG[b, T.max(t0 - 1, 0)]
+            for i in T.Parallel(Q):
+                w_s[i] = T.if_then_else(seg_s[i] == seg_s[Q - 1], T.exp(cs_s[Q - 1] - cs_s[i]) * wo_s[i], 0.0)
+            rotation(ANG, DT, THS, L, b, h, chunk, t0, seg_s, seg_before, turn_s, theta_f, cos_s, sin_s)
+            keys(Bk, B_BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, w_s, k_s)
+            values(X, MIMO_X, L, b, h, t0, x_s, mx_s, v_s)
+            T.gemm(k_s, v_s, acc, transpose_A=True, clear_accum=True)
+            T.copy(acc, ST[b, chunk, h, :, :])
+
+    return chunk_state
+
+
+def _state_pass(c: KernelConfig):
+    H, p, n, rows = c.H, c.p, c.n, STATE_ROWS
+    batch, NC = T.dynamic("batch, NC")
+
+    @T.prim_func
+    def state_pass(
+        ST: T.Tensor((batch, NC, H, n, p), F32),
+        MULT: T.Tensor((batch, NC, H), F32),
+        H_IN: T.Tensor((batch, H, n, p), F32),
+        HS: T.Tensor((batch, NC, H, n, p), BF16),
+        H_OUT: T.Tensor((batch, H, n, p), F32),
+    ):
+        with T.Kernel(n // rows, H, batch, threads=THREADS) as (block, h, b):
+            state = T.alloc_fragment((rows, p), F32)
+            chunk_s = T.alloc_shared((rows, p), F32)
+            T.copy(H_IN[b, h, block * rows : (block + 1) * rows, :], state)
+            for chunk in T.Pipelined(NC, num_stages=2):
+                T.copy(ST[b, chunk, h, block * rows : (block + 1) * rows, :], chunk_s)
+                for i, pp in T.Parallel(rows, p):
+                    HS[b, chunk, h, block * rows + i, pp] = T.cast(state[i, pp], BF16)
+                    state[i, pp] = state[i, pp] * MULT[b, chunk, h] + chunk_s[i, pp]
+            T.copy(state, H_OUT[b, h, block * rows : (block + 1) * rows, :])
+
+    return state_pass
+
+
+def _chunk_output(c: KernelConfig):
+    H, p, n, R, G, S, Q = c.H, c.p, c.n, c.R, c.G, c.S, c.Q
+    QR = Q * R
+    batch, L, LP, NC = T.dynamic("batch, L, LP, NC")
+    load_scalars, rotation, keys, values = _chunk_prologue(c)
+
+    @T.prim_func
+    def chunk_output(
+        X: T.Tensor((batch, L, H, p), BF16),
+        Z: T.Tensor((batch, L, H, p), BF16),
+        Bk: T.Tensor((batch, L, R, G, n), BF16),
+        Cq: T.Tensor((batch, L, R, G, n), BF16),
+        ANG: T.Tensor((batch, L, S), BF16),
+        DT: T.Tensor((batch, L, H), BF16),
+        SEG: T.Tensor((batch, LP), "int32"),
+        CS: T.Tensor((batch, H, LP), F32),
+        WD: T.Tensor((batch, H, LP), F32),
+        WO: T.Tensor((batch, H, LP), F32),
+        THS: T.Tensor((batch, NC, H, S), F32),
+        HS: T.Tensor((batch, NC, H, n, p), BF16),
+        B_BIAS: T.Tensor((H, R, n), F32),
+        C_BIAS: T.Tensor((H, R, n), F32),
+        D: T.Tensor((H,), F32),
+        MIMO_X: T.Tensor((H, R, p), F32),
+        MIMO_Z: T.Tensor((H, R, p), F32),
+        MIMO_O: T.Tensor((H, R, p), F32),
+        NORM: T.Tensor((H, p), F32),
+        OUT: T.Tensor((batch, L, H, p), BF16),
+    ):
+        with T.Kernel(NC, H, batch, threads=THREADS) as (chunk, h, b):
+            t0 = chunk * Q
+            seg_s = T.alloc_shared((Q,), "int32")
+            cs_s = T.alloc_shared((Q,), F32)
+            wd_s = T.alloc_shared((Q,), F32)
+            wo_s = T.alloc_shared((Q,), F32)
+            one_s = T.alloc_shared((Q,), F32)
+            inter_s = T.alloc_shared((Q,), F32)
+            turn_s = T.alloc_shared((Q, S), F32)
+            cos_s = T.alloc_shared((Q, S), F32)
+            sin_s = T.alloc_shared((Q, S), F32)
+            theta_f = T.alloc_fragment((S,), F32)
+            raw_s = T.alloc_shared((QR, n), BF16)
+            bias_s = T.alloc_shared((R, n), F32)
+            q_s = T.alloc_shared((QR, n), BF16)
+            k_s = T.alloc_shared((QR, n), BF16)
+            x_s = T.alloc_shared((Q, p), BF16)
+            mx_s = T.alloc_shared((R, p), F32)
+            v_s = T.alloc_shared((QR, p), BF16)
+            hs_s = T.alloc_shared((n, p), BF16)
+            mix_s = T.alloc_shared((QR, QR), BF16)
+            gate_s = T.alloc_shared((R, p), F32)
+            out_w_s = T.alloc_shared((R, p), F32)
+            norm_s = T.alloc_shared((p,), F32)
+            y_s = T.alloc_shared((QR, p), F32)
+            scores = T.alloc_fragment((QR, QR), F32)
+            y = T.alloc_fragment((QR, p), F32)
+            y_in = T.alloc_fragment((QR, p), F32)
+
+            load_scalars(SEG, CS, WD, WO, b, h, t0, seg_s, cs_s, wd_s, wo_s)
+            seg_before = SEG[b, T.max(t0 - 1, 0)]
+            for i in T.Parallel(Q):
+                one_s[i] = 1.0
+                inter_s[i] = T.if_then_else(seg_s[i] == seg_before, T.exp(cs_s[i]), 0.0)
+            T.copy(HS[b, chunk, h, :, :], hs_s)
+            rotation(ANG, DT, THS, L, b, h, chunk, t0, seg_s, seg_before, turn_s, theta_f, cos_s, sin_s)
+            keys(Cq, C_BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, one_s, q_s)
+            keys(Bk, B_BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, one_s, k_s)
+            values(X, MIMO_X, L, b, h, t0, x_s, mx_s, v_s)
+
+            T.gemm(q_s, k_s, scores, transpose_B=True, clear_accum=True)
+            for row, col in T.Parallel(QR, QR):
+                i, j = row // R, col // R
+                weight = T.if_then_else(
+                    seg_s[i] != seg_s[j],
+                    0.0,
+                    T.if_then_else(i > j, T.exp(cs_s[i] - cs_s[j]) * wo_s[j], T.if_then_else(i == j, wd_s[j], 0.0)),
+                )
+                mix_s[row, col] = T.cast(scores[row, col] * weight, BF16)
+            T.gemm(mix_s, v_s, y, clear_accum=True)
+            T.gemm(q_s, hs_s, y_in, clear_accum=True)
+            skip = D[h]
+            for row, pp in T.Parallel(QR, p):
+                y[row, pp] = (
+                    y[row, pp]
+                    + inter_s[row // R] * y_in[row, pp]
+                    + skip * T.cast(x_s[row // R, pp], F32) * mx_s[row % R, pp]
+                )
+            T.copy(y, y_s)
+
+            for r, pp in T.Parallel(R, p):
+                gate_s[r, pp] = MIMO_Z[h, r, pp]
+                out_w_s[r, pp] = MIMO_O[h, r, pp]
+            for pp in T.Parallel(p):
+                norm_s[pp] = NORM[h, pp]
+            if c.norm:
+                squares = T.alloc_fragment((QR, p), F32)
+                inv_rms = T.alloc_fragment((QR,), F32)
+                T.copy(y_s, squares)
+                for row, pp in T.Parallel(QR, p):
+                    squares[row, pp] = squares[row, pp] * squares[row, pp]
+                T.reduce_sum(squares, inv_rms, dim=1)
+                for row in T.Parallel(QR):
+                    inv_rms[row] = T.rsqrt(inv_rms[row] / p + NORM_EPS)
+                for row, pp in T.Parallel(QR, p):
+                    y_s[row, pp] = y_s[row, pp] * inv_rms[row] * norm_s[pp]
+            for i, pp in T.Parallel(Q, p):
+                if t0 + i < L:
+                    zz = T.cast(Z[b, t0 + i, h, pp], F32)
+                    gated = [zz * gate_s[r, pp] for r in range(R)]
+                    total = sum(out_w_s[r, pp] * y_s[i * R + r, pp] * gated[r] * T.sigmoid(gated[r]) for r in range(R))
+                    OUT[b, t0 + i, h, pp] = T.cast(total, BF16)
+
+    return chunk_output

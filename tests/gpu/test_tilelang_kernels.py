@@ -1,0 +1,164 @@
+"""TileLang kernels on a CUDA GPU against the reference (run on the GPU machine; skipped elsewhere).
+
+Every output, final state and gradient of the kernels on bf16 inputs is compared with the fp32
+reference (`mamba3_chunked` on the same bf16-valued inputs upcast to fp32). Tolerance: ERROR_MULTIPLE
+times the bf16 reference's own error, i.e. max |mamba3_chunked(bf16 inputs) − oracle| / max |oracle|
+with the oracle the float64 recurrence on the same values.
+"""
+
+import functools
+import importlib.util
+
+import pytest
+import torch
+
+from megatron_mamba3.ops import Mamba3Inputs, Mamba3State, Mamba3Weights, mamba3_scan
+from megatron_mamba3.ops.reference import mamba3_chunked, mamba3_recurrent
+from megatron_mamba3.receipts import clear_receipts, receipts
+from tests.helpers import make_case, make_state, rel_err
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available() or importlib.util.find_spec("tilelang") is None,
+        reason="needs a CUDA GPU and TileLang (runs on the GPU machine, not in CPU-only CI)",
+    ),
+]
+
+ERROR_MULTIPLE = 4
+LENGTH = 200  # not a multiple of the kernels' chunks (64 SISO, 32 R=2, 16 R=4)
+CONFIGS = [  # (n, p, R, G, norm)
+    (128, 64, 1, 1, False),
+    (64, 128, 1, 2, True),
+    (128, 64, 2, 2, False),
+    (128, 64, 4, 1, True),
+    (64, 64, 4, 1, False),
+]
+IDS = [f"n{n}-p{p}-R{R}-G{G}{'-norm' if norm else ''}" for n, p, R, G, norm in CONFIGS]
+
+
+def _cuda(case):
+    return tuple(type(part)(*(None if t is None else t.cuda() for t in part)) for part in case)
+
+
+def _case(n, p, R, G, norm, b=2, l=LENGTH, seed=0):  # noqa: E741
+    """bf16 inputs, fp32 weights, fp32 initial state and segment ids on the GPU."""
+    inputs, weights = make_case(b=b, l=l, H=4, p=p, R=R, G=G, n=n, norm=norm, seed=seed)
+    state = make_state(b, 4, p, R, n, n // 4, seed=seed + 1).to(torch.float32)
+    inputs, weights, state = _cuda((inputs.to(torch.bfloat16), weights.to(torch.float32), state))
+    segment_ids = torch.zeros(b, l, dtype=torch.int64, device="cuda")
+    segment_ids[0, 37:] = 1
+    segment_ids[0, 150:] = 2
+    segment_ids[-1, l - 5 :] = 7
+    return inputs, weights, state, segment_ids
+
+
+@functools.cache
+def _tolerance(n, p, R, G, norm):
+    """ERROR_MULTIPLE × the bf16 reference's own relative error against the float64 oracle."""
+    inputs, weights, state, segment_ids = _case(n, p, R, G, norm)
+    options = dict(segment_ids=segment_ids, initial_state=state)
+    oracle, _ = mamba3_recurrent(
+        inputs.to(torch.float64), weights.to(torch.float64), segment_ids=segment_ids, initial_state=state.to(torch.float64)
+    )
+    own, _ = mamba3_chunked(inputs, weights, chunk_size=16, **options)
+    own_error = rel_err(own, oracle)
+    assert 0 < own_error < 1e-2
+    return ERROR_MULTIPLE * own_error
+
+
+def _leaves(inputs, weights, state):
+    return [t.detach().clone().requires_grad_() for t in (*inputs, *weights, *state) if t is not None]
+
+
+def _rebuild(leaves, weights_template):
+    rest = iter(leaves[8:])
+    weights = Mamba3Weights(*(None if t is None else next(rest) for t in weights_template))
+    return Mamba3Inputs(*leaves[:8]), weights, Mamba3State(*rest)
+
+
+def _run(backend, leaves, weights_template, segment_ids, upcast=False):
+    inputs, weights, state = _rebuild(leaves, weights_template)
+    if upcast:
+        inputs = inputs.to(torch.float32)
+    return mamba3_scan(inputs, weights, segment_ids=segment_ids, initial_state=state, backend=backend)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=IDS)
+def test_forward_and_gradients_match_reference(config):
+    tol = _tolerance(*config)
+    inputs, weights, state, segment_ids = _case(*config)
+    leaves_k, leaves_r = _leaves(inputs, weights, state), _leaves(inputs, weights, state)
+    out, final = _run("tilelang", leaves_k, weights, segment_ids)
+    out_ref, final_ref = _run("reference", leaves_r, weights, segment_ids, upcast=True)
+    assert out.dtype == torch.bfloat16 and final.h.dtype == torch.float32
+    errors = {"out": rel_err(out, out_ref)}
+    errors.update({f"state.{name}": rel_err(a, e) for name, a, e in zip(Mamba3State._fields, final, final_ref)})
+    generator = torch.Generator(device="cuda").manual_seed(3)
+    grad_out = torch.randn(out.shape, device="cuda", generator=generator).to(out.dtype)  # the same values for both
+    grad_state = [torch.randn(t.shape, device="cuda", generator=generator) for t in final_ref]
+    torch.autograd.backward((out, *final), (grad_out, *grad_state))
+    torch.autograd.backward((out_ref, *final_ref), (grad_out.float(), *grad_state))
+    for index, (a, e) in enumerate(zip(leaves_k, leaves_r)):
+        errors[f"grad[{index}]"] = rel_err(a.grad, e.grad)
+    print(config, f"tol={tol:.2e}", {k: f"{v / tol * ERROR_MULTIPLE:.2f}x" for k, v in errors.items()})
+    assert all(error <= tol for error in errors.values()), errors
+
+
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[3]], ids=[IDS[0], IDS[3]])
+def test_packed_equals_separate_documents(config):
+    """segment_ids in one row == cu_seqlens documents (separate calls) == each document alone."""
+    tol = _tolerance(*config)
+    inputs, weights, _, _ = _case(*config, b=1)
+    bounds = [0, 37, 150, LENGTH]
+    segment_ids = torch.zeros(1, LENGTH, dtype=torch.int64, device="cuda")
+    for index, start in enumerate(bounds[1:-1]):
+        segment_ids[:, start:] = index + 1
+    packed, packed_final = mamba3_scan(inputs, weights, segment_ids=segment_ids, backend="tilelang")
+    cu = torch.tensor(bounds, device="cuda", dtype=torch.int32)
+    by_docs, docs_final = mamba3_scan(inputs, weights, cu_seqlens=cu, backend="tilelang")
+    alone = [mamba3_scan(inputs.tokens(slice(a, e)), weights, backend="tilelang") for a, e in zip(bounds, bounds[1:])]
+    assert rel_err(packed, torch.cat([o for o, _ in alone], dim=1)) <= tol
+    assert rel_err(by_docs, packed) <= tol
+    for field in range(4):
+        assert rel_err(packed_final[field], alone[-1][1][field]) <= tol
+        assert rel_err(docs_final[field][-1:], alone[-1][1][field]) <= tol
+
+
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[3]], ids=[IDS[0], IDS[3]])
+@pytest.mark.parametrize("split", [64, 101])
+def test_state_continues_across_a_split(config, split):
+    tol = _tolerance(*config)
+    inputs, weights, state, _ = _case(*config)
+    whole, whole_final = mamba3_scan(inputs, weights, initial_state=state, backend="tilelang")
+    first, middle = mamba3_scan(inputs.tokens(slice(0, split)), weights, initial_state=state, backend="tilelang")
+    second, final = mamba3_scan(inputs.tokens(slice(split, None)), weights, initial_state=middle, backend="tilelang")
+    assert rel_err(torch.cat((first, second), dim=1), whole) <= tol
+    for a, e in zip(final, whole_final):
+        assert rel_err(a, e) <= tol
+
+
+def test_one_compile_for_every_length_and_auto_receipt():
+    from megatron_mamba3.ops.tilelang.kernels import compile_count
+
+    config = CONFIGS[0]
+    tol = _tolerance(*config)
+    clear_receipts()
+    counts = []
+    for length in (1, 63, 64, 65, 1000):
+        inputs, weights, _, _ = _case(*config, b=3, l=length, seed=length)
+        out, _ = mamba3_scan(inputs, weights, layer="probe")  # auto: tilelang on CUDA
+        ref, _ = mamba3_chunked(inputs.to(torch.float32), weights)
+        assert rel_err(out, ref) <= tol, length
+        counts.append(compile_count())
+    assert len(set(counts)) == 1 and counts[0] >= 3
+    ran = {(r.backend, r.variant) for r in receipts() if r.layer == "probe"}
+    assert ran == {("tilelang", "chunked")}
+
+
+def test_unsupported_sizes_raise_naming_the_value():
+    inputs, weights, _, _ = _case(128, 64, 1, 1, False)
+    bad = Mamba3Inputs(*(t[..., :96] if name in ("B", "C") else t for name, t in zip(Mamba3Inputs._fields, inputs)))
+    bad_weights = weights._replace(B_bias=weights.B_bias[..., :96], C_bias=weights.C_bias[..., :96])
+    with pytest.raises(ValueError, match="n=96"):
+        mamba3_scan(bad, bad_weights, backend="tilelang")
