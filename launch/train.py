@@ -19,7 +19,7 @@ Rank 0 prints one progress line every `--log-interval` steps:
 
     step 12/20 | loss 2.315617 | 5866 tokens/s | step 87.3 ms | lr 3.00e-03 | grad norm 0.412 | mamba3 reference/chunked float32 x2 layers
 
-(`tokens/s` and `step` are averaged over the interval; the last field is the Mamba-3 receipt: the
+(`tokens/s` and `step` are averaged over the interval; on CUDA a `peak mem` field follows the grad norm; the last field is the Mamba-3 receipt: the
 backend and kernel variant that ran, the dtype and the number of M layers that reported it.)
 """
 
@@ -96,6 +96,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--ckpt-step", type=int, default=None, help="resume from this step instead of the latest")
     train.add_argument("--metrics-file", default=None, help="rank 0 appends one JSON line per step (full-precision loss)")
     train.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    train.add_argument("--bf16", action="store_true",
+                       help="bf16 parameters and activations (Megatron's Float16Module) with fp32 master weights in "
+                            "the optimizer; CUDA only. The TileLang backend runs on bf16 activations only")
     args = parser.parse_args(argv)
 
     pattern = args.hybrid_layer_pattern
@@ -128,6 +131,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available here")
+    if args.bf16 and args.device != "cuda":
+        parser.error("--bf16 needs --device cuda: Megatron's mixed-precision optimizer keeps its state on CUDA")
     if args.device == "cpu" and "E" in pattern:
         parser.error("MoE layers (E) need CUDA: megatron-core 0.19.2's router moves its weights to the GPU")
     return args
@@ -172,7 +177,7 @@ def init_distributed(args: argparse.Namespace) -> None:
 
 
 def build_model(args: argparse.Namespace):
-    """HybridModel with the Mamba-3 stack spec, fp32 parameters, built on the training device (the
+    """HybridModel with the Mamba-3 stack spec, fp32 parameters (bf16 with --bf16), built on the training device (the
     Megatron layers initialize there; the rest is moved)."""
     from megatron.core.models.hybrid.hybrid_model import HybridModel
     from megatron.core.process_groups_config import ProcessGroupCollection
@@ -198,7 +203,8 @@ def build_model(args: argparse.Namespace):
         hidden_dropout=0.0,
         attention_dropout=0.0,
         use_cpu_initialization=args.device == "cpu",
-        params_dtype=torch.float32,
+        bf16=args.bf16,
+        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
     )
     spec = mamba3_stack_spec(
         transformer_engine=args.transformer_impl == "transformer_engine",
@@ -218,6 +224,10 @@ def build_model(args: argparse.Namespace):
     )
     if args.device == "cuda":
         model.cuda()
+    if args.bf16:
+        from megatron.core.transformer.module import Float16Module
+
+        model = Float16Module(config, model)  # every parameter bf16, the Mamba-3 ones included
     return model
 
 
@@ -244,6 +254,7 @@ def build_optimizer(args: argparse.Namespace, model):
     optimizer = get_megatron_optimizer(
         OptimizerConfig(
             optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, clip_grad=args.clip_grad,
+            bf16=args.bf16, params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
             adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2,
         ),
         [wrapped],
@@ -370,8 +381,9 @@ def train(args: argparse.Namespace) -> None:
             metrics.flush()
         if (step + 1) % args.log_interval == 0 or step + 1 == args.train_iters:
             mean = interval_time / interval_steps
+            memory = f" | peak mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if args.device == "cuda" else ""
             log(f"step {step + 1}/{args.train_iters} | loss {loss_value:.6f} | {tokens_per_step / mean:.0f} tokens/s | "
-                f"step {mean * 1e3:.1f} ms | lr {lr:.2e} | grad norm {float(grad_norm):.3f} | mamba3 {receipt_summary()}")
+                f"step {mean * 1e3:.1f} ms | lr {lr:.2e} | grad norm {float(grad_norm):.3f}{memory} | mamba3 {receipt_summary()}")
             interval_time, interval_steps = 0.0, 0
         if args.save and (step + 1 == args.train_iters or (args.save_interval and (step + 1) % args.save_interval == 0)):
             train_state = {"args": vars(args), "scheduler": scheduler.state_dict()}

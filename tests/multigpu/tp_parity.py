@@ -3,7 +3,7 @@
     torchrun --nproc-per-node 8 tests/multigpu/tp_parity.py [--tp 1 2 4 8] [--backend auto]
 
 Every TP size in --tp (each must divide the number of processes; data-parallel replicas repeat the
-same work) runs SISO and MIMO R=4 mixers with g = 1 and g = 8, with and without sequence
+same work) runs SISO and MIMO R=4 mixers with g = 1 and g = 8 (--mimo-ranks, --groups), with and without sequence
 parallelism, in bf16 on the chosen backend ("auto" picks TileLang on CUDA). The oracle is the
 TP = 1 module in fp32 on the reference backend. Bound, per tensor (output, input gradient, every
 parameter gradient gathered to full shape): error <= 2 x the TP = 1 bf16 run's own error against
@@ -30,7 +30,6 @@ from tests.distributed.mixers import MixerCase, build_mixer, forward_backward, f
 from tests.helpers import rel_err  # noqa: E402
 
 SIZES = dict(d_model=1024, headdim=64, d_state=128, length=2048, batch=2, chunk_size=None)  # H = 32
-CASES = [MixerCase(rank, groups, **SIZES) for rank in (1, 4) for groups in (1, 8)]
 BOUND_MULTIPLE = 2.0
 
 
@@ -62,7 +61,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tp", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--backend", default="auto")
+    parser.add_argument("--mimo-ranks", type=int, nargs="+", default=[1, 4], help="R of the cases (1 = SISO)")
+    parser.add_argument("--groups", type=int, nargs="+", default=[1, 8], help="g of the cases")
     args = parser.parse_args()
+    cases = [MixerCase(rank, groups, **SIZES) for rank in args.mimo_ranks for groups in args.groups]
     for name in ("NCCL_NVLS_ENABLE", "TORCH_SYMM_MEM_DISABLE_MULTICAST", "NVSHMEM_DISABLE_NVLS"):
         os.environ.setdefault(name, "0" if name == "NCCL_NVLS_ENABLE" else "1")
     dist.init_process_group("nccl")
@@ -74,7 +76,7 @@ def main() -> int:
     rows, failed, oracles, baselines = [], False, {}, {}
     for tp in sorted(args.tp):
         parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
-        for case in CASES:
+        for case in cases:
             if tp == 1:
                 oracles[case] = _first_tp_group(_run(case, 1, False, torch.float32, "reference"), 1)
             for sequence_parallel in (False, True) if tp > 1 else (False,):
