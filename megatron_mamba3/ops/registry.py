@@ -17,8 +17,7 @@ import importlib
 import os
 from typing import Callable, Mapping
 
-from torch import Tensor
-
+from megatron_mamba3.ops.interface import Mamba3Inputs
 from megatron_mamba3.receipts import logger
 
 BACKEND_ENV = "MEGATRON_MAMBA3_BACKEND"
@@ -37,13 +36,14 @@ class ScanVariant:
 
 @dataclasses.dataclass(frozen=True)
 class Backend:
-    """A backend: its variants, the default one, `why_not(x)` (None when it can run on tensors
-    like `x`, else the reason) and `compile_count()` (kernels or graphs compiled so far)."""
+    """A backend: its variants, the default one, `why_not(inputs)` (None when it can run the scan
+    of these `Mamba3Inputs`: device, dtype and sizes; else the reason) and `compile_count()`
+    (kernels or graphs compiled so far)."""
 
     name: str
     variants: Mapping[str, ScanVariant]
     default_variant: str
-    why_not: Callable[[Tensor], str | None]
+    why_not: Callable[[Mamba3Inputs], str | None]
     compile_count: Callable[[], int] = lambda: 0
 
 
@@ -64,16 +64,16 @@ def load_backend(name: str) -> Backend | str:
         return f"it cannot be imported ({error})"
 
 
-def _runnable(name: str, x: Tensor) -> Backend | str:
+def _runnable(name: str, inputs: Mamba3Inputs) -> Backend | str:
     backend = load_backend(name)
     if isinstance(backend, str):
         return backend
-    return backend.why_not(x) or backend
+    return backend.why_not(inputs) or backend
 
 
-def _auto(x: Tensor) -> Backend:
-    preferred = _AUTO_BY_DEVICE.get(x.device.type, "reference")
-    chosen = _runnable(preferred, x)
+def _auto(inputs: Mamba3Inputs) -> Backend:
+    preferred = _AUTO_BY_DEVICE.get(inputs.x.device.type, "reference")
+    chosen = _runnable(preferred, inputs)
     if isinstance(chosen, Backend):
         return chosen
     if (preferred, chosen) not in _fallbacks_logged:
@@ -88,23 +88,24 @@ def check_backend_name(name: str, source: str = "backend") -> None:
         raise ValueError(f"{source}={name!r} is not a backend; choose one of: {AUTO}, {', '.join(_MODULES)}")
 
 
-def select_backend(backend: str | None, x: Tensor) -> Backend:
-    """Resolve `backend` (None reads `MEGATRON_MAMBA3_BACKEND`, default "auto") for tensors like `x`."""
+def select_backend(backend: str | None, inputs: Mamba3Inputs) -> Backend:
+    """Resolve `backend` (None reads `MEGATRON_MAMBA3_BACKEND`, default "auto") for `inputs`."""
     requested = backend if backend is not None else os.environ.get(BACKEND_ENV, AUTO)
     source = "backend" if backend is not None else BACKEND_ENV
     check_backend_name(requested, source)
     if requested == AUTO:
-        return _auto(x)
-    chosen = _runnable(requested, x)
+        return _auto(inputs)
+    chosen = _runnable(requested, inputs)
     if isinstance(chosen, str):
+        x = inputs.x
         dtype = str(x.dtype).removeprefix("torch.")
         raise ValueError(f"{source}={requested!r} cannot run on {x.device.type} {dtype} tensors: {chosen}")
     return chosen
 
 
-def select_variant(backend: str | None, variant: str | None, x: Tensor) -> tuple[Backend, ScanVariant]:
+def select_variant(backend: str | None, variant: str | None, inputs: Mamba3Inputs) -> tuple[Backend, ScanVariant]:
     """The backend (see `select_backend`) and its `variant` (None: the backend's default)."""
-    chosen = select_backend(backend, x)
+    chosen = select_backend(backend, inputs)
     name = variant if variant is not None else chosen.default_variant
     if name not in chosen.variants:
         raise ValueError(

@@ -36,7 +36,7 @@ def mamba3_scan(
     `backend`/`variant` pick the implementation (default: `MEGATRON_MAMBA3_BACKEND` or "auto", see
     `registry`); `layer` names the caller in the receipt.
     """
-    chosen, implementation = select_variant(backend, variant, inputs.x)
+    chosen, implementation = select_variant(backend, variant, inputs)
     out, state = implementation.fn(
         inputs, weights,
         segment_ids=segment_ids, cu_seqlens=cu_seqlens, initial_state=initial_state, chunk_size=chunk_size,

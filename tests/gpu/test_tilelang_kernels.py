@@ -156,9 +156,12 @@ def test_one_compile_for_every_length_and_auto_receipt():
     assert ran == {("tilelang", "chunked")}
 
 
-def test_unsupported_sizes_raise_naming_the_value():
+def test_unsupported_sizes_raise_when_asked_for_and_fall_back_under_auto():
     inputs, weights, _, _ = _case(128, 64, 1, 1, False)
     bad = Mamba3Inputs(*(t[..., :96] if name in ("B", "C") else t for name, t in zip(Mamba3Inputs._fields, inputs)))
     bad_weights = weights._replace(B_bias=weights.B_bias[..., :96], C_bias=weights.C_bias[..., :96])
-    with pytest.raises(ValueError, match="n=96"):
+    with pytest.raises(ValueError, match="backend='tilelang' cannot run .*n=96 is not supported"):
         mamba3_scan(bad, bad_weights, backend="tilelang")
+    clear_receipts()
+    mamba3_scan(bad, bad_weights, layer="fallback")  # auto: the reference runs, and the log says why
+    assert {r.backend for r in receipts() if r.layer == "fallback"} == {"reference"}

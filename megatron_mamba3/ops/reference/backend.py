@@ -18,5 +18,5 @@ BACKEND = Backend(
         "recurrent": ScanVariant("reference", "recurrent", _recurrent),
     },
     default_variant="chunked",
-    why_not=lambda x: None,
+    why_not=lambda inputs: None,
 )

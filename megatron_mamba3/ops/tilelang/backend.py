@@ -8,24 +8,24 @@ from __future__ import annotations
 import importlib.util
 
 import torch
-from torch import Tensor
 
+from megatron_mamba3.ops.interface import Mamba3Inputs
 from megatron_mamba3.ops.registry import Backend, ScanVariant
-from megatron_mamba3.ops.tilelang.function import SUPPORTED_P, tilelang_scan
+from megatron_mamba3.ops.tilelang.function import tilelang_scan, unsupported
 
 
-def why_not(x: Tensor) -> str | None:
-    """None when the kernels can run on tensors like `x` (b, l, H, p), else the reason. n and R are
-    checked when the scan is called (a ValueError naming the value)."""
+def why_not(inputs: Mamba3Inputs) -> str | None:
+    """None when the kernels can run these inputs (CUDA, TileLang installed, bf16, supported
+    n / p / R), else the reason; auto selection then falls back to the reference."""
+    x = inputs.x
     if x.device.type != "cuda":
         return "needs CUDA tensors"
     if importlib.util.find_spec("tilelang") is None:
         return "tilelang is not installed"
     if x.dtype != torch.bfloat16:
         return f"dtype {str(x.dtype).removeprefix('torch.')} is not supported (bfloat16)"
-    if x.shape[-1] not in SUPPORTED_P:
-        return f"p={x.shape[-1]} is not supported {SUPPORTED_P}"
-    return None
+    R, _, n = inputs.B.shape[-3:]
+    return unsupported(n, x.shape[-1], R)
 
 
 def compile_count() -> int:

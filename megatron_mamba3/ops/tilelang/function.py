@@ -21,14 +21,14 @@ SUPPORTED_R = (1, 2, 4)
 TILE_ROWS = 64  # Q·R: tokens per chunk times rank
 
 
-def unsupported(dims) -> str | None:
-    """Why the kernels cannot run these sizes, or None."""
-    if dims.n not in SUPPORTED_N:
-        return f"n={dims.n} is not supported {SUPPORTED_N}"
-    if dims.p not in SUPPORTED_P:
-        return f"p={dims.p} is not supported {SUPPORTED_P}"
-    if dims.R not in SUPPORTED_R:
-        return f"R={dims.R} is not supported {SUPPORTED_R}"
+def unsupported(n: int, p: int, R: int) -> str | None:
+    """Why the kernels cannot run state size n, head dim p and MIMO rank R, or None."""
+    if n not in SUPPORTED_N:
+        return f"n={n} is not supported {SUPPORTED_N}"
+    if p not in SUPPORTED_P:
+        return f"p={p} is not supported {SUPPORTED_P}"
+    if R not in SUPPORTED_R:
+        return f"R={R} is not supported {SUPPORTED_R}"
     return None
 
 
@@ -134,7 +134,7 @@ def tilelang_scan(
     """
     del chunk_size
     dims = scan_dims(inputs, weights)
-    reason = unsupported(dims)
+    reason = unsupported(dims.n, dims.p, dims.R)
     if reason is not None:
         raise ValueError(f"tilelang backend: {reason}")
     return run_packed(
