@@ -24,10 +24,13 @@ class MegatronVersionError(RuntimeError):
 
 
 def installed_megatron_core_version() -> str:
-    """The installed megatron-core version string, e.g. "0.19.2"."""
+    """The installed megatron-core release, e.g. "0.19.2".
+
+    megatron-core appends "+<hash>" of whatever git checkout surrounds its install folder (a
+    `.venv` inside a project clone gets the project's hash), so that local label is dropped."""
     from megatron.core import package_info
 
-    return package_info.__version__
+    return package_info.__version__.split("+", 1)[0]
 
 
 def check_megatron_core_version(patch_name: str) -> None:

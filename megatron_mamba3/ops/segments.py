@@ -24,9 +24,11 @@ def segment_ids_from_doc_ids(doc_ids: Tensor) -> Tensor:
 
 
 def segment_ids_from_cu_seqlens(cu_seqlens: Tensor, total_length: int) -> Tensor:
-    """(N + 1,) cumulative document lengths of a THD batch -> (1, total_length) int32 segment ids."""
+    """(N + 1,) cumulative document lengths of a THD batch -> (1, total_length) int32 segment ids:
+    token t's id counts the offsets cu_seqlens[1:] at or before t (tokens past the last offset form
+    one more segment). A fixed-shape comparison, so it lowers on XLA too (`searchsorted` does not)."""
     positions = torch.arange(total_length, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    return torch.searchsorted(cu_seqlens[1:], positions, right=True).to(torch.int32).unsqueeze(0)
+    return (positions[:, None] >= cu_seqlens[None, 1:]).sum(dim=1, dtype=torch.int32).unsqueeze(0)
 
 
 def document_starts(segment_ids: Tensor) -> Tensor:

@@ -41,6 +41,13 @@ def test_import_changes_nothing():
     assert patches.installed_megatron_core_version() == patches.SUPPORTED_MEGATRON_CORE == "0.19.2"
 
 
+def test_the_git_label_megatron_adds_inside_a_checkout_is_not_a_version(monkeypatch):
+    monkeypatch.setattr(package_info, "__version__", "0.19.2+f27faec")  # a .venv inside a git clone
+    assert patches.installed_megatron_core_version() == "0.19.2"
+    monkeypatch.setattr(package_info, "__version__", "0.19.3+f27faec")
+    assert patches.installed_megatron_core_version() == "0.19.3"
+
+
 @pytest.mark.parametrize("patch", patches.CPU_PATCHES, ids=lambda p: p.name)
 def test_refuses_another_megatron_version(unpatched, monkeypatch, patch):
     before = _targets(patch)

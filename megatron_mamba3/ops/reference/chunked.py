@@ -60,7 +60,7 @@ def _chunked_rows(
     inputs, weights, state = inputs.to(dtype), weights.to(dtype), state.to(dtype)
     pad = -length % chunk_size
     if pad:
-        inputs = _pad_with_identity_steps(inputs, pad)
+        inputs = pad_with_identity_steps(inputs, pad)
         starts = F.pad(starts, (0, pad))
     outs = []
     for begin in range(0, length + pad, chunk_size):
@@ -70,7 +70,7 @@ def _chunked_rows(
     return torch.cat(outs, dim=1)[:, :length].to(out_dtype), state
 
 
-def _pad_with_identity_steps(inputs: Mamba3Inputs, pad: int) -> Mamba3Inputs:
+def pad_with_identity_steps(inputs: Mamba3Inputs, pad: int) -> Mamba3Inputs:
     """Append `pad` copies of the last token with Δ = 0: steps that change no part of the state."""
     repeat_last = lambda t: torch.cat((t, t[:, -1:].expand(-1, pad, *t.shape[2:])), dim=1)  # noqa: E731
     padded = Mamba3Inputs(*(repeat_last(t) for t in inputs))

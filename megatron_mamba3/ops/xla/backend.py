@@ -6,7 +6,6 @@ import importlib.util
 import sys
 
 from megatron_mamba3.ops.interface import Mamba3Inputs
-
 from megatron_mamba3.ops.registry import Backend, ScanVariant
 from megatron_mamba3.ops.xla.scan_adapter import mamba3_xla_scan
 

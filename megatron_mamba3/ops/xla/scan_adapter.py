@@ -32,8 +32,8 @@ from megatron_mamba3.ops.interface import (
     compute_dtype,
     scan_dims,
 )
-from megatron_mamba3.ops.reference.chunked import _pad_with_identity_steps, chunk_scan
-from megatron_mamba3.ops.segments import document_bounds, document_starts
+from megatron_mamba3.ops.reference.chunked import pad_with_identity_steps, chunk_scan
+from megatron_mamba3.ops.segments import document_bounds, document_starts, segment_ids_from_cu_seqlens
 from megatron_mamba3.receipts import logger
 
 
@@ -104,17 +104,8 @@ def _scan_documents(
     if dims.l == 0:
         return inputs.x, Mamba3State.zeros(cu_seqlens.numel() - 1, dims, dtype, device)
     cu_seqlens = cu_seqlens.to(device)
-    starts = document_starts(_segment_ids_from_offsets(cu_seqlens, dims.l))
+    starts = document_starts(segment_ids_from_cu_seqlens(cu_seqlens, dims.l))
     return _scan_chunks(inputs, weights, starts, Mamba3State.zeros(1, dims, dtype, device), chunk_size, cu_seqlens)
-
-
-def _segment_ids_from_offsets(cu_seqlens: Tensor, length: int) -> Tensor:
-    """(N + 1,) offsets -> (1, length) int32 segment ids: token t's id counts the document ends
-    at or before t. A fixed-shape comparison, since `torch.searchsorted` (as in
-    `segments.segment_ids_from_cu_seqlens`) has no XLA lowering and runs on the host."""
-    positions = torch.arange(length, device=cu_seqlens.device, dtype=cu_seqlens.dtype)
-    ends = cu_seqlens[1:-1]
-    return (positions[:, None] >= ends[None, :]).sum(dim=1, dtype=torch.int32).unsqueeze(0)
 
 
 def _scan_chunks(
@@ -138,7 +129,7 @@ def _scan_chunks(
     inputs, weights, state = inputs.to(dtype), weights.to(dtype), state.to(dtype)
     pad = -length % chunk_size
     if pad:
-        inputs = _pad_with_identity_steps(inputs, pad)
+        inputs = pad_with_identity_steps(inputs, pad)
         starts = F.pad(starts, (0, pad))
     split = lambda t: t.unflatten(1, (-1, chunk_size)).movedim(1, 0)  # noqa: E731  (b, K·c, ...) -> (K, b, c, ...)
     chunks = Mamba3Inputs(*(split(t) for t in inputs))
