@@ -32,7 +32,7 @@ from megatron_mamba3.ops.interface import (
     compute_dtype,
     scan_dims,
 )
-from megatron_mamba3.ops.reference.chunked import pad_with_identity_steps, chunk_scan
+from megatron_mamba3.ops.reference.chunked import chunk_scan, pad_with_identity_steps
 from megatron_mamba3.ops.segments import document_bounds, document_starts, segment_ids_from_cu_seqlens
 from megatron_mamba3.receipts import logger
 
