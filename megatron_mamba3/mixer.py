@@ -13,7 +13,6 @@ import dataclasses
 from typing import Union
 
 import torch
-import torch.distributed as dist
 from megatron.core import parallel_state
 from megatron.core.inference.contexts import BaseInferenceContext
 from megatron.core.packed_seq_params import PackedSeqParams
@@ -35,7 +34,7 @@ from megatron_mamba3.ops.scan import mamba3_decode, mamba3_scan
 from megatron_mamba3.ops.segments import segment_ids_from_cu_seqlens
 from megatron_mamba3.parameters import init_layer_params
 from megatron_mamba3.psiv import check_psiv_gate
-from megatron_mamba3.parallel import HEAD_AXES, InProjLayout, sync_replicated_grad
+from megatron_mamba3.parallel import HEAD_AXES, InProjLayout, make_replicas_identical
 
 # Mamba3Config fields a spec may set; the sizes shared with Megatron come from the TransformerConfig.
 FROM_TRANSFORMER_CONFIG = {"headdim": "mamba_head_dim", "d_state": "mamba_state_dim", "ngroups": "mamba_num_groups"}
@@ -146,16 +145,11 @@ class Mamba3Mixer(MegatronModule):
             self._make_replicas_identical()
 
     def _make_replicas_identical(self) -> None:
-        """Copy TP rank 0's replicated in_proj rows to every rank and sum their gradients from now on."""
-        weight, rows = self.in_proj.weight, self.layout.replicated_rows
-        with torch.no_grad():
-            merged = torch.cat([weight[r] for r in rows], dim=0)
-            dist.broadcast(merged, src=dist.get_global_rank(self.tp_group, 0), group=self.tp_group)
-            for r, block in zip(rows, torch.split(merged, [r.stop - r.start for r in rows], dim=0)):
-                weight[r] = block
-        sync_replicated_grad(weight, self.tp_group, rows)
-        sync_replicated_grad(self.B_norm.weight, self.tp_group)
-        sync_replicated_grad(self.C_norm.weight, self.tp_group)
+        """Copy TP rank 0's replicated weights (in_proj's replicated rows, B_norm, C_norm) to every
+        rank and sum their gradients from now on."""
+        make_replicas_identical(self.in_proj.weight, self.tp_group, self.layout.replicated_rows)
+        make_replicas_identical(self.B_norm.weight, self.tp_group)
+        make_replicas_identical(self.C_norm.weight, self.tp_group)
 
     def layer_params(self) -> dict[str, Tensor]:
         """This rank's parameters by their official names, as `ops.layer` takes them."""

@@ -193,24 +193,33 @@ def unshard_mixer_state(locals_: Sequence[Mapping[str, Tensor]], config: Mamba3C
     return full
 
 
-def sync_replicated_grad(param: Tensor, group: dist.ProcessGroup, rows: tuple[slice, ...] | None = None) -> None:
-    """Sum the gradient of `param` (or of its `rows`) over `group` before it is accumulated, so that
-    every rank holds the same gradient for weights it holds a copy of (SPEC 5).
+def _on_rows(tensor: Tensor, rows: tuple[slice, ...] | None, collective) -> None:
+    """Run the in-place `collective` once over `tensor`'s `rows` (all of it when None), packed into
+    one contiguous buffer, and write the result back."""
+    if rows is None:
+        collective(tensor)
+        return
+    merged = torch.cat([tensor[r] for r in rows], dim=0)
+    collective(merged)
+    for r, block in zip(rows, torch.split(merged, [r.stop - r.start for r in rows], dim=0)):
+        tensor[r] = block
+
+
+def make_replicas_identical(param: Tensor, group: dist.ProcessGroup, rows: tuple[slice, ...] | None = None) -> None:
+    """Give `param` (or its `rows`) the values of the group's first rank, and from then on sum its
+    gradient over `group` before it is accumulated (SPEC 5), so the copies stay identical.
 
     Each rank's own gradient covers only the heads it computes; the sum is the full gradient. The
     hook runs on every backward, before accumulation, so gradient accumulation and Megatron's
     DDP buffers see the summed value once.
     """
+    first = dist.get_global_rank(group, 0)
+    with torch.no_grad():
+        _on_rows(param, rows, lambda t: dist.broadcast(t, src=first, group=group))
 
     def hook(grad: Tensor) -> Tensor:
         grad = grad.clone()
-        if rows is None:
-            dist.all_reduce(grad, group=group)
-            return grad
-        merged = torch.cat([grad[r] for r in rows], dim=0)
-        dist.all_reduce(merged, group=group)
-        for r, block in zip(rows, torch.split(merged, [r.stop - r.start for r in rows], dim=0)):
-            grad[r] = block
+        _on_rows(grad, rows, lambda t: dist.all_reduce(t, group=group))
         return grad
 
     param.register_hook(hook)
