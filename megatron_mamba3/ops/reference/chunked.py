@@ -25,7 +25,7 @@ from megatron_mamba3.ops.interface import (
     scan_dims,
 )
 from megatron_mamba3.ops.reference.gate import gate_output
-from megatron_mamba3.ops.reference.heads import head_keys, rank_values
+from megatron_mamba3.ops.reference.heads import head_keys, rank_values, state_with_incoming
 from megatron_mamba3.ops.reference.packing import run_packed
 
 
@@ -112,8 +112,7 @@ def chunk_scan(
     decay = torch.exp(gap.masked_fill(~same_document[..., None], -math.inf))
     mix = decay * (gamma[:, None] + eps[:, None] * below_diagonal[None, :, :, None])  # L: (b, i, j, H)
 
-    incoming_kv = torch.einsum("brhp,brhn->bhpn", rank_values(state.v_prev, weights.mimo_x), state.k_prev)
-    h_in = state.h + ((1 - lam[:, 0]) * dt[:, 0])[..., None, None] * incoming_kv  # (b, H, p, n)
+    h_in = state_with_incoming(state.h, state.k_prev, state.v_prev, weights.mimo_x, (1 - lam[:, 0]) * dt[:, 0])
     carry_decay = carried[..., None] * torch.exp(log_alpha.cumsum(dim=1))  # (b, c, H)
 
     scores = torch.einsum("birhn,bjshn,bijh->bhirjs", q, k, mix)

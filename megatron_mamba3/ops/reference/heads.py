@@ -1,10 +1,12 @@
 """Per-head keys, queries and values built from the inputs that heads share (SPEC 3).
 
 k_{t,r} = rot(θ_t, B_{t,r} + B_bias[h, r]), q likewise from C, and v_{t,r} = x_t ⊙ mimo_x[h, r].
+`state_with_incoming` adds the incoming state's previous (k, v) to its h, as chunked forms start from.
 """
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor
 
 from megatron_mamba3.ops.reference.rotary import rotate
@@ -25,3 +27,10 @@ def rank_values(x: Tensor, mimo_x: Tensor | None) -> Tensor:
     """x (..., H, p) -> per-rank values (..., R, H, p); SISO (no mimo_x) gives R = 1."""
     v = x.unsqueeze(-3)
     return v if mimo_x is None else v * mimo_x.transpose(0, 1)
+
+
+def state_with_incoming(h: Tensor, k_prev: Tensor, v_prev: Tensor, mimo_x: Tensor | None, weight: Tensor) -> Tensor:
+    """h̃ = h + weight · Σ_r v_prev,r k_prev,rᵀ: h (b, H, p, n), k_prev (b, R, H, n), raw v_prev
+    (b, H, p), weight (b, H) = (1 − λ)Δ of the first token -> (b, H, p, n)."""
+    incoming = torch.einsum("brhp,brhn->bhpn", rank_values(v_prev, mimo_x), k_prev)
+    return h + weight[..., None, None] * incoming

@@ -28,7 +28,7 @@ from torch import Tensor
 
 from megatron_mamba3.ops.interface import TWO_PI, Mamba3Inputs, Mamba3State, Mamba3Weights, compute_dtype
 from megatron_mamba3.ops.reference.gate import gate_output
-from megatron_mamba3.ops.reference.heads import head_keys, rank_values
+from megatron_mamba3.ops.reference.heads import head_keys, rank_values, state_with_incoming
 
 
 class ChunkTerms(NamedTuple):
@@ -100,9 +100,9 @@ def chunk_terms(
     theta_start = torch.remainder(theta_start, TWO_PI).to(dtype)
     theta_final = torch.remainder(theta_after[:, -1], TWO_PI).to(dtype)
 
-    v_prev = rank_values(state.v_prev.to(dtype), None if weights.mimo_x is None else weights.mimo_x.to(dtype))
-    incoming = torch.einsum("brhp,brhn->bhpn", v_prev, state.k_prev.to(dtype))
-    h_in = state.h.to(dtype) + ((1 - lam[:, 0]) * dt[:, 0])[..., None, None] * incoming
+    h, k_prev, v_prev = (t.to(dtype) for t in (state.h, state.k_prev, state.v_prev))
+    mimo_x = None if weights.mimo_x is None else weights.mimo_x.to(dtype)
+    h_in = state_with_incoming(h, k_prev, v_prev, mimo_x, (1 - lam[:, 0]) * dt[:, 0])
     return ChunkTerms(cs.view(b, nc * Q, H), wd, wo, seg, reset, mult, theta_start, theta_final, h_in)
 
 
