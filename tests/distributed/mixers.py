@@ -12,7 +12,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_mamba3 import Mamba3Config
-from megatron_mamba3.mixer import Mamba3Mixer, Mamba3MixerSubmodules
+from megatron_mamba3.mixer import SETTINGS, Mamba3Mixer, Mamba3MixerSubmodules
 from megatron_mamba3.parallel import shard_mixer_state
 
 
@@ -32,10 +32,6 @@ class MixerCase:
     chunk_size: int | None = 8
 
     @property
-    def settings(self) -> dict:
-        return dict(mimo_rank=self.mimo_rank, is_outproj_norm=self.mimo_rank > 1, chunk_size=self.chunk_size)
-
-    @property
     def rows(self) -> int:
         return 1 if self.packed else self.batch
 
@@ -46,27 +42,32 @@ class MixerCase:
     @property
     def config(self) -> Mamba3Config:
         """The `Mamba3Config` a mixer built for this case has."""
-        return Mamba3Config(d_model=self.d_model, headdim=self.headdim, d_state=self.d_state, ngroups=self.ngroups, **self.settings)
+        return Mamba3Config(
+            d_model=self.d_model, headdim=self.headdim, d_state=self.d_state, ngroups=self.ngroups,
+            mimo_rank=self.mimo_rank, is_outproj_norm=self.mimo_rank > 1, chunk_size=self.chunk_size,
+        )
 
 
 def build_mixer(
-    case: MixerCase, tp: int, sequence_parallel: bool = False, *, layer_number: int = 1,
+    mixer_config: Mamba3Config, tp: int, sequence_parallel: bool = False, *, layer_number: int = 1,
     params_dtype: torch.dtype = torch.float32, device: str = "cpu", backend: str | None = None,
 ) -> Mamba3Mixer:
-    """A randomly initialised mixer on the current TP group."""
+    """A randomly initialised mixer with `mixer_config` on the current TP group, built the way a
+    spec builds it: sizes through the TransformerConfig, the other fields as spec settings."""
+    c = mixer_config
     config = TransformerConfig(
-        num_layers=1, hidden_size=case.d_model, num_attention_heads=4, mamba_head_dim=case.headdim,
-        mamba_state_dim=case.d_state, mamba_num_groups=case.ngroups, tensor_model_parallel_size=tp,
+        num_layers=1, hidden_size=c.d_model, num_attention_heads=4, mamba_head_dim=c.headdim,
+        mamba_state_dim=c.d_state, mamba_num_groups=c.ngroups, tensor_model_parallel_size=tp,
         sequence_parallel=sequence_parallel, use_cpu_initialization=True, params_dtype=params_dtype,
     )
     mixer = Mamba3Mixer(
         config,
         Mamba3MixerSubmodules(in_proj=ColumnParallelLinear, out_proj=RowParallelLinear),
-        case.d_model,
+        c.d_model,
         layer_number=layer_number,
         pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
         backend=backend,
-        **case.settings,
+        **{name: getattr(c, name) for name in SETTINGS},
     )
     return mixer.to(device)
 

@@ -8,13 +8,11 @@ import pytest
 import torch
 from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.packed_seq_params import PackedSeqParams
-from megatron.core.process_groups_config import ProcessGroupCollection
-from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinear
-from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_mamba3.convert import official_to_megatron
-from megatron_mamba3.mixer import Mamba3Mixer, Mamba3MixerSubmodules
+from megatron_mamba3.mixer import Mamba3Mixer
 from tests.distributed.harness import run_ranks
+from tests.distributed.mixers import build_mixer
 from tests.golden import CASES, golden_array, golden_config, official_mixer_state
 from tests.helpers import rel_err
 
@@ -24,16 +22,9 @@ PREFIX = "decoder.layers.0.mixer."
 
 
 def _mixer(name: str, tp: int, rank: int) -> Mamba3Mixer:
+    """The golden case's mixer in float64, loaded through the official-checkpoint converter."""
     c = golden_config(name)
-    config = TransformerConfig(
-        num_layers=1, hidden_size=c.d_model, num_attention_heads=4, mamba_head_dim=c.headdim,
-        mamba_state_dim=c.d_state, mamba_num_groups=c.ngroups, tensor_model_parallel_size=tp,
-        use_cpu_initialization=True, params_dtype=torch.float64,
-    )
-    mixer = Mamba3Mixer(
-        config, Mamba3MixerSubmodules(ColumnParallelLinear, RowParallelLinear), c.d_model, layer_number=1,
-        pg_collection=ProcessGroupCollection.use_mpu_process_groups(), mamba3_config=c,
-    ).eval()
+    mixer = build_mixer(c, tp, params_dtype=torch.float64).eval()
     official = {f"backbone.layers.0.mixer.{k}": v for k, v in official_mixer_state(name).items()}
     converted = official_to_megatron(official, c, tp_size=tp, tp_rank=rank)
     mixer.load_state_dict({k.removeprefix(PREFIX): v for k, v in converted.items()})

@@ -31,13 +31,13 @@ PREFILL = 10
 
 
 def _parity(case: MixerCase, tp: int, sequence_parallel: bool) -> dict:
-    mixer = build_mixer(case, tp, sequence_parallel)
+    mixer = build_mixer(case.config, tp, sequence_parallel)
     load_full(mixer, full_weights(mixer.mamba3))
     return forward_backward(mixer, case, sequence_parallel)
 
 
 def _decode(case: MixerCase, tp: int) -> dict:
-    mixer = build_mixer(case, tp).eval()
+    mixer = build_mixer(case.config, tp).eval()
     load_full(mixer, full_weights(mixer.mamba3))
     u, _ = inputs(case)
     context = StaticInferenceContext(case.batch, case.length)
@@ -53,7 +53,7 @@ def _decode(case: MixerCase, tp: int) -> dict:
 
 def _checkpoint(tp: int, folder: str) -> dict:
     """TP = 2 saves its weights; other sizes start from other random weights and load them."""
-    mixer = build_mixer(CHECKPOINT_CASE, tp)
+    mixer = build_mixer(CHECKPOINT_CASE.config, tp)
     saved = mixer.sharded_state_dict(prefix="mixer.")
     if tp == 2:
         load_full(mixer, full_weights(mixer.mamba3, seed=5))
@@ -61,7 +61,7 @@ def _checkpoint(tp: int, folder: str) -> dict:
     else:
         loaded = dist_checkpointing.load(saved, folder)
         mixer.load_state_dict({key.removeprefix("mixer."): value for key, value in loaded.items()})
-    direct = build_mixer(CHECKPOINT_CASE, tp)
+    direct = build_mixer(CHECKPOINT_CASE.config, tp)
     load_full(direct, full_weights(direct.mamba3, seed=5))
     u, _ = inputs(CHECKPOINT_CASE)
     with torch.no_grad():

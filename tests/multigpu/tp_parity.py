@@ -34,7 +34,7 @@ BOUND_MULTIPLE = 2.0
 
 
 def _run(case: MixerCase, tp: int, sequence_parallel: bool, dtype: torch.dtype, backend: str) -> dict:
-    mixer = build_mixer(case, tp, sequence_parallel, params_dtype=dtype, device="cuda", backend=backend)
+    mixer = build_mixer(case.config, tp, sequence_parallel, params_dtype=dtype, device="cuda", backend=backend)
     load_full(mixer, full_weights(mixer.mamba3))
     torch.cuda.synchronize()
     start = time.perf_counter()
