@@ -21,6 +21,7 @@ from megatron_mamba3.ops.interface import (
     Mamba3Inputs,
     Mamba3State,
     Mamba3Weights,
+    check_chunk_size,
     compute_dtype,
     scan_dims,
 )
@@ -43,8 +44,7 @@ def mamba3_chunked(
     Same contract as `mamba3_recurrent`; `chunk_size` (any int >= 1) never changes the result
     beyond rounding. Computes in fp32 for fp32/bf16 inputs (fp64 for fp64) and is differentiable.
     """
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size!r} must be an int >= 1")
+    check_chunk_size(chunk_size)
     dims = scan_dims(inputs, weights)
     return run_packed(
         partial(_chunked_rows, chunk_size=chunk_size), inputs, weights, dims,

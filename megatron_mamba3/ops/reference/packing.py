@@ -25,6 +25,24 @@ from megatron_mamba3.ops.segments import document_bounds, document_starts
 RowScan = Callable[[Mamba3Inputs, Mamba3Weights, Tensor, Mamba3State], tuple[Tensor, Mamba3State]]
 
 
+def row_starts_and_state(
+    inputs: Mamba3Inputs, dims: ScanDims, segment_ids: Tensor | None, initial_state: Mamba3State | None
+) -> tuple[Tensor, Mamba3State]:
+    """Rows packed by `segment_ids` (or unpacked when None) -> (document starts (b, l) bool, the
+    checked initial state or zeros in the compute dtype), on the inputs' device."""
+    device = inputs.x.device
+    if segment_ids is None:
+        starts = torch.zeros(dims.b, dims.l, dtype=torch.bool, device=device)
+    elif tuple(segment_ids.shape) != (dims.b, dims.l):
+        raise ValueError(f"segment_ids has shape {tuple(segment_ids.shape)}, expected (b, l) = {(dims.b, dims.l)}")
+    else:
+        starts = document_starts(segment_ids.to(device))
+    if initial_state is None:
+        return starts, Mamba3State.zeros(dims.b, dims, compute_dtype(inputs.x.dtype), device)
+    check_state(initial_state, dims.b, dims)
+    return starts, initial_state
+
+
 def run_packed(
     row_scan: RowScan,
     inputs: Mamba3Inputs,
@@ -38,12 +56,11 @@ def run_packed(
     """Apply `row_scan` under the packing given; returns (out (b, l, H, p), final state)."""
     if segment_ids is not None and cu_seqlens is not None:
         raise ValueError("pass either segment_ids or cu_seqlens, not both")
-    state_dtype = compute_dtype(inputs.x.dtype)
 
-    def start_state(batch: int, index: int | None) -> Mamba3State:
+    def document_state(index: int) -> Mamba3State:
         if initial_state is None:
-            return Mamba3State.zeros(batch, dims, state_dtype, inputs.x.device)
-        return initial_state if index is None else initial_state.rows(index)
+            return Mamba3State.zeros(1, dims, compute_dtype(inputs.x.dtype), inputs.x.device)
+        return initial_state.rows(index)
 
     def scan_rows(rows: Mamba3Inputs, starts: Tensor, state: Mamba3State) -> tuple[Tensor, Mamba3State]:
         if rows.x.shape[1] == 0:
@@ -51,15 +68,7 @@ def run_packed(
         return row_scan(rows, weights, starts, state)
 
     if cu_seqlens is None:
-        if segment_ids is None:
-            starts = torch.zeros(dims.b, dims.l, dtype=torch.bool, device=inputs.x.device)
-        elif tuple(segment_ids.shape) != (dims.b, dims.l):
-            raise ValueError(f"segment_ids has shape {tuple(segment_ids.shape)}, expected (b, l) = {(dims.b, dims.l)}")
-        else:
-            starts = document_starts(segment_ids)
-        if initial_state is not None:
-            check_state(initial_state, dims.b, dims)
-        return scan_rows(inputs, starts, start_state(dims.b, None))
+        return scan_rows(inputs, *row_starts_and_state(inputs, dims, segment_ids, initial_state))
 
     if dims.b != 1:
         raise ValueError(f"cu_seqlens packs documents into one row; got batch b={dims.b}, expected 1")
@@ -69,7 +78,7 @@ def run_packed(
     outs, finals = [], []
     for index, (begin, end) in enumerate(bounds):
         no_starts = torch.zeros(1, end - begin, dtype=torch.bool, device=inputs.x.device)
-        out, final = scan_rows(inputs.tokens(slice(begin, end)), no_starts, start_state(1, index))
+        out, final = scan_rows(inputs.tokens(slice(begin, end)), no_starts, document_state(index))
         outs.append(out)
         finals.append(final)
     return torch.cat(outs, dim=1), Mamba3State(*(torch.cat(field, dim=0) for field in zip(*finals)))

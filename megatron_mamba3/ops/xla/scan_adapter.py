@@ -28,11 +28,12 @@ from megatron_mamba3.ops.interface import (
     Mamba3State,
     Mamba3Weights,
     ScanDims,
-    check_state,
+    check_chunk_size,
     compute_dtype,
     scan_dims,
 )
 from megatron_mamba3.ops.reference.chunked import chunk_scan, pad_with_identity_steps
+from megatron_mamba3.ops.reference.packing import row_starts_and_state
 from megatron_mamba3.ops.segments import document_bounds, document_starts, segment_ids_from_cu_seqlens
 from megatron_mamba3.receipts import logger
 
@@ -54,25 +55,13 @@ def mamba3_xla_scan(
     (ValueError). Offsets on the host are checked; offsets already on the device are not read
     (that would stall the step), so wrong ones give wrong results instead of an error.
     """
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size!r} must be an int >= 1")
+    check_chunk_size(chunk_size)
     if segment_ids is not None and cu_seqlens is not None:
         raise ValueError("pass either segment_ids or cu_seqlens, not both")
     dims = scan_dims(inputs, weights)
-    device = inputs.x.device
     if cu_seqlens is not None:
         return _scan_documents(inputs, weights, cu_seqlens, initial_state, chunk_size, dims)
-    if segment_ids is None:
-        starts = torch.zeros(dims.b, dims.l, dtype=torch.bool, device=device)
-    elif tuple(segment_ids.shape) != (dims.b, dims.l):
-        raise ValueError(f"segment_ids has shape {tuple(segment_ids.shape)}, expected (b, l) = {(dims.b, dims.l)}")
-    else:
-        starts = document_starts(segment_ids.to(device))
-    if initial_state is None:
-        state = Mamba3State.zeros(dims.b, dims, compute_dtype(inputs.x.dtype), device)
-    else:
-        check_state(initial_state, dims.b, dims)
-        state = initial_state
+    starts, state = row_starts_and_state(inputs, dims, segment_ids, initial_state)
     if dims.l == 0:
         return inputs.x, state
     return _scan_chunks(inputs, weights, starts, state, chunk_size)
