@@ -136,8 +136,8 @@ class Mamba3Mixer(MegatronModule):
             self.norm = nn.RMSNorm(m.d_inner // tp_size, eps=1e-5, **factory)
             set_tensor_model_parallel_attributes(self.norm.weight, True, 0, 1)
         heads = slice(self.layout.tp_rank * self.layout.heads, (self.layout.tp_rank + 1) * self.layout.heads)
-        for param_name, value in init_layer_params(m).items():
-            if param_name in HEAD_AXES:
+        for param_name, value in init_layer_params(m).items():  # dt_bias, D, B/C_bias, mimo_*: this rank's heads
+            if param_name in HEAD_AXES:  # (the norms above are modules; their keys end in ".weight")
                 param = nn.Parameter(value[heads].to(**factory))
                 set_tensor_model_parallel_attributes(param, True, 0, 1)
                 self.register_parameter(param_name, param)
