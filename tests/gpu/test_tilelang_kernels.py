@@ -26,6 +26,7 @@ pytestmark = [
 ]
 
 ERROR_MULTIPLE = 4
+HEADS = 4
 LENGTH = 200  # not a multiple of the kernels' chunks (64 SISO, 32 R=2, 16 R=4)
 CONFIGS = [  # (n, p, R, G, norm)
     (128, 64, 1, 1, False),
@@ -43,8 +44,8 @@ def _cuda(case):
 
 def _case(n, p, R, G, norm, b=2, l=LENGTH, seed=0):  # noqa: E741
     """bf16 inputs, fp32 weights, fp32 initial state and segment ids on the GPU."""
-    inputs, weights = make_case(b=b, l=l, H=4, p=p, R=R, G=G, n=n, norm=norm, seed=seed)
-    state = make_state(b, 4, p, R, n, n // 4, seed=seed + 1).to(torch.float32)
+    inputs, weights = make_case(b=b, l=l, H=HEADS, p=p, R=R, G=G, n=n, norm=norm, seed=seed)
+    state = make_state(b, HEADS, p, R, n, n // 4, seed=seed + 1).to(torch.float32)
     inputs, weights, state = _cuda((inputs.to(torch.bfloat16), weights.to(torch.float32), state))
     segment_ids = torch.zeros(b, l, dtype=torch.int64, device="cuda")
     segment_ids[0, 37:] = 1
@@ -165,3 +166,67 @@ def test_unsupported_sizes_raise_when_asked_for_and_fall_back_under_auto():
     clear_receipts()
     mamba3_scan(bad, bad_weights, layer="fallback")  # auto: the reference runs, and the log says why
     assert {r.backend for r in receipts() if r.layer == "fallback"} == {"reference"}
+
+
+def _grads(run, inputs, weights, state, grad_out, grad_final=None):
+    """Gradients of every present leaf of `run(inputs, weights, state) -> (out, final)` for the given
+    output and final-state gradients (None: the final state is not used)."""
+    leaves = _leaves(inputs, weights, state)
+    out, final = run(*_rebuild(leaves, weights))
+    outputs, grads = (out, *final), (grad_out, *(grad_final or ()))
+    torch.autograd.backward(outputs[: len(grads)], grads)
+    return [leaf.grad for leaf in leaves]
+
+
+def _random_grads(out_shape, state, seed=5):
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    grad_out = torch.randn(out_shape, device="cuda", generator=generator).to(torch.bfloat16)
+    return grad_out, [torch.randn(t.shape, device="cuda", generator=generator) for t in state]
+
+
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[3]], ids=[IDS[0], IDS[3]])
+def test_gradients_packed_equal_separate_rows(config):
+    """Two documents packed in one row by segment_ids (the row's initial state belongs to the first):
+    every per-token input gradient equals that of each document run alone, given the same output
+    gradients (and the final-state gradient to the second document, whose state the row returns)."""
+    tol = _tolerance(*config)
+    inputs, weights, state, _ = _case(*config, b=1)
+    split = 77
+    segment_ids = torch.zeros(1, LENGTH, dtype=torch.int64, device="cuda")
+    segment_ids[:, split:] = 1
+    grad_out, grad_final = _random_grads(inputs.x.shape, state)
+    packed = _grads(
+        lambda i, w, s: mamba3_scan(i, w, segment_ids=segment_ids, initial_state=s, backend="tilelang"),
+        inputs, weights, state, grad_out, grad_final,
+    )
+    first = _grads(
+        lambda i, w, s: mamba3_scan(i.tokens(slice(0, split)), w, initial_state=s, backend="tilelang"),
+        inputs, weights, state, grad_out[:, :split],
+    )
+    second = _grads(
+        lambda i, w, s: mamba3_scan(i.tokens(slice(split, None)), w, backend="tilelang"),
+        inputs, weights, state, grad_out[:, split:], grad_final,
+    )
+    for index in range(8):  # per-token inputs: each document's tokens get only its own gradient
+        assert rel_err(packed[index][:, :split], first[index][:, :split], packed[index]) <= tol, index
+        assert rel_err(packed[index][:, split:], second[index][:, split:], packed[index]) <= tol, index
+        assert torch.all(first[index][:, split:] == 0) and torch.all(second[index][:, :split] == 0), index
+
+
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[3]], ids=[IDS[0], IDS[3]])
+def test_gradients_flow_through_a_split_state(config):
+    """A sequence split at 101 and continued from the first half's final state: the gradients of every
+    input, weight and the initial state equal those of the unsplit run."""
+    tol = _tolerance(*config)
+    inputs, weights, state, _ = _case(*config)
+
+    def halves(i, w, s):
+        first, middle = mamba3_scan(i.tokens(slice(0, 101)), w, initial_state=s, backend="tilelang")
+        second, final = mamba3_scan(i.tokens(slice(101, None)), w, initial_state=middle, backend="tilelang")
+        return torch.cat((first, second), dim=1), final
+
+    grads = _random_grads(inputs.x.shape, state)
+    whole = _grads(lambda i, w, s: mamba3_scan(i, w, initial_state=s, backend="tilelang"), inputs, weights, state, *grads)
+    split = _grads(halves, inputs, weights, state, *grads)
+    for index, (a, e) in enumerate(zip(split, whole)):
+        assert rel_err(a, e) <= tol, index

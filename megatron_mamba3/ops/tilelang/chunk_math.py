@@ -114,6 +114,99 @@ def final_state(inputs: Mamba3Inputs, weights: Mamba3Weights, theta_final: Tenso
     return Mamba3State(h_final, k_last, inputs.x[:, -1].to(dtype), theta_final)
 
 
+class ChunkView(NamedTuple):
+    """The per-chunk tensors of the decomposition (compute dtype), nc chunks of Q tokens, padded with zeros.
+
+    q, k:     (b, nc, Q, R, H, n)  rotated queries and keys (bias added)
+    v:        (b, nc, Q, R, H, p)  rank values x ⊙ mimo_x
+    z:        (b, nc, Q, H, p)     gate input
+    theta:    (b, nc, Q, H, S)     θ of each token (not reduced modulo 2π inside the chunk)
+    decay:    (b, nc, i, j, H)     exp(cs_i − cs_j) for j ≤ i in the same document, else 0
+    mix:      (b, nc, i, j, H)     L_ij: decay times wd_j on the diagonal, wo_j below it
+    inter:    (b, nc, Q, H)        exp(cs_i) for rows carried from the previous chunk, else 0
+    to_end:   (b, nc, Q, H)        w_j = exp(cs_last − cs_j) wo_j for the chunk's last document, else 0
+    """
+
+    q: Tensor
+    k: Tensor
+    v: Tensor
+    z: Tensor
+    theta: Tensor
+    decay: Tensor
+    mix: Tensor
+    inter: Tensor
+    to_end: Tensor
+
+
+def to_chunks(t: Tensor, nc: int, chunk_size: int, dtype: torch.dtype) -> Tensor:
+    """(b, l, ...) -> (b, nc, Q, ...) in `dtype`, zero-padded to nc·Q tokens."""
+    pad = nc * chunk_size - t.shape[1]
+    return F.pad(t.to(dtype), (0,) * (2 * (t.dim() - 2)) + (0, pad)).view(t.shape[0], nc, chunk_size, *t.shape[2:])
+
+
+def _document_masks(seg: Tensor) -> tuple[Tensor, Tensor]:
+    """seg (b, nc, Q) -> same_doc (b, nc, i, j) (j ≤ i in one document) and carried (b, nc, Q)
+    (rows in the document the chunk's incoming state belongs to)."""
+    Q = seg.shape[-1]
+    causal = torch.ones(Q, Q, dtype=torch.bool, device=seg.device).tril()
+    same_doc = (seg[:, :, :, None] == seg[:, :, None, :]) & causal
+    seg_before = torch.cat((seg[:, :1, 0], seg[:, :-1, -1]), dim=1)
+    return same_doc, seg == seg_before[..., None]
+
+
+def token_theta(inputs: Mamba3Inputs, terms: ChunkTerms, chunk_size: int) -> Tensor:
+    """θ of every token (b, nc, Q, H, S), from the chunk's θ_start and the angle increments
+    π·tanh(angles)·Δ of its document so far (not reduced modulo 2π); differentiable."""
+    nc = terms.mult.shape[1]
+    dtype = compute_dtype(inputs.x.dtype)
+    dt, angles = (to_chunks(t, nc, chunk_size, dtype) for t in (inputs.dt, inputs.angles))
+    same_doc, carried = _document_masks(terms.seg.view(*dt.shape[:3]))
+    increments = math.pi * torch.tanh(angles)[:, :, :, None, :] * dt[..., None]  # (b, nc, Q, H, S)
+    theta = torch.einsum("bcij,bcjhs->bcihs", same_doc.to(dtype), increments)
+    return theta + carried[..., None, None] * terms.theta_start[:, :, None]
+
+
+def chunk_view(inputs: Mamba3Inputs, weights: Mamba3Weights, terms: ChunkTerms, chunk_size: int) -> ChunkView:
+    """Inputs (b, l, ...) and their `chunk_terms` -> the `ChunkView`; differentiable in both."""
+    b, _, H, _ = inputs.x.shape
+    Q = chunk_size
+    nc = terms.mult.shape[1]
+    dtype = compute_dtype(inputs.x.dtype)
+    w = weights.to(dtype)
+    x, z, B, C = (to_chunks(t, nc, Q, dtype) for t in (inputs.x, inputs.z, inputs.B, inputs.C))
+    cs, wd, wo = (t.view(b, nc, Q, H) for t in (terms.cs, terms.wd, terms.wo))
+    seg = terms.seg.view(b, nc, Q)
+    same_doc, carried = _document_masks(seg)
+    theta = token_theta(inputs, terms, Q)
+
+    gap = cs[:, :, :, None, :] - cs[:, :, None, :, :]  # (b, nc, i, j, H)
+    decay = torch.exp(gap.masked_fill(~same_doc[..., None], -math.inf))
+    diagonal = torch.eye(Q, dtype=torch.bool, device=x.device)[None, None, :, :, None]
+    mix = decay * torch.where(diagonal, wd[:, :, None], wo[:, :, None])
+    last_doc = seg == seg[:, :, -1:]
+    to_end = torch.exp((cs[:, :, -1:] - cs).masked_fill(~last_doc[..., None], -math.inf)) * wo  # (b, nc, Q, H)
+    inter = carried[..., None] * torch.exp(cs)
+    return ChunkView(
+        head_keys(C, w.C_bias, theta), head_keys(B, w.B_bias, theta), rank_values(x, w.mimo_x), z,
+        theta, decay, mix, inter, to_end,
+    )
+
+
+def chunk_outputs(view: ChunkView, h_tilde: Tensor, D: Tensor) -> Tensor:
+    """Per-rank outputs y (b, nc, Q, R, H, p) of every chunk from the states h̃_c (b, ≥nc, H, p, n)
+    the chunks start from and the skip weight D (H,)."""
+    nc = view.q.shape[1]
+    scores = torch.einsum("bcirhn,bcjshn,bcijh->bchirjs", view.q, view.k, view.mix)
+    y = torch.einsum("bchirjs,bcjshp->bcirhp", scores, view.v)
+    y = y + torch.einsum("bcirhn,bchpn,bcih->bcirhp", view.q, h_tilde[:, :nc], view.inter)
+    return y + D[:, None] * view.v
+
+
+def chunk_states(view: ChunkView) -> Tensor:
+    """S_c = Σ_j w_j Σ_r v_{j,r} k_{j,r}ᵀ of every chunk: (b, nc, H, p, n)."""
+    return torch.einsum("bcjh,bcjrhp,bcjrhn->bchpn", view.to_end, view.v, view.k)
+
+
 def chunked_parallel(
     inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state: Mamba3State, chunk_size: int
 ) -> tuple[Tensor, Mamba3State]:
@@ -123,54 +216,23 @@ def chunked_parallel(
     dtype, final fp32 state). Memory grows as b·nc·H·(QR)² for the chunk scores.
     """
     b, length, H, p = inputs.x.shape
-    R = inputs.B.shape[2]
-    Q = chunk_size
-    terms = chunk_terms(inputs, weights, starts, state, Q)
+    terms = chunk_terms(inputs, weights, starts, state, chunk_size)
     nc = terms.mult.shape[1]
-    pad = nc * Q - length
-    dtype = compute_dtype(inputs.x.dtype)
-    w = weights.to(dtype)
-    chunks = lambda t: F.pad(t.to(dtype), (0,) * (2 * (t.dim() - 2)) + (0, pad)).view(b, nc, Q, *t.shape[2:])  # noqa: E731
-    x, z, B, C, dt, angles = (chunks(t) for t in (inputs.x, inputs.z, inputs.B, inputs.C, inputs.dt, inputs.angles))
-    cs, wd, wo = (t.view(b, nc, Q, H) for t in (terms.cs, terms.wd, terms.wo))
-    seg = terms.seg.view(b, nc, Q)
-
-    causal = torch.ones(Q, Q, dtype=torch.bool, device=x.device).tril()
-    same_doc = (seg[:, :, :, None] == seg[:, :, None, :]) & causal  # (b, nc, i, j)
-    seg_before = torch.cat((seg[:, :1, 0], seg[:, :-1, -1]), dim=1)
-    carried = seg == seg_before[..., None]  # (b, nc, Q)
-
-    increments = math.pi * torch.tanh(angles)[:, :, :, None, :] * dt[..., None]  # (b, nc, Q, H, S)
-    theta = torch.einsum("bcij,bcjhs->bcihs", same_doc.to(dtype), increments)
-    theta = theta + carried[..., None, None] * terms.theta_start[:, :, None]
-    k = head_keys(B, w.B_bias, theta)  # (b, nc, Q, R, H, n)
-    q = head_keys(C, w.C_bias, theta)
-    v = rank_values(x, w.mimo_x)  # (b, nc, Q, R, H, p)
-
-    gap = cs[:, :, :, None, :] - cs[:, :, None, :, :]  # (b, nc, i, j, H)
-    decay = torch.exp(gap.masked_fill(~same_doc[..., None], -math.inf))
-    diagonal = torch.eye(Q, dtype=torch.bool, device=x.device)[None, None, :, :, None]
-    mix = decay * torch.where(diagonal, wd[:, :, None], wo[:, :, None])
-    scores = torch.einsum("bcirhn,bcjshn,bcijh->bchirjs", q, k, mix)
-    y = torch.einsum("bchirjs,bcjshp->bcirhp", scores, v)
-
-    last_doc = seg == seg[:, :, -1:]
-    to_end = torch.exp((cs[:, :, -1:] - cs).masked_fill(~last_doc[..., None], -math.inf)) * wo  # (b, nc, Q, H)
-    chunk_states = torch.einsum("bcjh,bcjrhp,bcjrhn->bchpn", to_end, v, k)
+    w = weights.to(compute_dtype(inputs.x.dtype))
+    view = chunk_view(inputs, weights, terms, chunk_size)
+    cs_last = terms.cs.view(b, nc, chunk_size, H)[:, :, -1]
     # State pass as one matrix over chunks: h̃_c = Σ_{d<c} Π_{d<m<c} mult_m S_d + Π_{m<c} mult_m h̃_0.
-    prefix = F.pad(cs[:, :, -1].cumsum(dim=1), (0, 0, 1, 0))  # (b, nc + 1, H): Σ_{m<c} log mult_m
+    prefix = F.pad(cs_last.cumsum(dim=1), (0, 0, 1, 0))  # (b, nc + 1, H): Σ_{m<c} log mult_m
     blocked = F.pad(terms.reset.int().cumsum(dim=1), (1, 0))[..., None]  # (b, nc + 1, 1): resets among m < c
-    chunk_idx = torch.arange(nc + 1, device=x.device)
+    chunk_idx = torch.arange(nc + 1, device=inputs.x.device)
     later = chunk_idx[:, None] > chunk_idx[None, :nc]  # (c, d): d < c
     open_path = later[None, :, :, None] & (blocked[:, :, None] == blocked[:, None, 1:])
     gaps = prefix[:, :, None] - prefix[:, None, 1:]  # Σ_{d<m<c} log mult_m
     carry = torch.exp(torch.where(open_path, gaps, -math.inf))  # (b, nc + 1, nc, H)
     from_start = torch.exp(torch.where(blocked == 0, prefix, -math.inf))  # (b, nc + 1, H)
-    h_tilde = torch.einsum("bcdh,bdhpn->bchpn", carry, chunk_states)
+    h_tilde = torch.einsum("bcdh,bdhpn->bchpn", carry, chunk_states(view))
     h_tilde = h_tilde + from_start[..., None, None] * terms.h_in[:, None]
 
-    inter = carried[..., None] * torch.exp(cs)  # (b, nc, Q, H)
-    y = y + torch.einsum("bcirhn,bchpn,bcih->bcirhp", q, h_tilde[:, :nc], inter)
-    y = y + w.D[:, None] * v
-    out = gate_output(y, z, w).reshape(b, nc * Q, H, p)[:, :length].to(inputs.x.dtype)
+    y = chunk_outputs(view, h_tilde, w.D)
+    out = gate_output(y, view.z, w).reshape(b, nc * chunk_size, H, p)[:, :length].to(inputs.x.dtype)
     return out, final_state(inputs, weights, terms.theta_final, h_tilde[:, nc])

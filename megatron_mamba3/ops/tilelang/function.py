@@ -1,19 +1,22 @@
-"""`tilelang_scan`: the TileLang forward behind an autograd Function, with packing via `run_packed`.
+"""`tilelang_scan`: the TileLang kernels behind an autograd Function, with packing via `run_packed`.
 
-Forward: `chunk_terms` (small PyTorch ops on (b, l, H)-sized scalars), then the three kernels.
-Backward: recomputed through `chunked_parallel`, the PyTorch form of the same chunk-parallel math,
-with autograd (no backward kernels yet); it yields gradients for every input, weight and the
-initial state.
+Forward: `chunk_terms` (small PyTorch ops on (b, l, H)-sized scalars), then the three forward kernels.
+Backward: the chunk starts h̃_c again (two forward kernels), then the four backward kernels for the
+per-chunk work and `terms_backward` for the scalar chains (math: `chunk_grad`); gradients of every
+input, weight and the initial state.
 """
 
 from __future__ import annotations
+
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from megatron_mamba3.ops.interface import Mamba3Inputs, Mamba3State, Mamba3Weights, scan_dims
 from megatron_mamba3.ops.reference.packing import run_packed
-from megatron_mamba3.ops.tilelang.chunk_math import chunk_terms, chunked_parallel, final_state
+from megatron_mamba3.ops.tilelang.chunk_grad import TermGrads, terms_backward
+from megatron_mamba3.ops.tilelang.chunk_math import chunk_terms, final_state
 
 SUPPORTED_N = (64, 128)
 SUPPORTED_P = (64, 128)
@@ -32,34 +35,151 @@ def unsupported(n: int, p: int, R: int) -> str | None:
     return None
 
 
-def _forward_kernels(inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state: Mamba3State):
-    """Run the kernels: (out (b, l, H, p) bf16, final state fp32)."""
-    from megatron_mamba3.ops.tilelang.kernels import KernelConfig, kernel_set
+class _Launch(NamedTuple):
+    """What every kernel launch of one call shares: the kernels' config, the inputs contiguous in their
+    dtype, `kernel_terms` and the weights as fp32 (ones where absent)."""
+
+    config: object
+    x: Tensor
+    z: Tensor
+    B: Tensor
+    C: Tensor
+    dt: Tensor
+    angles: Tensor
+    seg: Tensor
+    mult: Tensor
+    theta_start: Tensor
+    theta_final: Tensor
+    cs: Tensor
+    wd: Tensor
+    wo: Tensor
+    h_in: Tensor
+    B_bias: Tensor
+    C_bias: Tensor
+    D: Tensor
+    mimo_x: Tensor
+    mimo_z: Tensor
+    mimo_o: Tensor
+    norm: Tensor
+
+
+def _prepare(inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state: Mamba3State) -> _Launch:
+    from megatron_mamba3.ops.tilelang.kernels import KernelConfig
 
     b, length, H, p = inputs.x.shape
     R, G, n = inputs.B.shape[2:]
     S = inputs.angles.shape[-1]
     Q = TILE_ROWS // R
-    kernels = kernel_set(KernelConfig(H, p, n, R, G, S, Q, weights.norm is not None))
-    seg, mult, theta_start, theta_final, cs, wd, wo, h_in = kernel_terms(inputs, weights, starts, state, Q)
-    nc = mult.shape[1]
+    config = KernelConfig(H, p, n, R, G, S, Q, weights.norm is not None)
+    terms = kernel_terms(inputs, weights, starts, state, Q)
     x, z, B, C, dt, _, _, angles = (t.contiguous() for t in inputs)
     f32 = lambda t, shape: (torch.ones(shape, device=x.device) if t is None else t.float()).contiguous()  # noqa: E731
-    mimo_x, mimo_z, mimo_o = (f32(t, (H, R, p)) for t in (weights.mimo_x, weights.mimo_z, weights.mimo_o))
+    mimo = [f32(t, (H, R, p)) for t in (weights.mimo_x, weights.mimo_z, weights.mimo_o)]
     norm = f32(weights.norm, (H * p,)).view(H, p)
     B_bias, C_bias, D = f32(weights.B_bias, None), f32(weights.C_bias, None), f32(weights.D, None)
+    return _Launch(config, x, z, B, C, dt, angles, *terms, B_bias, C_bias, D, *mimo, norm)
 
-    chunk_states = torch.empty(b, nc, H, n, p, device=x.device, dtype=torch.float32)
-    kernels.chunk_state(x, B, angles, dt, seg, cs, wd, wo, theta_start, B_bias, mimo_x, chunk_states)
-    starts_h = torch.empty(b, nc, H, n, p, device=x.device, dtype=torch.bfloat16)
-    h_final = torch.empty(b, H, n, p, device=x.device, dtype=torch.float32)
-    kernels.state_pass(chunk_states, mult, h_in, starts_h, h_final)
-    out = torch.empty_like(x)
-    kernels.chunk_output(
-        x, z, B, C, angles, dt, seg, cs, wd, wo, theta_start, starts_h,
-        B_bias, C_bias, D, mimo_x, mimo_z, mimo_o, norm, out,
+
+def _chunk_starts(launch: _Launch) -> tuple[Tensor, Tensor]:
+    """The state each chunk starts from, h̃_c (b, nc, H, n, p) bf16, and h̃ after the last chunk (b, H, n, p) fp32."""
+    from megatron_mamba3.ops.tilelang.kernels import kernel_set
+
+    kernels = kernel_set(launch.config)
+    b, nc, H = launch.mult.shape
+    n, p = launch.config.n, launch.config.p
+    device = launch.x.device
+    chunk_states = torch.empty(b, nc, H, n, p, device=device, dtype=torch.float32)
+    kernels.chunk_state(
+        launch.x, launch.B, launch.angles, launch.dt, launch.seg, launch.cs, launch.wd, launch.wo,
+        launch.theta_start, launch.B_bias, launch.mimo_x, chunk_states,
     )
-    return out, final_state(inputs, weights, theta_final, h_final.transpose(-1, -2).contiguous())
+    starts_h = torch.empty(b, nc, H, n, p, device=device, dtype=torch.bfloat16)
+    h_final = torch.empty(b, H, n, p, device=device, dtype=torch.float32)
+    kernels.state_pass(chunk_states, launch.mult, launch.h_in, starts_h, h_final)
+    return starts_h, h_final
+
+
+def _chunk_args(launch: _Launch) -> tuple[Tensor, ...]:
+    """The per-chunk kernels' leading arguments: x, B, C, angles, Δ, seg, cs, wd, wo, θ_start."""
+    return (
+        launch.x, launch.B, launch.C, launch.angles, launch.dt, launch.seg, launch.cs, launch.wd, launch.wo,
+        launch.theta_start,
+    )
+
+
+def _forward_kernels(launch: _Launch, inputs: Mamba3Inputs, weights: Mamba3Weights):
+    """Run the forward kernels: (out (b, l, H, p) bf16, final state fp32)."""
+    from megatron_mamba3.ops.tilelang.kernels import kernel_set
+
+    starts_h, h_final = _chunk_starts(launch)
+    out = torch.empty_like(launch.x)
+    x, B, C, *rest = _chunk_args(launch)
+    kernel_set(launch.config).chunk_output(
+        x, launch.z, B, C, *rest, starts_h, launch.B_bias, launch.C_bias, launch.D,
+        launch.mimo_x, launch.mimo_z, launch.mimo_o, launch.norm, out,
+    )
+    return out, final_state(inputs, weights, launch.theta_final, h_final.transpose(-1, -2).contiguous())
+
+
+def _backward_kernels(
+    launch: _Launch, inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state: Mamba3State,
+    grad_out: Tensor, grad_final: Mamba3State,
+) -> tuple[Mamba3Inputs, Mamba3Weights, Mamba3State]:
+    """Gradients of every input, weight (None where absent) and the initial state, from the backward kernels
+    (per-chunk work) and `terms_backward` (the (b, l, H)-sized scalar chains); `launch` is the forward's."""
+    from megatron_mamba3.ops.tilelang.backward_kernels import backward_set
+
+    starts_h, _ = _chunk_starts(launch)
+    kernels = backward_set(launch.config)
+    c = launch.config
+    b, length, H, p = launch.x.shape
+    nc = launch.mult.shape[1]
+    rows = nc * c.Q  # padded length
+    empty = lambda *shape, dtype=torch.float32: torch.empty(shape, device=launch.x.device, dtype=dtype)  # noqa: E731
+    zeros = lambda *shape: torch.zeros(shape, device=launch.x.device, dtype=torch.float32)  # noqa: E731
+    x, B, C, *scalars = _chunk_args(launch)
+
+    dy, dz, gc, gate = empty(b, H, rows * c.R, p), torch.empty_like(launch.z), empty(b, nc, H, c.n, p), empty(b, nc, H, 3, c.R, p)
+    kernels.chunk_dy(
+        x, launch.z, B, C, *scalars, starts_h, launch.B_bias, launch.C_bias, launch.D, launch.mimo_x,
+        launch.mimo_z, launch.mimo_o, launch.norm, grad_out.to(x.dtype).contiguous(), dy, dz, gc, gate,
+    )
+    ds, dh_in = empty(b, nc, H, c.n, p), empty(b, H, c.n, p)
+    kernels.state_pass_bwd(gc, launch.mult, grad_final.h.float().transpose(-1, -2).contiguous(), ds, dh_in)
+    dmult = torch.einsum("bchnp,bchnp->bch", ds, starts_h.float())
+
+    dx, dB, dC = empty(b, length, H, p), zeros(b, length, c.R, c.G, c.n), zeros(b, length, c.R, c.G, c.n)
+    dB_bias, dC_bias, dmimo_x = empty(b, nc, H, c.R, c.n), empty(b, nc, H, c.R, c.n), zeros(b, nc, H, c.R, p)
+    dD, dw, dtheta = empty(b, H, rows * c.R), empty(b, H, rows), empty(b, H, rows, c.S)
+    kernels.chunk_dkv(
+        x, B, C, *scalars, ds.flatten(0, 1), dy, launch.B_bias, launch.C_bias, launch.D, launch.mimo_x,
+        dx, dB, dB_bias, dmimo_x, dD, dw, dtheta,
+    )
+    dcs, dwd, dwo = empty(b, H, rows), empty(b, H, rows), empty(b, H, rows)
+    kernels.chunk_dq(
+        x, B, C, *scalars, starts_h, dy, dw, launch.B_bias, launch.C_bias, launch.mimo_x,
+        dC, dC_bias, dcs, dwd, dwo, dtheta,
+    )
+
+    per_token = lambda t: t.transpose(1, 2)  # noqa: E731
+    term_grads = TermGrads(
+        per_token(dcs), per_token(dwd), per_token(dwo), dmult, per_token(dtheta), dh_in.transpose(-1, -2),
+        grad_final.to(torch.float32),
+    )
+    rest = terms_backward(inputs, weights, starts, state, c.Q, term_grads)
+    dx[:, -1] += rest.x_last
+    dB[:, -1] += rest.B_last
+    chunk_sum = lambda t: t.sum(dim=(0, 1))  # noqa: E731
+    grads_inputs = Mamba3Inputs(dx, dz, dB, dC, rest.dt, rest.A, rest.trap, rest.angles)
+    mimo = weights.mimo_x is not None
+    grads_weights = Mamba3Weights(
+        chunk_sum(dB_bias) + rest.B_bias, chunk_sum(dC_bias), dD.sum(dim=(0, 2)),
+        chunk_sum(dmimo_x) + rest.mimo_x if mimo else None,
+        chunk_sum(gate[:, :, :, 0]) if mimo else None,
+        chunk_sum(gate[:, :, :, 1]) if mimo else None,
+        chunk_sum(gate[:, :, :, 2]).sum(dim=1).reshape(H * p) if weights.norm is not None else None,
+    )
+    return grads_inputs, grads_weights, rest.state
 
 
 def kernel_terms(inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state: Mamba3State, Q: int):
@@ -81,27 +201,22 @@ class _TileLangScan(torch.autograd.Function):
         inputs, weights, state, starts = _split(leaves)
         ctx.save_for_backward(*(t for t in leaves if isinstance(t, Tensor)))
         ctx.present = tuple(isinstance(t, Tensor) for t in leaves)
-        out, final = _forward_kernels(inputs, weights, starts, state)
+        ctx.launch = _prepare(inputs, weights, starts, state)  # per-token terms, reused by the backward
+        out, final = _forward_kernels(ctx.launch, inputs, weights)
         return (out, *final)
 
     @staticmethod
-    def backward(ctx, *grads):
+    def backward(ctx, grad_out, *grad_final):
         saved = iter(ctx.saved_tensors)
         leaves = [next(saved) if present else None for present in ctx.present]
-        wanted = [i for i, t in enumerate(leaves[:-1]) if t is not None and ctx.needs_input_grad[i]]
-        with torch.enable_grad():
-            leaves = [t.detach().requires_grad_(i in wanted) if t is not None else None for i, t in enumerate(leaves)]
-            inputs, weights, state, starts = _split(leaves)
-            out, final = chunked_parallel(inputs, weights, starts, state, TILE_ROWS // inputs.B.shape[2])
-            pairs = [(o, g) for o, g in zip((out, *final), grads) if g is not None and o.requires_grad]
-            if not pairs:
-                return (None,) * len(leaves)
-            outputs, grad_outputs = zip(*pairs)
-            found = torch.autograd.grad(outputs, [leaves[i] for i in wanted], grad_outputs, allow_unused=True)
-        result = [None] * len(leaves)
-        for i, g in zip(wanted, found):
-            result[i] = g
-        return tuple(result)
+        inputs, weights, state, starts = _split(leaves)
+        grads = _backward_kernels(ctx.launch, inputs, weights, starts, state, grad_out, Mamba3State(*grad_final))
+        del ctx.launch
+        found = [*grads[0], *grads[1], *grads[2], None]
+        return tuple(
+            None if leaf is None or not ctx.needs_input_grad[index] else grad.to(leaf.dtype)
+            for index, (leaf, grad) in enumerate(zip(leaves, found))
+        )
 
 
 def _split(leaves):

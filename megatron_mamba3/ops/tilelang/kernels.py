@@ -60,21 +60,28 @@ def compile_count() -> int:
     return _compiled
 
 
-@functools.cache
-def kernel_set(config: KernelConfig) -> KernelSet:
-    """Build (or load from TileLang's disk cache) the three kernels for `config`; logs the time taken."""
+def compile_kernel(make, config: KernelConfig):
+    """Compile (or load from TileLang's disk cache) the kernel `make(config)`."""
+    return tilelang.compile(make(config), out_idx=[], target="cuda", pass_configs=_PASS_CONFIGS)
+
+
+def build(config: KernelConfig, makers, names: str):
+    """`compile_kernel` each maker for `config`; counts and logs the time taken."""
     global _compiled
     start = time.perf_counter()
-    built = KernelSet(*(
-        tilelang.compile(make(config), out_idx=[], target="cuda", pass_configs=_PASS_CONFIGS)
-        for make in (_chunk_state, _state_pass, _chunk_output)
-    ))
+    built = [compile_kernel(make, config) for make in makers]
     _compiled += len(built)
-    logger.info("mamba3 tilelang: built kernels for %s in %.1f s", config, time.perf_counter() - start)
+    logger.info("mamba3 tilelang: built %s kernels for %s in %.1f s", names, config, time.perf_counter() - start)
     return built
 
 
-def _pairing(nn, n: int, S: int, half_split: bool):
+@functools.cache
+def kernel_set(config: KernelConfig) -> KernelSet:
+    """The three forward kernels for `config`, built once per process."""
+    return KernelSet(*build(config, FORWARD_MAKERS, "forward"))
+
+
+def pairing(nn, n: int, S: int, half_split: bool):
     """For state index nn: (is rotated, angle index, partner index, sign of the partner's sine term).
 
     Adjacent pairs (2s, 2s + 1) for SISO, half-split pairs (s, n/2 + s) for MIMO; a pair (a, b) turns
@@ -90,7 +97,7 @@ def _pairing(nn, n: int, S: int, half_split: bool):
     return nn < 2 * S, T.min(nn // 2, S - 1), nn + 1 - 2 * odd, T.cast(2 * odd - 1, F32)
 
 
-def _chunk_prologue(c: KernelConfig):
+def chunk_prologue(c: KernelConfig):
     """Macros shared by the per-chunk kernels: per-token scalars, θ, and rotated keys/queries."""
     Q, S, R, n, p = c.Q, c.S, c.R, c.n, c.p
     half_split = R > 1
@@ -132,7 +139,7 @@ def _chunk_prologue(c: KernelConfig):
                 t0 + row // R < L, SRC[b, t0 + row // R, row % R, h // (c.H // c.G), nn], T.cast(0, BF16)
             )
         for row, nn in T.Parallel(Q * R, n):
-            rotated, s, partner, sign = _pairing(nn, n, S, half_split)
+            rotated, s, partner, sign = pairing(nn, n, S, half_split)
             u = T.cast(raw_s[row, nn], F32) + bias_s[row % R, nn]
             w = T.cast(raw_s[row, partner], F32) + bias_s[row % R, partner]
             turned = T.if_then_else(rotated, u * cos_s[row // R, s] + sign * w * sin_s[row // R, s], u)
@@ -148,13 +155,61 @@ def _chunk_prologue(c: KernelConfig):
         for row, pp in T.Parallel(Q * R, p):
             v_s[row, pp] = T.cast(T.cast(x_s[row // R, pp], F32) * mx_s[row % R, pp], BF16)
 
-    return load_scalars, rotation, keys, values
+    @T.macro
+    def mix_weights(seg_s, cs_s, wd_s, wo_s, scores, out_s):
+        """out_s = scores ⊙ L as bf16: L_ij = wd_j (i = j), exp(cs_i − cs_j) wo_j (i > j) in one document,
+        exactly 0 elsewhere (never a product with 0, so a non-finite score cannot leak)."""
+        for row, col in T.Parallel(Q * R, Q * R):
+            i, j = row // R, col // R
+            inside = (seg_s[i] == seg_s[j]) & (j <= i)
+            weight = T.if_then_else(i == j, wd_s[j], T.exp(cs_s[i] - T.if_then_else(inside, cs_s[j], cs_s[i])) * wo_s[j])
+            out_s[row, col] = T.cast(T.if_then_else(inside, scores[row, col] * weight, 0.0), BF16)
+
+    return load_scalars, rotation, keys, values, mix_weights
+
+
+def chunk_y_macro(c: KernelConfig):
+    """Macro: the per-rank outputs y (before norm and gate) of one chunk into y_s (QR, p) fp32, leaving the
+    chunk's queries in q_s, values in v_s, x in x_s and the carried-state weights in inter_s."""
+    Q, R, p = c.Q, c.R, c.p
+    QR = Q * R
+    load_scalars, rotation, keys, values, mix_weights = chunk_prologue(c)
+
+    @T.macro
+    def chunk_y(
+        X, Bk, Cq, ANG, DT, SEG, CS, WD, WO, THS, HS, B_BIAS, C_BIAS, D, MIMO_X, L, b, h, chunk,
+        seg_s, cs_s, wd_s, wo_s, one_s, inter_s, turn_s, cos_s, sin_s, theta_f, raw_s, bias_s,
+        q_s, k_s, x_s, mx_s, v_s, hs_s, mix_s, scores, y, y_in, y_s,
+    ):
+        t0 = chunk * Q
+        load_scalars(SEG, CS, WD, WO, b, h, t0, seg_s, cs_s, wd_s, wo_s)
+        seg_before = SEG[b, T.max(t0 - 1, 0)]
+        for i in T.Parallel(Q):
+            one_s[i] = 1.0
+            inter_s[i] = T.if_then_else(seg_s[i] == seg_before, T.exp(cs_s[i]), 0.0)
+        T.copy(HS[b, chunk, h, :, :], hs_s)
+        rotation(ANG, DT, THS, L, b, h, chunk, t0, seg_s, seg_before, turn_s, theta_f, cos_s, sin_s)
+        keys(Cq, C_BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, one_s, q_s)
+        keys(Bk, B_BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, one_s, k_s)
+        values(X, MIMO_X, L, b, h, t0, x_s, mx_s, v_s)
+
+        T.gemm(q_s, k_s, scores, transpose_B=True, clear_accum=True)
+        mix_weights(seg_s, cs_s, wd_s, wo_s, scores, mix_s)
+        T.gemm(mix_s, v_s, y, clear_accum=True)
+        T.gemm(q_s, hs_s, y_in, clear_accum=True)
+        skip = D[h]
+        for row, pp in T.Parallel(QR, p):
+            carried = T.if_then_else(inter_s[row // R] != 0.0, inter_s[row // R] * y_in[row, pp], 0.0)
+            y[row, pp] = y[row, pp] + carried + skip * T.cast(x_s[row // R, pp], F32) * mx_s[row % R, pp]
+        T.copy(y, y_s)
+
+    return chunk_y
 
 
 def _chunk_state(c: KernelConfig):
     H, p, n, R, G, S, Q = c.H, c.p, c.n, c.R, c.G, c.S, c.Q
     batch, L, LP, NC = T.dynamic("batch, L, LP, NC")
-    load_scalars, rotation, keys, values = _chunk_prologue(c)
+    load_scalars, rotation, keys, values, mix_weights = chunk_prologue(c)
 
     @T.prim_func
     def chunk_state(
@@ -233,7 +288,7 @@ def _chunk_output(c: KernelConfig):
     H, p, n, R, G, S, Q = c.H, c.p, c.n, c.R, c.G, c.S, c.Q
     QR = Q * R
     batch, L, LP, NC = T.dynamic("batch, L, LP, NC")
-    load_scalars, rotation, keys, values = _chunk_prologue(c)
+    chunk_y = chunk_y_macro(c)
 
     @T.prim_func
     def chunk_output(
@@ -287,36 +342,11 @@ def _chunk_output(c: KernelConfig):
             y = T.alloc_fragment((QR, p), F32)
             y_in = T.alloc_fragment((QR, p), F32)
 
-            load_scalars(SEG, CS, WD, WO, b, h, t0, seg_s, cs_s, wd_s, wo_s)
-            seg_before = SEG[b, T.max(t0 - 1, 0)]
-            for i in T.Parallel(Q):
-                one_s[i] = 1.0
-                inter_s[i] = T.if_then_else(seg_s[i] == seg_before, T.exp(cs_s[i]), 0.0)
-            T.copy(HS[b, chunk, h, :, :], hs_s)
-            rotation(ANG, DT, THS, L, b, h, chunk, t0, seg_s, seg_before, turn_s, theta_f, cos_s, sin_s)
-            keys(Cq, C_BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, one_s, q_s)
-            keys(Bk, B_BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, one_s, k_s)
-            values(X, MIMO_X, L, b, h, t0, x_s, mx_s, v_s)
-
-            T.gemm(q_s, k_s, scores, transpose_B=True, clear_accum=True)
-            for row, col in T.Parallel(QR, QR):
-                i, j = row // R, col // R
-                weight = T.if_then_else(
-                    seg_s[i] != seg_s[j],
-                    0.0,
-                    T.if_then_else(i > j, T.exp(cs_s[i] - cs_s[j]) * wo_s[j], T.if_then_else(i == j, wd_s[j], 0.0)),
-                )
-                mix_s[row, col] = T.cast(scores[row, col] * weight, BF16)
-            T.gemm(mix_s, v_s, y, clear_accum=True)
-            T.gemm(q_s, hs_s, y_in, clear_accum=True)
-            skip = D[h]
-            for row, pp in T.Parallel(QR, p):
-                y[row, pp] = (
-                    y[row, pp]
-                    + inter_s[row // R] * y_in[row, pp]
-                    + skip * T.cast(x_s[row // R, pp], F32) * mx_s[row % R, pp]
-                )
-            T.copy(y, y_s)
+            chunk_y(
+                X, Bk, Cq, ANG, DT, SEG, CS, WD, WO, THS, HS, B_BIAS, C_BIAS, D, MIMO_X, L, b, h, chunk,
+                seg_s, cs_s, wd_s, wo_s, one_s, inter_s, turn_s, cos_s, sin_s, theta_f, raw_s, bias_s,
+                q_s, k_s, x_s, mx_s, v_s, hs_s, mix_s, scores, y, y_in, y_s,
+            )
 
             for r, pp in T.Parallel(R, p):
                 gate_s[r, pp] = MIMO_Z[h, r, pp]
@@ -342,3 +372,6 @@ def _chunk_output(c: KernelConfig):
                     OUT[b, t0 + i, h, pp] = T.cast(total, BF16)
 
     return chunk_output
+
+
+FORWARD_MAKERS = (_chunk_state, _state_pass, _chunk_output)

@@ -1,0 +1,586 @@
+"""The four TileLang backward kernels of the chunk-parallel scan (math in `chunk_grad`).
+
+    chunk_dy        grid (nc, H, b): recompute y, gate backward -> dy (fp32), dz, G_c = Σ inter q dyᵀ and
+                    per-chunk partial sums of the gate weights' gradients
+    state_pass_bwd  grid (n / 8, H, b): dH_c = G_c + mult_c dH_{c+1} in reverse; writes dS_c = dH_{c+1} and dH_0
+    chunk_dkv       grid (nc, H, b): dv -> dx, D and mimo_x partials; dk -> dB (atomic over a group's heads),
+                    B_bias partials, dθ; dw_j = Σ_s k_{j,s}·(dS v_{j,s})
+    chunk_dq        grid (nc, H, b): dq -> dC, C_bias partials, dθ (added); the per-token scalar gradients
+                    ∂cs, ∂wd, ∂wo from dL = Σ_{r,s} dP ⊙ scores, dw and dinter
+
+Queries, keys and values are rebuilt per head in shared memory exactly as in the forward. Sizes that vary
+(batch, length, chunks) are runtime sizes: one compiled set per `KernelConfig`.
+"""
+
+import functools
+from typing import NamedTuple
+
+import tilelang.language as T
+
+from megatron_mamba3.ops.tilelang.kernels import (
+    BF16,
+    F32,
+    NORM_EPS,
+    STATE_ROWS,
+    THREADS,
+    KernelConfig,
+    build,
+    chunk_prologue,
+    chunk_y_macro,
+    pairing,
+)
+
+
+class _GateTerms:
+    """Expressions of the output gate's backward for row (i, r) = (row // R, row % R) and column pp, from
+    the chunk's dout (do_s), z (z_s), mimo_z (gate_s), mimo_o (out_w_s), y (y_s) and 1/rms (inv_s)."""
+
+    def __init__(self, R: int):
+        self.R = R
+
+    @staticmethod
+    def silu(u):
+        return u * T.sigmoid(u)
+
+    def d_gated(self, do_s, z_s, gate_s, out_w_s, row, pp):
+        """∂loss/∂(ŷ ⊙ norm): dout · mimo_o · silu(z · mimo_z)."""
+        i, r = row // self.R, row % self.R
+        return do_s[i, pp] * out_w_s[r, pp] * self.silu(z_s[i, pp] * gate_s[r, pp])
+
+    def d_gate_input(self, do_s, z_s, gate_s, out_w_s, y_s, inv_s, norm_s, row, pp):
+        """∂loss/∂u with u = z · mimo_z: dout · mimo_o · (ŷ ⊙ norm) · silu'(u)."""
+        i, r = row // self.R, row % self.R
+        u = z_s[i, pp] * gate_s[r, pp]
+        sig = T.sigmoid(u)
+        return do_s[i, pp] * out_w_s[r, pp] * y_s[row, pp] * inv_s[row] * norm_s[pp] * sig * (1.0 + u * (1.0 - sig))
+
+
+@T.macro
+def split_bf16(src, hi_s, lo_s):
+    """hi_s + lo_s = src (a 2-D fp32 fragment) to ~16 mantissa bits: a gradient operand of the gemms
+    below enters as two bf16 halves (two gemms), so the backward does not round gradients to bf16."""
+    for i, j in T.Parallel(*hi_s.shape):
+        hi_s[i, j] = T.cast(src[i, j], BF16)
+        lo_s[i, j] = T.cast(src[i, j] - T.cast(hi_s[i, j], F32), BF16)
+
+
+@T.macro
+def split_tile_bf16(SRC, b, h, first, hi_s, lo_s):
+    """`split_bf16` of the tile SRC[b, h, first : first + rows, :] of a (batch, H, rows, cols) fp32 tensor."""
+    for i, j in T.Parallel(*hi_s.shape):
+        hi_s[i, j] = T.cast(SRC[b, h, first + i, j], BF16)
+        lo_s[i, j] = T.cast(SRC[b, h, first + i, j] - T.cast(hi_s[i, j], F32), BF16)
+
+
+def _gate_terms(c: KernelConfig) -> _GateTerms:
+    return _GateTerms(c.R)
+
+
+def _chunk_dy(c: KernelConfig):
+    H, p, n, R, G, S, Q = c.H, c.p, c.n, c.R, c.G, c.S, c.Q
+    QR = Q * R
+    batch, L, LP, NC, LPR = T.dynamic("batch, L, LP, NC, LPR")
+    outputs_of = chunk_y_macro(c)
+    gate = _gate_terms(c)
+
+    @T.prim_func
+    def chunk_dy(
+        X: T.Tensor((batch, L, H, p), BF16),
+        Z: T.Tensor((batch, L, H, p), BF16),
+        Bk: T.Tensor((batch, L, R, G, n), BF16),
+        Cq: T.Tensor((batch, L, R, G, n), BF16),
+        ANG: T.Tensor((batch, L, S), BF16),
+        DT: T.Tensor((batch, L, H), BF16),
+        SEG: T.Tensor((batch, LP), "int32"),
+        CS: T.Tensor((batch, H, LP), F32),
+        WD: T.Tensor((batch, H, LP), F32),
+        WO: T.Tensor((batch, H, LP), F32),
+        THS: T.Tensor((batch, NC, H, S), F32),
+        HS: T.Tensor((batch, NC, H, n, p), BF16),
+        B_BIAS: T.Tensor((H, R, n), F32),
+        C_BIAS: T.Tensor((H, R, n), F32),
+        D: T.Tensor((H,), F32),
+        MIMO_X: T.Tensor((H, R, p), F32),
+        MIMO_Z: T.Tensor((H, R, p), F32),
+        MIMO_O: T.Tensor((H, R, p), F32),
+        NORM: T.Tensor((H, p), F32),
+        DOUT: T.Tensor((batch, L, H, p), BF16),
+        DY: T.Tensor((batch, H, LPR, p), F32),
+        DZ: T.Tensor((batch, L, H, p), BF16),
+        GC: T.Tensor((batch, NC, H, n, p), F32),
+        DGATE: T.Tensor((batch, NC, H, 3, R, p), F32),
+    ):
+        with T.Kernel(NC, H, batch, threads=THREADS) as (chunk, h, b):
+            t0 = chunk * Q
+            seg_s = T.alloc_shared((Q,), "int32")
+            cs_s = T.alloc_shared((Q,), F32)
+            wd_s = T.alloc_shared((Q,), F32)
+            wo_s = T.alloc_shared((Q,), F32)
+            one_s = T.alloc_shared((Q,), F32)
+            inter_s = T.alloc_shared((Q,), F32)
+            turn_s = T.alloc_shared((Q, S), F32)
+            cos_s = T.alloc_shared((Q, S), F32)
+            sin_s = T.alloc_shared((Q, S), F32)
+            theta_f = T.alloc_fragment((S,), F32)
+            raw_s = T.alloc_shared((QR, n), BF16)
+            bias_s = T.alloc_shared((R, n), F32)
+            q_s = T.alloc_shared((QR, n), BF16)
+            k_s = T.alloc_shared((QR, n), BF16)
+            x_s = T.alloc_shared((Q, p), BF16)
+            mx_s = T.alloc_shared((R, p), F32)
+            v_s = T.alloc_shared((QR, p), BF16)
+            hs_s = T.alloc_shared((n, p), BF16)
+            mix_s = T.alloc_shared((QR, QR), BF16)
+            y_s = T.alloc_shared((QR, p), F32)
+            scores = T.alloc_fragment((QR, QR), F32)
+            y = T.alloc_fragment((QR, p), F32)
+            y_in = T.alloc_fragment((QR, p), F32)
+            gate_s = T.alloc_shared((R, p), F32)
+            out_w_s = T.alloc_shared((R, p), F32)
+            norm_s = T.alloc_shared((p,), F32)
+            do_s = T.alloc_shared((Q, p), F32)
+            z_s = T.alloc_shared((Q, p), F32)
+            inv_s = T.alloc_shared((QR,), F32)
+            dy_s = T.alloc_shared((QR, p), BF16)
+            dy_lo = T.alloc_shared((QR, p), BF16)
+            dy = T.alloc_fragment((QR, p), F32)
+            gc = T.alloc_fragment((n, p), F32)
+            dmz = T.alloc_fragment((R, p), F32)
+            dmo = T.alloc_fragment((R, p), F32)
+            dnw = T.alloc_fragment((R, p), F32)
+
+            outputs_of(
+                X, Bk, Cq, ANG, DT, SEG, CS, WD, WO, THS, HS, B_BIAS, C_BIAS, D, MIMO_X, L, b, h, chunk,
+                seg_s, cs_s, wd_s, wo_s, one_s, inter_s, turn_s, cos_s, sin_s, theta_f, raw_s, bias_s,
+                q_s, k_s, x_s, mx_s, v_s, hs_s, mix_s, scores, y, y_in, y_s,
+            )
+            for r, pp in T.Parallel(R, p):
+                gate_s[r, pp] = MIMO_Z[h, r, pp]
+                out_w_s[r, pp] = MIMO_O[h, r, pp]
+            for pp in T.Parallel(p):
+                norm_s[pp] = NORM[h, pp]
+            for i, pp in T.Parallel(Q, p):
+                do_s[i, pp] = T.if_then_else(t0 + i < L, T.cast(DOUT[b, t0 + i, h, pp], F32), 0.0)
+                z_s[i, pp] = T.if_then_else(t0 + i < L, T.cast(Z[b, t0 + i, h, pp], F32), 0.0)
+            if c.norm:
+                squares = T.alloc_fragment((QR, p), F32)
+                row_sum = T.alloc_fragment((QR,), F32)
+                for row, pp in T.Parallel(QR, p):
+                    squares[row, pp] = y_s[row, pp] * y_s[row, pp]
+                T.reduce_sum(squares, row_sum, dim=1)
+                for row in T.Parallel(QR):
+                    inv_s[row] = T.rsqrt(row_sum[row] / p + NORM_EPS)
+            else:
+                for row in T.Parallel(QR):
+                    inv_s[row] = 1.0
+
+            # dy: through the gate, then the per-row RMSNorm.
+            for row, pp in T.Parallel(QR, p):
+                dy[row, pp] = gate.d_gated(do_s, z_s, gate_s, out_w_s, row, pp) * norm_s[pp]
+            if c.norm:
+                centred = T.alloc_fragment((QR, p), F32)
+                mean = T.alloc_fragment((QR,), F32)
+                for row, pp in T.Parallel(QR, p):
+                    centred[row, pp] = dy[row, pp] * y_s[row, pp] * inv_s[row]
+                T.reduce_sum(centred, mean, dim=1)
+                for row, pp in T.Parallel(QR, p):
+                    dy[row, pp] = inv_s[row] * (dy[row, pp] - y_s[row, pp] * inv_s[row] * mean[row] / p)
+            T.copy(dy, DY[b, h, chunk * QR : (chunk + 1) * QR, :])
+            split_bf16(dy, dy_s, dy_lo)
+
+            # dz = Σ_r ∂loss/∂(z·mimo_z_r) · mimo_z_r.
+            for i, pp in T.Parallel(Q, p):
+                if t0 + i < L:
+                    DZ[b, t0 + i, h, pp] = T.cast(
+                        sum(
+                            gate.d_gate_input(do_s, z_s, gate_s, out_w_s, y_s, inv_s, norm_s, i * R + r, pp) * gate_s[r, pp]
+                            for r in range(R)
+                        ),
+                        BF16,
+                    )
+
+            # Per-chunk partial sums of the gate weights' gradients (summed over chunks on the host).
+            T.clear(dmz)
+            T.clear(dmo)
+            T.clear(dnw)
+            for i in T.serial(Q):
+                for r, pp in T.Parallel(R, p):
+                    dmz[r, pp] += gate.d_gate_input(do_s, z_s, gate_s, out_w_s, y_s, inv_s, norm_s, i * R + r, pp) * z_s[i, pp]
+                    y_norm = y_s[i * R + r, pp] * inv_s[i * R + r] * norm_s[pp]
+                    dmo[r, pp] += do_s[i, pp] * y_norm * gate.silu(z_s[i, pp] * gate_s[r, pp])
+                    dnw[r, pp] += gate.d_gated(do_s, z_s, gate_s, out_w_s, i * R + r, pp) * y_s[i * R + r, pp] * inv_s[i * R + r]
+            T.copy(dmz, DGATE[b, chunk, h, 0, :, :])
+            T.copy(dmo, DGATE[b, chunk, h, 1, :, :])
+            T.copy(dnw, DGATE[b, chunk, h, 2, :, :])
+
+            # G_c = Σ_{i,r} inter_i q_{i,r} dy_{i,r}ᵀ (n, p).
+            for row, nn in T.Parallel(QR, n):
+                weight = inter_s[row // R]
+                q_s[row, nn] = T.if_then_else(weight != 0.0, T.cast(T.cast(q_s[row, nn], F32) * weight, BF16), T.cast(0, BF16))
+            T.gemm(q_s, dy_s, gc, transpose_A=True, clear_accum=True)
+            T.gemm(q_s, dy_lo, gc, transpose_A=True)
+            T.copy(gc, GC[b, chunk, h, :, :])
+
+    return chunk_dy
+
+
+def _state_pass_bwd(c: KernelConfig):
+    H, p, n, rows = c.H, c.p, c.n, STATE_ROWS
+    batch, NC = T.dynamic("batch, NC")
+
+    @T.prim_func
+    def state_pass_bwd(
+        GC: T.Tensor((batch, NC, H, n, p), F32),
+        MULT: T.Tensor((batch, NC, H), F32),
+        DH_FINAL: T.Tensor((batch, H, n, p), F32),
+        DS: T.Tensor((batch, NC, H, n, p), F32),
+        DH0: T.Tensor((batch, H, n, p), F32),
+    ):
+        with T.Kernel(n // rows, H, batch, threads=THREADS) as (block, h, b):
+            grad = T.alloc_fragment((rows, p), F32)
+            g_s = T.alloc_shared((rows, p), F32)
+            T.copy(DH_FINAL[b, h, block * rows : (block + 1) * rows, :], grad)
+            for step in T.Pipelined(NC, num_stages=2):
+                T.copy(GC[b, NC - 1 - step, h, block * rows : (block + 1) * rows, :], g_s)
+                mult = MULT[b, NC - 1 - step, h]
+                for i, pp in T.Parallel(rows, p):
+                    DS[b, NC - 1 - step, h, block * rows + i, pp] = grad[i, pp]
+                    grad[i, pp] = T.if_then_else(mult != 0.0, grad[i, pp] * mult, 0.0) + g_s[i, pp]
+            T.copy(grad, DH0[b, h, block * rows : (block + 1) * rows, :])
+
+    return state_pass_bwd
+
+
+def _rotation_backward(c: KernelConfig):
+    """Macros for the rotated vectors' gradients g (QR, n) fp32 in shared memory."""
+    Q, R, n, S, H, G = c.Q, c.R, c.n, c.S, c.H, c.G
+    QR = Q * R
+    half_split = R > 1
+
+    def unrotated(g_s, cos_s, sin_s, row, nn):
+        """∂loss/∂(B + bias) (or C) of element nn of row (i, r): g rotated back by −θ_i."""
+        rotated, s, partner, sign = pairing(nn, n, S, half_split)
+        i = row // R
+        return T.if_then_else(rotated, g_s[row, nn] * cos_s[i, s] - sign * g_s[row, partner] * sin_s[i, s], g_s[row, nn])
+
+    @T.macro
+    def scatter(g_s, cos_s, sin_s, L, b, h, t0, SHARED_GRAD, bias_f):
+        """Add the unrotated gradients into SHARED_GRAD (b, L, R, G, n) (atomically: a group's heads
+        share it) and their sum over the chunk's tokens into bias_f (R, n)."""
+        for row, nn in T.Parallel(QR, n):
+            if t0 + row // R < L:
+                T.atomic_add(SHARED_GRAD[b, t0 + row // R, row % R, h // (H // G), nn], unrotated(g_s, cos_s, sin_s, row, nn))
+        T.clear(bias_f)
+        for i in T.serial(Q):
+            for r, nn in T.Parallel(R, n):
+                bias_f[r, nn] += unrotated(g_s, cos_s, sin_s, i * R + r, nn)
+
+    def pair(s):
+        return (s, n // 2 + s) if half_split else (2 * s, 2 * s + 1)
+
+    @T.macro
+    def angle_grad(g_s, value_s, theta_grad):
+        """theta_grad (Q, S) += Σ_r g_b value_a − g_a value_b over the rotated pairs (a, b)."""
+        for i, s in T.Parallel(Q, S):
+            a, bb = pair(s)
+            theta_grad[i, s] += sum(
+                g_s[i * R + r, bb] * T.cast(value_s[i * R + r, a], F32) - g_s[i * R + r, a] * T.cast(value_s[i * R + r, bb], F32)
+                for r in range(R)
+            )
+
+    return scatter, angle_grad
+
+
+def _chunk_dkv(c: KernelConfig):
+    H, p, n, R, G, S, Q = c.H, c.p, c.n, c.R, c.G, c.S, c.Q
+    QR = Q * R
+    batch, L, LP, NC, LPR, BNC = T.dynamic("batch, L, LP, NC, LPR, BNC")
+    load_scalars, rotation, keys, values, mix_weights = chunk_prologue(c)
+    scatter, angle_grad = _rotation_backward(c)
+
+    @T.prim_func
+    def chunk_dkv(
+        X: T.Tensor((batch, L, H, p), BF16),
+        Bk: T.Tensor((batch, L, R, G, n), BF16),
+        Cq: T.Tensor((batch, L, R, G, n), BF16),
+        ANG: T.Tensor((batch, L, S), BF16),
+        DT: T.Tensor((batch, L, H), BF16),
+        SEG: T.Tensor((batch, LP), "int32"),
+        CS: T.Tensor((batch, H, LP), F32),
+        WD: T.Tensor((batch, H, LP), F32),
+        WO: T.Tensor((batch, H, LP), F32),
+        THS: T.Tensor((batch, NC, H, S), F32),
+        DS: T.Tensor((BNC, H, n, p), F32),
+        DY: T.Tensor((batch, H, LPR, p), F32),
+        B_BIAS: T.Tensor((H, R, n), F32),
+        C_BIAS: T.Tensor((H, R, n), F32),
+        D: T.Tensor((H,), F32),
+        MIMO_X: T.Tensor((H, R, p), F32),
+        DX: T.Tensor((batch, L, H, p), F32),
+        DB: T.Tensor((batch, L, R, G, n), F32),
+        DB_BIAS: T.Tensor((batch, NC, H, R, n), F32),
+        DMX: T.Tensor((batch, NC, H, R, p), F32),
+        DD: T.Tensor((batch, H, LPR), F32),
+        DW: T.Tensor((batch, H, LP), F32),
+        DTH: T.Tensor((batch, H, LP, S), F32),
+    ):
+        with T.Kernel(NC, H, batch, threads=THREADS) as (chunk, h, b):
+            t0 = chunk * Q
+            seg_s = T.alloc_shared((Q,), "int32")
+            cs_s = T.alloc_shared((Q,), F32)
+            wd_s = T.alloc_shared((Q,), F32)
+            wo_s = T.alloc_shared((Q,), F32)
+            one_s = T.alloc_shared((Q,), F32)
+            w_s = T.alloc_shared((Q,), F32)
+            turn_s = T.alloc_shared((Q, S), F32)
+            cos_s = T.alloc_shared((Q, S), F32)
+            sin_s = T.alloc_shared((Q, S), F32)
+            theta_f = T.alloc_fragment((S,), F32)
+            raw_s = T.alloc_shared((QR, n), BF16)
+            bias_s = T.alloc_shared((R, n), F32)
+            q_s = T.alloc_shared((QR, n), BF16)
+            k_s = T.alloc_shared((QR, n), BF16)
+            x_s = T.alloc_shared((Q, p), BF16)
+            mx_s = T.alloc_shared((R, p), F32)
+            v_s = T.alloc_shared((QR, p), BF16)
+            ds_s = T.alloc_shared((n, p), BF16)
+            ds_lo = T.alloc_shared((n, p), BF16)
+            dy_s = T.alloc_shared((QR, p), BF16)
+            dy_lo = T.alloc_shared((QR, p), BF16)
+            mix_s = T.alloc_shared((QR, QR), BF16)
+            dmix_s = T.alloc_shared((QR, QR), BF16)
+            g_s = T.alloc_shared((QR, n), F32)
+            dv_s = T.alloc_shared((QR, p), F32)
+            row_s = T.alloc_shared((QR,), F32)
+            theta_grad = T.alloc_shared((Q, S), F32)
+            scores = T.alloc_fragment((QR, QR), F32)
+            dp = T.alloc_fragment((QR, QR), F32)
+            dv = T.alloc_fragment((QR, p), F32)
+            kds = T.alloc_fragment((QR, p), F32)
+            dk = T.alloc_fragment((QR, n), F32)
+            vds = T.alloc_fragment((QR, n), F32)
+            row_f = T.alloc_fragment((QR,), F32)
+            prod = T.alloc_fragment((QR, p), F32)
+            bias_f = T.alloc_fragment((R, n), F32)
+            dmx = T.alloc_fragment((R, p), F32)
+
+            load_scalars(SEG, CS, WD, WO, b, h, t0, seg_s, cs_s, wd_s, wo_s)
+            seg_before = SEG[b, T.max(t0 - 1, 0)]
+            for i in T.Parallel(Q):
+                one_s[i] = 1.0
+                w_s[i] = T.if_then_else(seg_s[i] == seg_s[Q - 1], T.exp(cs_s[Q - 1] - cs_s[i]) * wo_s[i], 0.0)
+            rotation(ANG, DT, THS, L, b, h, chunk, t0, seg_s, seg_before, turn_s, theta_f, cos_s, sin_s)
+            keys(Cq, C_BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, one_s, q_s)
+            keys(Bk, B_BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, one_s, k_s)
+            values(X, MIMO_X, L, b, h, t0, x_s, mx_s, v_s)
+            split_tile_bf16(DS, b * NC + chunk, h, 0, ds_s, ds_lo)
+            split_tile_bf16(DY, b, h, chunk * QR, dy_s, dy_lo)
+
+            T.gemm(q_s, k_s, scores, transpose_B=True, clear_accum=True)
+            T.gemm(dy_s, v_s, dp, transpose_B=True, clear_accum=True)
+            T.gemm(dy_lo, v_s, dp, transpose_B=True)
+            mix_weights(seg_s, cs_s, wd_s, wo_s, scores, mix_s)
+            mix_weights(seg_s, cs_s, wd_s, wo_s, dp, dmix_s)
+
+            # dv = (scores ⊙ L)ᵀ dy + w_j k_j dS + D dy; dw_j = Σ_s k_{j,s}·(dS v_{j,s}).
+            T.gemm(mix_s, dy_s, dv, transpose_A=True, clear_accum=True)
+            T.gemm(mix_s, dy_lo, dv, transpose_A=True)
+            T.gemm(k_s, ds_s, kds, clear_accum=True)
+            T.gemm(k_s, ds_lo, kds)
+            for row, pp in T.Parallel(QR, p):
+                prod[row, pp] = kds[row, pp] * T.cast(v_s[row, pp], F32)
+            T.reduce_sum(prod, row_f, dim=1)
+            T.copy(row_f, row_s)
+            for i in T.Parallel(Q):
+                DW[b, h, t0 + i] = sum(row_s[i * R + r] for r in range(R))
+            skip = D[h]
+            for row, pp in T.Parallel(QR, p):
+                dv[row, pp] = dv[row, pp] + w_s[row // R] * kds[row, pp] + skip * DY[b, h, chunk * QR + row, pp]
+            for row, pp in T.Parallel(QR, p):
+                prod[row, pp] = DY[b, h, chunk * QR + row, pp] * T.cast(v_s[row, pp], F32)
+            T.reduce_sum(prod, row_f, dim=1)
+            T.copy(row_f, DD[b, h, chunk * QR : (chunk + 1) * QR])
+            T.copy(dv, dv_s)
+            for i, pp in T.Parallel(Q, p):
+                if t0 + i < L:
+                    DX[b, t0 + i, h, pp] = sum(dv_s[i * R + r, pp] * mx_s[r, pp] for r in range(R))
+            if R > 1:
+                T.clear(dmx)
+                for i in T.serial(Q):
+                    for r, pp in T.Parallel(R, p):
+                        dmx[r, pp] += dv_s[i * R + r, pp] * T.cast(x_s[i, pp], F32)
+                T.copy(dmx, DMX[b, chunk, h, :, :])
+
+            # dk = (dP ⊙ L)ᵀ q + w_j v_j dSᵀ, then back through the rotation.
+            T.gemm(dmix_s, q_s, dk, transpose_A=True, clear_accum=True)
+            T.gemm(v_s, ds_s, vds, transpose_B=True, clear_accum=True)
+            T.gemm(v_s, ds_lo, vds, transpose_B=True)
+            for row, nn in T.Parallel(QR, n):
+                dk[row, nn] = dk[row, nn] + w_s[row // R] * vds[row, nn]
+            T.copy(dk, g_s)
+            scatter(g_s, cos_s, sin_s, L, b, h, t0, DB, bias_f)
+            T.copy(bias_f, DB_BIAS[b, chunk, h, :, :])
+            T.clear(theta_grad)
+            angle_grad(g_s, k_s, theta_grad)
+            for i, s in T.Parallel(Q, S):
+                DTH[b, h, t0 + i, s] = theta_grad[i, s]
+
+    return chunk_dkv
+
+
+def _chunk_dq(c: KernelConfig):
+    H, p, n, R, G, S, Q = c.H, c.p, c.n, c.R, c.G, c.S, c.Q
+    QR = Q * R
+    batch, L, LP, NC, LPR = T.dynamic("batch, L, LP, NC, LPR")
+    load_scalars, rotation, keys, values, mix_weights = chunk_prologue(c)
+    scatter, angle_grad = _rotation_backward(c)
+
+    @T.prim_func
+    def chunk_dq(
+        X: T.Tensor((batch, L, H, p), BF16),
+        Bk: T.Tensor((batch, L, R, G, n), BF16),
+        Cq: T.Tensor((batch, L, R, G, n), BF16),
+        ANG: T.Tensor((batch, L, S), BF16),
+        DT: T.Tensor((batch, L, H), BF16),
+        SEG: T.Tensor((batch, LP), "int32"),
+        CS: T.Tensor((batch, H, LP), F32),
+        WD: T.Tensor((batch, H, LP), F32),
+        WO: T.Tensor((batch, H, LP), F32),
+        THS: T.Tensor((batch, NC, H, S), F32),
+        HS: T.Tensor((batch, NC, H, n, p), BF16),
+        DY: T.Tensor((batch, H, LPR, p), F32),
+        DW: T.Tensor((batch, H, LP), F32),
+        B_BIAS: T.Tensor((H, R, n), F32),
+        C_BIAS: T.Tensor((H, R, n), F32),
+        MIMO_X: T.Tensor((H, R, p), F32),
+        DC: T.Tensor((batch, L, R, G, n), F32),
+        DC_BIAS: T.Tensor((batch, NC, H, R, n), F32),
+        DCS: T.Tensor((batch, H, LP), F32),
+        DWD: T.Tensor((batch, H, LP), F32),
+        DWO: T.Tensor((batch, H, LP), F32),
+        DTH: T.Tensor((batch, H, LP, S), F32),
+    ):
+        with T.Kernel(NC, H, batch, threads=THREADS) as (chunk, h, b):
+            t0 = chunk * Q
+            seg_s = T.alloc_shared((Q,), "int32")
+            cs_s = T.alloc_shared((Q,), F32)
+            wd_s = T.alloc_shared((Q,), F32)
+            wo_s = T.alloc_shared((Q,), F32)
+            one_s = T.alloc_shared((Q,), F32)
+            inter_s = T.alloc_shared((Q,), F32)
+            w_s = T.alloc_shared((Q,), F32)
+            end_s = T.alloc_shared((Q,), F32)
+            dw_s = T.alloc_shared((Q,), F32)
+            turn_s = T.alloc_shared((Q, S), F32)
+            cos_s = T.alloc_shared((Q, S), F32)
+            sin_s = T.alloc_shared((Q, S), F32)
+            theta_f = T.alloc_fragment((S,), F32)
+            raw_s = T.alloc_shared((QR, n), BF16)
+            bias_s = T.alloc_shared((R, n), F32)
+            q_s = T.alloc_shared((QR, n), BF16)
+            k_s = T.alloc_shared((QR, n), BF16)
+            x_s = T.alloc_shared((Q, p), BF16)
+            mx_s = T.alloc_shared((R, p), F32)
+            v_s = T.alloc_shared((QR, p), BF16)
+            hs_s = T.alloc_shared((n, p), BF16)
+            dy_s = T.alloc_shared((QR, p), BF16)
+            dy_lo = T.alloc_shared((QR, p), BF16)
+            dmix_s = T.alloc_shared((QR, QR), BF16)
+            pr_s = T.alloc_shared((QR, QR), F32)
+            spread_s = T.alloc_shared((Q, Q), F32)
+            g_s = T.alloc_shared((QR, n), F32)
+            row_s = T.alloc_shared((QR,), F32)
+            theta_grad = T.alloc_shared((Q, S), F32)
+            scores = T.alloc_fragment((QR, QR), F32)
+            dp = T.alloc_fragment((QR, QR), F32)
+            dq = T.alloc_fragment((QR, n), F32)
+            u = T.alloc_fragment((QR, n), F32)
+            prod = T.alloc_fragment((QR, n), F32)
+            row_f = T.alloc_fragment((QR,), F32)
+            bias_f = T.alloc_fragment((R, n), F32)
+            below = T.alloc_fragment((Q,), F32)
+            after = T.alloc_fragment((Q,), F32)
+            ends = T.alloc_fragment((Q,), F32)
+
+            load_scalars(SEG, CS, WD, WO, b, h, t0, seg_s, cs_s, wd_s, wo_s)
+            seg_before = SEG[b, T.max(t0 - 1, 0)]
+            for i in T.Parallel(Q):
+                one_s[i] = 1.0
+                inter_s[i] = T.if_then_else(seg_s[i] == seg_before, T.exp(cs_s[i]), 0.0)
+                end_s[i] = T.if_then_else(seg_s[i] == seg_s[Q - 1], T.exp(cs_s[Q - 1] - cs_s[i]), 0.0)
+                w_s[i] = end_s[i] * wo_s[i]
+                dw_s[i] = DW[b, h, t0 + i]
+            rotation(ANG, DT, THS, L, b, h, chunk, t0, seg_s, seg_before, turn_s, theta_f, cos_s, sin_s)
+            keys(Cq, C_BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, one_s, q_s)
+            keys(Bk, B_BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, one_s, k_s)
+            values(X, MIMO_X, L, b, h, t0, x_s, mx_s, v_s)
+            T.copy(HS[b, chunk, h, :, :], hs_s)
+            split_tile_bf16(DY, b, h, chunk * QR, dy_s, dy_lo)
+
+            T.gemm(q_s, k_s, scores, transpose_B=True, clear_accum=True)
+            T.gemm(dy_s, v_s, dp, transpose_B=True, clear_accum=True)
+            T.gemm(dy_lo, v_s, dp, transpose_B=True)
+            for row, col in T.Parallel(QR, QR):
+                pr_s[row, col] = dp[row, col] * scores[row, col]
+            mix_weights(seg_s, cs_s, wd_s, wo_s, dp, dmix_s)
+
+            # dq = (dP ⊙ L) k + inter_i h̃ dy_i; dinter_i = Σ_r q_{i,r}·(h̃ dy_{i,r}).
+            T.gemm(dmix_s, k_s, dq, clear_accum=True)
+            T.gemm(dy_s, hs_s, u, transpose_B=True, clear_accum=True)
+            T.gemm(dy_lo, hs_s, u, transpose_B=True)
+            for row, nn in T.Parallel(QR, n):
+                prod[row, nn] = u[row, nn] * T.cast(q_s[row, nn], F32)
+            T.reduce_sum(prod, row_f, dim=1)
+            T.copy(row_f, row_s)
+            for row, nn in T.Parallel(QR, n):
+                weight = inter_s[row // R]
+                dq[row, nn] = dq[row, nn] + T.if_then_else(weight != 0.0, weight * u[row, nn], 0.0)
+            T.copy(dq, g_s)
+            scatter(g_s, cos_s, sin_s, L, b, h, t0, DC, bias_f)
+            T.copy(bias_f, DC_BIAS[b, chunk, h, :, :])
+            for i, s in T.Parallel(Q, S):
+                theta_grad[i, s] = DTH[b, h, t0 + i, s]
+            angle_grad(g_s, q_s, theta_grad)
+            for i, s in T.Parallel(Q, S):
+                DTH[b, h, t0 + i, s] = theta_grad[i, s]
+
+            # dL_ij = Σ_{r,s} dP ⊙ scores -> spread_ij = dL_ij exp(cs_i − cs_j) (i > j, one document),
+            # the diagonal keeps dL_jj = ∂wd_j.
+            for i, j in T.Parallel(Q, Q):
+                total = sum(pr_s[i * R + r, j * R + s] for r in range(R) for s in range(R))
+                inside = (seg_s[i] == seg_s[j]) & (j < i)
+                gap = T.exp(cs_s[i] - T.if_then_else(inside, cs_s[j], cs_s[i]))
+                spread_s[i, j] = T.if_then_else(i == j, total, T.if_then_else(inside, total * gap, 0.0))
+            T.clear(below)
+            T.clear(after)
+            T.clear(ends)
+            for m in T.serial(Q):
+                for j in T.Parallel(Q):
+                    after[j] += T.if_then_else(m > j, spread_s[m, j], 0.0)
+                    below[j] += T.if_then_else(m < j, spread_s[j, m] * wo_s[m], 0.0)
+                    ends[j] += dw_s[m] * w_s[m]
+            for j in T.Parallel(Q):
+                DWD[b, h, t0 + j] = spread_s[j, j]
+                DWO[b, h, t0 + j] = after[j] + dw_s[j] * end_s[j]
+                DCS[b, h, t0 + j] = (
+                    below[j] - wo_s[j] * after[j] + sum(row_s[j * R + r] for r in range(R)) * inter_s[j] - dw_s[j] * w_s[j]
+                    + T.if_then_else(j == Q - 1, ends[j], 0.0)
+                )
+
+    return chunk_dq
+
+
+BACKWARD_MAKERS = (_chunk_dy, _state_pass_bwd, _chunk_dkv, _chunk_dq)
+
+
+class BackwardSet(NamedTuple):
+    chunk_dy: object
+    state_pass_bwd: object
+    chunk_dkv: object
+    chunk_dq: object
+
+
+@functools.cache
+def backward_set(config: KernelConfig) -> BackwardSet:
+    """The four backward kernels for `config`, built once per process."""
+    return BackwardSet(*build(config, BACKWARD_MAKERS, "backward"))

@@ -1,0 +1,226 @@
+"""The backward of the chunk-parallel decomposition, split the way the backward kernels split it.
+
+Given the output gradient dout and the final state's gradient, per head (notation of `chunk_math`):
+
+    gate backward  dy_{i,r} from dout, y (recomputed) and z; dz, dmimo_z, dmimo_o, dnorm
+    state pass     dH_nc = ∂h_final;  dS_c = dH_{c+1},  dmult_c = ⟨dH_{c+1}, h̃_c⟩,
+                   dH_c = G_c + mult_c dH_{c+1},  G_c = Σ_{i,r} inter_i dy_{i,r} q_{i,r}ᵀ;  dh̃_0 = dH_0
+    chunk          with scores_{ir,js} = q_{i,r}·k_{j,s} and dP_{ir,js} = dy_{i,r}·v_{j,s}:
+                   dv_{j,s} = Σ_{i,r} scores L_ij dy_{i,r} + w_j dS_cᵀ k_{j,s} + D dy_{j,s}
+                   dq_{i,r} = Σ_{j,s} dP L_ij k_{j,s} + inter_i h̃_cᵀ dy_{i,r}
+                   dk_{j,s} = Σ_{i,r} dP L_ij q_{i,r} + w_j dS_c v_{j,s}
+    scalars        dL, dw, dinter -> ∂cs, ∂wd, ∂wo per token; dk, dq -> dθ per token and the
+                   unrotated gradients of B + B_bias and C + C_bias
+    terms          ∂cs, ∂wd, ∂wo, ∂mult, ∂θ, dh̃_0 and the final state's (k, v, θ) gradients flow to
+                   Δ, A, trap, angles and the initial state through `chunk_terms` (autograd over
+                   (b, l, H)-sized PyTorch ops: `terms_backward`)
+
+`chunked_backward` runs all of it in PyTorch (the kernels' math, tested against autograd of
+`chunked_parallel` and the fp64 oracle); the TileLang backward kernels compute the same per-chunk
+quantities and share `terms_backward`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import Tensor
+
+from megatron_mamba3.ops.interface import Mamba3Inputs, Mamba3State, Mamba3Weights, compute_dtype
+from megatron_mamba3.ops.reference.gate import gate_output
+from megatron_mamba3.ops.reference.rotary import rotate
+from megatron_mamba3.ops.tilelang.chunk_math import (
+    chunk_outputs,
+    chunk_states,
+    chunk_terms,
+    chunk_view,
+    final_state,
+    to_chunks,
+    token_theta,
+)
+
+
+GATE_WEIGHTS = ("mimo_z", "mimo_o", "norm")
+
+
+class TermGrads(NamedTuple):
+    """Gradients with respect to the decomposition's scalars and boundary states.
+
+    cs, wd, wo:  (b, l_pad, H)     per token;  mult: (b, nc, H) per chunk
+    theta:       (b, l_pad, H, S)  per token θ (before any reduction modulo 2π)
+    h_in:        (b, H, p, n)      h̃_0
+    final:       Mamba3State       the caller's gradient of the final state (h is used by the state pass,
+                                   k_prev / v_prev / theta here)
+    """
+
+    cs: Tensor
+    wd: Tensor
+    wo: Tensor
+    mult: Tensor
+    theta: Tensor
+    h_in: Tensor
+    final: Mamba3State
+
+
+class InputGrads(NamedTuple):
+    """What `terms_backward` returns: gradients of Δ, A, trap (b, l, H), angles (b, l, S), the initial
+    state, and of the last token's B (b, R, G, n) and x (b, H, p), B_bias and mimo_x (None for SISO)."""
+
+    dt: Tensor
+    A: Tensor
+    trap: Tensor
+    angles: Tensor
+    state: Mamba3State
+    B_last: Tensor
+    x_last: Tensor
+    B_bias: Tensor
+    mimo_x: Tensor | None
+
+
+def terms_backward(
+    inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state: Mamba3State, chunk_size: int, grads: TermGrads
+) -> InputGrads:
+    """Push `grads` through `chunk_terms`, the per-token θ and the final state's k/v/θ by autograd."""
+    dtype = compute_dtype(inputs.x.dtype)
+    with torch.enable_grad():
+        dt, A, trap, angles = (t.detach().to(dtype).requires_grad_() for t in inputs[4:])
+        init = Mamba3State(*(t.detach().to(dtype).requires_grad_() for t in state))
+        B_last = inputs.B[:, -1:].detach().to(dtype).requires_grad_()
+        x_last = inputs.x[:, -1:].detach().to(dtype).requires_grad_()
+        B_bias = weights.B_bias.detach().to(dtype).requires_grad_()
+        mimo_x = None if weights.mimo_x is None else weights.mimo_x.detach().to(dtype).requires_grad_()
+        scalars = inputs._replace(dt=dt, A=A, trap=trap, angles=angles)
+        leaf_weights = weights._replace(B_bias=B_bias, mimo_x=mimo_x)
+        terms = chunk_terms(scalars, leaf_weights, starts, init, chunk_size)
+        theta = token_theta(scalars, terms, chunk_size).flatten(1, 2)
+        last = scalars._replace(B=B_last, x=x_last)
+        final = final_state(last, leaf_weights, terms.theta_final, grads.final.h.detach())
+        outputs = (terms.cs, terms.wd, terms.wo, terms.mult, theta, terms.h_in, final.k_prev, final.v_prev, final.theta)
+        wanted = (*grads[:6], *grads.final[1:])
+        leaves = [dt, A, trap, angles, *init, B_last, x_last, B_bias] + ([] if mimo_x is None else [mimo_x])
+        found = torch.autograd.grad(outputs, leaves, wanted, allow_unused=True)
+    found = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, found)]
+    return InputGrads(
+        *found[:4], Mamba3State(*found[4:8]), found[8][:, 0], found[9][:, 0], found[10],
+        found[11] if mimo_x is not None else None,
+    )
+
+
+def pair_cross(grad: Tensor, value: Tensor, S: int, half_split: bool) -> Tensor:
+    """∂loss/∂θ of rotated vectors: Σ over each rotated pair (a, b) of grad_b·value_a − grad_a·value_b.
+
+    grad and value (..., n) hold the gradient and the value of the rotated vector -> (..., S)."""
+    n = value.shape[-1]
+    first, second = (slice(0, S), slice(n // 2, n // 2 + S)) if half_split else (slice(0, 2 * S, 2), slice(1, 2 * S, 2))
+    return grad[..., second] * value[..., first] - grad[..., first] * value[..., second]
+
+
+def chunked_backward(
+    inputs: Mamba3Inputs,
+    weights: Mamba3Weights,
+    starts: Tensor,
+    state: Mamba3State,
+    chunk_size: int,
+    grad_out: Tensor,
+    grad_final: Mamba3State,
+) -> tuple[Mamba3Inputs, Mamba3Weights, Mamba3State]:
+    """Gradients of `chunked_parallel`'s (out, final state) for every input, weight and the initial state,
+    computed the way the backward kernels split the work. grad_out (b, l, H, p); grad_final like the
+    state. Weights absent from `weights` get None."""
+    b, length, H, p = inputs.x.shape
+    R, G, n = inputs.B.shape[2:]
+    S = inputs.angles.shape[-1]
+    Q = chunk_size
+    dtype = compute_dtype(inputs.x.dtype)
+    w = weights.to(dtype)
+    terms = chunk_terms(inputs, weights, starts, state, Q)
+    nc = terms.mult.shape[1]
+    view = chunk_view(inputs, weights, terms, Q)
+    q, k, v = view.q, view.k, view.v
+
+    states = chunk_states(view)
+    h_tilde = [terms.h_in]
+    for c in range(nc):
+        h_tilde.append(terms.mult[:, c, :, None, None] * h_tilde[-1] + states[:, c])
+    h_tilde = torch.stack(h_tilde, dim=1)  # (b, nc + 1, H, p, n)
+    y = chunk_outputs(view, h_tilde, w.D)
+
+    # Gate backward (elementwise and per-row norm; the kernels write it out by hand).
+    dout = to_chunks(grad_out, nc, Q, dtype)
+    with torch.enable_grad():
+        y_leaf, z_leaf = y.detach().requires_grad_(), view.z.detach().requires_grad_()
+        present = [f for f in GATE_WEIGHTS if getattr(w, f) is not None]
+        gate = w._replace(**{f: getattr(w, f).detach().requires_grad_() for f in present})
+        leaves = [y_leaf, z_leaf, *(getattr(gate, f) for f in present)]
+        dy, dz, *found = torch.autograd.grad(gate_output(y_leaf, z_leaf, gate), leaves, dout)
+    gate_grads = dict(zip(present, found))
+
+    # Reverse state pass.
+    G_chunks = torch.einsum("bcih,bcirhn,bcirhp->bchpn", view.inter, q, dy)
+    dH = grad_final.h.to(dtype)
+    dS, dmult = [None] * nc, [None] * nc
+    for c in reversed(range(nc)):
+        dS[c] = dH
+        dmult[c] = (dH * h_tilde[:, c]).sum(dim=(-1, -2))
+        dH = G_chunks[:, c] + terms.mult[:, c, :, None, None] * dH
+    dS, dmult = torch.stack(dS, dim=1), torch.stack(dmult, dim=1)  # (b, nc, H, p, n), (b, nc, H)
+
+    # Chunk backward.
+    scores = torch.einsum("bcirhn,bcjshn->bchirjs", q, k)
+    dP = torch.einsum("bcirhp,bcjshp->bchirjs", dy, v)
+    mix = view.mix.permute(0, 1, 4, 2, 3)[:, :, :, :, None, :, None]  # (b, c, h, i, 1, j, 1)
+    kdS = torch.einsum("bcjshn,bchpn->bcjshp", k, dS)
+    U = torch.einsum("bcirhp,bchpn->bcirhn", dy, h_tilde[:, :nc])
+    to_end, inter = view.to_end[:, :, :, None, :, None], view.inter[:, :, :, None, :, None]
+    dv = torch.einsum("bchirjs,bcirhp->bcjshp", scores * mix, dy) + to_end * kdS + w.D[:, None] * dy
+    dq = torch.einsum("bchirjs,bcjshn->bcirhn", dP * mix, k) + inter * U
+    dk = torch.einsum("bchirjs,bcirhn->bcjshn", dP * mix, q) + to_end * torch.einsum("bcjshp,bchpn->bcjshn", v, dS)
+
+    # Per-token scalars: dL_ij = Σ_{r,s} dP ⊙ scores, dw_j = Σ_s k_{j,s}·(dS v_{j,s}), dinter_i = Σ_r q_{i,r}·(h̃ᵀ dy_{i,r}).
+    dL = torch.einsum("bchirjs->bcijh", dP * scores)
+    dw = (kdS * v).sum(dim=(-1, 3))  # (b, c, j, h)
+    dinter = (U * q).sum(dim=(-1, 3))  # (b, c, i, h)
+    below = torch.ones(Q, Q, dtype=torch.bool, device=q.device).tril(-1)[None, None, :, :, None]
+    spread = torch.where(below, dL * view.decay, 0)  # dL_ij exp(cs_i − cs_j), i > j
+    wo = terms.wo.view(b, nc, Q, H)
+    flow = spread * wo[:, :, None]  # ∂/∂cs_i of L_ij, i > j
+    end_flow = dw * view.to_end  # ∂/∂cs_last of w_j
+    cs_grad = flow.sum(dim=3) - flow.sum(dim=2) + dinter * view.inter - end_flow
+    cs_grad[:, :, -1] += end_flow.sum(dim=2)
+    last_doc = terms.seg.view(b, nc, Q) == terms.seg.view(b, nc, Q)[:, :, -1:]
+    cs = terms.cs.view(b, nc, Q, H)
+    end_gap = torch.exp((cs[:, :, -1:] - cs).masked_fill(~last_doc[..., None], float("-inf")))  # exp(cs_last − cs_j)
+    wo_grad = spread.sum(dim=2) + dw * end_gap
+    wd_grad = torch.diagonal(dL, dim1=2, dim2=3).movedim(-1, 2)  # (b, c, Q, H)
+
+    # Rotation: dθ from both rotated vectors, then the unrotated gradients of B/C (+ bias).
+    half_split = R > 1
+    theta = view.theta[:, :, :, None]  # (b, c, Q, 1, H, S)
+    theta_grad = (pair_cross(dk, k, S, half_split) + pair_cross(dq, q, S, half_split)).sum(dim=3)
+    duB, duC = rotate(dk, -theta, half_split), rotate(dq, -theta, half_split)  # (b, c, Q, R, H, n)
+    group = lambda t: t.view(b, nc * Q, R, G, H // G, n).sum(dim=4)[:, :length]  # noqa: E731
+    bias = lambda t: t.sum(dim=(0, 1, 2)).transpose(0, 1)  # noqa: E731
+    x_grad = dv[:, :, :, 0] if w.mimo_x is None else (dv * w.mimo_x.transpose(0, 1)).sum(dim=3)
+    flat = lambda t: t.reshape(b, nc * Q, *t.shape[3:])[:, :length]  # noqa: E731
+    D_grad = (dy * v).sum(dim=(0, 1, 2, 3, 5))
+
+    # Scalars and boundary states through chunk_terms.
+    term_grads = TermGrads(
+        cs_grad.reshape(b, nc * Q, H), wd_grad.reshape(b, nc * Q, H), wo_grad.reshape(b, nc * Q, H), dmult,
+        theta_grad.reshape(b, nc * Q, H, S), dH, grad_final.to(dtype),
+    )
+    rest = terms_backward(inputs, weights, starts, state, Q, term_grads)
+    dx = flat(x_grad).clone()
+    dx[:, -1] += rest.x_last
+    dB = group(duB).clone()
+    dB[:, -1] += rest.B_last
+    mimo_x_grad = None
+    if w.mimo_x is not None:
+        mimo_x_grad = torch.einsum("bcjshp,bcjhp->hsp", dv, to_chunks(inputs.x, nc, Q, dtype)) + rest.mimo_x
+    grads_inputs = Mamba3Inputs(dx, flat(dz), dB, group(duC), rest.dt, rest.A, rest.trap, rest.angles)
+    grads_weights = Mamba3Weights(
+        bias(duB) + rest.B_bias, bias(duC), D_grad, mimo_x_grad,
+        *(gate_grads.get(f) for f in GATE_WEIGHTS),
+    )
+    return grads_inputs, grads_weights, rest.state
