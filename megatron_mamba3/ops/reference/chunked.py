@@ -59,6 +59,7 @@ def _chunked_rows(
     out_dtype, length = inputs.x.dtype, inputs.x.shape[1]
     dtype = compute_dtype(out_dtype)
     inputs, weights, state = inputs.to(dtype), weights.to(dtype), state.to(dtype)
+    chunk_size = min(chunk_size, length)  # a short input is one chunk of its own length, unpadded
     pad = -length % chunk_size
     if pad:
         inputs = pad_with_identity_steps(inputs, pad)
