@@ -11,7 +11,7 @@
 # `--hybrid-layer-pattern M-M-`. A different model needs a fresh CKPT_DIR.
 #
 # Environment: PYTHON (default .venv/bin/python), CKPT_DIR (default checkpoints/cpu_tp2),
-# TRAIN_ITERS (default 20), SAVE_INTERVAL (default 10). About 30 s on 2 CPU cores.
+# TRAIN_ITERS (default 20), SAVE_INTERVAL (default 10).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

@@ -32,6 +32,7 @@ import json
 import os
 import socket
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -101,6 +102,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--save-interval", type=int, default=None, help="also save every N steps (always at the end)")
     train.add_argument("--load", default=None, help="checkpoint root to resume from (its latest; none there: start at 0)")
     train.add_argument("--ckpt-step", type=int, default=None, help="resume from this step instead of the latest")
+    train.add_argument("--no-checkpoint-checksums", action="store_true",
+                       help="check only the file sizes of the checkpoint to resume, not their checksums (very large ones)")
     train.add_argument("--metrics-file", default=None, help="rank 0 appends one JSON line per step (full-precision loss)")
     train.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     train.add_argument("--check-only", action="store_true",
@@ -294,13 +297,18 @@ def checkpoint_to_resume(args: argparse.Namespace):
     """The checkpoint folder --load / --ckpt-step ask for (None: start at step 0). Raises SystemExit
     when it was trained with other model settings, before anything is built."""
     from checkpoints import find_checkpoint, read_train_state
+    from integrity import verify
 
     if args.load is None:
         return None
-    folder = find_checkpoint(args.load, args.ckpt_step)
+    try:
+        folder = find_checkpoint(args.load, args.ckpt_step)
+    except FileNotFoundError as error:
+        raise SystemExit(str(error)) from None
     if folder is None:
         log(f"no checkpoint under {args.load}: starting at step 0")
         return None
+    verify(folder, checksums=not args.no_checkpoint_checksums)
     state = read_train_state(folder)
     saved = state["args"]
     changed = {name: (saved.get(name), getattr(args, name)) for name in MODEL_ARGS if saved.get(name) != getattr(args, name)}
@@ -326,6 +334,19 @@ def resume(folder, model, optimizer, scheduler) -> int:
     return state["iteration"]
 
 
+def lock_checkpoint_root(args: argparse.Namespace):
+    """Rank 0 holds the lock of the --save root for this run's life (the open file it returns);
+    every rank stops, naming the holder, when another run holds it."""
+    from integrity import try_lock
+
+    held = try_lock(Path(args.save)) if dist.get_rank() == 0 else None
+    message = [held if isinstance(held, str) else None]
+    dist.broadcast_object_list(message, src=0)
+    if message[0]:
+        raise SystemExit(message[0])
+    return held
+
+
 def log(message: str) -> None:
     if preflight.is_rank_zero():
         print(f"[train] {message}", flush=True)
@@ -344,6 +365,7 @@ def train(args: argparse.Namespace, folder) -> None:
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.packed_seq_params import PackedSeqParams
 
+    lock = lock_checkpoint_root(args) if args.save else None  # noqa: F841  (held until the process ends)
     data = build_data(args)
     model = build_model(args)
     wrapped, optimizer, scheduler = build_optimizer(args, model)
@@ -418,6 +440,10 @@ def run(args: argparse.Namespace) -> None:
     preflight.check_up_front(args)
     folder = checkpoint_to_resume(args)
     if args.check_only:
+        if args.save:  # another run saving there now is refused here already
+            from integrity import check_unlocked
+
+            check_unlocked(Path(args.save))
         return
     with quiet.without_gloo_connected_lines():
         init_distributed(args)

@@ -35,9 +35,10 @@ BAD_INPUTS = {
 Scan = Callable[..., tuple[Tensor, object]]
 
 
-def case() -> tuple[Mamba3Inputs, Mamba3Weights, Tensor]:
-    """Clean float64 inputs (1, L, ...), weights (SISO, G = 1) and the (1, L) segment ids."""
-    inputs, weights = make_case(b=1, l=L, H=H, p=P, R=1, G=1, n=16, seed=7)
+def case(p: int = P, n: int = 16) -> tuple[Mamba3Inputs, Mamba3Weights, Tensor]:
+    """Clean float64 inputs (1, L, ...), weights (SISO, G = 1, head dim p, state n) and the (1, L)
+    segment ids."""
+    inputs, weights = make_case(b=1, l=L, H=H, p=p, R=1, G=1, n=n, seed=7)
     segment_ids = torch.zeros(1, L, dtype=torch.int64)
     for index, (begin, end) in enumerate(DOCS.values()):
         segment_ids[:, begin:end] = index
@@ -51,10 +52,10 @@ def with_bad(inputs: Mamba3Inputs, field: str) -> Mamba3Inputs:
     return inputs._replace(**{field: bad})
 
 
-def expected_reach(field: str) -> Tensor:
-    """(L, H, P) bool: the outputs the bad entry makes non-finite."""
+def expected_reach(field: str, p: int = P) -> Tensor:
+    """(L, H, p) bool: the outputs the bad entry makes non-finite."""
     _, index, kind = BAD_INPUTS[field]
-    reach = torch.zeros(L, H, P, dtype=torch.bool)
+    reach = torch.zeros(L, H, p, dtype=torch.bool)
     tokens = slice(BAD, DOCS["B"][1]) if kind == "state" else slice(BAD, BAD + 1)
     if field in ("x", "z"):
         reach[tokens, index[0], index[1]] = True
@@ -65,27 +66,29 @@ def expected_reach(field: str) -> Tensor:
     return reach
 
 
-def check_forward(scan: Scan, field: str, to_device: Callable = lambda t: t) -> None:
+def check_forward(scan: Scan, field: str, to_device: Callable = lambda t: t, p: int = P, n: int = 16) -> None:
     """`scan(inputs, weights, segment_ids=...)` on clean and bad inputs: the bad run is non-finite
     exactly at `expected_reach`, and bit-identical to the clean run everywhere else."""
-    inputs, weights, segment_ids = case()
+    inputs, weights, segment_ids = case(p, n)
     move = lambda named: type(named)(*(None if t is None else to_device(t) for t in named))  # noqa: E731
     clean, _ = scan(move(inputs), move(weights), segment_ids=to_device(segment_ids))
     bad, _ = scan(move(with_bad(inputs, field)), move(weights), segment_ids=to_device(segment_ids))
     clean, bad = clean.cpu()[0], bad.cpu()[0]
-    reach = expected_reach(field)
+    reach = expected_reach(field, p)
     assert torch.equal(~torch.isfinite(bad), reach), f"non-finite at {(~torch.isfinite(bad)).nonzero()[:5].tolist()}..."
     assert torch.equal(bad[~reach], clean[~reach])
 
 
-def check_gradient(scan: Scan, field: str, to_device: Callable = lambda t: t, *, plain_backward: bool = False) -> None:
+def check_gradient(
+    scan: Scan, field: str, to_device: Callable = lambda t: t, p: int = P, n: int = 16, *, plain_backward: bool = False
+) -> None:
     """The gradient of a weighted sum of document A's outputs with respect to every input and weight:
     finite, equal to the clean run's bit for bit, and exactly zero at tokens outside A.
 
     `plain_backward` (the recurrent oracle): its backward multiplies B's zero output gradients by B's
     non-finite values (0 · NaN), so only A's tokens and the clean document C are checked."""
-    inputs, weights, segment_ids = case()
-    probe = torch.randn(1, DOCS["A"][1], H, P, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    inputs, weights, segment_ids = case(p, n)
+    probe = torch.randn(1, DOCS["A"][1], H, p, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
 
     def gradients(scan_inputs: Mamba3Inputs) -> list[Tensor]:
         leaves = [to_device(t).detach().requires_grad_() for t in (*scan_inputs, *(w for w in weights if w is not None))]
