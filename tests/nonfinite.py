@@ -12,7 +12,7 @@ exactly zero outside A.
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import torch
 from torch import Tensor
@@ -35,10 +35,21 @@ BAD_INPUTS = {
 Scan = Callable[..., tuple[Tensor, object]]
 
 
-def case(p: int = P, n: int = 16) -> tuple[Mamba3Inputs, Mamba3Weights, Tensor]:
-    """Clean float64 inputs (1, L, ...), weights (SISO, G = 1, head dim p, state n) and the (1, L)
-    segment ids."""
-    inputs, weights = make_case(b=1, l=L, H=H, p=p, R=1, G=1, n=n, seed=7)
+class Sizes(NamedTuple):
+    """Head dim p, state n, MIMO rank R, and whether the per-head output norm is on."""
+
+    p: int = P
+    n: int = 16
+    R: int = 1
+    norm: bool = False
+
+
+SISO, MIMO_NORM = Sizes(), Sizes(R=2, norm=True)
+
+
+def case(sizes: Sizes) -> tuple[Mamba3Inputs, Mamba3Weights, Tensor]:
+    """Clean float64 inputs (1, L, ...), weights (G = 1) and the (1, L) segment ids."""
+    inputs, weights = make_case(b=1, l=L, H=H, p=sizes.p, R=sizes.R, G=1, n=sizes.n, norm=sizes.norm, seed=7)
     segment_ids = torch.zeros(1, L, dtype=torch.int64)
     for index, (begin, end) in enumerate(DOCS.values()):
         segment_ids[:, begin:end] = index
@@ -52,10 +63,10 @@ def with_bad(inputs: Mamba3Inputs, field: str) -> Mamba3Inputs:
     return inputs._replace(**{field: bad})
 
 
-def expected_reach(field: str, p: int = P) -> Tensor:
+def expected_reach(field: str, sizes: Sizes) -> Tensor:
     """(L, H, p) bool: the outputs the bad entry makes non-finite."""
     _, index, kind = BAD_INPUTS[field]
-    reach = torch.zeros(L, H, p, dtype=torch.bool)
+    reach = torch.zeros(L, H, sizes.p, dtype=torch.bool)
     tokens = slice(BAD, DOCS["B"][1]) if kind == "state" else slice(BAD, BAD + 1)
     if field in ("x", "z"):
         reach[tokens, index[0], index[1]] = True
@@ -63,43 +74,44 @@ def expected_reach(field: str, p: int = P) -> Tensor:
         reach[tokens, index[0]] = True
     else:  # angles, B, C: shared by every head (one group)
         reach[tokens] = True
-    return reach
+    spreads = sizes.norm and field != "z"  # the norm mixes y's channels; z gates after it
+    return reach.any(dim=-1, keepdim=True).expand_as(reach) if spreads else reach
 
 
-def check_forward(scan: Scan, field: str, to_device: Callable = lambda t: t, p: int = P, n: int = 16) -> None:
+def check_forward(scan: Scan, field: str, to_device: Callable = lambda t: t, sizes: Sizes = SISO) -> None:
     """`scan(inputs, weights, segment_ids=...)` on clean and bad inputs: the bad run is non-finite
     exactly at `expected_reach`, and bit-identical to the clean run everywhere else."""
-    inputs, weights, segment_ids = case(p, n)
+    inputs, weights, segment_ids = case(sizes)
     move = lambda named: type(named)(*(None if t is None else to_device(t) for t in named))  # noqa: E731
     clean, _ = scan(move(inputs), move(weights), segment_ids=to_device(segment_ids))
     bad, _ = scan(move(with_bad(inputs, field)), move(weights), segment_ids=to_device(segment_ids))
     clean, bad = clean.cpu()[0], bad.cpu()[0]
-    reach = expected_reach(field, p)
+    reach = expected_reach(field, sizes)
     assert torch.equal(~torch.isfinite(bad), reach), f"non-finite at {(~torch.isfinite(bad)).nonzero()[:5].tolist()}..."
     assert torch.equal(bad[~reach], clean[~reach])
 
 
 def check_gradient(
-    scan: Scan, field: str, to_device: Callable = lambda t: t, p: int = P, n: int = 16, *, plain_backward: bool = False
+    scan: Scan, field: str, to_device: Callable = lambda t: t, sizes: Sizes = SISO, *, plain_backward: bool = False
 ) -> None:
     """The gradient of a weighted sum of document A's outputs with respect to every input and weight:
     finite, equal to the clean run's bit for bit, and exactly zero at tokens outside A.
 
     `plain_backward` (the recurrent oracle): its backward multiplies B's zero output gradients by B's
     non-finite values (0 · NaN), so only A's tokens and the clean document C are checked."""
-    inputs, weights, segment_ids = case(p, n)
-    probe = torch.randn(1, DOCS["A"][1], H, p, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    inputs, weights, segment_ids = case(sizes)
+    names = [*Mamba3Inputs._fields, *(name for name, w in weights._asdict().items() if w is not None)]
+    probe = torch.randn(1, DOCS["A"][1], H, sizes.p, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
 
     def gradients(scan_inputs: Mamba3Inputs) -> list[Tensor]:
         leaves = [to_device(t).detach().requires_grad_() for t in (*scan_inputs, *(w for w in weights if w is not None))]
-        out, _ = scan(Mamba3Inputs(*leaves[:8]), Mamba3Weights(*leaves[8:]), segment_ids=to_device(segment_ids))
+        named_weights = Mamba3Weights(**dict(zip(names[8:], leaves[8:])))
+        out, _ = scan(Mamba3Inputs(*leaves[:8]), named_weights, segment_ids=to_device(segment_ids))
         (out[:, : DOCS["A"][1]] * to_device(probe)).sum().backward()
         return [leaf.grad.cpu() for leaf in leaves]
 
     a_end, (c_begin, _) = DOCS["A"][1], DOCS["C"]
-    for name, clean, bad in zip(
-        (*Mamba3Inputs._fields, "B_bias", "C_bias", "D"), gradients(inputs), gradients(with_bad(inputs, field))
-    ):
+    for name, clean, bad in zip(names, gradients(inputs), gradients(with_bad(inputs, field)), strict=True):
         per_token = name in Mamba3Inputs._fields
         if plain_backward and not per_token:
             continue

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatron_mamba3.ops import Mamba3Weights, mamba3_scan
-from tests.nonfinite import BAD_INPUTS, CHUNK, check_forward, check_gradient
+from tests.nonfinite import BAD_INPUTS, CHUNK, Sizes, check_forward, check_gradient
 
 pytestmark = [
     pytest.mark.gpu,
@@ -17,7 +17,7 @@ pytestmark = [
         reason="needs a CUDA GPU and TileLang (runs on the GPU machine, not in CPU-only CI)",
     ),
 ]
-P, N = 64, 64  # sizes the kernels take
+SIZES = [Sizes(p=64, n=64), Sizes(p=64, n=64, R=2, norm=True)]  # sizes the kernels take
 
 
 def scan(inputs, weights, **packing):
@@ -29,11 +29,13 @@ def to_device(t):
     return (t.bfloat16() if t.is_floating_point() else t).cuda()
 
 
+@pytest.mark.parametrize("sizes", SIZES, ids=["SISO", "MIMO-norm"])
 @pytest.mark.parametrize("field", list(BAD_INPUTS))
-def test_bad_input_reaches_only_its_document_and_later_tokens(field):
-    check_forward(scan, field, to_device, P, N)
+def test_bad_input_reaches_only_its_document_and_later_tokens(field, sizes):
+    check_forward(scan, field, to_device, sizes)
 
 
+@pytest.mark.parametrize("sizes", SIZES, ids=["SISO", "MIMO-norm"])
 @pytest.mark.parametrize("field", list(BAD_INPUTS))
-def test_gradient_of_one_document_ignores_bad_input_of_another(field):
-    check_gradient(scan, field, to_device, P, N)
+def test_gradient_of_one_document_ignores_bad_input_of_another(field, sizes):
+    check_gradient(scan, field, to_device, sizes)

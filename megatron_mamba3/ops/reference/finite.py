@@ -9,8 +9,8 @@ recurrence makes non-finite from the bad entries:
 - a bad x (per head and channel p) or a bad B, Δ, A, trap or angle (per head) enters the state and
   reaches that token and every later token of its document; so does a bad incoming state, for the
   tokens that continue its document;
-- a bad z (per channel) or C (per head) reaches only its own token's output; with the per-head
-  output norm a bad channel reaches the whole head.
+- a bad z (per channel) or C (per head) reaches only its own token's output; the per-head output
+  norm spreads a bad channel of y (not of z) to the whole head.
 
 Outputs and state entries reached are NaN; all others come from finite arithmetic, so they equal a
 run without the bad entries bit for bit, and gradients stay finite (and exactly zero for the
@@ -65,9 +65,10 @@ def finite_parts(
     incoming = _bad(state.h, 3) | _bad(state.v_prev, 3) | incoming_head[..., None]  # (b, H, p)
     state_head = enters_head | (carried[..., None] & incoming_head[:, None])
     state_bad = enters | state_head[..., None] | (carried[..., None, None] & incoming[:, None])
-    out_bad = state_bad | _bad(z, 4) | group_bad(C)[..., None]
-    if per_head_norm:
-        out_bad = out_bad.any(dim=-1, keepdim=True).expand(-1, -1, -1, p)
+    y_bad = state_bad | group_bad(C)[..., None]
+    if per_head_norm:  # normalizes y over the head's channels (z enters after it, channel by channel)
+        y_bad = y_bad.any(dim=-1, keepdim=True).expand(-1, -1, -1, p)
+    out_bad = y_bad | _bad(z, 4)
 
     finite = lambda t: torch.where(torch.isfinite(t), t, torch.zeros((), dtype=t.dtype, device=t.device))  # noqa: E731
     clean_chunk = Mamba3Inputs(*(finite(t) for t in chunk))
