@@ -125,3 +125,17 @@ def test_device_offsets_are_checked_behind_the_debug_flag(device, monkeypatch):
     monkeypatch.setenv(DEBUG_CHECKS, "1")
     with pytest.raises(ValueError, match=r"cu_seqlens=\[0, 5, 3, 6\] must start at 0, never decrease"):
         check_cu_seqlens(decreasing, 6)
+
+
+def test_short_input_is_one_unpadded_chunk(device, sync, monkeypatch):
+    from megatron_mamba3.ops.xla import scan_adapter
+
+    chunk_shapes, loop = [], scan_adapter._loop
+    monkeypatch.setattr(scan_adapter, "_loop", lambda step, carry, xs, traced: chunk_shapes.append(tuple(xs[1].shape))
+                        or loop(step, carry, xs, traced))
+    inputs, weights = make_case(b=2, l=8, H=2, p=4, n=8, G=1, dtype=torch.float32)
+    expected, _ = mamba3_scan(inputs, weights, variant="recurrent")
+    on_device = lambda named: type(named)(*(None if t is None else t.to(device) for t in named))  # noqa: E731
+    out, _ = mamba3_xla_scan(on_device(inputs), on_device(weights), chunk_size=1024)
+    sync()
+    assert chunk_shapes == [(1, 2, 8)] and rel_err(out.cpu(), expected) < TOL  # (chunks, b, c): no padding to 1024
