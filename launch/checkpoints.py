@@ -3,7 +3,9 @@
 Layout under a checkpoint root:
 
     iter_0000020/         one finished checkpoint: dist_checkpointing files + train_state.json
+                          + manifest.json (every file's size and CRC-32, see integrity.py)
     latest                text file naming the newest finished checkpoint ("iter_0000020")
+    .lock                 held by the run saving here (see integrity.py)
 
 A checkpoint is written into `iter_XXXXXXX.partial/` and renamed to its final name only after every
 rank has finished writing and `train_state.json` is in place; `latest` is then replaced atomically
@@ -20,6 +22,7 @@ import shutil
 from pathlib import Path
 
 import torch.distributed as dist
+from integrity import write_manifest
 from megatron.core import dist_checkpointing
 
 TRACKER = "latest"
@@ -49,6 +52,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, train_state: di
     dist.barrier()
     if dist.get_rank() == 0:
         (partial / TRAIN_STATE).write_text(json.dumps({"iteration": iteration, **train_state}, indent=1))
+        write_manifest(partial)
         shutil.rmtree(final, ignore_errors=True)
         os.rename(partial, final)
         tracker_tmp = root_path / f".{TRACKER}.tmp"

@@ -11,7 +11,7 @@
 # `--hybrid-layer-pattern M-M-`. A different model needs a fresh CKPT_DIR.
 #
 # Environment: PYTHON (default .venv/bin/python), CKPT_DIR (default checkpoints/cpu_tp2),
-# TRAIN_ITERS (default 20), SAVE_INTERVAL (default 10). About 30 s on 2 CPU cores.
+# TRAIN_ITERS (default 20), SAVE_INTERVAL (default 10).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,7 +24,7 @@ if ! [ -x "$PYTHON" ]; then
   exit 1
 fi
 
-exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 2 launch/train.py \
+ARGS=(
   --device cpu --tensor-model-parallel-size 2 \
   --hybrid-layer-pattern 'M*M-' --hidden-size 64 --num-attention-heads 4 \
   --mamba-head-dim 16 --mamba-state-dim 32 --mamba-num-groups 1 --vocab-size 256 \
@@ -32,3 +32,7 @@ exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 2 launch/t
   --train-iters "$TRAIN_ITERS" --log-interval 1 \
   --save "$CKPT_DIR" --save-interval "$SAVE_INTERVAL" --load "$CKPT_DIR" \
   "$@"
+)
+# Check the flags and the checkpoint in one process first: a mistake is one line, not torchrun's report.
+WORLD_SIZE=2 "$PYTHON" launch/train.py --check-only "${ARGS[@]}" >/dev/null
+OMP_NUM_THREADS=${OMP_NUM_THREADS:-1} exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 2 launch/train.py "${ARGS[@]}"

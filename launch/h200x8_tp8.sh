@@ -29,7 +29,7 @@ if ! [ -x "$PYTHON" ]; then
   exit 1
 fi
 
-exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 8 launch/train.py \
+ARGS=(
   --device cuda --tensor-model-parallel-size 8 --sequence-parallel \
   --hybrid-layer-pattern 'M*M-M*M-' --hidden-size 2048 --num-attention-heads 16 \
   --mamba-head-dim 64 --mamba-state-dim 128 --mamba-num-groups 8 --vocab-size 32768 \
@@ -37,3 +37,7 @@ exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 8 launch/t
   --train-iters "$TRAIN_ITERS" --log-interval 10 \
   --save "$CKPT_DIR" --save-interval "$SAVE_INTERVAL" --load "$CKPT_DIR" \
   "$@"
+)
+# Check the flags and the checkpoint in one process first: a mistake is one line, not torchrun's report.
+WORLD_SIZE=8 "$PYTHON" launch/train.py --check-only "${ARGS[@]}" >/dev/null
+exec "$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 8 launch/train.py "${ARGS[@]}"

@@ -13,13 +13,15 @@ fp32) with Megatron's learning-rate scheduler (warm-up, then constant, linear or
 Checkpoints are Megatron distributed checkpoints of model and optimizer, written atomically (see
 `checkpoints.py`). Tokens are synthetic or read from a memory-mapped file (see `token_data.py`) and
 depend only on the step, so a resumed run repeats the uninterrupted run's losses exactly (CPU, same
-settings). Every bad flag or combination is refused up front, naming it.
+settings). Every bad flag or combination is refused up front, naming it, in one line on rank 0
+(`preflight.py`; `--check-only` stops there); start-up notes that do not apply are dropped (`quiet.py`).
 
 Rank 0 prints one progress line every `--log-interval` steps:
 
-    step 12/20 | loss 2.315617 | 5866 tokens/s | step 87.3 ms | lr 3.00e-03 | grad norm 0.412 | mamba3 reference/chunked float32 x2 layers
+    step 12/20 | loss 2.315617 | 5866 tokens/s | step 87.3 ms | elapsed 1s | ETA 1s | lr 3.00e-03 | grad norm 0.412 | mamba3 reference/chunked float32 x2 layers
 
-(`tokens/s` and `step` are averaged over the interval; on CUDA a `peak mem` field follows the grad norm; the last field is the Mamba-3 receipt: the
+(`tokens/s` and `step` are averaged over the interval, `elapsed` counts from this run's first step
+and `ETA` extrapolates its mean step time to --train-iters; on CUDA a `peak mem` field follows the grad norm; the last field is the Mamba-3 receipt: the
 backend and kernel variant that ran, the dtype and the number of M layers that reported it.)
 """
 
@@ -30,9 +32,14 @@ import json
 import os
 import socket
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+
+import lr_schedule
+import preflight
+import quiet
 
 MODEL_ARGS = (
     "hybrid_layer_pattern", "hidden_size", "num_attention_heads", "ffn_hidden_size", "num_experts", "moe_router_topk",
@@ -43,7 +50,7 @@ LAYER_SYMBOLS = "M*-E"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = preflight.OneLineParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     model = parser.add_argument_group("model")
     model.add_argument("--hybrid-layer-pattern", default="M*M-",
                        help="one symbol per layer: M Mamba-3, * self-attention, - MLP, E MoE (CUDA only)")
@@ -82,11 +89,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     optim.add_argument("--lr-warmup-iters", type=int, default=0, help="linear warm-up steps from 0 to --lr")
     optim.add_argument("--lr-decay-style", default="constant", choices=("constant", "linear", "cosine"))
     optim.add_argument("--lr-decay-iters", type=int, default=None,
-                       help="steps from --lr to --min-lr (default --train-iters; a resume keeps the checkpoint's)")
+                       help="steps from --lr to --min-lr (default: --train-iters, on a resume too; see lr_schedule.py)")
     optim.add_argument("--weight-decay", type=float, default=0.01)
     optim.add_argument("--clip-grad", type=float, default=1.0, help="gradient-norm clip (0 disables)")
     optim.add_argument("--adam-beta1", type=float, default=0.9)
     optim.add_argument("--adam-beta2", type=float, default=0.95)
+    lr_schedule.add_arguments(optim)
     train = parser.add_argument_group("training and checkpoints")
     train.add_argument("--train-iters", type=int, default=20, help="total steps, counting those before a resume")
     train.add_argument("--log-interval", type=int, default=1)
@@ -94,8 +102,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--save-interval", type=int, default=None, help="also save every N steps (always at the end)")
     train.add_argument("--load", default=None, help="checkpoint root to resume from (its latest; none there: start at 0)")
     train.add_argument("--ckpt-step", type=int, default=None, help="resume from this step instead of the latest")
+    train.add_argument("--no-checkpoint-checksums", action="store_true",
+                       help="check only the file sizes of the checkpoint to resume, not their checksums (very large ones)")
     train.add_argument("--metrics-file", default=None, help="rank 0 appends one JSON line per step (full-precision loss)")
     train.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    train.add_argument("--check-only", action="store_true",
+                       help="check the flags (for WORLD_SIZE processes) and the checkpoint to resume, then exit")
     train.add_argument("--bf16", action="store_true",
                        help="bf16 parameters and activations (Megatron's Float16Module) with fp32 master weights in "
                             "the optimizer; CUDA only. The TileLang backend runs on bf16 activations only")
@@ -110,10 +122,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("train_iters", "log_interval", "seq_length", "micro_batch_size", "hidden_size", "vocab_size"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if args.lr_decay_iters is None:
-        args.lr_decay_iters = args.train_iters
-    if not 0 <= args.lr_warmup_iters < args.lr_decay_iters:
-        parser.error(f"--lr-warmup-iters {args.lr_warmup_iters} must be >= 0 and below the decay length {args.lr_decay_iters}")
+    if not 0 <= args.lr_warmup_iters < lr_schedule.decay_iters(args):
+        parser.error(f"--lr-warmup-iters {args.lr_warmup_iters} must be >= 0 and below the decay length {lr_schedule.decay_iters(args)}")
     if not 0 <= args.min_lr <= args.lr:
         parser.error(f"--min-lr {args.min_lr} must be in [0, --lr {args.lr}]")
     if args.save_interval is not None and args.save_interval < 1:
@@ -146,21 +156,10 @@ def init_distributed(args: argparse.Namespace) -> None:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    world = int(os.environ["WORLD_SIZE"])
-    tp = args.tensor_model_parallel_size or world
-    if tp != world:
-        raise SystemExit(
-            f"--tensor-model-parallel-size {tp} with {world} processes: this entry runs one data-parallel replica, "
-            f"so TP must equal the number of processes"
-        )
-    if args.vocab_size % tp:
-        raise SystemExit(f"--vocab-size {args.vocab_size} must be divisible by the TP size {tp}")
-    if args.sequence_parallel and args.seq_length % tp:
-        raise SystemExit(f"--sequence-parallel needs --seq-length ({args.seq_length}) divisible by the TP size {tp}")
+    tp = args.tensor_model_parallel_size  # checked against the process count by preflight.check_up_front
     if args.device == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
-    args.tensor_model_parallel_size = tp
 
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -259,10 +258,12 @@ def build_optimizer(args: argparse.Namespace, model):
         ),
         [wrapped],
     )
-    scheduler = OptimizerParamScheduler(
+    decay = lr_schedule.decay_iters(args)
+    scheduler = OptimizerParamScheduler(  # the settings are final here (a resume resolved them): they win on load
         optimizer, init_lr=0.0 if args.lr_warmup_iters else args.lr, max_lr=args.lr, min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=args.lr_decay_iters, lr_decay_style=args.lr_decay_style,
-        start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=args.lr_decay_iters, wd_incr_style="constant",
+        lr_warmup_steps=args.lr_warmup_iters, lr_decay_steps=decay, lr_decay_style=args.lr_decay_style,
+        start_wd=args.weight_decay, end_wd=args.weight_decay, wd_incr_steps=decay, wd_incr_style="constant",
+        use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,
     )
     return wrapped, optimizer, scheduler
 
@@ -296,17 +297,26 @@ def checkpoint_to_resume(args: argparse.Namespace):
     """The checkpoint folder --load / --ckpt-step ask for (None: start at step 0). Raises SystemExit
     when it was trained with other model settings, before anything is built."""
     from checkpoints import find_checkpoint, read_train_state
+    from integrity import verify
 
     if args.load is None:
         return None
-    folder = find_checkpoint(args.load, args.ckpt_step)
+    try:
+        folder = find_checkpoint(args.load, args.ckpt_step)
+    except FileNotFoundError as error:
+        raise SystemExit(str(error)) from None
     if folder is None:
         log(f"no checkpoint under {args.load}: starting at step 0")
         return None
-    saved = read_train_state(folder)["args"]
+    verify(folder, checksums=not args.no_checkpoint_checksums)
+    state = read_train_state(folder)
+    saved = state["args"]
     changed = {name: (saved.get(name), getattr(args, name)) for name in MODEL_ARGS if saved.get(name) != getattr(args, name)}
     if changed:
         raise SystemExit(f"{folder} was trained with other model settings (saved, now): {changed}")
+    note = lr_schedule.resolve_schedule(args, state["scheduler"], folder)
+    if note:
+        log(note)
     return folder
 
 
@@ -315,23 +325,47 @@ def resume(folder, model, optimizer, scheduler) -> int:
     from checkpoints import load_checkpoint, read_train_state
 
     state = read_train_state(folder)
+    saved = state["scheduler"]
+    lr_schedule.set_group_lrs(optimizer, saved["max_lr"], saved["min_lr"])  # the keys its groups were saved under
     load_checkpoint(folder, model, optimizer)
-    scheduler.load_state_dict(state["scheduler"])
+    lr_schedule.set_group_lrs(optimizer, scheduler.max_lr, scheduler.min_lr)
+    scheduler.load_state_dict(saved)
     log(f"resumed from {folder} at step {state['iteration']}")
     return state["iteration"]
 
 
+def lock_checkpoint_root(args: argparse.Namespace):
+    """Rank 0 holds the lock of the --save root for this run's life (the open file it returns);
+    every rank stops, naming the holder, when another run holds it."""
+    from integrity import try_lock
+
+    held = try_lock(Path(args.save)) if dist.get_rank() == 0 else None
+    message = [held if isinstance(held, str) else None]
+    dist.broadcast_object_list(message, src=0)
+    if message[0]:
+        raise SystemExit(message[0])
+    return held
+
+
 def log(message: str) -> None:
-    if dist.get_rank() == 0:
+    if preflight.is_rank_zero():
         print(f"[train] {message}", flush=True)
 
 
-def train(args: argparse.Namespace) -> None:
+def clock(seconds: float) -> str:
+    """A duration as "1h02m03s" / "2m03s" / "3s"."""
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
+
+
+def train(args: argparse.Namespace, folder) -> None:
+    """Train from step 0, or from the checkpoint `folder` (see `checkpoint_to_resume`)."""
     from checkpoints import save_checkpoint
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.packed_seq_params import PackedSeqParams
 
-    folder = checkpoint_to_resume(args)
+    lock = lock_checkpoint_root(args) if args.save else None  # noqa: F841  (held until the process ends)
     data = build_data(args)
     model = build_model(args)
     wrapped, optimizer, scheduler = build_optimizer(args, model)
@@ -349,6 +383,7 @@ def train(args: argparse.Namespace) -> None:
     tokens_per_step = args.micro_batch_size * args.seq_length
     metrics = open(args.metrics_file, "a") if args.metrics_file and dist.get_rank() == 0 else None
     interval_time, interval_steps = 0.0, 0
+    run_began = time.perf_counter()
     receipt_summary()  # start the first interval's receipts afresh
     for step in range(start, args.train_iters):
         began = time.perf_counter()
@@ -382,8 +417,10 @@ def train(args: argparse.Namespace) -> None:
         if (step + 1) % args.log_interval == 0 or step + 1 == args.train_iters:
             mean = interval_time / interval_steps
             memory = f" | peak mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if args.device == "cuda" else ""
+            elapsed_run = time.perf_counter() - run_began
+            eta = elapsed_run / (step + 1 - start) * (args.train_iters - step - 1)
             log(f"step {step + 1}/{args.train_iters} | loss {loss_value:.6f} | {tokens_per_step / mean:.0f} tokens/s | "
-                f"step {mean * 1e3:.1f} ms | lr {lr:.2e} | grad norm {float(grad_norm):.3f}{memory} | mamba3 {receipt_summary()}")
+                f"step {mean * 1e3:.1f} ms | elapsed {clock(elapsed_run)} | ETA {clock(eta)} | lr {lr:.2e} | grad norm {float(grad_norm):.3f}{memory} | mamba3 {receipt_summary()}")
             interval_time, interval_steps = 0.0, 0
         if args.save and (step + 1 == args.train_iters or (args.save_interval and (step + 1) % args.save_interval == 0)):
             train_state = {"args": vars(args), "scheduler": scheduler.state_dict()}
@@ -395,9 +432,23 @@ def train(args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    init_distributed(args)
+    quiet.quiet_notes(on_cuda=args.device == "cuda")
+    preflight.report_project_errors(lambda: run(args))
+
+
+def run(args: argparse.Namespace) -> None:
+    preflight.check_up_front(args)
+    folder = checkpoint_to_resume(args)
+    if args.check_only:
+        if args.save:  # another run saving there now is refused here already
+            from integrity import check_unlocked
+
+            check_unlocked(Path(args.save))
+        return
+    with quiet.without_gloo_connected_lines():
+        init_distributed(args)
     try:
-        train(args)
+        train(args, folder)
     finally:
         dist.destroy_process_group()
 

@@ -6,12 +6,14 @@ Each violated rule raises `ValueError` at construction, naming the field and the
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from numbers import Integral, Real
 
 from megatron_mamba3.psiv import check_psiv_gate
 
 ROPE_FRACTIONS = (0.5, 1.0)
+MAX_CHUNK_SIZE = 1024  # scan chunks cost memory quadratic in their size
 
 
 def _fail(field: str, value: object, rule: str) -> None:
@@ -76,6 +78,8 @@ class Mamba3Config:
             _fail("d_state", self.d_state, f"leaves no rotary angle at rope_fraction={self.rope_fraction}")
         if self.chunk_size is not None:
             _require_int("chunk_size", self.chunk_size, 1)
+            if self.chunk_size > MAX_CHUNK_SIZE:
+                _fail("chunk_size", self.chunk_size, f"must be <= {MAX_CHUNK_SIZE}")
         for field in ("A_floor", "dt_min", "dt_max", "dt_floor"):
             _require_positive_real(field, getattr(self, field))
         if self.dt_max < self.dt_min:
@@ -128,3 +132,21 @@ class Mamba3Config:
                 f"H = {self.nheads} (d_inner={self.d_inner}, headdim={self.headdim})"
             )
         return self.nheads // tensor_parallel_size
+
+
+def _refuse_unknown_fields(init):
+    """Wrap the dataclass `__init__` so that an unknown field raises `ValueError` naming it, as
+    every other bad field does (a dataclass alone raises `TypeError`)."""
+    fields = frozenset(f.name for f in dataclasses.fields(Mamba3Config))
+
+    @functools.wraps(init)
+    def checked(self, *args, **kwargs):
+        unknown = sorted(kwargs.keys() - fields)
+        if unknown:
+            raise ValueError(f"Mamba3Config has no field(s) {unknown}; fields: {sorted(fields)}")
+        init(self, *args, **kwargs)
+
+    return checked
+
+
+Mamba3Config.__init__ = _refuse_unknown_fields(Mamba3Config.__init__)

@@ -41,12 +41,15 @@ def run_layer(config: Mamba3Config, batch: int, length: int, seed: int) -> None:
     print(f"  forward {forward_s * 1e3:.1f} ms, backward {backward_s * 1e3:.1f} ms")
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--length", type=int, default=256)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
+    for name in ("batch", "length"):
+        if getattr(args, name) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(args, name)}")
     for mimo_rank in (1, 4):
         config = Mamba3Config(d_model=64, headdim=16, d_state=32, mimo_rank=mimo_rank)
         run_layer(config, args.batch, args.length, args.seed)

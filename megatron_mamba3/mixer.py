@@ -31,7 +31,7 @@ from megatron_mamba3.ops.interface import Mamba3State, compute_dtype
 from megatron_mamba3.ops.layer import scan_inputs, scan_weights
 from megatron_mamba3.ops.registry import check_backend_name
 from megatron_mamba3.ops.scan import mamba3_decode, mamba3_scan
-from megatron_mamba3.ops.segments import segment_ids_from_cu_seqlens
+from megatron_mamba3.ops.segments import check_cu_seqlens, segment_ids_from_cu_seqlens
 from megatron_mamba3.parameters import init_layer_params
 from megatron_mamba3.psiv import check_psiv_gate
 from megatron_mamba3.parallel import HEAD_AXES, InProjLayout, make_replicas_identical
@@ -64,6 +64,16 @@ def mixer_config(config: TransformerConfig, d_model: int, settings: dict) -> Mam
     return mamba3
 
 
+def check_sizes_match(config: TransformerConfig, mamba3: Mamba3Config) -> None:
+    """`ValueError` naming both values where a whole `mamba3_config` disagrees with the sizes the
+    TransformerConfig gives every Mamba layer (`mamba_head_dim`, `mamba_state_dim`, `mamba_num_groups`)."""
+    for field, name in FROM_TRANSFORMER_CONFIG.items():
+        if getattr(mamba3, field) != getattr(config, name):
+            raise ValueError(
+                f"mamba3_config.{field}={getattr(mamba3, field)} disagrees with TransformerConfig.{name}={getattr(config, name)}"
+            )
+
+
 class Mamba3Mixer(MegatronModule):
     """Mamba-3 mixer: (l, b, d) hidden states -> ((l, b, d) output, bias None).
 
@@ -73,7 +83,8 @@ class Mamba3Mixer(MegatronModule):
         d_model: hidden size. layer_number, pg_collection, pp_layer_offset, name: as MambaLayer passes.
         backend: scan backend ("auto", "reference", "tilelang", "xla"; None reads
             `MEGATRON_MAMBA3_BACKEND`).
-        mamba3_config: a whole `Mamba3Config` instead of `settings` (its d_model must match).
+        mamba3_config: a whole `Mamba3Config` instead of `settings` (its d_model, headdim, d_state
+            and ngroups must match the layer's and the TransformerConfig's).
         **settings: Mamba3Config fields such as mimo_rank, rope_fraction, chunk_size, is_outproj_norm.
     Every bad value raises `ValueError` here, naming it; a set PsiV gate (SPEC 7) raises
     `NotImplementedError` naming `MEGATRON_MAMBA3_PSIV_CACHE`.
@@ -101,6 +112,8 @@ class Mamba3Mixer(MegatronModule):
             raise ValueError(f"mamba3_config.d_model={mamba3_config.d_model} but the layer's d_model is {d_model}")
         if backend is not None:
             check_backend_name(backend)
+        if mamba3_config is not None:
+            check_sizes_match(config, mamba3_config)
         self.mamba3 = mamba3_config or mixer_config(config, d_model, settings)
         self.backend = backend
         self.layer_number = layer_number
@@ -170,7 +183,9 @@ class Mamba3Mixer(MegatronModule):
         """(l, b, d) hidden states (l / tp under sequence parallelism) -> ((l, b, d) output, bias).
 
         packed_seq_params: THD packing with b = 1; documents from `cu_seqlens_q_padded` (else
-        `cu_seqlens_q`), tokens past the last offset form one more document.
+        `cu_seqlens_q`), tokens past the last offset form one more document; offsets that do not
+        start at 0, decrease or pass the sequence raise `ValueError` (on the device only with
+        MEGATRON_MAMBA3_DEBUG=1, see `check_cu_seqlens`).
         inference_context: a static context; its first call (sequence_len_offset 0) is the prefill,
         later calls decode token by token from the stored state.
         """
@@ -226,6 +241,7 @@ class Mamba3Mixer(MegatronModule):
                 f"batch {shape[0]}"
             )
         cu_seqlens = packed.cu_seqlens_q_padded if packed.cu_seqlens_q_padded is not None else packed.cu_seqlens_q
+        check_cu_seqlens(cu_seqlens, shape[1], to_the_end=False)
         return segment_ids_from_cu_seqlens(cu_seqlens, shape[1])
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: dict | None = None):

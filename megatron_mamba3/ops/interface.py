@@ -12,6 +12,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from megatron_mamba3.config import MAX_CHUNK_SIZE
+
 
 class Mamba3Inputs(NamedTuple):
     """Per-token inputs of the scan; drop the `l` dimension for a single decode step.
@@ -112,9 +114,17 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def check_chunk_size(chunk_size: object) -> None:
-    """`ValueError` unless `chunk_size` is an int >= 1 (any such value leaves the math unchanged)."""
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size={chunk_size!r} must be an int >= 1")
+    """`ValueError` unless `chunk_size` is an int in [1, MAX_CHUNK_SIZE] (any such value leaves the
+    math unchanged; a chunk costs memory quadratic in its size)."""
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or not 1 <= chunk_size <= MAX_CHUNK_SIZE:
+        raise ValueError(f"chunk_size={chunk_size!r} must be an int in [1, {MAX_CHUNK_SIZE}]")
+
+
+def check_floating(name: str, tensor: Tensor) -> None:
+    """`TypeError` naming `name` unless `tensor` is floating point (an int or bool input would
+    truncate the output to its dtype)."""
+    if not tensor.is_floating_point():
+        raise TypeError(f"{name} has dtype {tensor.dtype}; Mamba-3 takes floating-point tensors")
 
 
 def _check_shape(name: str, tensor: Tensor, expected: tuple[int, ...]) -> None:
@@ -127,6 +137,9 @@ def scan_dims(inputs: Mamba3Inputs, weights: Mamba3Weights, *, per_token: bool =
 
     `per_token=True` checks single-token (decode) inputs, which have no `l` dimension.
     """
+    for name, tensor in (*zip(Mamba3Inputs._fields, inputs), *zip(Mamba3Weights._fields, weights)):
+        if tensor is not None:
+            check_floating(name, tensor)
     lead = inputs.x.shape[:1] if per_token else inputs.x.shape[:2]
     if inputs.x.dim() != len(lead) + 2:
         raise ValueError(f"x has shape {tuple(inputs.x.shape)}, expected (b, {'' if per_token else 'l, '}H, p)")
@@ -166,7 +179,12 @@ def scan_dims(inputs: Mamba3Inputs, weights: Mamba3Weights, *, per_token: bool =
 
 
 def check_state(state: Mamba3State, batch: int, dims: ScanDims, name: str = "initial_state") -> None:
-    """Check a state against the scan sizes; `ValueError` names the bad field."""
+    """Check a state against the scan sizes; `TypeError` unless it is a `Mamba3State` of
+    floating-point tensors, `ValueError` naming the field of a bad shape."""
+    if not isinstance(state, Mamba3State):
+        raise TypeError(f"{name} must be a Mamba3State(h, k_prev, v_prev, theta), got {type(state).__name__}")
+    for field, tensor in zip(Mamba3State._fields, state):
+        check_floating(f"{name}.{field}", tensor)
     H, p, R, n, S = dims.H, dims.p, dims.R, dims.n, dims.S
     for field, expected in zip(Mamba3State._fields, ((batch, H, p, n), (batch, R, H, n), (batch, H, p), (batch, H, S))):
         _check_shape(f"{name}.{field}", getattr(state, field), expected)

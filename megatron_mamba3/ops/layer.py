@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from megatron_mamba3.config import Mamba3Config
-from megatron_mamba3.ops.interface import Mamba3Inputs, Mamba3State, Mamba3Weights, compute_dtype
+from megatron_mamba3.ops.interface import Mamba3Inputs, Mamba3State, Mamba3Weights, check_floating, compute_dtype
 from megatron_mamba3.ops.reference.gate import rms_norm
 from megatron_mamba3.ops.scan import mamba3_scan
 
@@ -30,6 +30,7 @@ def decay_rate(dd_A: Tensor, A_floor: float) -> Tensor:
 def split_projection(projected: Tensor, config: Mamba3Config) -> tuple[Tensor, ...]:
     """(b, l, d_in_proj) -> z, x (b, l, H, p); B, C (b, l, R, G, n); dd_dt, dd_A, trap (b, l, H);
     angles (b, l, S). Columns follow the official order [z, x, B, C, dd_dt, dd_A, trap, angles]."""
+    check_floating("projected", projected)
     if projected.shape[-1] != config.d_in_proj:
         raise ValueError(f"projected has width {projected.shape[-1]}, expected d_in_proj = {config.d_in_proj}")
     z, x, B, C, dd_dt, dd_A, trap, angles = torch.split(projected, config.in_proj_sizes, dim=-1)
@@ -80,6 +81,9 @@ def scan_inputs(
     -> scan inputs: Δ = softplus(dd_dt + dt_bias), A = `decay_rate(dd_A)`, B and C RMSNormed
     (eps 1e-5) by the shared B_norm / C_norm weights, in the compute dtype."""
     check_params(params)
+    for name, expected in (("dt_bias", dd_dt.shape[-1:]), ("B_norm", B.shape[-1:]), ("C_norm", C.shape[-1:])):
+        if params[name].shape != expected:
+            raise ValueError(f"params[{name!r}] has shape {tuple(params[name].shape)}, expected {tuple(expected)}")
     dtype = compute_dtype(x.dtype)
     dt = F.softplus(dd_dt.to(dtype) + params["dt_bias"].to(dtype))
     A = decay_rate(dd_A.to(dtype), A_floor)

@@ -7,8 +7,13 @@ fixed shapes and run on the tensors' device, with no host synchronisation.
 
 from __future__ import annotations
 
+import os
+
 import torch
 from torch import Tensor
+
+DEBUG_CHECKS = "MEGATRON_MAMBA3_DEBUG"  # "1": also check offsets that are on the device
+INTEGER_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
 
 def segment_ids_from_doc_ids(doc_ids: Tensor) -> Tensor:
@@ -38,13 +43,32 @@ def document_starts(segment_ids: Tensor) -> Tensor:
     return starts
 
 
+def check_cu_seqlens(cu_seqlens: Tensor, total_length: int, *, to_the_end: bool = True) -> None:
+    """`ValueError` unless `cu_seqlens` is a 1-D integer tensor of N + 1 >= 2 offsets that start at 0,
+    never decrease and end at `total_length` (at or before it when not `to_the_end`). The offsets'
+    values are read only on the host, or with MEGATRON_MAMBA3_DEBUG=1 (reading device values stalls
+    the step); the shape and dtype are always checked."""
+    _check_offsets_tensor(cu_seqlens)
+    if cu_seqlens.device.type == "cpu" or os.environ.get(DEBUG_CHECKS) == "1":
+        _check_offsets(cu_seqlens.tolist(), total_length, to_the_end)
+
+
 def document_bounds(cu_seqlens: Tensor, total_length: int) -> list[tuple[int, int]]:
     """Check `cu_seqlens` and return each document's [start, end) token range (reads it on the host)."""
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
-        raise ValueError(f"cu_seqlens must be a 1-D integer tensor of N + 1 >= 2 offsets, got {cu_seqlens!r}")
+    _check_offsets_tensor(cu_seqlens)
     offsets = cu_seqlens.tolist()
-    if offsets[0] != 0 or offsets[-1] != total_length or any(b < a for a, b in zip(offsets, offsets[1:])):
-        raise ValueError(
-            f"cu_seqlens={offsets} must start at 0, never decrease and end at the packed length {total_length}"
-        )
+    _check_offsets(offsets, total_length, to_the_end=True)
     return list(zip(offsets[:-1], offsets[1:]))
+
+
+def _check_offsets_tensor(cu_seqlens: Tensor) -> None:
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.dtype not in INTEGER_DTYPES:
+        raise ValueError(f"cu_seqlens must be a 1-D integer tensor of N + 1 >= 2 offsets, got shape "
+                         f"{tuple(cu_seqlens.shape)} and dtype {cu_seqlens.dtype}")
+
+
+def _check_offsets(offsets: list[int], total_length: int, to_the_end: bool) -> None:
+    ends_well = offsets[-1] == total_length if to_the_end else offsets[-1] <= total_length
+    if offsets[0] != 0 or not ends_well or any(b < a for a, b in zip(offsets, offsets[1:])):
+        end = f"end at the packed length {total_length}" if to_the_end else f"end at most at the sequence length {total_length}"
+        raise ValueError(f"cu_seqlens={offsets} must start at 0, never decrease and {end}")

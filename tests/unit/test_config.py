@@ -92,3 +92,10 @@ def test_psiv_gate_off_builds(monkeypatch, value):
     else:
         monkeypatch.setenv(PSIV_GATE, value)
     assert Mamba3Config(d_model=64).d_model == 64
+
+
+def test_unknown_field_and_oversized_chunk_raise_value_error():
+    with pytest.raises(ValueError, match=r"Mamba3Config has no field\(s\) \['mimo_rnak'\]"):
+        Mamba3Config(d_model=32, mimo_rnak=4)
+    with pytest.raises(ValueError, match="Mamba3Config.chunk_size=4096: must be <= 1024"):
+        Mamba3Config(d_model=32, chunk_size=4096)

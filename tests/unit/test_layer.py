@@ -2,6 +2,7 @@
 
 import logging
 import math
+import re
 
 import pytest
 import torch
@@ -133,8 +134,52 @@ def test_bad_weights_raise_naming_the_tensor():
         mamba3_scan(inputs, weights._replace(D=weights.D[:3]))
     with pytest.raises(ValueError, match=r"norm has shape \(8,\), expected \(32,\)"):
         mamba3_scan(inputs, weights._replace(norm=torch.ones(8, dtype=torch.float64)))
-    with pytest.raises(ValueError, match="chunk_size=0 must be an int >= 1"):
+    with pytest.raises(ValueError, match=r"chunk_size=0 must be an int in \[1, 1024\]"):
         mamba3_scan(inputs, weights, chunk_size=0)
+    with pytest.raises(ValueError, match=r"chunk_size=4096 must be an int in \[1, 1024\]"):
+        mamba3_scan(inputs, weights, chunk_size=4096)
+
+
+@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
+@pytest.mark.parametrize("field", ["x", "dt", "B_bias"])
+def test_non_floating_tensors_raise_type_error_naming_them(field, dtype):
+    inputs, weights = make_case(b=1, l=5, seed=35)
+    inputs = inputs._replace(**{field: getattr(inputs, field).to(dtype)}) if field in inputs._fields else inputs
+    weights = weights._replace(**{field: getattr(weights, field).to(dtype)}) if field in weights._fields else weights
+    with pytest.raises(TypeError, match=f"{field} has dtype {dtype}; Mamba-3 takes floating-point tensors"):
+        mamba3_scan(inputs, weights)
+
+
+def test_non_floating_projection_and_state_raise_type_error():
+    config = Mamba3Config(d_model=16, headdim=8, d_state=8)
+    params = init_layer_params(config)
+    with pytest.raises(TypeError, match="projected has dtype torch.int64"):
+        mamba3_layer(torch.ones(1, 3, config.d_in_proj, dtype=torch.int64), params, config)
+    _, state = mamba3_layer(torch.zeros(1, 3, config.d_in_proj), params, config)
+    with pytest.raises(TypeError, match=r"initial_state must be a Mamba3State\(h, k_prev, v_prev, theta\), got tuple"):
+        mamba3_layer(torch.zeros(1, 3, config.d_in_proj), params, config, initial_state=tuple(state))
+    with pytest.raises(TypeError, match="initial_state.h has dtype torch.int64"):
+        mamba3_layer(torch.zeros(1, 3, config.d_in_proj), params, config, initial_state=state._replace(h=state.h.long()))
+
+
+@pytest.mark.parametrize("name, shape", [("dt_bias", (3,)), ("B_norm", (5,)), ("C_norm", (8, 1))])
+def test_layer_params_of_the_wrong_shape_raise_naming_them(name, shape):
+    config = Mamba3Config(d_model=16, headdim=8, d_state=8)  # H = 4, n = 8
+    params = {**init_layer_params(config), name: torch.ones(shape)}
+    with pytest.raises(ValueError, match=rf"params\['{name}'\] has shape {re.escape(str(shape))}, expected"):
+        mamba3_layer(torch.zeros(1, 3, config.d_in_proj), params, config)
+
+
+def test_short_input_is_not_padded_to_a_whole_chunk(monkeypatch):
+    from megatron_mamba3.ops.reference import chunked
+
+    seen = []
+    scan_one = chunked.chunk_scan
+    monkeypatch.setattr(chunked, "chunk_scan", lambda chunk, *rest: seen.append(chunk.x.shape[1]) or scan_one(chunk, *rest))
+    inputs, weights = make_case(b=1, l=8, seed=36)
+    out, _ = mamba3_scan(inputs, weights, chunk_size=1024, backend="reference")
+    expected, _ = mamba3_scan(inputs, weights, variant="recurrent")
+    assert seen == [8] and rel_err(out, expected) < 1e-10
 
 
 def test_layer_needs_every_parameter():

@@ -4,6 +4,7 @@ import dataclasses
 
 import pytest
 import torch
+from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -43,6 +44,10 @@ def _build(tp: int = 1, config_changes: dict | None = None, **kwargs) -> Mamba3M
         (dict(), dict(mamba_state_dim=15), r"Mamba3Config.d_state=15: must be even"),
         (dict(mamba3_config=Mamba3Config(d_model=32), mimo_rank=4), None, r"either mamba3_config or settings \['mimo_rank'\]"),
         (dict(mamba3_config=Mamba3Config(d_model=64)), None, r"mamba3_config.d_model=64 but the layer's d_model is 32"),
+        (dict(mamba3_config=Mamba3Config(d_model=32, headdim=16, d_state=16)), None,
+         r"mamba3_config.headdim=16 disagrees with TransformerConfig.mamba_head_dim=8"),
+        (dict(mamba3_config=Mamba3Config(d_model=32, headdim=8, d_state=32)), None,
+         r"mamba3_config.d_state=32 disagrees with TransformerConfig.mamba_state_dim=16"),
     ],
 )
 def test_bad_settings_raise_at_construction(kwargs, config_changes, message):
@@ -78,3 +83,20 @@ def test_in_proj_layout_split_and_replication():
     weight = torch.arange(config.d_in_proj, dtype=torch.float64)[:, None]
     B_rows = sharded.shard(weight)[64:80, 0]  # rank 1's B: rank r of (r g n) keeps group 1 of each r
     assert B_rows.tolist() == [128 + 8 + j for j in range(8)] + [128 + 16 + 8 + j for j in range(8)]
+
+
+@pytest.mark.parametrize(
+    "cu_seqlens, message",
+    [
+        (torch.tensor([2, 5, 10]), r"cu_seqlens=\[2, 5, 10\] must start at 0"),
+        (torch.tensor([0, 6, 3, 10]), "never decrease"),
+        (torch.tensor([0, 5, 12]), "end at most at the sequence length 10"),
+        (torch.tensor([0.0, 10.0]), "1-D integer tensor"),
+    ],
+)
+def test_bad_thd_offsets_raise_like_the_layer(cu_seqlens, message):
+    packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens)
+    with pytest.raises(ValueError, match=message):
+        Mamba3Mixer._segment_ids(packed, torch.Size((1, 10)))
+    short = PackedSeqParams(qkv_format="thd", cu_seqlens_q=torch.tensor([0, 4]))  # tokens past 4: one more document
+    assert Mamba3Mixer._segment_ids(short, torch.Size((1, 10))).tolist() == [[0] * 4 + [1] * 6]

@@ -111,5 +111,31 @@ def test_bad_packing_raises_before_tracing():
         mamba3_xla_scan(one_row, weights, cu_seqlens=torch.tensor([0, 4, 5]))
     with pytest.raises(ValueError, match=r"segment_ids has shape \(2, 5\), expected \(b, l\) = \(2, 6\)"):
         mamba3_xla_scan(inputs, weights, segment_ids=torch.zeros(2, 5, dtype=torch.int32))
-    with pytest.raises(ValueError, match="chunk_size=0 must be an int >= 1"):
+    with pytest.raises(ValueError, match=r"chunk_size=0 must be an int in \[1, 1024\]"):
         mamba3_xla_scan(inputs, weights, chunk_size=0)
+
+
+def test_device_offsets_are_checked_behind_the_debug_flag(device, monkeypatch):
+    from megatron_mamba3.ops.segments import DEBUG_CHECKS, check_cu_seqlens
+
+    decreasing = torch.tensor([0, 5, 3, 6], device=device)
+    check_cu_seqlens(decreasing, 6)  # reading device offsets would stall the step: not done by default
+    with pytest.raises(ValueError, match="1-D integer tensor"):  # dtype and shape: always
+        check_cu_seqlens(torch.tensor([0.0, 6.0], device=device), 6)
+    monkeypatch.setenv(DEBUG_CHECKS, "1")
+    with pytest.raises(ValueError, match=r"cu_seqlens=\[0, 5, 3, 6\] must start at 0, never decrease"):
+        check_cu_seqlens(decreasing, 6)
+
+
+def test_short_input_is_one_unpadded_chunk(device, sync, monkeypatch):
+    from megatron_mamba3.ops.xla import scan_adapter
+
+    chunk_shapes, loop = [], scan_adapter._loop
+    monkeypatch.setattr(scan_adapter, "_loop", lambda step, carry, xs, traced: chunk_shapes.append(tuple(xs[1].shape))
+                        or loop(step, carry, xs, traced))
+    inputs, weights = make_case(b=2, l=8, H=2, p=4, n=8, G=1, dtype=torch.float32)
+    expected, _ = mamba3_scan(inputs, weights, variant="recurrent")
+    on_device = lambda named: type(named)(*(None if t is None else t.to(device) for t in named))  # noqa: E731
+    out, _ = mamba3_xla_scan(on_device(inputs), on_device(weights), chunk_size=1024)
+    sync()
+    assert chunk_shapes == [(1, 2, 8)] and rel_err(out.cpu(), expected) < TOL  # (chunks, b, c): no padding to 1024

@@ -25,6 +25,7 @@ from megatron_mamba3.ops.interface import (
     compute_dtype,
     scan_dims,
 )
+from megatron_mamba3.ops.reference.finite import finite_parts, mark_reached
 from megatron_mamba3.ops.reference.gate import gate_output
 from megatron_mamba3.ops.reference.heads import head_keys, rank_values, state_with_incoming
 from megatron_mamba3.ops.reference.packing import run_packed
@@ -58,6 +59,7 @@ def _chunked_rows(
     out_dtype, length = inputs.x.dtype, inputs.x.shape[1]
     dtype = compute_dtype(out_dtype)
     inputs, weights, state = inputs.to(dtype), weights.to(dtype), state.to(dtype)
+    chunk_size = min(chunk_size, length)  # a short input is one chunk of its own length, unpadded
     pad = -length % chunk_size
     if pad:
         inputs = pad_with_identity_steps(inputs, pad)
@@ -83,23 +85,34 @@ def chunk_scan(
     """One chunk of c tokens (inputs (b, c, ...), starts (b, c) bool) from `state`.
 
     Shape-stable in c, with document starts as runtime data. Returns (out (b, c, H, p), state after
-    the chunk's last token). Inputs, weights and state must share one compute dtype.
+    the chunk's last token). Inputs, weights and state must share one compute dtype. Non-finite
+    inputs reach only what the recurrence makes them reach (see `finite`): every masked term is
+    selected away (`torch.where`), never multiplied by zero.
     """
+    c = chunk.x.shape[1]
+    document = starts.cumsum(dim=1)
+    carried = document == 0  # (b, c): rows still in the document the incoming state belongs to
+    causal = torch.ones(c, c, dtype=torch.bool, device=starts.device).tril()
+    same_document = (document[:, :, None] == document[:, None, :]) & causal  # (b, i, j)
+    finite_chunk, finite_state, reached = finite_parts(chunk, state, same_document, carried, weights.norm is not None)
+    out, final = _finite_chunk_scan(finite_chunk, weights, same_document, carried, finite_state)
+    return mark_reached(out, final, reached, chunk.x[:, -1])
+
+
+def _finite_chunk_scan(
+    chunk: Mamba3Inputs, weights: Mamba3Weights, same_document: Tensor, carried: Tensor, state: Mamba3State
+) -> tuple[Tensor, Mamba3State]:
     x, z, B, C, dt, A, trap, angles = chunk
     c = x.shape[1]
+    zero = torch.zeros((), dtype=x.dtype, device=x.device)
     lam = torch.sigmoid(trap)
     gamma = lam * dt
     # ε_j = (1 − λ_{j+1}) Δ_{j+1}: the extra weight of k_j v_jᵀ once token j + 1 has run.
     eps = F.pad(((1 - lam) * dt)[:, 1:], (0, 0, 0, 1))
 
-    document = starts.cumsum(dim=1)
-    carried = document == 0  # (b, c): rows still in the document the incoming state belongs to
-    causal = torch.ones(c, c, dtype=torch.bool, device=x.device).tril()
-    same_document = (document[:, :, None] == document[:, None, :]) & causal  # (b, i, j)
-
     increments = math.pi * torch.tanh(angles).unsqueeze(-2) * dt.unsqueeze(-1)  # (b, c, H, S)
-    theta = torch.einsum("bij,bjhs->bihs", same_document.to(dt.dtype), increments)
-    theta = theta + carried[:, :, None, None] * state.theta[:, None]
+    theta = torch.where(same_document[..., None, None], increments[:, None], zero).sum(dim=2)
+    theta = torch.where(carried[:, :, None, None], theta + state.theta[:, None], theta)
     k = head_keys(B, weights.B_bias, theta)  # (b, c, R, H, n)
     q = head_keys(C, weights.C_bias, theta)
     v = rank_values(x, weights.mimo_x)  # (b, c, R, H, p)
@@ -107,13 +120,14 @@ def chunk_scan(
     # Σ_{j<m≤i} A_m Δ_m as a cumulative sum over m of the terms with m > j: no differences of
     # running sums, so a document's decays never depend on another document's values.
     log_alpha = A * dt  # (b, c, H)
-    below_diagonal = torch.ones(c, c, dtype=torch.bool, device=x.device).tril(-1)
-    gap = (log_alpha[:, :, None, :] * below_diagonal[None, :, :, None]).cumsum(dim=1)  # (b, i, j, H)
-    decay = torch.exp(gap.masked_fill(~same_document[..., None], -math.inf))
-    mix = decay * (gamma[:, None] + eps[:, None] * below_diagonal[None, :, :, None])  # L: (b, i, j, H)
+    below_diagonal = torch.ones(c, c, dtype=torch.bool, device=x.device).tril(-1)[None, :, :, None]
+    gap = torch.where(below_diagonal, log_alpha[:, :, None, :], zero).cumsum(dim=1)  # (b, i, j, H)
+    mask = same_document[..., None]
+    decay = torch.exp(gap.masked_fill(~mask, -math.inf))
+    mix = torch.where(mask, decay * (gamma[:, None] + torch.where(below_diagonal, eps[:, None], zero)), zero)
 
     h_in = state_with_incoming(state.h, state.k_prev, state.v_prev, weights.mimo_x, (1 - lam[:, 0]) * dt[:, 0])
-    carry_decay = carried[..., None] * torch.exp(log_alpha.cumsum(dim=1))  # (b, c, H)
+    carry_decay = torch.where(carried[..., None], torch.exp(log_alpha.cumsum(dim=1)), zero)  # (b, c, H)
 
     scores = torch.einsum("birhn,bjshn,bijh->bhirjs", q, k, mix)
     y = torch.einsum("bhirjs,bjshp->birhp", scores, v)

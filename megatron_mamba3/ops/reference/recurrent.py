@@ -35,8 +35,8 @@ def _recurrent_rows(
 ) -> tuple[Tensor, Mamba3State]:
     outs = []
     for t in range(inputs.x.shape[1]):
-        keep = ~starts[:, t]
-        state = Mamba3State(*(field * keep.view(-1, *[1] * (field.dim() - 1)) for field in state))
+        start = starts[:, t]
+        state = Mamba3State(*(field.masked_fill(start.view(-1, *[1] * (field.dim() - 1)), 0) for field in state))
         out, state = mamba3_step(inputs.tokens(t), weights, state)
         outs.append(out)
     return torch.stack(outs, dim=1), state

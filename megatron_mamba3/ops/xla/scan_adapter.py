@@ -34,7 +34,7 @@ from megatron_mamba3.ops.interface import (
 )
 from megatron_mamba3.ops.reference.chunked import chunk_scan, pad_with_identity_steps
 from megatron_mamba3.ops.reference.packing import row_starts_and_state
-from megatron_mamba3.ops.segments import document_bounds, document_starts, segment_ids_from_cu_seqlens
+from megatron_mamba3.ops.segments import check_cu_seqlens, document_starts, segment_ids_from_cu_seqlens
 from megatron_mamba3.receipts import logger
 
 
@@ -52,8 +52,8 @@ def mamba3_xla_scan(
 
     `segment_ids` (b, l): per-row states. `cu_seqlens` (N + 1,) with b = 1: run as one row of
     segment ids; final states per document (N, ...); per-document initial states are refused
-    (ValueError). Offsets on the host are checked; offsets already on the device are not read
-    (that would stall the step), so wrong ones give wrong results instead of an error.
+    (ValueError). Offsets are checked by `check_cu_seqlens`: on the device only with
+    MEGATRON_MAMBA3_DEBUG=1, so wrong ones there give wrong results instead of an error.
     """
     check_chunk_size(chunk_size)
     if segment_ids is not None and cu_seqlens is not None:
@@ -78,17 +78,13 @@ def _scan_documents(
     """THD packing: one row whose documents start where `cu_seqlens` says; states (N, ...)."""
     if dims.b != 1:
         raise ValueError(f"cu_seqlens packs documents into one row; got batch b={dims.b}, expected 1")
-    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2 or cu_seqlens.is_floating_point():
-        raise ValueError(f"cu_seqlens must be a 1-D integer tensor of N + 1 >= 2 offsets, got shape "
-                         f"{tuple(cu_seqlens.shape)} and dtype {cu_seqlens.dtype}")
+    check_cu_seqlens(cu_seqlens, dims.l)
     if initial_state is not None:
         raise ValueError(
             "backend 'xla' runs cu_seqlens documents as one row of runtime segment ids, where only the "
             "row's first document can start from a given state; per-document initial states are not "
             "supported: pass the documents as rows (b = N) with initial_state, or use backend='reference'"
         )
-    if cu_seqlens.device.type == "cpu":
-        document_bounds(cu_seqlens, dims.l)  # host offsets cost nothing to check
     device, dtype = inputs.x.device, compute_dtype(inputs.x.dtype)
     if dims.l == 0:
         return inputs.x, Mamba3State.zeros(cu_seqlens.numel() - 1, dims, dtype, device)
@@ -116,6 +112,7 @@ def _scan_chunks(
     out_dtype, length = inputs.x.dtype, inputs.x.shape[1]
     dtype = compute_dtype(out_dtype)
     inputs, weights, state = inputs.to(dtype), weights.to(dtype), state.to(dtype)
+    chunk_size = min(chunk_size, length)  # a short input is one chunk of its own length, unpadded
     pad = -length % chunk_size
     if pad:
         inputs = pad_with_identity_steps(inputs, pad)
