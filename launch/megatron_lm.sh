@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Megatron-LM's own pretrain_hybrid.py with the Mamba-3 stack spec, on GPUs without Transformer Engine or apex.
 #
-#   MEGATRON_LM=/path/to/Megatron-LM [NPROC=2] [SPEC=mamba3_siso_stack_spec] [LOG=file] \
+#   MEGATRON_LM=/path/to/Megatron-LM [NPROC=2] [SPEC=mamba3_siso_stack_spec] [SPEC_MODULE=module] [LOG=file] \
 #       bash launch/megatron_lm.sh --hybrid-layer-pattern 'M*M-' --num-layers 4 ... (model, data, optimizer flags)
 #   bash launch/megatron_lm.sh --print-args     # the arguments this script adds, one per line
 #
 # MEGATRON_LM: a Megatron-LM checkout on branch core_r0.19.0 (the one matching megatron-core 0.19.2), or any
 # folder holding its pretrain_hybrid.py, hybrid_builders.py and model_provider.py. Before training, this
-# script fails loudly unless megatron_mamba3.layer_specs and the spec SPEC import there (Megatron's --spec
+# script fails loudly unless SPEC_MODULE (default megatron_mamba3.layer_specs) and its spec SPEC import there (Megatron's --spec
 # import swallows an ImportError and silently trains its default Transformer Engine stack instead), and
 # unless the megatron.core.datasets folder Megatron-LM will import has a Makefile (the megatron-core
 # wheel ships none, and Megatron-LM's start-up runs `make -C` there and exits when make fails): where it
@@ -18,9 +18,10 @@
 set -euo pipefail
 
 SPEC=${SPEC:-mamba3_siso_stack_spec}
+SPEC_MODULE=${SPEC_MODULE:-megatron_mamba3.layer_specs}
 # What a GPU host without Transformer Engine or apex needs (README "Megatron-LM"):
 ARGS=(
-    --spec megatron_mamba3.layer_specs "$SPEC"
+    --spec "$SPEC_MODULE" "$SPEC"
     --transformer-impl local           # Megatron's own linears and attention, no TE
     --no-persist-layer-norm            # on by default; needs TE or apex
     --no-masked-softmax-fusion         # else attention imports apex's scaled_masked_softmax_cuda
@@ -42,8 +43,8 @@ LOG=${LOG:-megatron_lm_mamba3.log}
 LOG=$(realpath -m "$LOG")
 
 cd "$MEGATRON_LM"  # imports resolve as pretrain_hybrid.py's will (the checkout's megatron/ comes first)
-"$PYTHON" -c "import megatron_mamba3.layer_specs as specs; getattr(specs, '$SPEC')" \
-    || die "megatron_mamba3.layer_specs.$SPEC does not import from $MEGATRON_LM with $PYTHON (see the error above); Megatron would silently train its default TE stack without it"
+"$PYTHON" -c "import importlib; getattr(importlib.import_module('$SPEC_MODULE'), '$SPEC')" \
+    || die "$SPEC_MODULE.$SPEC does not import from $MEGATRON_LM with $PYTHON (see the error above); Megatron would silently train its default TE stack without it"
 DATASETS=$("$PYTHON" -c "import os, megatron.core.datasets as d; print(os.path.dirname(d.__file__))")
 if [[ ! -f "$DATASETS/Makefile" ]]; then
     compgen -G "$DATASETS/helpers_cpp*.so" > /dev/null \
