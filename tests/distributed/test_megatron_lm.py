@@ -86,3 +86,12 @@ def test_megatron_lm_builds_the_mamba3_model_from_spec(spec, mimo_rank):
         assert result["linears"] == ["ColumnParallelLinear", "RowParallelLinear"]
         assert result["receipts"] == [("decoder.layers.0.mixer", "reference"), ("decoder.layers.2.mixer", "reference")]
         assert torch.isfinite(torch.tensor(result["loss"])) and result["grads"]
+
+
+@pytest.mark.skipif(not (SCRIPTS / "pretrain_hybrid.py").exists(), reason=f"Megatron-LM's scripts are not at {SCRIPTS}")
+def test_launcher_stops_before_training_when_the_spec_does_not_import():
+    env = dict(os.environ, MEGATRON_LM=str(SCRIPTS), PYTHON=sys.executable, SPEC="mamba3_missing_spec")
+    run = subprocess.run(["bash", str(ROOT / "launch" / "megatron_lm.sh")], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1
+    assert "megatron_mamba3.layer_specs.mamba3_missing_spec does not import" in run.stderr
+    assert "Megatron would silently train its default TE stack" in run.stderr
