@@ -359,10 +359,23 @@ def clock(seconds: float) -> str:
     return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s" if minutes else f"{secs}s"
 
 
+def train_step(wrapped, optimizer, tokens: torch.Tensor, packed) -> tuple[torch.Tensor, bool, float]:
+    """Forward, backward, gradient finalization and optimizer step on `tokens` (b, l + 1; inputs and
+    shifted labels) -> (mean loss, whether the optimizer applied the step, gradient norm)."""
+    from megatron.core.distributed import finalize_model_grads
+
+    optimizer.zero_grad()
+    losses = wrapped(tokens[:, :-1], None, None, labels=tokens[:, 1:], packed_seq_params=packed)
+    loss = losses.float().mean()
+    loss.backward()
+    finalize_model_grads([wrapped])
+    updated, grad_norm, _ = optimizer.step()
+    return loss, updated, grad_norm
+
+
 def train(args: argparse.Namespace, folder) -> None:
     """Train from step 0, or from the checkpoint `folder` (see `checkpoint_to_resume`)."""
     from checkpoints import save_checkpoint
-    from megatron.core.distributed import finalize_model_grads
     from megatron.core.packed_seq_params import PackedSeqParams
 
     lock = lock_checkpoint_root(args) if args.save else None  # noqa: F841  (held until the process ends)
@@ -395,13 +408,8 @@ def train(args: argparse.Namespace, folder) -> None:
             longest = int((batch.cu_seqlens[1:] - batch.cu_seqlens[:-1]).max())
             packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens,
                                      max_seqlen_q=longest, max_seqlen_kv=longest)
-        optimizer.zero_grad()
-        losses = wrapped(tokens[:, :-1], None, None, labels=tokens[:, 1:], packed_seq_params=packed)
-        loss = losses.float().mean()
-        loss.backward()
-        finalize_model_grads([wrapped])
         lr = optimizer.param_groups[0]["lr"]
-        updated, grad_norm, _ = optimizer.step()
+        loss, updated, grad_norm = train_step(wrapped, optimizer, tokens, packed)
         if not updated:
             raise RuntimeError(f"the optimizer skipped step {step + 1}")
         scheduler.step(increment=1)

@@ -89,7 +89,9 @@ def mamba3_stack_spec(*, transformer_engine: bool = False, backend: str | None =
     mixer = ModuleSpec(
         module=Mamba3Mixer,
         params={"backend": backend, **settings},
-        submodules=Mamba3MixerSubmodules(in_proj=c["column"], out_proj=c["row"]),
+        # in_proj is Megatron's ColumnParallelLinear in both variants: at TP > 1 the mixer passes it a
+        # weight= joined from two parameters (see megatron_mamba3.parallel), which TE linears do not take.
+        submodules=Mamba3MixerSubmodules(in_proj=ColumnParallelLinear, out_proj=c["row"]),
     )
     return ModuleSpec(
         module=Mamba3HybridStack,

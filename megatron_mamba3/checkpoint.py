@@ -3,8 +3,9 @@ loads at any other, bit-exact.
 
 Per-head parameters are sharded along their head axis (`parallel.HEAD_AXES`), B_norm / C_norm are
 replicated, and in_proj's weight is saved as one tensor per piece (`parallel.InProjLayout`), each
-with a TP-independent global shape, through a `ShardedTensorFactory` that splits it on save and
-concatenates the pieces back on load.
+with a TP-independent global shape, through a `ShardedTensorFactory` per in_proj parameter (the
+split rows, and at tp > 1 the replicated rows) that splits it on save and concatenates the pieces
+back on load.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from megatron.core.transformer.utils import (
 )
 from torch import Tensor, nn
 
-from megatron_mamba3.parallel import HEAD_AXES, InProjLayout
+from megatron_mamba3.parallel import HEAD_AXES, REPLICATED_IN_PROJ, InProjLayout
 
 
 def mixer_sharded_state_dict(
@@ -40,38 +41,49 @@ def mixer_sharded_state_dict(
             ))
         else:
             sharded.update(sharded_state_dict_default(child, child_prefix, sharded_offsets, metadata, tp_group=tp_group))
-    key = f"{prefix}in_proj.weight"
-    sharded[key] = in_proj_factory(sharded[key], layout, sharded_offsets)
+    pieces = dict(zip(layout.local_pieces, layout.local_sizes))
+    base = f"{prefix}in_proj.weight"
+    for key in (base, f"{prefix}{REPLICATED_IN_PROJ}"):
+        if key in sharded:
+            replicated = key != base
+            held = {piece: size for piece, size in pieces.items() if layout.is_replicated(piece) == replicated}
+            sharded[key] = in_proj_factory(sharded[key], base, held, layout, sharded_offsets)
     return sharded
 
 
-def in_proj_factory(saved: ShardedTensor, layout: InProjLayout, sharded_offsets: tuple) -> ShardedTensorFactory:
-    """Replace in_proj's TP-sharded tensor by one sharded tensor per piece: `<key>.z`, `<key>.B`, ..."""
-    if tuple(saved.local_shape)[-2] != layout.width:
-        raise ValueError(f"in_proj.weight has {saved.local_shape[-2]} rows on this rank, the layout expects {layout.width}")
+def in_proj_factory(
+    saved: ShardedTensor, base: str, pieces: dict, layout: InProjLayout, sharded_offsets: tuple
+) -> ShardedTensorFactory:
+    """Replace one in_proj parameter's sharded tensor, holding `pieces` (piece -> local rows, in
+    row order), by one sharded tensor per piece: `<base>.z`, `<base>.B`, ... Both in_proj
+    parameters' factories carry the key `base` (optimizer states prefix it); their pieces differ."""
+    if tuple(saved.local_shape)[-2] != sum(pieces.values()):
+        raise ValueError(
+            f"{saved.key} has {saved.local_shape[-2]} rows on this rank, the layout expects {sum(pieces.values())}"
+        )
     prepend = len(sharded_offsets)
 
     @torch.no_grad()
     def build(key: str, weight: Tensor, replica_id: ReplicaId, flattened_range: slice | None) -> ShardedStateDict:
         if flattened_range is not None:
             raise NotImplementedError("Mamba-3 in_proj checkpoints do not support flattened (fully sharded) ranges")
-        pieces = {}
-        for piece, rows in zip(layout.pieces, torch.split(weight, layout.local_sizes, dim=0)):
+        built = {}
+        for piece, rows in zip(pieces, torch.split(weight, list(pieces.values()), dim=0)):
             local = rows.reshape(*piece.local_shape(layout.tp_size), weight.shape[1])
             if piece.shard_axis is None:
                 offsets, replica = (), _with_tp_replica(replica_id, layout.tp_rank)
             else:
                 offsets, replica = ((piece.shard_axis + prepend, layout.tp_rank, layout.tp_size),), replica_id
-            pieces[piece.name] = ShardedTensor.from_rank_offsets(
+            built[piece.name] = ShardedTensor.from_rank_offsets(
                 f"{key}.{piece.name}", local, *sharded_offsets, *offsets, replica_id=replica, prepend_axis_num=prepend
             )
-        return pieces
+        return built
 
     @torch.no_grad()
     def merge(loaded: dict[str, Tensor]) -> Tensor:
-        return torch.cat([loaded[piece.name].flatten(0, -2) for piece in layout.pieces], dim=0)
+        return torch.cat([loaded[piece.name].flatten(0, -2) for piece in pieces], dim=0)
 
-    return ShardedTensorFactory(saved.key, saved.data, build, merge, saved.replica_id)
+    return ShardedTensorFactory(base, saved.data, build, merge, saved.replica_id)
 
 
 def _with_tp_replica(replica_id: ReplicaId, tp_rank: int) -> ReplicaId:

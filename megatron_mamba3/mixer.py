@@ -10,6 +10,7 @@ Built from a ModuleSpec by Megatron's `MambaLayer` (which passes `d_model`, `lay
 from __future__ import annotations
 
 import dataclasses
+import inspect
 from typing import Union
 
 import torch
@@ -34,7 +35,7 @@ from megatron_mamba3.ops.scan import mamba3_decode, mamba3_scan
 from megatron_mamba3.ops.segments import check_cu_seqlens, segment_ids_from_cu_seqlens
 from megatron_mamba3.parameters import init_layer_params
 from megatron_mamba3.psiv import check_psiv_gate
-from megatron_mamba3.parallel import HEAD_AXES, InProjLayout, make_replicas_identical
+from megatron_mamba3.parallel import HEAD_AXES, InProjLayout, detach_replicated_rows, joined_weight, make_replicas_identical
 
 # Mamba3Config fields a spec may set; the sizes shared with Megatron come from the TransformerConfig.
 FROM_TRANSFORMER_CONFIG = {"headdim": "mamba_head_dim", "d_state": "mamba_state_dim", "ngroups": "mamba_num_groups"}
@@ -158,9 +159,17 @@ class Mamba3Mixer(MegatronModule):
             self._make_replicas_identical()
 
     def _make_replicas_identical(self) -> None:
-        """Copy TP rank 0's replicated weights (in_proj's replicated rows, B_norm, C_norm) to every
-        rank and sum their gradients from now on."""
-        make_replicas_identical(self.in_proj.weight, self.tp_group, self.layout.replicated_rows)
+        """Move in_proj's replicated rows into `in_proj.replicated_weight` (`parallel`), copy TP rank
+        0's replicated weights (those rows, B_norm, C_norm) to every rank and sum their gradients
+        from now on. The forward passes the joined weight to in_proj, whose class must take `weight=`
+        (Megatron's ColumnParallelLinear does)."""
+        if "weight" not in inspect.signature(self.in_proj.forward).parameters:
+            raise ValueError(
+                f"in_proj {type(self.in_proj).__name__} takes no weight= in forward; at tensor_model_parallel_size > 1 "
+                f"the Mamba-3 mixer needs one that does (megatron.core.tensor_parallel.ColumnParallelLinear)"
+            )
+        detach_replicated_rows(self.in_proj, self.layout)
+        make_replicas_identical(self.in_proj.replicated_weight, self.tp_group)
         make_replicas_identical(self.B_norm.weight, self.tp_group)
         make_replicas_identical(self.C_norm.weight, self.tp_group)
 
@@ -190,14 +199,19 @@ class Mamba3Mixer(MegatronModule):
         later calls decode token by token from the stored state.
         """
         inference_context = deprecate_inference_params(inference_context, inference_params)
-        projected, _ = self.in_proj(hidden_states)
-        projected = projected.transpose(0, 1)  # (b, l, width)
+        projected = self._project(hidden_states).transpose(0, 1)  # (b, l, width)
         segment_ids = self._segment_ids(packed_seq_params, projected.shape)
         if inference_context is None:
             y, _ = self._scan(projected, segment_ids)
         else:
             y = self._infer(projected, segment_ids, inference_context)
         return self.out_proj(y.transpose(0, 1).contiguous())
+
+    def _project(self, hidden_states: Tensor) -> Tensor:
+        """in_proj: (l, b, d) (l / tp under sequence parallelism) -> (l, b, layout.width)."""
+        if self.layout.replicated_width:
+            return self.in_proj(hidden_states, weight=joined_weight(self.in_proj))[0]
+        return self.in_proj(hidden_states)[0]
 
     def _scan(self, projected: Tensor, segment_ids: Tensor | None) -> tuple[Tensor, Mamba3State]:
         params = self.layer_params()

@@ -51,14 +51,18 @@ class MixerCase:
 def build_mixer(
     mixer_config: Mamba3Config, tp: int, sequence_parallel: bool = False, *, layer_number: int = 1,
     params_dtype: torch.dtype = torch.float32, device: str = "cpu", backend: str | None = None,
+    cpu_initialization: bool = True,
 ) -> Mamba3Mixer:
     """A randomly initialised mixer with `mixer_config` on the current TP group, built the way a
-    spec builds it: sizes through the TransformerConfig, the other fields as spec settings."""
+    spec builds it: sizes through the TransformerConfig, the other fields as spec settings.
+    `cpu_initialization`: Megatron's `use_cpu_initialization` (else the linears initialise on the
+    current CUDA device, which needs `model_parallel_cuda_manual_seed`); then moved to `device`."""
     c = mixer_config
     config = TransformerConfig(
         num_layers=1, hidden_size=c.d_model, num_attention_heads=4, mamba_head_dim=c.headdim,
         mamba_state_dim=c.d_state, mamba_num_groups=c.ngroups, tensor_model_parallel_size=tp,
-        sequence_parallel=sequence_parallel, use_cpu_initialization=True, params_dtype=params_dtype,
+        sequence_parallel=sequence_parallel, use_cpu_initialization=cpu_initialization,
+        params_dtype=params_dtype,
     )
     mixer = Mamba3Mixer(
         config,
@@ -131,7 +135,6 @@ def forward_backward(
     return {
         "out": cpu(out), "bias": bias, "u_grad": cpu(u.grad),
         "grads": {name: cpu(param.grad) for name, param in mixer.named_parameters()},
-        "in_proj_rows": mixer.layout.replicated_rows,
     }
 
 

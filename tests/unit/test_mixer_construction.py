@@ -75,11 +75,13 @@ def test_in_proj_layout_split_and_replication():
         InProjLayout(Mamba3Config(d_model=24, headdim=4, d_state=8, ngroups=2), 3, 0)
     sharded = InProjLayout(config, 2, 1)
     assert sharded.local_sizes == (32, 32, 16, 16, 8, 8, 8, 2) and sharded.used_groups == slice(None)
-    assert sharded.replicated_rows == (slice(120, 122),)  # only the angles
+    assert sharded.replicated_width == 2  # only the angles, last
     for rank, group in enumerate([0, 0, 1, 1]):  # tp = 4 > g = 2: each rank's heads lie in one group
         replicated = InProjLayout(config, 4, rank)
         assert replicated.used_groups == slice(group, group + 1)
-        assert replicated.replicated_rows == (slice(32, 64), slice(64, 96), slice(108, 110))
+        assert [p.name for p in replicated.local_pieces] == ["z", "x", "dd_dt", "dd_A", "trap", "B", "C", "angles"]
+        assert replicated.local_sizes == (16, 16, 4, 4, 4, 32, 32, 2) and replicated.replicated_width == 66
+    assert [p.name for p in InProjLayout(config, 1, 0).local_pieces] == [p.name for p in sharded.pieces]  # official
     weight = torch.arange(config.d_in_proj, dtype=torch.float64)[:, None]
     B_rows = sharded.shard(weight)[64:80, 0]  # rank 1's B: rank r of (r g n) keeps group 1 of each r
     assert B_rows.tolist() == [128 + 8 + j for j in range(8)] + [128 + 16 + 8 + j for j in range(8)]
