@@ -15,6 +15,7 @@ from megatron_mamba3 import Mamba3Config, clear_receipts, receipts
 from megatron_mamba3.ops.xla.stacks import repeating_units, run_hybrid_stack, scan_units
 from tests.helpers import rel_err
 from tests.xla.blocks import Mamba3Block, MLPBlock, hybrid_blocks
+from tests.xla.memory import saved_bytes_per_iteration
 
 pytestmark = pytest.mark.xla
 TOL = 1e-10
@@ -49,9 +50,11 @@ def test_scan_over_units_of_a_hybrid_pattern_matches_a_loop(device, sync):
     hidden = torch.randn(2, 8, SISO.d_model, generator=torch.Generator().manual_seed(4))
     expected = run_stack(run_hybrid_stack, units, hidden, torch.device("cpu"), segment_ids=SEGMENTS)
     clear_receipts()
-    got = run_stack(scan_units, units, hidden, device, sync, segment_ids=SEGMENTS)
+    with saved_bytes_per_iteration() as saved:
+        got = run_stack(scan_units, units, hidden, device, sync, segment_ids=SEGMENTS)
     assert {r.backend for r in receipts()} == {"xla"}  # the units' Mamba-3 layers ran the XLA backend
     assert_same(got, expected)
+    assert saved == [hidden.numel() * 8]  # the backward recomputes a unit from its float64 input alone
 
 
 def test_scan_over_identical_blocks_matches_a_loop(device, sync):

@@ -18,6 +18,8 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_map
 
+from megatron_mamba3.ops.xla.partition import recompute_body
+
 
 class Unit(nn.Module):
     """The repeating unit of a stack: its blocks run in order, hidden (b, l, d) -> (b, l, d)."""
@@ -47,7 +49,8 @@ def scan_units(units: Sequence[nn.Module], hidden: Tensor, **runtime: Tensor) ->
     attribute) and parameter / buffer names, shapes and dtypes (else `ValueError` naming the first
     unit that differs), and must not depend on other Python state that differs between them: the
     first unit is the one traced. Inside the traced unit, Mamba-3 layers unroll their chunk loop
-    (torch_xla's scan cannot nest).
+    (torch_xla's scan cannot nest). The backward recomputes each unit from its input hidden states
+    (`partition.recompute_body`), so a unit saves only those: (b, l, d_model) per unit.
     """
     from torch_xla.experimental.scan import scan
 
@@ -56,7 +59,7 @@ def scan_units(units: Sequence[nn.Module], hidden: Tensor, **runtime: Tensor) ->
     stacked = tree_map(lambda *tensors: torch.stack(tensors), *weights)
     repeated = {name: value.expand(len(units), *value.shape) for name, value in runtime.items()}
     step = _unit_step(units[0], tuple(t.requires_grad for t in stacked.values()))
-    final, _ = scan(step, hidden, (stacked, repeated), is_fn_pure=True)
+    final, _ = scan(step, hidden, (stacked, repeated), partition_fn=recompute_body, is_fn_pure=True)
     return final
 
 
