@@ -83,7 +83,11 @@ def _unit_step(template: nn.Module, grad_pattern: tuple[bool, ...]) -> Callable:
     object on every step skips re-tracing, and a no-grad call never reuses a training trace."""
     steps = _STEPS.setdefault(template, {})
     if grad_pattern not in steps:
-        copied = copy.deepcopy(template)  # the traced module: its tensors are swapped for each unit's
+        # The traced module: the template's structure sharing its tensors (a copy of them would be
+        # device work in this step's graph alone, so the next step would compile a new graph);
+        # functional_call swaps in each unit's tensors.
+        shared = {id(t): t for t in (*template.parameters(), *template.buffers())}
+        copied = copy.deepcopy(template, shared)
 
         def step(hidden, unit):
             weights, runtime = unit
