@@ -153,8 +153,7 @@ def main() -> None:
         return stack_table(args)
     header = (f"| {'shape':<20} | {'L':>5} | {'run':<13} | {'compiles':>8} | {'compile s':>9} | {'first step s':>12} "
               f"| {'steps/s':>8} | {'trace s':>7} | {'recompiles':>10} | {'vs ref@cpu':>10} | {'load':>4} |")
-    print(header)
-    print("|" + "|".join("-" * len(cell) for cell in header.split("|")[1:-1]) + "|")
+    print_header(header)
     for shape in args.shapes:
         for length in args.lengths:
             baseline = None
@@ -170,13 +169,18 @@ def main() -> None:
                       flush=True)
 
 
+def print_header(header: str) -> None:
+    """A markdown table's header line and its separator."""
+    print(header)
+    print("|" + "|".join("-" * len(cell) for cell in header.split("|")[1:-1]) + "|")
+
+
 def stack_table(args: argparse.Namespace) -> None:
     print(f"stack: units of M*M-, d_model {args.d_model}, L {args.length}, H {2 * args.d_model // 64} p 64 n 128 c 64, "
           f"attention 8 heads, MLP 2x")
     header = (f"| {'layers':>6} | {'run':<4} | {'compiles':>8} | {'compile s':>9} | {'first step s':>12} | {'steps/s':>7} "
               f"| {'trace s':>7} | {'recompiles':>10} | {'MiB saved/unit':>14} | {'load':>4} |")
-    print(header)
-    print("|" + "|".join("-" * len(cell) for cell in header.split("|")[1:-1]) + "|")
+    print_header(header)
     for units in args.units:
         for run in args.stack_runs:
             r = measure_stack(units, run, args.d_model, args.length, args.batch, args.steps)
