@@ -28,12 +28,15 @@ attention, Mamba-3, MLP blocks of `tests/xla/blocks.py`; d_model 512, H 16, p 64
 one training step = forward, backward and SGD update on random hidden states with a new document
 layout every step (segment ids into the Mamba-3 and attention blocks). `loop` runs the blocks as a
 plain loop (every block traced every step); `scan` runs `scan_units` over the units (one unit
-traced). Columns as above; "MiB saved/unit" is what scan keeps per unit for the backward.
+traced). Columns as above, plus "trace cpu s", the tracing thread's CPU time (less sensitive to
+other load than the wall time), and "MiB saved/unit", what scan keeps per unit for the backward.
+Before the table one tiny graph is compiled and run, so the first row carries no runtime start-up.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import statistics
@@ -104,27 +107,28 @@ def time_training(parameters, forward, shape: tuple[int, int, int], device, step
     generator = torch.Generator().manual_seed(seed)
     batch, length, _ = shape
 
-    def step() -> tuple[float, float]:
-        """(s to trace the step, s until it finished)"""
-        start = time.perf_counter()
+    def step() -> tuple[float, float, float]:
+        """(s to trace the step, CPU s of this thread for that, s until it finished)"""
+        start, start_cpu = time.perf_counter(), time.thread_time()
         hidden = torch.randn(shape, generator=generator).to(device)
         doc_ids = (torch.rand(batch, length, generator=generator) < 4 / length).cumsum(dim=1).to(device)
         forward(hidden, segment_ids_from_doc_ids(doc_ids)).square().mean().backward()
         optimizer.step()
         optimizer.zero_grad()
-        traced = time.perf_counter()
+        traced, traced_cpu = time.perf_counter(), time.thread_time()
         if device.type == "xla":
             torch_xla.sync()
             xm.wait_device_ops()
-        return traced - start, time.perf_counter() - start
+        return traced - start, traced_cpu - start_cpu, time.perf_counter() - start
 
     count0, seconds0 = _compile_stats()
-    _, first = step()
+    *_, first = step()
     count1, seconds1 = _compile_stats()
-    trace, total = zip(*(step() for _ in range(steps - 1)))
+    trace, trace_cpu, total = zip(*(step() for _ in range(steps - 1)))
     count2, _ = _compile_stats()
     return dict(first=first, rate=1 / statistics.median(total), trace=statistics.median(trace),
-                compiles=count1 - count0, compile_s=seconds1 - seconds0, recompiles=count2 - count1)
+                trace_cpu=statistics.median(trace_cpu), compiles=count1 - count0, compile_s=seconds1 - seconds0,
+                recompiles=count2 - count1)
 
 
 def main() -> None:
@@ -135,8 +139,8 @@ def main() -> None:
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
     parser.add_argument("--runs", nargs="+", default=list(RUNS), choices=list(RUNS))
     parser.add_argument("--stack", action="store_true", help="time hybrid stacks (loop vs unit scan) instead")
-    parser.add_argument("--units", type=int, nargs="+", default=[1, 6], help="--stack: repeats of M*M-")
-    parser.add_argument("--stack-runs", nargs="+", default=["loop", "scan"], choices=["loop", "scan"])
+    parser.add_argument("--units", type=int, nargs="+", default=[1, 2, 6], help="--stack: repeats of M*M-")
+    parser.add_argument("--stack-runs", nargs="+", default=["scan", "loop"], choices=["loop", "scan"])
     parser.add_argument("--d-model", type=int, default=512, help="--stack: hidden size")
     parser.add_argument("--length", type=int, default=256, help="--stack: sequence length")
     args = parser.parse_args()
@@ -176,18 +180,20 @@ def print_header(header: str) -> None:
 
 
 def stack_table(args: argparse.Namespace) -> None:
+    import torch_xla
+
+    (torch.ones(2, device=torch_xla.device()) + 1).cpu()  # runtime start-up outside the rows
     print(f"stack: units of M*M-, d_model {args.d_model}, L {args.length}, H {2 * args.d_model // 64} p 64 n 128 c 64, "
           f"attention 8 heads, MLP 2x")
     header = (f"| {'layers':>6} | {'run':<4} | {'compiles':>8} | {'compile s':>9} | {'first step s':>12} | {'steps/s':>7} "
-              f"| {'trace s':>7} | {'recompiles':>10} | {'MiB saved/unit':>14} | {'load':>4} |")
+              f"| {'trace s':>7} | {'trace cpu s':>11} | {'recompiles':>10} | {'MiB saved/unit':>14} | {'load':>4} |")
     print_header(header)
-    for units in args.units:
-        for run in args.stack_runs:
-            r = measure_stack(units, run, args.d_model, args.length, args.batch, args.steps)
-            saved = "-" if r["saved_mib"] is None else f"{r['saved_mib']:.2f}"
-            print(f"| {4 * units:>6} | {run:<4} | {r['compiles']:>8} | {r['compile_s']:>9.2f} | {r['first']:>12.2f} "
-                  f"| {r['rate']:>7.3f} | {r['trace']:>7.3f} | {r['recompiles']:>10} | {saved:>14} "
-                  f"| {os.getloadavg()[0]:>4.1f} |", flush=True)
+    for units, run in itertools.product(args.units, args.stack_runs):
+        r = measure_stack(units, run, args.d_model, args.length, args.batch, args.steps)
+        saved = "-" if r["saved_mib"] is None else f"{r['saved_mib']:.2f}"
+        print(f"| {4 * units:>6} | {run:<4} | {r['compiles']:>8} | {r['compile_s']:>9.2f} | {r['first']:>12.2f} "
+              f"| {r['rate']:>7.3f} | {r['trace']:>7.3f} | {r['trace_cpu']:>11.3f} | {r['recompiles']:>10} "
+              f"| {saved:>14} | {os.getloadavg()[0]:>4.1f} |", flush=True)
 
 
 if __name__ == "__main__":
