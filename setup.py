@@ -22,8 +22,10 @@ setup(
     },
     install_requires=["torch==2.9.0", "megatron-core==0.19.2", "psutil"],  # psutil: Megatron's dist-checkpoint writer
     extras_require={
-        "test": ["pytest", "numpy", "torch_xla==2.9.0"],
-        "tpu": ["torch_xla==2.9.0"],
+        # torch_xla's scan backward under SPMD lowers through jax (its [pallas] extra) and torchax,
+        # which imports flax; flax 0.12.0 is the newest that keeps torch_xla 2.9's jax 0.7.1.
+        "test": ["pytest", "numpy", "torch_xla[pallas]==2.9.0", "flax==0.12.0"],
+        "tpu": ["torch_xla[tpu,pallas]==2.9.0", "flax==0.12.0"],
         "te": ["transformer-engine"],
         "gpu": ["tilelang==0.1.15"],
     },

@@ -1,12 +1,14 @@
 """megatron-mamba3: the Mamba-3 mixer (SISO and MIMO) for Megatron-Core hybrid models.
 
 Public API: `Mamba3Config`, `Mamba3Mixer` (+ `Mamba3MixerSubmodules`), the layer specs in
-`megatron_mamba3.layer_specs`, and the ops (`mamba3_scan`, `mamba3_decode`, `mamba3_layer`, ...).
+`megatron_mamba3.layer_specs`, `Mamba3` (the layer as a plain torch module, for models without
+Megatron-Core, e.g. on TPU), and the ops (`mamba3_scan`, `mamba3_decode`, `mamba3_layer`, ...).
 """
 
 import importlib
 
 from megatron_mamba3.config import Mamba3Config
+from megatron_mamba3.module import Mamba3
 from megatron_mamba3.ops import (
     Mamba3Inputs,
     Mamba3State,
@@ -31,6 +33,7 @@ def __getattr__(name: str):
 
 
 __all__ = [
+    "Mamba3",
     "Mamba3Config",
     "Mamba3Mixer",
     "Mamba3MixerSubmodules",

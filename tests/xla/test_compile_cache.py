@@ -1,5 +1,5 @@
 """What XLA compiles: steady-state training with a new document layout every step compiles nothing
-after the first step, while a new chunk size or sequence length compiles new graphs (both are
+after the first step (one layer, and a scan over hybrid units), while a new chunk size or sequence length compiles new graphs (both are
 static, part of the compile key; segment ids and cu_seqlens offsets are runtime data)."""
 
 import pytest
@@ -8,7 +8,8 @@ import torch
 from megatron_mamba3 import Mamba3Config, mamba3_scan, segment_ids_from_doc_ids
 from megatron_mamba3.ops.registry import load_backend
 from tests.helpers import make_case
-from tests.xla.blocks import Mamba3Block
+from megatron_mamba3.ops.xla.stacks import repeating_units, scan_units
+from tests.xla.blocks import Mamba3Block, hybrid_blocks
 
 pytestmark = pytest.mark.xla
 STEPS, LENGTH = 20, 24
@@ -82,3 +83,20 @@ def test_chunk_size_and_length_are_part_of_the_compile_key(device, sync):
     new_length = train_step(8, 4, [0] * 12)
     assert new_length > new_chunk
     assert train_step(12, 6, [0] * 3 + [1] * 9) == new_length  # back to a seen key: cached
+
+
+def test_unit_scan_training_compiles_once(device, sync):
+    """A scan over units of `M*-` with a new segment-id layout every step: step 1 compiles, then nothing."""
+    config = Mamba3Config(d_model=8, headdim=4, d_state=8, chunk_size=8)
+    units = repeating_units([block.to(device) for block in hybrid_blocks("M*-" * 2, config)], 3)
+    optimizer = torch.optim.SGD([p for unit in units for p in unit.parameters()], lr=0.1)
+    generator, layouts, counts = torch.Generator().manual_seed(2), set(), []
+    for _ in range(4):
+        segment_ids = segment_ids_from_doc_ids(new_layout("doc_ids", layouts, generator).to(device))
+        hidden = torch.randn(2, LENGTH, config.d_model, generator=generator).to(device)
+        scan_units(units, hidden, segment_ids=segment_ids).square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        sync()
+        counts.append(compile_count())
+    assert counts == [counts[0]] * 4, counts

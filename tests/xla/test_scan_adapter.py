@@ -29,13 +29,17 @@ PACKINGS = {
 }
 
 
-def forward_backward(device, sync, backend, inputs, weights, initial_state=None, **packing):
+def forward_backward(device, sync, backend, inputs, weights, initial_state=None, place=None, **packing):
     """Run `mamba3_scan` on `device` (then `sync`) and backpropagate fixed random cotangents of the
-    output and of every final-state field; returns {name: CPU tensor} for outputs and all gradients."""
+    output and of every final-state field; returns {name: CPU tensor} for outputs and all gradients.
+    `place(name, tensor)`, when given, is called on each input leaf once it is on `device`."""
     leaves = {**inputs._asdict(), **{k: v for k, v in weights._asdict().items() if v is not None}}
     if initial_state is not None:
         leaves |= {f"initial_{k}": v for k, v in initial_state._asdict().items()}
-    leaves = {k: v.detach().to(device).requires_grad_() for k, v in leaves.items()}
+    leaves = {k: v.detach().to(device) for k, v in leaves.items()}
+    if place is not None:
+        leaves = {k: place(k, v) for k, v in leaves.items()}
+    leaves = {k: v.requires_grad_() for k, v in leaves.items()}
     state = None
     if initial_state is not None:
         state = type(initial_state)(*(leaves[f"initial_{k}"] for k in initial_state._fields))

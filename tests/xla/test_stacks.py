@@ -1,4 +1,4 @@
-"""Layer stacks on XLA against the same blocks run on CPU by the reference backend (a plain loop):
+"""Layer stacks on XLA against the same blocks run on CPU by the reference backend as a plain loop:
 the output and the gradients of the input and of every parameter within 1e-10 relative, in float64.
 
 float64 because a stack is a badly conditioned comparison in fp32: for three residual SISO blocks
@@ -10,28 +10,29 @@ import copy
 
 import pytest
 import torch
-from torch import nn
 
 from megatron_mamba3 import Mamba3Config, clear_receipts, receipts
-from megatron_mamba3.ops.xla.stacks import run_hybrid_stack, scan_identical_blocks
+from megatron_mamba3.ops.xla.stacks import repeating_units, run_hybrid_stack, scan_units
 from tests.helpers import rel_err
-from tests.xla.blocks import Mamba3Block
+from tests.xla.blocks import Mamba3Block, MLPBlock, hybrid_blocks
+from tests.xla.memory import saved_bytes_per_iteration
 
 pytestmark = pytest.mark.xla
 TOL = 1e-10
 SISO = Mamba3Config(d_model=8, headdim=4, d_state=8, chunk_size=4)
 MIMO = Mamba3Config(d_model=8, headdim=4, d_state=8, mimo_rank=2, chunk_size=4)
+SEGMENTS = torch.tensor([[0, 0, 0, 1, 1, 1, 1, 1], [4, 4, 4, 4, 4, 4, 9, 9]])
 
 
-def run_stack(runner, blocks, hidden, device, sync=lambda: None):
-    """Output and gradients {name: CPU tensor} of `runner(blocks, hidden)` on `device`, then `sync`."""
-    blocks = [copy.deepcopy(block).to(device, torch.float64) for block in blocks]
+def run_stack(runner, stack, hidden, device, sync=lambda: None, **runtime):
+    """Output and gradients {name: CPU tensor} of `runner(stack, hidden, **runtime)` on `device`."""
+    stack = [copy.deepcopy(module).to(device, torch.float64) for module in stack]
     hidden = hidden.detach().to(device, torch.float64).requires_grad_()
-    out = runner(blocks, hidden)
+    out = runner(stack, hidden, **{k: v.to(device) for k, v in runtime.items()})
     out.square().sum().backward()
     results = {"out": out, "grad_hidden": hidden.grad}
-    for index, block in enumerate(blocks):
-        results |= {f"grad_{index}.{name}": p.grad for name, p in block.named_parameters()}
+    for index, module in enumerate(stack):
+        results |= {f"grad_{index}.{name}": p.grad for name, p in module.named_parameters()}
     sync()
     return {name: value.detach().cpu() for name, value in results.items()}
 
@@ -43,31 +44,40 @@ def assert_same(got, expected):
         assert rel_err(got[name], value) < TOL, name
 
 
-def test_scan_layers_over_identical_blocks_matches_a_loop(device, sync):
-    blocks = [Mamba3Block(SISO, seed) for seed in range(3)]
+def test_scan_over_units_of_a_hybrid_pattern_matches_a_loop(device, sync):
+    """`M*M-` x 2 with packed documents: one traced unit of four blocks, scanned twice."""
+    units = repeating_units(hybrid_blocks("M*M-" * 2, SISO), 4)
     hidden = torch.randn(2, 8, SISO.d_model, generator=torch.Generator().manual_seed(4))
-    expected = run_stack(run_hybrid_stack, blocks, hidden, torch.device("cpu"))
+    expected = run_stack(run_hybrid_stack, units, hidden, torch.device("cpu"), segment_ids=SEGMENTS)
     clear_receipts()
-    got = run_stack(scan_identical_blocks, blocks, hidden, device, sync)
-    assert {r.backend for r in receipts()} == {"xla"}  # the blocks' layers ran the XLA backend
+    with saved_bytes_per_iteration() as saved:
+        got = run_stack(scan_units, units, hidden, device, sync, segment_ids=SEGMENTS)
+    assert {r.backend for r in receipts()} == {"xla"}  # the units' Mamba-3 layers ran the XLA backend
     assert_same(got, expected)
+    assert saved == [hidden.numel() * 8]  # the backward recomputes a unit from its float64 input alone
 
 
-def test_hybrid_stack_runs_as_a_loop(device, sync):
-    blocks = [
-        Mamba3Block(SISO, seed=0),
-        nn.Sequential(nn.Linear(8, 16), nn.SiLU(), nn.Linear(16, 8)),  # not GELU: torch_xla's float64 GELU is off by 5e-9
-        Mamba3Block(MIMO, seed=1),
-    ]
-    hidden = torch.randn(1, 8, SISO.d_model, generator=torch.Generator().manual_seed(5))
+def test_scan_over_identical_blocks_matches_a_loop(device, sync):
+    blocks = [Mamba3Block(MIMO, seed) for seed in range(3)]
+    hidden = torch.randn(1, 8, MIMO.d_model, generator=torch.Generator().manual_seed(5))
     expected = run_stack(run_hybrid_stack, blocks, hidden, torch.device("cpu"))
-    assert_same(run_stack(run_hybrid_stack, blocks, hidden, device, sync), expected)
+    assert_same(run_stack(scan_units, blocks, hidden, device, sync), expected)
 
 
-def test_scan_layers_refuses_blocks_that_differ():
-    with pytest.raises(ValueError, match=r"block 1 \(Mamba3Block\) differs from block 0 \(Mamba3Block\)"):
-        scan_identical_blocks([Mamba3Block(SISO, 0), Mamba3Block(MIMO, 0)], torch.zeros(1, 4, 8))
-    with pytest.raises(ValueError, match=r"block 1 \(Linear\) differs from block 0 \(Mamba3Block\)"):
-        scan_identical_blocks([Mamba3Block(SISO, 0), nn.Linear(8, 8)], torch.zeros(1, 4, 8))
-    with pytest.raises(ValueError, match="needs at least one block"):
-        scan_identical_blocks([], torch.zeros(1, 4, 8))
+def test_scan_units_refuses_the_first_unit_that_differs():
+    hidden = torch.zeros(1, 4, 8)
+    units = repeating_units(hybrid_blocks("M*M-M*M-M-M*", SISO), 4)
+    with pytest.raises(ValueError, match=r"unit 2 \(Unit\) differs from unit 0 \(Unit\) at module 'blocks.1': "
+                                         r"MLPBlock vs AttentionBlock"):
+        scan_units(units, hidden)
+    other_config = Mamba3Config(d_model=8, headdim=4, d_state=8, chunk_size=8)  # same shapes, other function
+    with pytest.raises(ValueError, match=r"unit 1 \(Mamba3Block\) differs .* at module '<root>': Mamba3Block with "
+                                         r"Mamba3Config\(.*chunk_size=8"):
+        scan_units([Mamba3Block(SISO, 0), Mamba3Block(other_config, 0)], hidden)
+    with pytest.raises(ValueError, match=r"unit 1 \(MLPBlock\) differs .* at tensor 'norm.weight': shape "
+                                         r"\(16,\) torch.float32 vs shape \(8,\)"):
+        scan_units([MLPBlock(8, 0), MLPBlock(16, 0)], hidden)
+    with pytest.raises(ValueError, match="needs at least one unit"):
+        scan_units([], hidden)
+    with pytest.raises(ValueError, match="unit_length=3 must be >= 1 and divide the 8 blocks"):
+        repeating_units(hybrid_blocks("M*M-" * 2, SISO), 3)

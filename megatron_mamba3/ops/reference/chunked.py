@@ -129,11 +129,14 @@ def _finite_chunk_scan(
     h_in = state_with_incoming(state.h, state.k_prev, state.v_prev, weights.mimo_x, (1 - lam[:, 0]) * dt[:, 0])
     carry_decay = torch.where(carried[..., None], torch.exp(log_alpha.cumsum(dim=1)), zero)  # (b, c, H)
 
-    scores = torch.einsum("birhn,bjshn,bijh->bhirjs", q, k, mix)
-    y = torch.einsum("bhirjs,bjshp->birhp", scores, v)
-    y = y + torch.einsum("birhn,bhpn,bih->birhp", q, h_in, carry_decay)
+    # Head-major outputs ("hb..."): the batched matmuls then fold (h, b) with h outermost, so heads
+    # sharded across devices (XLA SPMD) stay sharded instead of being gathered to fold (b, h).
+    scores = torch.einsum("birhn,bjshn,bijh->hbirjs", q, k, mix)
+    y = torch.einsum("hbirjs,bjshp->hbirp", scores, v)
+    y = (y + torch.einsum("birhn,bhpn,bih->hbirp", q, h_in, carry_decay)).permute(1, 2, 3, 0, 4)
     y = y + weights.D[:, None] * v
     out = gate_output(y, z, weights)
 
-    h = carry_decay[:, -1, :, None, None] * h_in + torch.einsum("bjh,bjrhp,bjrhn->bhpn", mix[:, -1], v, k)
+    kv = torch.einsum("bjh,bjrhp,bjrhn->hbpn", mix[:, -1], v, k).transpose(0, 1)
+    h = carry_decay[:, -1, :, None, None] * h_in + kv
     return out, Mamba3State(h, k[:, -1], x[:, -1], torch.remainder(theta[:, -1], TWO_PI))

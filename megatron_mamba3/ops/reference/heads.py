@@ -32,5 +32,5 @@ def rank_values(x: Tensor, mimo_x: Tensor | None) -> Tensor:
 def state_with_incoming(h: Tensor, k_prev: Tensor, v_prev: Tensor, mimo_x: Tensor | None, weight: Tensor) -> Tensor:
     """h̃ = h + weight · Σ_r v_prev,r k_prev,rᵀ: h (b, H, p, n), k_prev (b, R, H, n), raw v_prev
     (b, H, p), weight (b, H) = (1 − λ)Δ of the first token -> (b, H, p, n)."""
-    incoming = torch.einsum("brhp,brhn->bhpn", rank_values(v_prev, mimo_x), k_prev)
+    incoming = torch.einsum("brhp,brhn->hbpn", rank_values(v_prev, mimo_x), k_prev).transpose(0, 1)  # head-major fold
     return h + weight[..., None, None] * incoming

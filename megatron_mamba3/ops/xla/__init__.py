@@ -2,6 +2,6 @@
 (`scan_adapter`, registered by `backend`), and runners for layer stacks (`stacks`). Importing this
 package never imports torch_xla; its entry points do."""
 
-from megatron_mamba3.ops.xla.stacks import run_hybrid_stack, scan_identical_blocks
+from megatron_mamba3.ops.xla.stacks import Unit, repeating_units, run_hybrid_stack, scan_units
 
-__all__ = ["run_hybrid_stack", "scan_identical_blocks"]
+__all__ = ["Unit", "repeating_units", "run_hybrid_stack", "scan_units"]

@@ -1,5 +1,6 @@
 """The Mamba-3 scan on XLA (SPEC 6): the reference `chunk_scan` as the body of a
 `torch_xla.experimental.scan` over chunks, so the traced graph holds one chunk, not the sequence.
+The backward recomputes a chunk from its inputs and entering state (activation checkpointing).
 
 Compile key (static): the shapes (b, l, H, p, R, G, n, S), the dtype, `chunk_size` c, which optional
 weights are present, and the packing kind (none, `segment_ids`, or `cu_seqlens` with N documents).
@@ -35,7 +36,12 @@ from megatron_mamba3.ops.interface import (
 from megatron_mamba3.ops.reference.chunked import chunk_scan, pad_with_identity_steps
 from megatron_mamba3.ops.reference.packing import row_starts_and_state
 from megatron_mamba3.ops.segments import check_cu_seqlens, document_starts, segment_ids_from_cu_seqlens
+from megatron_mamba3.ops.xla.partition import recompute_body
 from megatron_mamba3.receipts import logger
+
+# How the chunk scan splits forward and backward: recompute each chunk, saving its entering carry
+# (SISO H8 p64 n128, c = 64: 0.26 MiB per chunk instead of the default partition's 4.06 MiB).
+PARTITION = recompute_body
 
 
 def mamba3_xla_scan(
@@ -135,16 +141,14 @@ def _scan_chunks(
 
 def _loop(step: Callable, carry, xs, traced: bool):
     """`torch_xla.experimental.scan(step, carry, xs)`; inside an enclosing trace (the body of a
-    `scan_layers` stack), where that scan cannot nest, the same steps unrolled in Python.
+    `scan_units` stack), where that scan cannot nest, the same steps unrolled in Python.
 
-    The scan keeps its default partition, which saves every intermediate of a chunk for the backward
-    (4.1 MiB per chunk for SISO H8 p64 n128, c = 64). `min_cut_rematerialization_partition` saves
-    2.4x less but gave wrong gradients (Δ off by 60%) with torch_xla 2.9, so it is not used.
+    The backward recomputes each chunk from its saved inputs (`PARTITION`, see `partition`).
     """
     if not traced:
         from torch_xla.experimental.scan import scan
 
-        return scan(step, carry, xs, is_fn_pure=True)
+        return scan(step, carry, xs, partition_fn=PARTITION, is_fn_pure=True)
     _log_unrolled()
     ys = []
     for index in range(xs[1].shape[0]):
