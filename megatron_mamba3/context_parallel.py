@@ -50,6 +50,16 @@ def local_part(full: Tensor, cp_size: int, cp_rank: int, dim: int) -> Tensor:
     return torch.cat([pieces[j] for j in piece_order(cp_size, cp_rank)], dim=dim)
 
 
+def whole_sequence(parts: list[Tensor], dim: int) -> Tensor:
+    """The inverse of `local_part`: every CP rank's part (in rank order) -> the whole sequence."""
+    cp_size = len(parts)
+    pieces = [None] * (2 * cp_size)
+    for rank, part in enumerate(parts):
+        first, second = piece_order(cp_size, rank)
+        pieces[first], pieces[second] = part.chunk(2, dim=dim)
+    return torch.cat(pieces, dim=dim)
+
+
 def local_segment_ids(cu_seqlens: Tensor, local_length: int, group: dist.ProcessGroup) -> Tensor:
     """Global THD offsets `cu_seqlens` (N + 1,) of a row of cp · `local_length` tokens -> this rank's
     (1, local_length) int32 segment ids, numbered over the whole row."""

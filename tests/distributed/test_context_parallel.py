@@ -26,7 +26,7 @@ from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
 
 from megatron_mamba3 import context_parallel
-from megatron_mamba3.context_parallel import context_parallel_scan, local_part
+from megatron_mamba3.context_parallel import context_parallel_scan, local_part, whole_sequence
 from megatron_mamba3.ops.interface import Mamba3State
 from megatron_mamba3.ops.scan import mamba3_scan
 from megatron_mamba3.parallel import unshard_mixer_state
@@ -147,15 +147,6 @@ def runs() -> dict[str, list[dict]]:
     return results
 
 
-def _whole(parts_by_cp: list[torch.Tensor], dim: int) -> torch.Tensor:
-    """CP ranks' local parts (rank order) -> the whole sequence along `dim`."""
-    cp = len(parts_by_cp)
-    pieces = [None] * (2 * cp)
-    for r, part in enumerate(parts_by_cp):
-        pieces[r], pieces[2 * cp - 1 - r] = part.chunk(2, dim=dim)
-    return torch.cat(pieces, dim=dim)
-
-
 def _mixer_errors(ranks: list[dict], case: CPCase, sequence_parallel: bool) -> dict[str, float]:
     expected = ranks[0][case, "oracle"]
     tp = 1 + max(r["tp_rank"] for r in ranks)
@@ -169,7 +160,7 @@ def _mixer_errors(ranks: list[dict], case: CPCase, sequence_parallel: bool) -> d
                 per_cp.append(torch.cat([grid[c, t][key] for t in range(tp)]))
             else:
                 per_cp.append(grid[c, 0][key])
-        return _whole(per_cp, dim=0)
+        return whole_sequence(per_cp, dim=0)
 
     errors = {"out": rel_err(whole("out"), expected["out"]), "u_grad": rel_err(whole("u_grad"), expected["u_grad"])}
     summed = [{n: sum(grid[c, t]["grads"][n] for c in range(cp)) for n in grid[0, t]["grads"]} for t in range(tp)]
@@ -188,10 +179,10 @@ def _scan_errors(ranks: list[dict], R: int) -> tuple[dict[str, float], list[Mamb
     loss = (out * full_out_grad.x).sum() + sum((field * (i + 1)).sum() for i, field in enumerate(final))
     expected = torch.autograd.grad(loss, leaves)
     results = sorted((r["cp_rank"], r["scan"][R]) for r in ranks)
-    errors = {"out": rel_err(_whole([res["out"] for _, res in results], dim=1), out.detach())}
+    errors = {"out": rel_err(whole_sequence([res["out"] for _, res in results], dim=1), out.detach())}
     n_inputs = len(full)
     for i, name in enumerate(full._fields):
-        errors[name + "_grad"] = rel_err(_whole([res["grads"][i] for _, res in results], dim=1), expected[i])
+        errors[name + "_grad"] = rel_err(whole_sequence([res["grads"][i] for _, res in results], dim=1), expected[i])
     for i in range(n_inputs, len(expected)):
         errors[f"leaf{i}_grad"] = rel_err(sum(res["grads"][i] for _, res in results), expected[i])
     return errors, [Mamba3State(*(t.detach() for t in final))] + [res["final"] for _, res in results]

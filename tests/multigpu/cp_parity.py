@@ -32,7 +32,7 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
-from megatron_mamba3.context_parallel import local_part  # noqa: E402
+from megatron_mamba3.context_parallel import local_part, whole_sequence  # noqa: E402
 from megatron_mamba3.ops.interface import Mamba3Inputs  # noqa: E402
 from megatron_mamba3.ops.layer import scan_inputs, scan_weights  # noqa: E402
 from megatron_mamba3.ops.scan import mamba3_scan  # noqa: E402
@@ -79,16 +79,8 @@ def _forward_backward(case: GPUCase, cp: int, dtype: torch.dtype, backend: str) 
     everything = [None] * dist.get_world_size()
     dist.all_gather_object(everything, {"out": out.detach().float().cpu(), "u_grad": u.grad.float().cpu()})
     parallel_state.destroy_model_parallel()
-    whole = lambda key: _whole([part[key] for part in everything[:cp]])  # noqa: E731
+    whole = lambda key: whole_sequence([part[key] for part in everything[:cp]], dim=0)  # noqa: E731
     return {"out": whole("out"), "u_grad": whole("u_grad"), "grads": {k: v.cpu() for k, v in grads.items()}}
-
-
-def _whole(parts: list[torch.Tensor]) -> torch.Tensor:
-    cp = len(parts)
-    pieces = [None] * (2 * cp)
-    for r, part in enumerate(parts):
-        pieces[r], pieces[2 * cp - 1 - r] = part.chunk(2, dim=0)
-    return torch.cat(pieces, dim=0)
 
 
 def _errors(result: dict, oracle: dict, case: GPUCase) -> dict[str, float]:
