@@ -14,8 +14,8 @@ Scheme, per layer:
    because rotations by θ_in and by the piece's own angle sum compose.
 3. Each rank scans its pieces again, from their composed incoming states; those outputs are exact.
 
-Traffic per layer and rank: 2·cp summaries of b·H·(p·n + R·n + p + S + 2) numbers, independent of
-the sequence length. Cost: the local tokens are scanned twice (forward and backward). A cheaper
+Traffic per layer: each rank contributes 2 of the 2·cp gathered summaries of b·H·(p·n + R·n + p +
+S + 2) numbers, independent of the sequence length (`benchmarks/cp_bytes.py` counts the bytes). Cost: the local tokens are scanned twice (forward and backward). A cheaper
 exact correction exists when the output norm is off (the incoming state adds decay_t · q⁰_t ·
 rot(h̃_in, θ_in) to the pre-gate output, and the gate is linear in it), but it needs the scan's
 queries and pre-gate output, which the backends do not return; the second scan needs nothing new.
@@ -30,7 +30,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from megatron_mamba3.ops.interface import TWO_PI, Mamba3Inputs, Mamba3State, Mamba3Weights, compute_dtype, scan_dims
+from megatron_mamba3.ops.interface import (
+    TWO_PI,
+    Mamba3Inputs,
+    Mamba3State,
+    Mamba3Weights,
+    check_state,
+    compute_dtype,
+    scan_dims,
+)
 from megatron_mamba3.ops.reference.heads import state_with_incoming
 from megatron_mamba3.ops.reference.rotary import rotate
 from megatron_mamba3.ops.scan import mamba3_scan
@@ -196,6 +204,7 @@ def context_parallel_scan(
 
     if initial_state is None:
         initial_state = Mamba3State.zeros(b, dims, compute_dtype(inputs.x.dtype), inputs.x.device)
+    check_state(initial_state, b, dims)
     incoming, final = compose(initial_state, summaries, log_decay, w0, resets, fresh, weights.mimo_x)
     mine = piece_order(group.size(), group.rank())
     entering = Mamba3State(
