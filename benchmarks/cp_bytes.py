@@ -48,7 +48,7 @@ def all_to_all_bytes(config: Mamba3Config, cp: int, length: int) -> int:
 
 def table(cp: int, lengths: list[int]) -> str:
     rows = [
-        f"| model | l | states MB | all-to-all MB | ratio |",
+        "| model | l | states MB | all-to-all MB | ratio |",
         "|---|---|---|---|---|",
     ]
     for name, config in MODELS.items():
