@@ -16,9 +16,10 @@ Scheme, per layer:
 
 Traffic per layer: each rank contributes 2 of the 2·cp gathered summaries of b·H·(p·n + R·n + p +
 S + 2) numbers, independent of the sequence length (`benchmarks/cp_bytes.py` counts the bytes).
-Cost: the local tokens are scanned twice (forward and backward). A cheaper exact correction exists when the output norm is off (the incoming state adds decay_t · q⁰_t ·
-rot(h̃_in, θ_in) to the pre-gate output, and the gate is linear in it), but it needs the scan's
-queries and pre-gate output, which the backends do not return; the second scan needs nothing new.
+Cost: the local tokens are scanned twice (forward and backward). A cheaper exact correction exists
+when the output norm is off (the incoming state adds decay_t · q⁰_t · rot(h̃_in, θ_in) to the
+pre-gate output, and the gate is linear in it), but it needs the scan's queries and pre-gate
+output, which the backends do not return; the second scan needs nothing new.
 
 Packed documents: per-token segment ids whose values agree across ranks (for example those of the
 global cu_seqlens, see `local_segment_ids`); a document may cross piece and rank boundaries.
