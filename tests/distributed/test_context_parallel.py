@@ -10,6 +10,7 @@ One spawn per grid: CP = 2, CP = 4 and TP = 2 x CP = 2 (gloo). Each rank holds p
 - The scan: given an initial state, the output, the final state (the same on every rank) and the
   gradients of the inputs, weights and initial state equal the reference scan's over the whole
   sequence.
+- Inference (decode from a stored state) refuses CP > 1, saying so.
 - Mutation check: with the incoming states dropped (`compose` returning zeros for them) the same
   comparisons fail by far more than the tolerance, so these tests can fail.
 """
@@ -22,6 +23,7 @@ import pytest
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.inference.contexts import StaticInferenceContext
 from megatron.core.packed_seq_params import PackedSeqParams
 from megatron.core.process_groups_config import ProcessGroupCollection
 
@@ -123,9 +125,20 @@ def _cp_results(alone: dist.ProcessGroup | None) -> dict:
     return results
 
 
+def _inference_refusal() -> str:
+    mixer = build_mixer(CASES[0].config, parallel_state.get_tensor_model_parallel_world_size(), params_dtype=torch.float64)
+    u, _ = inputs(CASES[0])
+    try:
+        mixer(u.double(), inference_context=StaticInferenceContext(CASES[0].batch, CASES[0].length))
+    except ValueError as error:
+        return str(error)
+    return "no error"
+
+
 def _worker(rank: int, with_mutant: bool) -> dict:
     alone = [dist.new_group([r]) for r in range(dist.get_world_size())][rank]
     results = _cp_results(alone if rank == 0 else None)
+    results["inference"] = _inference_refusal()
     if with_mutant:  # the incoming states dropped (times zero, so the backward's collectives still run)
         compose = context_parallel.compose
 
@@ -210,3 +223,10 @@ def test_dropping_the_incoming_state_fails(runs):
     for R in SCAN["R"]:
         errors, _ = _scan_errors(runs["mutant"], R)
         assert errors["out"] > 1e-3, errors
+
+
+@pytest.mark.parametrize("grid", list(GRIDS))
+def test_inference_refuses_context_parallelism(runs, grid):
+    cp = GRIDS[grid][1]
+    for r in runs[grid]:
+        assert r["inference"] == f"Mamba3Mixer inference runs without context parallelism; got CP size {cp}"
