@@ -44,20 +44,21 @@ def report_project_errors(run) -> None:
 
 def check_up_front(args: argparse.Namespace) -> None:
     """SystemExit naming the bad value for the process count, the model's sizes against the TP size,
-    the Mamba-3 backend and the data files; sets args.tensor_model_parallel_size."""
+    the Mamba-3 backend and the data files; sets args.tensor_model_parallel_size (processes / CP)."""
     from megatron_mamba3 import Mamba3Config
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    tp = args.tensor_model_parallel_size or world
-    if tp != world:
-        raise SystemExit(f"--tensor-model-parallel-size {tp} with {world} processes: this entry runs one "
-                         f"data-parallel replica, so TP must equal the number of processes")
+    cp = args.context_parallel_size
+    tp = args.tensor_model_parallel_size or world // cp
+    if tp * cp != world:
+        raise SystemExit(f"--tensor-model-parallel-size {tp} x --context-parallel-size {cp} with {world} processes: "
+                         f"this entry runs one data-parallel replica, so TP x CP must equal the number of processes")
     args.tensor_model_parallel_size = tp
     for flag, value in (("--vocab-size", args.vocab_size), ("--num-attention-heads", args.num_attention_heads)):
         if value % tp:
             raise SystemExit(f"{flag} {value} must be divisible by the TP size {tp}")
-    if args.sequence_parallel and args.seq_length % tp:
-        raise SystemExit(f"--sequence-parallel needs --seq-length ({args.seq_length}) divisible by the TP size {tp}")
+    if args.sequence_parallel and args.seq_length % (tp * cp):
+        raise SystemExit(f"--sequence-parallel needs --seq-length ({args.seq_length}) divisible by TP x CP = {tp * cp}")
     try:
         config = Mamba3Config(
             d_model=args.hidden_size, headdim=args.mamba_head_dim, d_state=args.mamba_state_dim,

@@ -74,6 +74,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parallel.add_argument("--tensor-model-parallel-size", type=int, default=None,
                           help="TP size; must equal the number of processes (default: the number of processes)")
     parallel.add_argument("--sequence-parallel", action="store_true")
+    parallel.add_argument("--context-parallel-size", type=int, default=1,
+                          help="CP size: each sequence split over this many ranks (processes = TP x CP); attention "
+                               "layers need --transformer-impl transformer_engine")
     data = parser.add_argument_group("data")
     data.add_argument("--seq-length", type=int, default=128)
     data.add_argument("--micro-batch-size", type=int, default=4)
@@ -137,6 +140,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.doc_ids_path is not None and "*" in pattern and args.transformer_impl == "local":
         parser.error("packed documents (--doc-ids-path) reach attention layers as THD, which Megatron's local "
                      "DotProductAttention refuses: use a pattern without '*' or --transformer-impl transformer_engine")
+    check_context_parallel(parser, args)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
@@ -148,15 +152,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def check_context_parallel(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse, before anything starts, the --context-parallel-size settings that cannot run."""
+    cp = args.context_parallel_size
+    if cp < 1:
+        parser.error(f"--context-parallel-size must be >= 1, got {cp}")
+    if cp == 1:
+        return
+    if args.seq_length % (2 * cp):
+        parser.error(f"--context-parallel-size {cp} cuts each sequence into 2 x {cp} pieces: --seq-length "
+                     f"{args.seq_length} must be divisible by {2 * cp}")
+    if "*" in args.hybrid_layer_pattern and args.transformer_impl == "local":
+        parser.error(f"--context-parallel-size {cp}: Megatron's local attention refuses context parallelism; use a "
+                     "pattern without '*' or --transformer-impl transformer_engine")
+    if "*" in args.hybrid_layer_pattern and args.doc_ids_path is not None:
+        parser.error(f"--context-parallel-size {cp} with packed documents: TE attention splits each document over the "
+                     "CP ranks, the Mamba-3 layers split the whole row; use a pattern without '*'")
+
+
 def init_distributed(args: argparse.Namespace) -> None:
     """Join the torchrun process group (or make a one-process group when started without torchrun)
-    and build Megatron's model-parallel groups: TP = world size, DP = 1."""
+    and build Megatron's model-parallel groups: TP x CP = world size, DP = 1."""
     if "RANK" not in os.environ:
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    tp = args.tensor_model_parallel_size  # checked against the process count by preflight.check_up_front
+    tp = args.tensor_model_parallel_size  # TP x CP checked against the process count by preflight.check_up_front
+    cp = args.context_parallel_size
     if args.device == "cuda":
         torch.cuda.set_device(int(os.environ["LOCAL_RANK"]))
     dist.init_process_group("nccl" if args.device == "cuda" else "gloo")
@@ -170,7 +193,7 @@ def init_distributed(args: argparse.Namespace) -> None:
         args.patches = [patch.name for patch in apply_cpu_patches()]
     else:
         args.patches = []
-    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp)
+    parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
     torch.manual_seed(args.seed)
     model_parallel_cuda_manual_seed(args.seed)
 
@@ -196,6 +219,7 @@ def build_model(args: argparse.Namespace):
         mamba_state_dim=args.mamba_state_dim,
         mamba_num_groups=args.mamba_num_groups,
         tensor_model_parallel_size=tp,
+        context_parallel_size=args.context_parallel_size,
         sequence_parallel=args.sequence_parallel and tp > 1,
         normalization="RMSNorm",
         add_bias_linear=False,
@@ -240,14 +264,14 @@ def build_optimizer(args: argparse.Namespace, model):
 
     class OneReplica(_BaseDataParallel):
         """Megatron's data-parallel interface for a single replica: nothing to reduce across
-        replicas, so gradient sync is a no-op and gradients stay in `param.grad`."""
+        replicas; gradient sync only sums over the CP ranks, and gradients stay in `param.grad`."""
 
         def __init__(self, config, module):
             super().__init__(config=config, module=module)
             self.ddp_config = DistributedDataParallelConfig()
 
         def finish_grad_sync(self, force_all_reduce: bool = False) -> None:
-            pass
+            sum_over_context_parallel(self.module)
 
     wrapped = OneReplica(model.config, model)
     optimizer = get_megatron_optimizer(
@@ -266,6 +290,28 @@ def build_optimizer(args: argparse.Namespace, model):
         use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True,
     )
     return wrapped, optimizer, scheduler
+
+
+def sum_over_context_parallel(model) -> None:
+    """Sum the parameter gradients over the CP group: each CP rank saw its own pieces of the sequences."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_context_parallel_group()
+    if group.size() > 1:
+        for param in model.parameters():
+            if param.grad is not None:
+                dist.all_reduce(param.grad, group=group)
+
+
+def context_parallel_batch(tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(b, seq_length + 1) tokens -> this CP rank's (inputs, labels): its two pieces of each sequence
+    in Megatron's layout (`megatron_mamba3.context_parallel.local_part`)."""
+    from megatron.core import parallel_state
+
+    from megatron_mamba3.context_parallel import local_part
+
+    cp, rank = parallel_state.get_context_parallel_world_size(), parallel_state.get_context_parallel_rank()
+    return local_part(tokens[:, :-1], cp, rank, dim=1), local_part(tokens[:, 1:], cp, rank, dim=1)
 
 
 def build_data(args: argparse.Namespace):
@@ -361,13 +407,18 @@ def clock(seconds: float) -> str:
 
 def train_step(wrapped, optimizer, tokens: torch.Tensor, packed) -> tuple[torch.Tensor, bool, float]:
     """Forward, backward, gradient finalization and optimizer step on `tokens` (b, l + 1; inputs and
-    shifted labels) -> (mean loss, whether the optimizer applied the step, gradient norm)."""
+    shifted labels of whole sequences: each CP rank takes its part) -> (mean loss, whether the
+    optimizer applied the step, gradient norm)."""
     from megatron.core.distributed import finalize_model_grads
+    from megatron.core import parallel_state
 
     optimizer.zero_grad()
-    losses = wrapped(tokens[:, :-1], None, None, labels=tokens[:, 1:], packed_seq_params=packed)
-    loss = losses.float().mean()
+    inputs, labels = context_parallel_batch(tokens)
+    losses = wrapped(inputs, None, None, labels=labels, packed_seq_params=packed)
+    # The step's loss is the mean over the CP ranks' equal parts; their gradients are summed.
+    loss = losses.float().mean() / parallel_state.get_context_parallel_world_size()
     loss.backward()
+    dist.all_reduce(loss.detach(), group=parallel_state.get_context_parallel_group())
     finalize_model_grads([wrapped])
     updated, grad_norm, _ = optimizer.step()
     return loss, updated, grad_norm

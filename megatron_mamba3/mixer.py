@@ -28,10 +28,11 @@ from torch import Tensor, nn
 from megatron_mamba3 import inference
 from megatron_mamba3.checkpoint import mixer_sharded_state_dict
 from megatron_mamba3.config import Mamba3Config
+from megatron_mamba3.context_parallel import local_segment_ids, sequence_scan
 from megatron_mamba3.ops.interface import Mamba3State, compute_dtype
 from megatron_mamba3.ops.layer import scan_inputs, scan_weights
 from megatron_mamba3.ops.registry import check_backend_name
-from megatron_mamba3.ops.scan import mamba3_decode, mamba3_scan
+from megatron_mamba3.ops.scan import mamba3_decode
 from megatron_mamba3.ops.segments import check_cu_seqlens, segment_ids_from_cu_seqlens
 from megatron_mamba3.parameters import init_layer_params
 from megatron_mamba3.psiv import check_psiv_gate
@@ -122,6 +123,8 @@ class Mamba3Mixer(MegatronModule):
         self.receipt_name = name or f"layer{layer_number}"
         self.tp_group = pg_collection.tp if pg_collection is not None else parallel_state.get_tensor_model_parallel_group()
         tp_size = self.tp_group.size()
+        # Context parallelism passes states between the CP ranks' sequence pieces (`context_parallel`).
+        self.cp_group = pg_collection.cp if pg_collection is not None else parallel_state.get_context_parallel_group()
         self.layout = InProjLayout(self.mamba3, tp_size, self.tp_group.rank())
         if tp_size > 1 and config.gradient_accumulation_fusion:
             raise ValueError(
@@ -197,6 +200,8 @@ class Mamba3Mixer(MegatronModule):
         MEGATRON_MAMBA3_DEBUG=1, see `check_cu_seqlens`).
         inference_context: a static context; its first call (sequence_len_offset 0) is the prefill,
         later calls decode token by token from the stored state.
+        Under context parallelism (the CP group of `pg_collection`) l is this rank's two pieces of
+        the sequence in Megatron's layout and cu_seqlens count over the whole row (`context_parallel`).
         """
         inference_context = deprecate_inference_params(inference_context, inference_params)
         projected = self._project(hidden_states).transpose(0, 1)  # (b, l, width)
@@ -215,7 +220,8 @@ class Mamba3Mixer(MegatronModule):
 
     def _scan(self, projected: Tensor, segment_ids: Tensor | None) -> tuple[Tensor, Mamba3State]:
         params = self.layer_params()
-        out, state = mamba3_scan(
+        out, state = sequence_scan(
+            self.cp_group,
             scan_inputs(*self.layout.split(projected), params, self.mamba3.A_floor),
             scan_weights(params),
             segment_ids=segment_ids,
@@ -227,6 +233,8 @@ class Mamba3Mixer(MegatronModule):
 
     def _infer(self, projected: Tensor, segment_ids: Tensor | None, context: BaseInferenceContext) -> Tensor:
         inference.check_context(context, self.config.sequence_parallel)
+        if self.cp_group.size() > 1:
+            raise ValueError(f"Mamba3Mixer inference runs without context parallelism; got CP size {self.cp_group.size()}")
         if segment_ids is not None:
             raise ValueError("Mamba3Mixer inference does not take packed sequences")
         if self.layer_number is None:
@@ -245,8 +253,7 @@ class Mamba3Mixer(MegatronModule):
         inference.store_state(context, self.layer_number, state)
         return y
 
-    @staticmethod
-    def _segment_ids(packed: PackedSeqParams | None, shape: torch.Size) -> Tensor | None:
+    def _segment_ids(self, packed: PackedSeqParams | None, shape: torch.Size) -> Tensor | None:
         if packed is None:
             return None
         if packed.qkv_format not in (None, "thd") or shape[0] != 1:
@@ -255,6 +262,9 @@ class Mamba3Mixer(MegatronModule):
                 f"batch {shape[0]}"
             )
         cu_seqlens = packed.cu_seqlens_q_padded if packed.cu_seqlens_q_padded is not None else packed.cu_seqlens_q
+        if self.cp_group.size() > 1:  # offsets over the whole row, of which this rank holds two pieces
+            check_cu_seqlens(cu_seqlens, shape[1] * self.cp_group.size(), to_the_end=False)
+            return local_segment_ids(cu_seqlens, shape[1], self.cp_group)
         check_cu_seqlens(cu_seqlens, shape[1], to_the_end=False)
         return segment_ids_from_cu_seqlens(cu_seqlens, shape[1])
 

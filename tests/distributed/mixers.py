@@ -52,11 +52,13 @@ def build_mixer(
     mixer_config: Mamba3Config, tp: int, sequence_parallel: bool = False, *, layer_number: int = 1,
     params_dtype: torch.dtype = torch.float32, device: str = "cpu", backend: str | None = None,
     cpu_initialization: bool = True,
+    pg_collection: ProcessGroupCollection | None = None,
 ) -> Mamba3Mixer:
-    """A randomly initialised mixer with `mixer_config` on the current TP group, built the way a
-    spec builds it: sizes through the TransformerConfig, the other fields as spec settings.
-    `cpu_initialization`: Megatron's `use_cpu_initialization` (else the linears initialise on the
-    current CUDA device, which needs `model_parallel_cuda_manual_seed`); then moved to `device`."""
+    """A randomly initialised mixer with `mixer_config` on the current TP group (or the groups of
+    `pg_collection`), built the way a spec builds it: sizes through the TransformerConfig, the other
+    fields as spec settings. `cpu_initialization`: Megatron's `use_cpu_initialization` (else the
+    linears initialise on the current CUDA device, which needs `model_parallel_cuda_manual_seed`);
+    then moved to `device`."""
     c = mixer_config
     config = TransformerConfig(
         num_layers=1, hidden_size=c.d_model, num_attention_heads=4, mamba_head_dim=c.headdim,
@@ -69,7 +71,7 @@ def build_mixer(
         Mamba3MixerSubmodules(in_proj=ColumnParallelLinear, out_proj=RowParallelLinear),
         c.d_model,
         layer_number=layer_number,
-        pg_collection=ProcessGroupCollection.use_mpu_process_groups(),
+        pg_collection=pg_collection or ProcessGroupCollection.use_mpu_process_groups(),
         backend=backend,
         **{name: getattr(c, name) for name in SETTINGS},
     )

@@ -1,6 +1,6 @@
 """Runs tests/multigpu/tp_parity.py under torchrun: on every GPU of this machine over NCCL (skipped,
 saying why, with fewer than 2 GPUs), and at small sizes on 2 gloo CPU processes, which checks the
-script itself wherever the tests run."""
+script itself wherever the tests run; and tests/multigpu/cp_parity.py (parity mode) on two GPUs (NCCL)."""
 
 import os
 import subprocess
@@ -34,3 +34,13 @@ def test_tp_parity_over_nccl():
 def test_tp_parity_script_on_cpu():
     finished = _tp_parity(2, "--device", "cpu", "--tp", "1", "2")
     assert "| replicas cpu-init | 2 |" in finished.stdout and "| checkpoint | 2->1 |" in finished.stdout
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(GPUS < 2, reason=f"context-parallel parity over NCCL needs 2 GPUs; this machine has {GPUS}")
+def test_cp_parity_over_nccl():
+    script = Path(__file__).with_name("cp_parity.py")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(script), "parity"]
+    finished = subprocess.run(command, env=dict(os.environ, **NVLS_OFF), capture_output=True, text=True, timeout=1800)
+    print(finished.stdout)
+    assert finished.returncode == 0, finished.stdout[-4000:] + finished.stderr[-4000:]

@@ -3,7 +3,6 @@ weight layout; tests/data, copied from shared/golden). Tolerance 1e-10 relative;
 
 import numpy as np
 import pytest
-import torch
 
 from megatron_mamba3.ops import Mamba3State, mamba3_layer
 from tests.golden import ARRAYS, CASES, golden_array, golden_config, golden_weights

@@ -2,7 +2,6 @@
 the checks of tests/nonfinite.py, as for the reference backend in tests/unit/test_nonfinite.py."""
 
 import pytest
-import torch
 
 from megatron_mamba3.ops.xla.scan_adapter import mamba3_xla_scan
 from tests.nonfinite import BAD_INPUTS, CHUNK, check_forward, check_gradient
