@@ -1,6 +1,7 @@
 """Mamba3Mixer and the TP layout refuse bad settings at construction, naming the bad value."""
 
 import dataclasses
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -97,8 +98,9 @@ def test_in_proj_layout_split_and_replication():
     ],
 )
 def test_bad_thd_offsets_raise_like_the_layer(cu_seqlens, message):
+    without_cp = SimpleNamespace(cp_group=SimpleNamespace(size=lambda: 1))  # the mixer state _segment_ids reads
     packed = PackedSeqParams(qkv_format="thd", cu_seqlens_q=cu_seqlens, cu_seqlens_kv=cu_seqlens)
     with pytest.raises(ValueError, match=message):
-        Mamba3Mixer._segment_ids(packed, torch.Size((1, 10)))
+        Mamba3Mixer._segment_ids(without_cp, packed, torch.Size((1, 10)))
     short = PackedSeqParams(qkv_format="thd", cu_seqlens_q=torch.tensor([0, 4]))  # tokens past 4: one more document
-    assert Mamba3Mixer._segment_ids(short, torch.Size((1, 10))).tolist() == [[0] * 4 + [1] * 6]
+    assert Mamba3Mixer._segment_ids(without_cp, short, torch.Size((1, 10))).tolist() == [[0] * 4 + [1] * 6]
