@@ -1,6 +1,6 @@
 """Train a Mamba-3 hybrid language model on megatron-core alone (no Megatron-LM needed).
 
-One process per tensor-parallel rank (data-parallel size 1), started by torchrun:
+One process per tensor- x context-parallel rank (data-parallel size 1), started by torchrun:
 
     python -m torch.distributed.run --standalone --nproc-per-node 2 launch/train.py \\
         --hybrid-layer-pattern 'M*M-' --train-iters 20 --save ckpt --load ckpt
@@ -8,8 +8,9 @@ One process per tensor-parallel rank (data-parallel size 1), started by torchrun
 (`python launch/train.py ...` alone runs one process.) The model is Megatron's `HybridModel` with
 `megatron_mamba3.layer_specs.mamba3_stack_spec` (M: Mamba-3, *: attention, -: MLP, E: MoE). On a
 machine without CUDA it uses gloo and applies `megatron_mamba3.patches.apply_cpu_patches()`; with
-CUDA it uses NCCL and applies no patch. The optimizer is Megatron's (`get_megatron_optimizer`, Adam,
-fp32) with Megatron's learning-rate scheduler (warm-up, then constant, linear or cosine).
+CUDA it uses NCCL and applies no patch. The optimizer is Megatron's (`get_megatron_optimizer`, Adam;
+fp32 parameters, or with --bf16 bf16 parameters and activations with fp32 master weights) with
+Megatron's learning-rate scheduler (warm-up, then constant, linear or cosine).
 Checkpoints are Megatron distributed checkpoints of model and optimizer, written atomically (see
 `checkpoints.py`). Tokens are synthetic or read from a memory-mapped file (see `token_data.py`) and
 depend only on the step, so a resumed run repeats the uninterrupted run's losses exactly (CPU, same

@@ -37,8 +37,9 @@ class Mamba3Config:
     """Hyper-parameters of one Mamba-3 layer (SPEC section 1).
 
     `mimo_rank == 1` is SISO (adjacent rotary pairs); `mimo_rank > 1` is MIMO (half-split pairs,
-    `mimo_x/z/o` parameters). `chunk_size=None` picks 64 for SISO and 16 for MIMO; it is a kernel
-    tile and never changes the math. Derived sizes are properties: `d_inner`, `nheads`,
+    `mimo_x/z/o` parameters). `chunk_size=None` picks 64 for SISO and 16 for MIMO: the chunk length of
+    the reference and XLA scans (the TileLang kernels use their own tile of 64 / R tokens); it never
+    changes the math. Derived sizes are properties: `d_inner`, `nheads`,
     `num_rope_angles` (S), `d_in_proj`, `in_proj_sizes`.
     """
 

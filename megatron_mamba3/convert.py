@@ -10,9 +10,9 @@ row order included), so conversion renames keys and checks shapes; at tp > 1 eac
 follows `parallel.shard_mixer_state`, and vocabulary-sized tensors are split by rows as Megatron's
 vocab-parallel layers hold them (the vocabulary must already be padded to Megatron's size).
 
-Note: the official module computes A = -softplus(dd_A); this project follows SPEC
-(A = min(-f(dd_A), -A_floor)), which the golden cases confirm. Converted weights load exactly,
-but the two models compute different A from the same dd_A.
+Both the current official module (`clamp(-heavy_tail_activation(dd_A), max=-A_floor)`) and this
+project compute A = min(-f(dd_A), -A_floor), so converted weights compute the same A (older
+official versions used -softplus(dd_A)).
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Packed documents (SPEC 4): `cu_seqlens`, `segment_ids` and the data loader's `doc_ids`.
 
 `segment_ids` (b, l) are per-token ints; a document starts wherever the id differs from the previous
-token's. At a document start the state h, the previous (k, v) and θ reset to zero. All helpers keep
-fixed shapes and run on the tensors' device, with no host synchronisation.
+token's. At a document start the state h, the previous (k, v) and θ reset to zero. The segment-id
+helpers keep fixed shapes and run on the tensors' device without host synchronisation;
+`document_bounds` reads the offsets on the host (it serves backends that run one call per document).
 """
 
 from __future__ import annotations
