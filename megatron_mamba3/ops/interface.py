@@ -65,7 +65,7 @@ class Mamba3Weights(NamedTuple):
 
 
 class Mamba3State(NamedTuple):
-    """Recurrent state per sequence (SPEC 4), fp32 (fp64 in fp64 runs).
+    """Recurrent state per sequence (docs/packing_and_state.md, State), fp32 (fp64 in fp64 runs).
 
     h:      (b, H, p, n)  SSM state
     k_prev: (b, R, H, n)  previous token's key, biased and rotated

@@ -1,4 +1,4 @@
-"""Scan backends, their variants and how one is chosen (SPEC 6).
+"""Scan backends, their variants and how one is chosen (docs/backends.md, Backends).
 
 Each backend lives in its own package and exports `BACKEND` (a `Backend`) from its `backend`
 module; the registry imports it on first use, so a missing optional dependency (TileLang,
@@ -14,14 +14,16 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 import os
 from typing import Callable, Mapping
 
 from megatron_mamba3.ops.interface import Mamba3Inputs
-from megatron_mamba3.receipts import logger
 
 BACKEND_ENV = "MEGATRON_MAMBA3_BACKEND"
 AUTO = "auto"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)

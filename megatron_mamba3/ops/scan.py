@@ -1,5 +1,5 @@
 """`mamba3_scan` and `mamba3_decode`: one entry point per step kind for every backend; each selects,
-runs and writes the receipt (SPEC 6)."""
+runs and writes the receipt (docs/backends.md)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from torch import Tensor
 from megatron_mamba3.ops.interface import Mamba3Inputs, Mamba3State, Mamba3Weights
 from megatron_mamba3.ops.reference.step import mamba3_step
 from megatron_mamba3.ops.registry import select_variant
-from megatron_mamba3.receipts import Receipt, record
+from megatron_mamba3.receipt_log import Receipt, record
 
 
 def _shapes(inputs: Mamba3Inputs) -> tuple[tuple[str, tuple[int, ...]], ...]:

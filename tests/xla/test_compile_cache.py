@@ -45,7 +45,7 @@ def test_new_document_layouts_do_not_recompile(device, sync, packing):
     for _ in range(STEPS):
         layout = new_layout(packing, layouts, generator)
         hidden = torch.randn(batch, LENGTH, config.d_model, generator=generator).to(device)
-        if packing == "doc_ids":  # SPEC 4: the loader's doc ids become runtime segment ids, explicitly
+        if packing == "doc_ids":  # the loader's doc ids become runtime segment ids, explicitly (docs/packing_and_state.md)
             packed = dict(segment_ids=segment_ids_from_doc_ids(layout.to(device)))
         else:
             packed = dict(cu_seqlens=layout)

@@ -1,4 +1,4 @@
-"""The chunked form: masked matmuls inside a chunk, the SPEC 4 state passed between chunks.
+"""The chunked form (docs/math.md §3): masked matmuls inside a chunk, the state passed between chunks.
 
 Within a chunk, token j's k_j v_jᵀ enters h_i with weight L[i, j]:
     L[i, i] = γ_i,   L[i, j] = exp(Σ_{j<m≤i} A_m Δ_m) · (γ_j + (1 − λ_{j+1}) Δ_{j+1})   for j < i,

@@ -1,4 +1,4 @@
-"""One decode step of the Mamba-3 recurrence, written straight from SPEC section 3."""
+"""One decode step of the Mamba-3 recurrence, written straight from docs/math.md §2."""
 
 from __future__ import annotations
 

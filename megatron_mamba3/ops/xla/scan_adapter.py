@@ -1,4 +1,4 @@
-"""The Mamba-3 scan on XLA (SPEC 6): the reference `chunk_scan` as the body of a
+"""The Mamba-3 scan on XLA (docs/backends.md, XLA): the reference `chunk_scan` as the body of a
 `torch_xla.experimental.scan` over chunks, so the traced graph holds one chunk, not the sequence.
 The backward recomputes a chunk from its inputs and entering state (activation checkpointing).
 
@@ -16,6 +16,7 @@ traced as constants and get no gradient). v_prev travels with each chunk as data
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Callable
 
 import torch
@@ -37,7 +38,8 @@ from megatron_mamba3.ops.reference.chunked import chunk_scan, pad_with_identity_
 from megatron_mamba3.ops.reference.packing import row_starts_and_state
 from megatron_mamba3.ops.segments import check_cu_seqlens, document_starts, segment_ids_from_cu_seqlens
 from megatron_mamba3.ops.xla.partition import recompute_body
-from megatron_mamba3.receipts import logger
+
+logger = logging.getLogger(__name__)
 
 # How the chunk scan splits forward and backward: recompute each chunk, saving its entering carry
 # (SISO H8 p64 n128, c = 64: 0.26 MiB per chunk instead of the default partition's 4.06 MiB).
