@@ -9,7 +9,7 @@ from megatron_mamba3 import Mamba3Config, mamba3_scan, segment_ids_from_doc_ids
 from megatron_mamba3.ops.registry import load_backend
 from tests.helpers import make_case
 from megatron_mamba3.ops.xla.stacks import repeating_units, scan_units
-from tests.xla.blocks import Mamba3Block, hybrid_blocks
+from megatron_mamba3.testing.blocks import Mamba3Block, hybrid_blocks
 
 pytestmark = pytest.mark.xla
 STEPS, LENGTH = 20, 24
