@@ -21,7 +21,7 @@ import time
 import torch
 
 from megatron_mamba3.ops import mamba3_scan
-from tests.helpers import make_case
+from megatron_mamba3.testing import make_case
 
 SHAPES = {  # (b, l, H)
     "siso": [(8, 2048, 32), (1, 8192, 8), (2, 4096, 16)],

@@ -24,7 +24,7 @@ layouts are runtime data). "vs ref@cpu" is steps/s relative to reference@cpu, an
 machine's 1-minute load average after the row: above the core count, other work was competing.
 
 `--stack`: a hybrid model of `--units` repeats of the unit `M*M-` (pre-norm residual Mamba-3 SISO,
-attention, Mamba-3, MLP blocks of `tests/xla/blocks.py`; d_model 512, H 16, p 64, n 128, c 64),
+attention, Mamba-3, MLP blocks of `megatron_mamba3.testing.blocks`; d_model 512, H 16, p 64, n 128, c 64),
 one training step = forward, backward and SGD update on random hidden states with a new document
 layout every step (segment ids into the Mamba-3 and attention blocks). `loop` runs the blocks as a
 plain loop (every block traced every step); `scan` runs `scan_units` over the units (one unit
@@ -46,8 +46,8 @@ import torch
 
 from megatron_mamba3 import Mamba3Config, segment_ids_from_doc_ids
 from megatron_mamba3.ops.xla.stacks import repeating_units, run_hybrid_stack, scan_units
-from tests.xla.blocks import Mamba3Block, hybrid_blocks
-from tests.xla.memory import saved_bytes_per_iteration
+from megatron_mamba3.testing.blocks import Mamba3Block, hybrid_blocks
+from megatron_mamba3.testing.xla_memory import saved_bytes_per_iteration
 
 SHAPES = {  # name: Mamba3Config arguments (d_model 256, expand 2 -> H = 8 heads of p = 64)
     "SISO H8 p64 n128": dict(d_model=256, headdim=64, d_state=128),

@@ -33,7 +33,7 @@ def _rss_bytes() -> int:
 def _measure(shape: str, length: int, form: str, mode: str, repeats: int) -> tuple[float, float]:
     """Best-of-`repeats` seconds and peak MiB of one call, in this (fresh) process."""
     from megatron_mamba3.ops.reference import mamba3_chunked, mamba3_recurrent
-    from tests.helpers import make_case
+    from megatron_mamba3.testing import make_case
 
     H, p, R, G, n = SHAPES[shape]
     inputs, weights = make_case(b=1, l=length, H=H, p=p, R=R, G=G, n=n, dtype=torch.float32)

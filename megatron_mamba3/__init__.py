@@ -20,7 +20,7 @@ from megatron_mamba3.ops import (
     segment_ids_from_doc_ids,
 )
 from megatron_mamba3.parameters import init_layer_params
-from megatron_mamba3.receipts import Receipt, clear_receipts, receipts
+from megatron_mamba3.receipt_log import Receipt, clear_receipts, receipts
 
 # The Megatron-facing names import megatron.core, so they load on first use; the ops do not need it.
 _MEGATRON_NAMES = {"Mamba3Mixer": "megatron_mamba3.mixer", "Mamba3MixerSubmodules": "megatron_mamba3.mixer"}

@@ -1,4 +1,4 @@
-"""Distributed-checkpoint layout of one Mamba-3 mixer (SPEC 5): a checkpoint saved at one TP size
+"""Distributed-checkpoint layout of one Mamba-3 mixer (docs/parallelism.md): a checkpoint saved at one TP size
 loads at any other, bit-exact.
 
 Per-head parameters are sharded along their head axis (`parallel.HEAD_AXES`), B_norm / C_norm are

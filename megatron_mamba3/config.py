@@ -1,4 +1,5 @@
-"""`Mamba3Config`: the hyper-parameters of one Mamba-3 mixer and every rule of SPEC section 1.
+"""`Mamba3Config`: the hyper-parameters of one Mamba-3 mixer and the rules they keep
+(what the sizes mean: docs/math.md §1).
 
 Each violated rule raises `ValueError` at construction, naming the field and the bad value.
 """
@@ -34,7 +35,7 @@ def _require_positive_real(field: str, value: object) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class Mamba3Config:
-    """Hyper-parameters of one Mamba-3 layer (SPEC section 1).
+    """Hyper-parameters of one Mamba-3 layer (docs/math.md §1).
 
     `mimo_rank == 1` is SISO (adjacent rotary pairs); `mimo_rank > 1` is MIMO (half-split pairs,
     `mimo_x/z/o` parameters). `chunk_size=None` picks 64 for SISO and 16 for MIMO: the chunk length of
@@ -125,7 +126,7 @@ class Mamba3Config:
         return sum(self.in_proj_sizes)
 
     def heads_per_rank(self, tensor_parallel_size: int) -> int:
-        """H / tp; raises `ValueError` when tp does not divide H (SPEC 1 and 5)."""
+        """H / tp; raises `ValueError` when tp does not divide H (docs/parallelism.md, Tensor parallelism)."""
         _require_int("tensor_parallel_size", tensor_parallel_size, 1)
         if self.nheads % tensor_parallel_size:
             raise ValueError(

@@ -3,7 +3,7 @@
 Built from a ModuleSpec by Megatron's `MambaLayer` (which passes `d_model`, `layer_number`,
 `pg_collection`, `pp_layer_offset` and `name`); the Mamba-3 settings come from the spec's `params`
 (or a whole `Mamba3Config`), and the head size, state size and groups from the TransformerConfig's
-`mamba_head_dim`, `mamba_state_dim` and `mamba_num_groups`. Tensor parallelism follows SPEC 5
+`mamba_head_dim`, `mamba_state_dim` and `mamba_num_groups`. Tensor parallelism follows docs/parallelism.md
 (see `parallel`); checkpoints follow `checkpoint`.
 """
 
@@ -88,7 +88,7 @@ class Mamba3Mixer(MegatronModule):
         mamba3_config: a whole `Mamba3Config` instead of `settings` (its d_model, headdim, d_state
             and ngroups must match the layer's and the TransformerConfig's).
         **settings: Mamba3Config fields such as mimo_rank, rope_fraction, chunk_size, is_outproj_norm.
-    Every bad value raises `ValueError` here, naming it; a set PsiV gate (SPEC 7) raises
+    Every bad value raises `ValueError` here, naming it; a set PsiV gate (`psiv.py`) raises
     `NotImplementedError` naming `MEGATRON_MAMBA3_PSIV_CACHE`.
     """
 

@@ -1,4 +1,4 @@
-"""Tensor parallelism for one Mamba-3 mixer (SPEC 5): the in_proj layout per TP rank, the gradient
+"""Tensor parallelism for one Mamba-3 mixer (docs/parallelism.md): the in_proj layout per TP rank, the gradient
 sync of replicated weights, and the checkpoint layout that lets any TP size load any other.
 
 in_proj's pieces in the official order: z, x (heads), B, C (groups), dd_dt, dd_A, trap (heads),
@@ -250,7 +250,7 @@ def _on_backend_device(tensor: Tensor, group: dist.ProcessGroup, collective) -> 
 
 def make_replicas_identical(param: Tensor, group: dist.ProcessGroup) -> None:
     """Give `param` the values of the group's first rank, and from then on sum its gradient over
-    `group` before it is accumulated (SPEC 5), so the copies stay identical. Both collectives run on
+    `group` before it is accumulated, so the copies stay identical. Both collectives run on
     the device `group`'s backend needs (`backend_device_type`), wherever `param` lives.
 
     Each rank's own gradient covers only the heads it computes; the sum is the full gradient. The

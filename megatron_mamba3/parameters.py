@@ -1,4 +1,4 @@
-"""Fresh per-layer parameters with the SPEC 2 initialisation, under the official names."""
+"""Fresh per-layer parameters with the official initialisation (docs/math.md §1), under the official names."""
 
 from __future__ import annotations
 

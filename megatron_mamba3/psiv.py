@@ -1,4 +1,4 @@
-"""The PsiV cache gate (SPEC section 7): a scaffold that fails closed.
+"""The PsiV cache gate: a scaffold that fails closed.
 
 PsiV, a cache of the MIMO-expanded value path, is not implemented. Setting its gate to anything but
 unset or "0" makes every `Mamba3Config` construction raise, so the request is never silently ignored.

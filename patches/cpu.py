@@ -1,5 +1,6 @@
-"""The CPU seams megatron-core 0.19.2 lacks (shared MEGATRON_NOTES.md, plus the optimizer and
-checkpoint saving measured here).
+"""The CPU seams megatron-core 0.19.2 lacks: the functions that insist on a CUDA device on the paths
+a CPU (gloo) run of a Megatron hybrid model takes, from building the model through the optimizer step
+to saving a distributed checkpoint.
 
 Functions that only ask for a CUDA device are patched to run unchanged under `cuda_on_cpu.on_cpu`;
 two need CPU code of their own (the RNG tracker and gradient clipping). The patches:

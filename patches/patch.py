@@ -16,7 +16,7 @@ import torch
 
 SUPPORTED_MEGATRON_CORE = "0.19.2"
 
-logger = logging.getLogger("megatron_mamba3")
+logger = logging.getLogger(__name__)
 
 
 class MegatronVersionError(RuntimeError):

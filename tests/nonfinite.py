@@ -2,7 +2,7 @@
 
 One row of 200 tokens packed as documents A [0, 130), B [130, 196), C [196, 200) with chunk 64: the
 bad token 150 shares chunk 2 with the end of A and the start of B, and B's bad state enters chunk 3,
-where C starts. The expected reach (the SPEC 3 recurrence): a bad x reaches its head and channel, a
+where C starts. The expected reach (the recurrence, docs/math.md §2): a bad x reaches its head and channel, a
 bad Δ / A / trap its head, a bad angle or B every head of the group (G = 1: all), at the bad token
 and every later token of B; a bad z or C only its own token. Everything else must equal the clean
 run bit for bit, and the gradient of A's outputs must be finite, equal the clean run's, and be

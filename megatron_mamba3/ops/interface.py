@@ -65,7 +65,7 @@ class Mamba3Weights(NamedTuple):
 
 
 class Mamba3State(NamedTuple):
-    """Recurrent state per sequence (SPEC 4), fp32 (fp64 in fp64 runs).
+    """Recurrent state per sequence (docs/packing_and_state.md, State), fp32 (fp64 in fp64 runs).
 
     h:      (b, H, p, n)  SSM state
     k_prev: (b, R, H, n)  previous token's key, biased and rotated
@@ -132,6 +132,13 @@ def _check_shape(name: str, tensor: Tensor, expected: tuple[int, ...]) -> None:
         raise ValueError(f"{name} has shape {tuple(tensor.shape)}, expected {expected}")
 
 
+def read_dims(inputs: Mamba3Inputs, *, per_token: bool = False) -> ScanDims:
+    """The sizes of `inputs`, unchecked: backends read them off inputs that `scan_dims` has checked."""
+    H, p = inputs.x.shape[-2:]
+    R, G, n = inputs.B.shape[-3:]
+    return ScanDims(inputs.x.shape[0], 1 if per_token else inputs.x.shape[1], H, p, R, G, n, inputs.angles.shape[-1])
+
+
 def scan_dims(inputs: Mamba3Inputs, weights: Mamba3Weights, *, per_token: bool = False) -> ScanDims:
     """Read the sizes off `inputs` and check every tensor against them; `ValueError` names the bad one.
 
@@ -145,10 +152,8 @@ def scan_dims(inputs: Mamba3Inputs, weights: Mamba3Weights, *, per_token: bool =
         raise ValueError(f"x has shape {tuple(inputs.x.shape)}, expected (b, {'' if per_token else 'l, '}H, p)")
     if inputs.B.dim() != len(lead) + 3:
         raise ValueError(f"B has shape {tuple(inputs.B.shape)}, expected (b, {'' if per_token else 'l, '}R, G, n)")
-    H, p = inputs.x.shape[-2:]
-    R, G, n = inputs.B.shape[-3:]
-    S = inputs.angles.shape[-1]
-    dims = ScanDims(lead[0], 1 if per_token else lead[1], H, p, R, G, n, S)
+    dims = read_dims(inputs, per_token=per_token)
+    H, p, R, G, n, S = dims.H, dims.p, dims.R, dims.G, dims.n, dims.S
     lead = tuple(lead)
     for name, expected in (
         ("z", lead + (H, p)),

@@ -1,4 +1,4 @@
-"""The whole layer math from the in_proj output to the gated output (SPEC 2 and 3), backend-agnostic.
+"""The whole layer math from the in_proj output to the gated output (docs/math.md §1–2), backend-agnostic.
 
 `params` maps the official parameter names (as in `mamba_ssm` Mamba3 state dicts, without the
 "in_proj"/"out_proj" linears) to tensors; `init_layer_params` makes a fresh set.

@@ -1,50 +1,85 @@
-"""Scan backends, their variants and how one is chosen (SPEC 6).
+"""Scan backends, their variants and how one is chosen (docs/backends.md, Backends).
 
 Each backend lives in its own package and exports `BACKEND` (a `Backend`) from its `backend`
 module; the registry imports it on first use, so a missing optional dependency (TileLang,
 torch_xla) only matters when that backend is asked for.
 
+A backend's scan has one signature, `ScanFn`, and receives the arguments that `mamba3_scan` has
+already checked (shapes, chunk size, packing, initial state); it checks only what is its own (the
+sizes its kernels support, the packings it cannot run).
+
 Selection: the `backend` argument, else `MEGATRON_MAMBA3_BACKEND`, else "auto".
 - An explicitly named backend (or variant) that cannot run here raises `ValueError` saying why.
 - "auto" picks by the tensors' device type (cuda -> tilelang, xla -> xla, otherwise reference);
   when that backend cannot run it falls back to the reference and logs why, once.
+- A decode step runs on the backend "auto" prefers for the device when it registers a `decode`,
+  else on the reference's step.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 import os
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Protocol
 
-from megatron_mamba3.ops.interface import Mamba3Inputs
-from megatron_mamba3.receipts import logger
+from torch import Tensor
+
+from megatron_mamba3.ops.interface import Mamba3Inputs, Mamba3State, Mamba3Weights
 
 BACKEND_ENV = "MEGATRON_MAMBA3_BACKEND"
 AUTO = "auto"
 
+logger = logging.getLogger(__name__)
+
+
+class ScanFn(Protocol):
+    """A backend's scan: the signature of `mamba3_scan` without the selection arguments, called with
+    arguments `mamba3_scan` has checked. Returns (gated output (b, l, H, p), final state)."""
+
+    def __call__(
+        self,
+        inputs: Mamba3Inputs,
+        weights: Mamba3Weights,
+        *,
+        segment_ids: Tensor | None,
+        cu_seqlens: Tensor | None,
+        initial_state: Mamba3State | None,
+        chunk_size: int,
+    ) -> tuple[Tensor, Mamba3State]: ...
+
+
+class DecodeFn(Protocol):
+    """A backend's decode step: per-token inputs (x: (b, H, p), ...) and the running state, checked by
+    `mamba3_decode` -> (gated output (b, H, p), new state)."""
+
+    def __call__(
+        self, inputs: Mamba3Inputs, weights: Mamba3Weights, state: Mamba3State
+    ) -> tuple[Tensor, Mamba3State]: ...
+
 
 @dataclasses.dataclass(frozen=True)
 class ScanVariant:
-    """One implementation: `fn(inputs, weights, *, segment_ids, cu_seqlens, initial_state,
-    chunk_size) -> (out, state)`, the signature of `mamba3_scan` without the selection arguments."""
+    """One implementation of the scan, `fn`, named `name` within its backend."""
 
     backend: str
     name: str
-    fn: Callable
+    fn: ScanFn
 
 
 @dataclasses.dataclass(frozen=True)
 class Backend:
     """A backend: its variants, the default one, `why_not(inputs)` (None when it can run the scan
-    of these `Mamba3Inputs`: device, dtype and sizes; else the reason) and `compile_count()`
-    (kernels or graphs compiled so far)."""
+    of these `Mamba3Inputs`: device, dtype and sizes; else the reason), `compile_count()` (kernels
+    or graphs compiled so far) and its decode step, if it has one."""
 
     name: str
     variants: Mapping[str, ScanVariant]
     default_variant: str
     why_not: Callable[[Mamba3Inputs], str | None]
     compile_count: Callable[[], int] = lambda: 0
+    decode: DecodeFn | None = None
 
 
 _MODULES = {
@@ -52,6 +87,7 @@ _MODULES = {
     "tilelang": "megatron_mamba3.ops.tilelang.backend",
     "xla": "megatron_mamba3.ops.xla.backend",
 }
+BACKEND_NAMES = tuple(_MODULES)
 _AUTO_BY_DEVICE = {"cuda": "tilelang", "xla": "xla"}
 _fallbacks_logged: set[tuple[str, str]] = set()
 
@@ -84,8 +120,8 @@ def _auto(inputs: Mamba3Inputs) -> Backend:
 
 def check_backend_name(name: str, source: str = "backend") -> None:
     """`ValueError` naming `source` unless `name` is "auto" or a registered backend."""
-    if name != AUTO and name not in _MODULES:
-        raise ValueError(f"{source}={name!r} is not a backend; choose one of: {AUTO}, {', '.join(_MODULES)}")
+    if name != AUTO and name not in BACKEND_NAMES:
+        raise ValueError(f"{source}={name!r} is not a backend; choose one of: {AUTO}, {', '.join(BACKEND_NAMES)}")
 
 
 def select_backend(backend: str | None, inputs: Mamba3Inputs) -> Backend:
@@ -101,6 +137,15 @@ def select_backend(backend: str | None, inputs: Mamba3Inputs) -> Backend:
         dtype = str(x.dtype).removeprefix("torch.")
         raise ValueError(f"{source}={requested!r} cannot run on {x.device.type} {dtype} tensors: {chosen}")
     return chosen
+
+
+def select_decoder(inputs: Mamba3Inputs) -> Backend:
+    """The backend whose `decode` runs a step of `inputs`: the one "auto" prefers for their device
+    when it has a decode step, else the reference."""
+    preferred = load_backend(_AUTO_BY_DEVICE.get(inputs.x.device.type, "reference"))
+    if isinstance(preferred, Backend) and preferred.decode is not None:
+        return preferred
+    return load_backend("reference")
 
 
 def select_variant(backend: str | None, variant: str | None, inputs: Mamba3Inputs) -> tuple[Backend, ScanVariant]:

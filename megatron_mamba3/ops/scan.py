@@ -1,14 +1,21 @@
-"""`mamba3_scan` and `mamba3_decode`: one entry point per step kind for every backend; each selects,
-runs and writes the receipt (SPEC 6)."""
+"""`mamba3_scan` and `mamba3_decode`: one entry point per step kind for every backend; each checks the
+arguments (once, for every backend), selects, runs and writes the receipt (docs/backends.md)."""
 
 from __future__ import annotations
 
 from torch import Tensor
 
-from megatron_mamba3.ops.interface import Mamba3Inputs, Mamba3State, Mamba3Weights
-from megatron_mamba3.ops.reference.step import mamba3_step
-from megatron_mamba3.ops.registry import select_variant
-from megatron_mamba3.receipts import Receipt, record
+from megatron_mamba3.ops.interface import (
+    Mamba3Inputs,
+    Mamba3State,
+    Mamba3Weights,
+    check_chunk_size,
+    check_state,
+    scan_dims,
+)
+from megatron_mamba3.ops.registry import select_decoder, select_variant
+from megatron_mamba3.ops.segments import check_cu_seqlens
+from megatron_mamba3.receipt_log import Receipt, record
 
 
 def _shapes(inputs: Mamba3Inputs) -> tuple[tuple[str, tuple[int, ...]], ...]:
@@ -33,9 +40,26 @@ def mamba3_scan(
     with per-row states (the initial state continues each row's first document; the final state is
     the state after its last token), or `cu_seqlens` (N + 1,) with b = 1 and per-document states
     (N, ...). Without either, each row is one sequence.
+    `chunk_size` (an int in [1, 1024]) is the chunk length of the reference and XLA scans; it never
+    changes the result beyond rounding.
     `backend`/`variant` pick the implementation (default: `MEGATRON_MAMBA3_BACKEND` or "auto", see
-    `registry`); `layer` names the caller in the receipt.
+    `registry`); `layer` names the caller in the receipt. Bad arguments raise before any backend runs.
     """
+    # What every backend relies on, checked once here; a backend checks only what is its own.
+    check_chunk_size(chunk_size)
+    if segment_ids is not None and cu_seqlens is not None:
+        raise ValueError("pass either segment_ids or cu_seqlens, not both")
+    dims = scan_dims(inputs, weights)
+    states = dims.b
+    if segment_ids is not None and tuple(segment_ids.shape) != (dims.b, dims.l):
+        raise ValueError(f"segment_ids has shape {tuple(segment_ids.shape)}, expected (b, l) = {(dims.b, dims.l)}")
+    if cu_seqlens is not None:
+        if dims.b != 1:
+            raise ValueError(f"cu_seqlens packs documents into one row; got batch b={dims.b}, expected 1")
+        check_cu_seqlens(cu_seqlens, dims.l)
+        states = cu_seqlens.numel() - 1
+    if initial_state is not None:
+        check_state(initial_state, states, dims)
     chosen, implementation = select_variant(backend, variant, inputs)
     out, state = implementation.fn(
         inputs, weights,
@@ -50,9 +74,12 @@ def mamba3_decode(
     inputs: Mamba3Inputs, weights: Mamba3Weights, state: Mamba3State, *, layer: str | None = None
 ) -> tuple[Tensor, Mamba3State]:
     """One decode step: per-token inputs without `l` (x: (b, H, p), ...) and the running state ->
-    (gated output (b, H, p), new state). Runs the reference step on the inputs' device (no backend
-    has a decode kernel yet) and records a "decode" receipt saying so."""
-    out, state = mamba3_step(inputs, weights, state)
+    (gated output (b, H, p), new state). Runs the step of the backend `registry.select_decoder`
+    names (today the reference's, on the inputs' device) and records a "decode" receipt saying so."""
+    dims = scan_dims(inputs, weights, per_token=True)
+    check_state(state, dims.b, dims, name="state")
+    chosen = select_decoder(inputs)
+    out, state = chosen.decode(inputs, weights, state)
     dtype = str(inputs.x.dtype).removeprefix("torch.")
-    record(Receipt(layer, "decode", "reference", "step", dtype, _shapes(inputs)))
+    record(Receipt(layer, "decode", chosen.name, "step", dtype, _shapes(inputs)))
     return out, state

@@ -1,4 +1,4 @@
-"""Packed documents (SPEC 4): `cu_seqlens`, `segment_ids` and the data loader's `doc_ids`.
+"""Packed documents (docs/packing_and_state.md, Packing): `cu_seqlens`, `segment_ids` and the data loader's `doc_ids`.
 
 `segment_ids` (b, l) are per-token ints; a document starts wherever the id differs from the previous
 token's. At a document start the state h, the previous (k, v) and θ reset to zero. The segment-id

@@ -1,4 +1,5 @@
-"""Tensor-parallel Mamba3Mixer against the TP = 1 module, on 1, 2 and 4 gloo processes (SPEC 5).
+"""Tensor-parallel Mamba3Mixer against the TP = 1 module, on 1, 2 and 4 gloo processes
+(docs/parallelism.md, "Tensor parallelism").
 
 One spawn per TP size runs every case: forward output, input gradient and every parameter
 gradient (gathered to full shape) must equal the TP = 1 module's within 1e-5 relative (fp32; only

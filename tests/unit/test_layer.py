@@ -140,6 +140,35 @@ def test_bad_weights_raise_naming_the_tensor():
         mamba3_scan(inputs, weights, chunk_size=4096)
 
 
+def _registered_variants():
+    for name in registry.BACKEND_NAMES:
+        backend = registry.load_backend(name)
+        if isinstance(backend, str):
+            yield pytest.param(name, None, marks=pytest.mark.skip(reason=f"backend {name}: {backend}"))
+        else:
+            yield from ((name, variant) for variant in backend.variants)
+
+
+@pytest.mark.parametrize("backend, variant", _registered_variants())
+def test_every_backend_refuses_bad_arguments_at_dispatch_alike(backend, variant, monkeypatch):
+    """The common checks run once, in `mamba3_scan`, before any backend is chosen or runs: every
+    registered backend and variant refuses chunk_size=0 (which TileLang alone once accepted), a bad
+    segment_ids and a bad initial state with the same error, whatever device it needs."""
+    inputs, weights = make_case(b=1, l=5, seed=35)
+    state = Mamba3State.zeros(1, scan_dims(inputs, weights), torch.float64, torch.device("cpu"))
+    never = lambda *args, **kwargs: pytest.fail("a backend ran on bad arguments")  # noqa: E731
+    monkeypatch.setattr("megatron_mamba3.ops.scan.select_variant", never)
+    cases = [
+        (dict(chunk_size=0), ValueError, r"chunk_size=0 must be an int in \[1, 1024\]"),
+        (dict(segment_ids=torch.zeros(1, 4)), ValueError, r"segment_ids has shape \(1, 4\), expected \(b, l\) = \(1, 5\)"),
+        (dict(initial_state=tuple(state)), TypeError, r"initial_state must be a Mamba3State"),
+        (dict(cu_seqlens=torch.tensor([0, 2, 5]), initial_state=state), ValueError, r"initial_state.h has shape \(1,"),
+    ]
+    for options, error, message in cases:
+        with pytest.raises(error, match=message):
+            mamba3_scan(inputs, weights, backend=backend, variant=variant, **options)
+
+
 @pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
 @pytest.mark.parametrize("field", ["x", "dt", "B_bias"])
 def test_non_floating_tensors_raise_type_error_naming_them(field, dtype):

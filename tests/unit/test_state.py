@@ -4,6 +4,7 @@ Float64, 1e-10 relative (angles compared modulo 2π)."""
 import pytest
 import torch
 
+from megatron_mamba3.ops import mamba3_decode, mamba3_scan
 from megatron_mamba3.ops.reference import mamba3_chunked, mamba3_recurrent, mamba3_step
 from tests.helpers import assert_states_close, make_case, make_state, rel_err
 
@@ -59,6 +60,6 @@ def test_bad_state_raises():
     inputs, weights = make_case(b=2, l=5, seed=25)
     state = make_state(2, 4, 8, 1, 16, 4)
     with pytest.raises(ValueError, match=r"initial_state.theta has shape \(2, 4, 3\), expected \(2, 4, 4\)"):
-        mamba3_chunked(inputs, weights, initial_state=state._replace(theta=state.theta[..., :3]))
+        mamba3_scan(inputs, weights, initial_state=state._replace(theta=state.theta[..., :3]))
     with pytest.raises(ValueError, match=r"state.k_prev has shape \(2, 2, 4, 16\), expected \(2, 1, 4, 16\)"):
-        mamba3_step(inputs.tokens(0), weights, state._replace(k_prev=state.k_prev.repeat(1, 2, 1, 1)))
+        mamba3_decode(inputs.tokens(0), weights, state._replace(k_prev=state.k_prev.repeat(1, 2, 1, 1)))

@@ -11,7 +11,7 @@ from megatron_mamba3 import mamba3_scan
 from megatron_mamba3.ops.xla import scan_adapter
 from megatron_mamba3.ops.xla.partition import recompute_body
 from tests.helpers import make_case
-from tests.xla.memory import saved_bytes_per_iteration
+from megatron_mamba3.testing.xla_memory import saved_bytes_per_iteration
 
 pytestmark = pytest.mark.xla
 

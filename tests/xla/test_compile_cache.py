@@ -9,7 +9,7 @@ from megatron_mamba3 import Mamba3Config, mamba3_scan, segment_ids_from_doc_ids
 from megatron_mamba3.ops.registry import load_backend
 from tests.helpers import make_case
 from megatron_mamba3.ops.xla.stacks import repeating_units, scan_units
-from tests.xla.blocks import Mamba3Block, hybrid_blocks
+from megatron_mamba3.testing.blocks import Mamba3Block, hybrid_blocks
 
 pytestmark = pytest.mark.xla
 STEPS, LENGTH = 20, 24
@@ -45,7 +45,7 @@ def test_new_document_layouts_do_not_recompile(device, sync, packing):
     for _ in range(STEPS):
         layout = new_layout(packing, layouts, generator)
         hidden = torch.randn(batch, LENGTH, config.d_model, generator=generator).to(device)
-        if packing == "doc_ids":  # SPEC 4: the loader's doc ids become runtime segment ids, explicitly
+        if packing == "doc_ids":  # the loader's doc ids become runtime segment ids, explicitly (docs/packing_and_state.md)
             packed = dict(segment_ids=segment_ids_from_doc_ids(layout.to(device)))
         else:
             packed = dict(cu_seqlens=layout)

@@ -110,13 +110,13 @@ def test_bad_packing_raises_before_tracing():
     with pytest.raises(ValueError, match="per-document initial states are not supported"):
         mamba3_xla_scan(one_row, weights, cu_seqlens=torch.tensor([0, 2, 6]), initial_state=make_state(2, 2, 4, 1, 8, 2))
     with pytest.raises(ValueError, match="got batch b=2, expected 1"):
-        mamba3_xla_scan(inputs, weights, cu_seqlens=torch.tensor([0, 6]))
+        mamba3_scan(inputs, weights, cu_seqlens=torch.tensor([0, 6]), backend="xla")
     with pytest.raises(ValueError, match=r"cu_seqlens=\[0, 4, 5\] must start at 0, never decrease and end at"):
-        mamba3_xla_scan(one_row, weights, cu_seqlens=torch.tensor([0, 4, 5]))
+        mamba3_scan(one_row, weights, cu_seqlens=torch.tensor([0, 4, 5]), backend="xla")
     with pytest.raises(ValueError, match=r"segment_ids has shape \(2, 5\), expected \(b, l\) = \(2, 6\)"):
-        mamba3_xla_scan(inputs, weights, segment_ids=torch.zeros(2, 5, dtype=torch.int32))
+        mamba3_scan(inputs, weights, segment_ids=torch.zeros(2, 5, dtype=torch.int32), backend="xla")
     with pytest.raises(ValueError, match=r"chunk_size=0 must be an int in \[1, 1024\]"):
-        mamba3_xla_scan(inputs, weights, chunk_size=0)
+        mamba3_scan(inputs, weights, chunk_size=0, backend="xla")
 
 
 def test_device_offsets_are_checked_behind_the_debug_flag(device, monkeypatch):

@@ -1,4 +1,4 @@
-"""SPMD over heads (SPEC 5, "no communication inside the scan"): the XLA scan with every per-head
+"""SPMD over heads (docs/parallelism.md: "the scan itself communicates nothing"): the XLA scan with every per-head
 input and weight sharded over a mesh of 4 CPU PJRT devices equals the reference on the host (output,
 final state and every gradient, fp32 1e-5), and the compiled HLO has no all-gather inside the forward
 or backward scan loop, whose carried state holds 3 of the 12 heads per device.

@@ -14,8 +14,8 @@ import torch
 from megatron_mamba3 import Mamba3Config, clear_receipts, receipts
 from megatron_mamba3.ops.xla.stacks import repeating_units, run_hybrid_stack, scan_units
 from tests.helpers import rel_err
-from tests.xla.blocks import Mamba3Block, MLPBlock, hybrid_blocks
-from tests.xla.memory import saved_bytes_per_iteration
+from megatron_mamba3.testing.blocks import Mamba3Block, MLPBlock, hybrid_blocks
+from megatron_mamba3.testing.xla_memory import saved_bytes_per_iteration
 
 pytestmark = pytest.mark.xla
 TOL = 1e-10

@@ -1,7 +1,8 @@
-"""The reference backend: pure PyTorch, runs on any device and dtype."""
+"""The reference backend: pure PyTorch, runs on any device and dtype; its step decodes for every device."""
 
 from megatron_mamba3.ops.reference.chunked import mamba3_chunked
 from megatron_mamba3.ops.reference.recurrent import mamba3_recurrent
+from megatron_mamba3.ops.reference.step import mamba3_step
 from megatron_mamba3.ops.registry import Backend, ScanVariant
 
 
@@ -19,4 +20,5 @@ BACKEND = Backend(
     },
     default_variant="chunked",
     why_not=lambda inputs: None,
+    decode=mamba3_step,
 )

@@ -1,4 +1,4 @@
-"""The chunked form: masked matmuls inside a chunk, the SPEC 4 state passed between chunks.
+"""The chunked form (docs/math.md §3): masked matmuls inside a chunk, the state passed between chunks.
 
 Within a chunk, token j's k_j v_jᵀ enters h_i with weight L[i, j]:
     L[i, i] = γ_i,   L[i, j] = exp(Σ_{j<m≤i} A_m Δ_m) · (γ_j + (1 − λ_{j+1}) Δ_{j+1})   for j < i,
@@ -21,9 +21,8 @@ from megatron_mamba3.ops.interface import (
     Mamba3Inputs,
     Mamba3State,
     Mamba3Weights,
-    check_chunk_size,
     compute_dtype,
-    scan_dims,
+    read_dims,
 )
 from megatron_mamba3.ops.reference.finite import finite_parts, mark_reached
 from megatron_mamba3.ops.reference.gate import gate_output
@@ -42,13 +41,12 @@ def mamba3_chunked(
 ) -> tuple[Tensor, Mamba3State]:
     """Chunked scan over (b, l, ...) inputs -> (gated output (b, l, H, p), final state).
 
-    Same contract as `mamba3_recurrent`; `chunk_size` (any int >= 1) never changes the result
-    beyond rounding. Computes in fp32 for fp32/bf16 inputs (fp64 for fp64) and is differentiable.
+    Same contract as `mamba3_recurrent`; `chunk_size` never changes the result beyond rounding.
+    Computes in fp32 for fp32/bf16 inputs (fp64 for fp64) and is differentiable. Arguments as
+    `mamba3_scan` checks them.
     """
-    check_chunk_size(chunk_size)
-    dims = scan_dims(inputs, weights)
     return run_packed(
-        partial(_chunked_rows, chunk_size=chunk_size), inputs, weights, dims,
+        partial(_chunked_rows, chunk_size=chunk_size), inputs, weights, read_dims(inputs),
         segment_ids=segment_ids, cu_seqlens=cu_seqlens, initial_state=initial_state,
     )
 

@@ -1,4 +1,4 @@
-"""The output gate (SPEC 3): optional per-head RMSNorm, SiLU gate and the MIMO down-projection."""
+"""The output gate (docs/math.md §2, Output): optional per-head RMSNorm, SiLU gate and the MIMO down-projection."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Per-head keys, queries and values built from the inputs that heads share (SPEC 3).
+"""Per-head keys, queries and values built from the inputs that heads share (docs/math.md §2).
 
 k_{t,r} = rot(θ_t, B_{t,r} + B_bias[h, r]), q likewise from C, and v_{t,r} = x_t ⊙ mimo_x[h, r].
 `state_with_incoming` adds the incoming state's previous (k, v) to its h, as chunked forms start from.

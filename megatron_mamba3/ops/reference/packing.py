@@ -2,7 +2,8 @@
 
 A row scan maps (inputs (b, l, ...), weights, starts (b, l) bool, state) to (out (b, l, H, p), state):
 it resets the state to zero wherever `starts` is set. With `cu_seqlens` (THD layout, b = 1) every
-document runs alone from its own initial state, and states are per document: (N, ...).
+document runs alone from its own initial state, and states are per document: (N, ...). Arguments
+as `mamba3_scan` checks them.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from megatron_mamba3.ops.interface import (
     Mamba3State,
     Mamba3Weights,
     ScanDims,
-    check_state,
     compute_dtype,
 )
 from megatron_mamba3.ops.segments import document_bounds, document_starts
@@ -29,17 +29,14 @@ def row_starts_and_state(
     inputs: Mamba3Inputs, dims: ScanDims, segment_ids: Tensor | None, initial_state: Mamba3State | None
 ) -> tuple[Tensor, Mamba3State]:
     """Rows packed by `segment_ids` (or unpacked when None) -> (document starts (b, l) bool, the
-    checked initial state or zeros in the compute dtype), on the inputs' device."""
+    initial state or zeros in the compute dtype), on the inputs' device."""
     device = inputs.x.device
     if segment_ids is None:
         starts = torch.zeros(dims.b, dims.l, dtype=torch.bool, device=device)
-    elif tuple(segment_ids.shape) != (dims.b, dims.l):
-        raise ValueError(f"segment_ids has shape {tuple(segment_ids.shape)}, expected (b, l) = {(dims.b, dims.l)}")
     else:
         starts = document_starts(segment_ids.to(device))
     if initial_state is None:
         return starts, Mamba3State.zeros(dims.b, dims, compute_dtype(inputs.x.dtype), device)
-    check_state(initial_state, dims.b, dims)
     return starts, initial_state
 
 
@@ -54,8 +51,6 @@ def run_packed(
     initial_state: Mamba3State | None,
 ) -> tuple[Tensor, Mamba3State]:
     """Apply `row_scan` under the packing given; returns (out (b, l, H, p), final state)."""
-    if segment_ids is not None and cu_seqlens is not None:
-        raise ValueError("pass either segment_ids or cu_seqlens, not both")
 
     def document_state(index: int) -> Mamba3State:
         if initial_state is None:
@@ -70,11 +65,7 @@ def run_packed(
     if cu_seqlens is None:
         return scan_rows(inputs, *row_starts_and_state(inputs, dims, segment_ids, initial_state))
 
-    if dims.b != 1:
-        raise ValueError(f"cu_seqlens packs documents into one row; got batch b={dims.b}, expected 1")
     bounds = document_bounds(cu_seqlens, dims.l)
-    if initial_state is not None:
-        check_state(initial_state, len(bounds), dims)
     outs, finals = [], []
     for index, (begin, end) in enumerate(bounds):
         no_starts = torch.zeros(1, end - begin, dtype=torch.bool, device=inputs.x.device)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from megatron_mamba3.ops.interface import Mamba3Inputs, Mamba3State, Mamba3Weights, scan_dims
+from megatron_mamba3.ops.interface import Mamba3Inputs, Mamba3State, Mamba3Weights, read_dims
 from megatron_mamba3.ops.reference.packing import run_packed
 from megatron_mamba3.ops.reference.step import mamba3_step
 
@@ -22,10 +22,10 @@ def mamba3_recurrent(
 
     segment_ids: (b, l) packed documents per row; states are per row.
     cu_seqlens:  (N + 1,) THD documents in one row (b = 1); states are per document, (N, ...).
+    Arguments as `mamba3_scan` checks them.
     """
-    dims = scan_dims(inputs, weights)
     return run_packed(
-        _recurrent_rows, inputs, weights, dims,
+        _recurrent_rows, inputs, weights, read_dims(inputs),
         segment_ids=segment_ids, cu_seqlens=cu_seqlens, initial_state=initial_state,
     )
 

@@ -1,4 +1,4 @@
-"""Data-dependent rotation of keys and queries with the official pairing (SPEC 3).
+"""Data-dependent rotation of keys and queries with the official pairing (docs/math.md §2).
 
 SISO rotates adjacent pairs (2j, 2j + 1); MIMO rotates half-split pairs (j, n/2 + j); in both, pairs
 j < S turn by θ_j and the remaining entries pass unchanged. Each pair (a, b) becomes

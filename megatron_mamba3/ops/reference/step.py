@@ -1,4 +1,4 @@
-"""One decode step of the Mamba-3 recurrence, written straight from SPEC section 3."""
+"""One decode step of the Mamba-3 recurrence, written straight from docs/math.md §2."""
 
 from __future__ import annotations
 
@@ -12,24 +12,21 @@ from megatron_mamba3.ops.interface import (
     Mamba3Inputs,
     Mamba3State,
     Mamba3Weights,
-    check_state,
     compute_dtype,
-    scan_dims,
 )
 from megatron_mamba3.ops.reference.gate import gate_output
 from megatron_mamba3.ops.reference.heads import head_keys, rank_values
 
 
 def mamba3_step(inputs: Mamba3Inputs, weights: Mamba3Weights, state: Mamba3State) -> tuple[Tensor, Mamba3State]:
-    """Advance `state` by one token. `inputs` carry no length dimension (x: (b, H, p), B: (b, R, G, n), ...).
+    """Advance `state` by one token. `inputs` carry no length dimension (x: (b, H, p), B: (b, R, G, n), ...);
+    arguments as `mamba3_decode` checks them.
 
     Returns the gated output (b, H, p) in x's dtype and the new state (fp32, or fp64 for fp64 inputs):
         Δ, A as given;  α = exp(AΔ);  λ = sigmoid(trap);  β = (1 − λ)Δα;  γ = λΔ
         θ ← θ + π·tanh(angles)·Δ;  k_r, q_r = rot(θ, B_r + B_bias_r), rot(θ, C_r + C_bias_r)
         h ← α h + β Σ_r v_prev,r k_prev,rᵀ + γ Σ_r v_r k_rᵀ;   y_r = h q_r + D v_r
     """
-    dims = scan_dims(inputs, weights, per_token=True)
-    check_state(state, dims.b, dims, name="state")
     dtype = compute_dtype(inputs.x.dtype)
     x, z, B, C, dt, A, trap, angles = inputs.to(dtype)
     weights = weights.to(dtype)

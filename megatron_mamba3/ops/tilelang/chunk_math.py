@@ -107,8 +107,8 @@ def chunk_terms(
 
 
 def final_state(inputs: Mamba3Inputs, weights: Mamba3Weights, theta_final: Tensor, h_final: Tensor) -> Mamba3State:
-    """The SPEC 4 state after the last token, given θ there (b, H, S) and h̃ after the last chunk,
-    h_final (b, H, p, n) (equal to h there: the last token has no successor, so its ε is 0)."""
+    """The state (docs/packing_and_state.md) after the last token, given θ there (b, H, S) and h̃
+    after the last chunk, h_final (b, H, p, n) (equal to h there: the last token has no successor, so its ε is 0)."""
     dtype = h_final.dtype
     k_last = head_keys(inputs.B[:, -1].to(dtype), weights.B_bias.to(dtype), theta_final)
     return Mamba3State(h_final, k_last, inputs.x[:, -1].to(dtype), theta_final)

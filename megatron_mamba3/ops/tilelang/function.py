@@ -13,7 +13,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from megatron_mamba3.ops.interface import Mamba3Inputs, Mamba3State, Mamba3Weights, scan_dims
+from megatron_mamba3.ops.interface import Mamba3Inputs, Mamba3State, Mamba3Weights, read_dims
 from megatron_mamba3.ops.reference.packing import run_packed
 from megatron_mamba3.ops.tilelang.chunk_grad import TermGrads, terms_backward
 from megatron_mamba3.ops.tilelang.chunk_math import chunk_terms, final_state
@@ -243,15 +243,12 @@ def tilelang_scan(
 ) -> tuple[Tensor, Mamba3State]:
     """The scan on the TileLang kernels: (b, l, ...) bf16 CUDA inputs -> (out (b, l, H, p), final state).
 
-    Same contract as `mamba3_chunked`. `chunk_size` is accepted for the common signature; the
-    kernels use their own tile (64 / R tokens, so Q·R = 64 rows), which never changes the math.
-    `segment_ids` run inside the kernels; `cu_seqlens` documents run one call each.
+    Same contract as `mamba3_chunked`, arguments as `mamba3_scan` checks them and the backend's
+    `why_not` accepts them. `chunk_size` is accepted for the common signature; the kernels use their
+    own tile (64 / R tokens, so Q·R = 64 rows), which never changes the math. `segment_ids` run
+    inside the kernels; `cu_seqlens` documents run one call each.
     """
     del chunk_size
-    dims = scan_dims(inputs, weights)
-    reason = unsupported(dims.n, dims.p, dims.R)
-    if reason is not None:
-        raise ValueError(f"tilelang backend: {reason}")
     return run_packed(
-        _rows, inputs, weights, dims, segment_ids=segment_ids, cu_seqlens=cu_seqlens, initial_state=initial_state
+        _rows, inputs, weights, read_dims(inputs), segment_ids=segment_ids, cu_seqlens=cu_seqlens, initial_state=initial_state
     )

@@ -1,4 +1,4 @@
-"""The XLA backend (SPEC 6): the Mamba-3 scan as a `torch_xla.experimental.scan` over chunks
+"""The XLA backend (docs/backends.md, XLA): the Mamba-3 scan as a `torch_xla.experimental.scan` over chunks
 (`scan_adapter`, registered by `backend`), and runners for layer stacks (`stacks`). Importing this
 package never imports torch_xla; its entry points do."""
 

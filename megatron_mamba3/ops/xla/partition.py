@@ -1,4 +1,4 @@
-"""What torch_xla's scan keeps per iteration for the backward (SPEC 6: activation memory).
+"""What torch_xla's scan keeps per iteration for the backward (docs/backends.md, XLA: activation memory).
 
 `torch_xla.experimental.scan` traces its body with AOTAutograd and splits the joint graph with a
 partition function. The default partition saves every intermediate the backward reads (for the

@@ -1,4 +1,4 @@
-"""The Mamba-3 scan on XLA (SPEC 6): the reference `chunk_scan` as the body of a
+"""The Mamba-3 scan on XLA (docs/backends.md, XLA): the reference `chunk_scan` as the body of a
 `torch_xla.experimental.scan` over chunks, so the traced graph holds one chunk, not the sequence.
 The backward recomputes a chunk from its inputs and entering state (activation checkpointing).
 
@@ -16,6 +16,7 @@ traced as constants and get no gradient). v_prev travels with each chunk as data
 from __future__ import annotations
 
 import functools
+import logging
 from typing import Callable
 
 import torch
@@ -29,15 +30,15 @@ from megatron_mamba3.ops.interface import (
     Mamba3State,
     Mamba3Weights,
     ScanDims,
-    check_chunk_size,
     compute_dtype,
-    scan_dims,
+    read_dims,
 )
 from megatron_mamba3.ops.reference.chunked import chunk_scan, pad_with_identity_steps
 from megatron_mamba3.ops.reference.packing import row_starts_and_state
-from megatron_mamba3.ops.segments import check_cu_seqlens, document_starts, segment_ids_from_cu_seqlens
+from megatron_mamba3.ops.segments import document_starts, segment_ids_from_cu_seqlens
 from megatron_mamba3.ops.xla.partition import recompute_body
-from megatron_mamba3.receipts import logger
+
+logger = logging.getLogger(__name__)
 
 # How the chunk scan splits forward and backward: recompute each chunk, saving its entering carry
 # (SISO H8 p64 n128, c = 64: 0.26 MiB per chunk instead of the default partition's 4.06 MiB).
@@ -58,13 +59,10 @@ def mamba3_xla_scan(
 
     `segment_ids` (b, l): per-row states. `cu_seqlens` (N + 1,) with b = 1: run as one row of
     segment ids; final states per document (N, ...); per-document initial states are refused
-    (ValueError). Offsets are checked by `check_cu_seqlens`: on the device only with
+    (ValueError). Arguments as `mamba3_scan` checks them: offsets on the device only with
     MEGATRON_MAMBA3_DEBUG=1, so wrong ones there give wrong results instead of an error.
     """
-    check_chunk_size(chunk_size)
-    if segment_ids is not None and cu_seqlens is not None:
-        raise ValueError("pass either segment_ids or cu_seqlens, not both")
-    dims = scan_dims(inputs, weights)
+    dims = read_dims(inputs)
     if cu_seqlens is not None:
         return _scan_documents(inputs, weights, cu_seqlens, initial_state, chunk_size, dims)
     starts, state = row_starts_and_state(inputs, dims, segment_ids, initial_state)
@@ -82,9 +80,6 @@ def _scan_documents(
     dims: ScanDims,
 ) -> tuple[Tensor, Mamba3State]:
     """THD packing: one row whose documents start where `cu_seqlens` says; states (N, ...)."""
-    if dims.b != 1:
-        raise ValueError(f"cu_seqlens packs documents into one row; got batch b={dims.b}, expected 1")
-    check_cu_seqlens(cu_seqlens, dims.l)
     if initial_state is not None:
         raise ValueError(
             "backend 'xla' runs cu_seqlens documents as one row of runtime segment ids, where only the "

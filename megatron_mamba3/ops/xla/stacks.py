@@ -1,4 +1,4 @@
-"""Running a stack of blocks on XLA (SPEC 6): a hybrid pattern as repeating units scanned with
+"""Running a stack of blocks on XLA (docs/backends.md, XLA): a hybrid pattern as repeating units scanned with
 `torch_xla.experimental.scan` (`scan_units`), or any stack as a plain loop (`run_hybrid_stack`).
 
 A block is any `torch.nn.Module` mapping hidden states (b, l, d_model) to hidden states of the same

@@ -1,7 +1,7 @@
-"""Receipts (SPEC 6): which backend and kernel variant actually ran, per layer and step kind.
+"""Receipts (docs/backends.md, Receipts): which backend and kernel variant actually ran, per layer and step kind.
 
-Each distinct receipt is logged once (logger "megatron_mamba3", level INFO) and counted; tests and
-users query them with `receipts()`.
+Each distinct receipt is logged once (this module's logger, a child of "megatron_mamba3", level INFO)
+and counted; tests and users query them with `receipts()`.
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 
-logger = logging.getLogger("megatron_mamba3")
+logger = logging.getLogger(__name__)
 
 _calls: dict["Receipt", int] = {}
 

@@ -1,0 +1,7 @@
+"""Inputs for the tests and benchmarks, not part of the layer's API: random scan cases and states
+(`cases`), pre-norm blocks to build hybrid stacks from (`blocks`), and the bytes torch_xla's scan
+saves per iteration (`xla_memory`, which imports torch_xla)."""
+
+from megatron_mamba3.testing.cases import make_case, make_state
+
+__all__ = ["make_case", "make_state"]
