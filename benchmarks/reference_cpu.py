@@ -32,7 +32,8 @@ def _rss_bytes() -> int:
 
 def _measure(shape: str, length: int, form: str, mode: str, repeats: int) -> tuple[float, float]:
     """Best-of-`repeats` seconds and peak MiB of one call, in this (fresh) process."""
-    from megatron_mamba3.ops.reference import mamba3_chunked, mamba3_recurrent
+    from megatron_mamba3.ops.oracle import mamba3_recurrent
+    from megatron_mamba3.ops.reference import mamba3_chunked
     from megatron_mamba3.testing import make_case
 
     H, p, R, G, n = SHAPES[shape]

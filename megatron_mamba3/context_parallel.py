@@ -40,10 +40,10 @@ from megatron_mamba3.ops.interface import (
     compute_dtype,
     scan_dims,
 )
-from megatron_mamba3.ops.reference.heads import state_with_incoming
-from megatron_mamba3.ops.reference.rotary import rotate
 from megatron_mamba3.ops.scan import mamba3_scan
 from megatron_mamba3.ops.segments import document_starts, segment_ids_from_cu_seqlens
+from megatron_mamba3.ops.toolkit.heads import state_with_incoming
+from megatron_mamba3.ops.toolkit.rotary import rotate
 
 
 def piece_order(cp_size: int, cp_rank: int) -> tuple[int, int]:

@@ -14,8 +14,8 @@ from torch import Tensor
 
 from megatron_mamba3.config import Mamba3Config
 from megatron_mamba3.ops.interface import Mamba3Inputs, Mamba3State, Mamba3Weights, check_floating, compute_dtype
-from megatron_mamba3.ops.reference.gate import rms_norm
 from megatron_mamba3.ops.scan import mamba3_scan
+from megatron_mamba3.ops.toolkit.gate import rms_norm
 
 Mamba3Params = Mapping[str, Tensor]
 REQUIRED_PARAMS = frozenset({"dt_bias", "B_norm", "C_norm", "B_bias", "C_bias", "D"})

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from megatron_mamba3.ops.interface import Mamba3Inputs, Mamba3State, Mamba3Weights, scan_dims
-from megatron_mamba3.ops.reference import mamba3_recurrent
+from megatron_mamba3.ops.oracle import mamba3_recurrent
 from megatron_mamba3.ops.segments import document_starts
 from megatron_mamba3.ops.tilelang.chunk_grad import chunked_backward
 from megatron_mamba3.ops.tilelang.chunk_math import chunked_parallel

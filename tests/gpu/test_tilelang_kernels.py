@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from megatron_mamba3.ops import Mamba3Inputs, Mamba3State, Mamba3Weights, mamba3_scan
-from megatron_mamba3.ops.reference import mamba3_chunked, mamba3_recurrent
+from megatron_mamba3.ops.oracle import mamba3_recurrent
+from megatron_mamba3.ops.reference import mamba3_chunked
 from megatron_mamba3.receipt_log import clear_receipts, receipts
 from tests.helpers import make_case, make_state, rel_err
 

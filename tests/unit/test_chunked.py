@@ -9,7 +9,8 @@ import functools
 import pytest
 import torch
 
-from megatron_mamba3.ops.reference import mamba3_chunked, mamba3_recurrent
+from megatron_mamba3.ops.oracle import mamba3_recurrent
+from megatron_mamba3.ops.reference import mamba3_chunked
 from tests.helpers import assert_states_close, make_case, make_state, rel_err
 
 LENGTH = 50

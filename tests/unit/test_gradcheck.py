@@ -6,7 +6,8 @@ import torch
 from megatron_mamba3 import Mamba3Config, init_layer_params
 from megatron_mamba3.ops import Mamba3Inputs, Mamba3State, Mamba3Weights
 from megatron_mamba3.ops.layer import mamba3_layer
-from megatron_mamba3.ops.reference import mamba3_chunked, mamba3_recurrent, mamba3_step
+from megatron_mamba3.ops.oracle import mamba3_recurrent, mamba3_step
+from megatron_mamba3.ops.reference import mamba3_chunked
 from tests.helpers import make_case, make_state
 
 B_, L_, H_, P_, N_, S_ = 2, 6, 2, 3, 8, 2

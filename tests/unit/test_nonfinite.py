@@ -3,7 +3,8 @@
 
 import pytest
 
-from megatron_mamba3.ops.reference import mamba3_chunked, mamba3_recurrent
+from megatron_mamba3.ops.oracle import mamba3_recurrent
+from megatron_mamba3.ops.reference import mamba3_chunked
 from tests.nonfinite import BAD_INPUTS, CHUNK, MIMO_NORM, SISO, check_forward, check_gradient
 
 chunked = lambda inputs, weights, **packing: mamba3_chunked(inputs, weights, chunk_size=CHUNK, **packing)  # noqa: E731

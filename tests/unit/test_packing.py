@@ -6,7 +6,8 @@ import torch
 
 from megatron_mamba3.ops import Mamba3State, mamba3_scan, segment_ids_from_cu_seqlens, segment_ids_from_doc_ids
 from megatron_mamba3.ops.segments import document_starts
-from megatron_mamba3.ops.reference import mamba3_chunked, mamba3_recurrent
+from megatron_mamba3.ops.oracle import mamba3_recurrent
+from megatron_mamba3.ops.reference import mamba3_chunked
 from tests.helpers import assert_states_close, make_case, make_state, rel_err
 
 FORMS = {

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from megatron_mamba3.ops import mamba3_decode, mamba3_scan
-from megatron_mamba3.ops.reference import mamba3_chunked, mamba3_recurrent, mamba3_step
+from megatron_mamba3.ops.oracle import mamba3_recurrent, mamba3_step
+from megatron_mamba3.ops.reference import mamba3_chunked
 from tests.helpers import assert_states_close, make_case, make_state, rel_err
 
 LENGTH, CHUNK, TOL = 29, 8, 1e-10

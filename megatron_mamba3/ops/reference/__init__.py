@@ -1,8 +1,7 @@
-"""The pure-PyTorch reference: the float64 oracle (`mamba3_recurrent`), the chunked form
-(`mamba3_chunked`, the default fallback backend) and the decode step (`mamba3_step`)."""
+"""The reference backend: the pure-PyTorch chunked form (`mamba3_chunked`, the default fallback backend)
+and its registration, which also offers the oracle (`ops/oracle/`) as the "recurrent" variant and its
+step for decode."""
 
-from megatron_mamba3.ops.reference.chunked import mamba3_chunked
-from megatron_mamba3.ops.reference.recurrent import mamba3_recurrent
-from megatron_mamba3.ops.reference.step import mamba3_step
+from megatron_mamba3.ops.toolkit.chunk import mamba3_chunked
 
-__all__ = ["mamba3_chunked", "mamba3_recurrent", "mamba3_step"]
+__all__ = ["mamba3_chunked"]

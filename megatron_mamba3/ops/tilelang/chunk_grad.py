@@ -28,8 +28,6 @@ import torch
 from torch import Tensor
 
 from megatron_mamba3.ops.interface import Mamba3Inputs, Mamba3State, Mamba3Weights, compute_dtype
-from megatron_mamba3.ops.reference.gate import gate_output
-from megatron_mamba3.ops.reference.rotary import rotate
 from megatron_mamba3.ops.tilelang.chunk_math import (
     chunk_outputs,
     chunk_states,
@@ -39,6 +37,8 @@ from megatron_mamba3.ops.tilelang.chunk_math import (
     to_chunks,
     token_theta,
 )
+from megatron_mamba3.ops.toolkit.gate import gate_output
+from megatron_mamba3.ops.toolkit.rotary import rotate
 
 
 GATE_WEIGHTS = ("mimo_z", "mimo_o", "norm")

@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from megatron_mamba3.ops.interface import TWO_PI, Mamba3Inputs, Mamba3State, Mamba3Weights, compute_dtype
-from megatron_mamba3.ops.reference.gate import gate_output
-from megatron_mamba3.ops.reference.heads import head_keys, rank_values, state_with_incoming
+from megatron_mamba3.ops.toolkit.gate import gate_output
+from megatron_mamba3.ops.toolkit.heads import head_keys, rank_values, state_with_incoming
 
 
 class ChunkTerms(NamedTuple):

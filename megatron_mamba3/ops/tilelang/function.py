@@ -14,9 +14,9 @@ import torch
 from torch import Tensor
 
 from megatron_mamba3.ops.interface import Mamba3Inputs, Mamba3State, Mamba3Weights, read_dims
-from megatron_mamba3.ops.reference.packing import run_packed
 from megatron_mamba3.ops.tilelang.chunk_grad import TermGrads, terms_backward
 from megatron_mamba3.ops.tilelang.chunk_math import chunk_terms, final_state
+from megatron_mamba3.ops.toolkit.packing import run_packed
 
 SUPPORTED_N = (64, 128)
 SUPPORTED_P = (64, 128)

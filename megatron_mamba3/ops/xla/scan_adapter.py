@@ -33,9 +33,9 @@ from megatron_mamba3.ops.interface import (
     compute_dtype,
     read_dims,
 )
-from megatron_mamba3.ops.reference.chunked import chunk_scan, pad_with_identity_steps
-from megatron_mamba3.ops.reference.packing import row_starts_and_state
 from megatron_mamba3.ops.segments import document_starts, segment_ids_from_cu_seqlens
+from megatron_mamba3.ops.toolkit.chunk import chunk_scan, pad_with_identity_steps
+from megatron_mamba3.ops.toolkit.packing import row_starts_and_state
 from megatron_mamba3.ops.xla.partition import recompute_body
 
 logger = logging.getLogger(__name__)

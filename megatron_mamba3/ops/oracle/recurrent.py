@@ -6,8 +6,8 @@ import torch
 from torch import Tensor
 
 from megatron_mamba3.ops.interface import Mamba3Inputs, Mamba3State, Mamba3Weights, read_dims
-from megatron_mamba3.ops.reference.packing import run_packed
-from megatron_mamba3.ops.reference.step import mamba3_step
+from megatron_mamba3.ops.oracle.step import mamba3_step
+from megatron_mamba3.ops.toolkit.packing import run_packed
 
 
 def mamba3_recurrent(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from megatron_mamba3.ops.reference.rotary import rotate
+from megatron_mamba3.ops.toolkit.rotary import rotate
 
 
 def head_keys(shared: Tensor, bias: Tensor, theta: Tensor) -> Tensor:

@@ -14,8 +14,8 @@ from megatron_mamba3.ops.interface import (
     Mamba3Weights,
     compute_dtype,
 )
-from megatron_mamba3.ops.reference.gate import gate_output
-from megatron_mamba3.ops.reference.heads import head_keys, rank_values
+from megatron_mamba3.ops.toolkit.gate import gate_output
+from megatron_mamba3.ops.toolkit.heads import head_keys, rank_values
 
 
 def mamba3_step(inputs: Mamba3Inputs, weights: Mamba3Weights, state: Mamba3State) -> tuple[Tensor, Mamba3State]:

@@ -24,10 +24,10 @@ from megatron_mamba3.ops.interface import (
     compute_dtype,
     read_dims,
 )
-from megatron_mamba3.ops.reference.finite import finite_parts, mark_reached
-from megatron_mamba3.ops.reference.gate import gate_output
-from megatron_mamba3.ops.reference.heads import head_keys, rank_values, state_with_incoming
-from megatron_mamba3.ops.reference.packing import run_packed
+from megatron_mamba3.ops.toolkit.finite import finite_parts, mark_reached
+from megatron_mamba3.ops.toolkit.gate import gate_output
+from megatron_mamba3.ops.toolkit.heads import head_keys, rank_values, state_with_incoming
+from megatron_mamba3.ops.toolkit.packing import run_packed
 
 
 def mamba3_chunked(
