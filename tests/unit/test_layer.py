@@ -200,7 +200,7 @@ def test_layer_params_of_the_wrong_shape_raise_naming_them(name, shape):
 
 
 def test_short_input_is_not_padded_to_a_whole_chunk(monkeypatch):
-    from megatron_mamba3.ops.toolkit import chunk as chunked
+    from megatron_mamba3.ops.reference import chunked
 
     seen = []
     scan_one = chunked.chunk_scan

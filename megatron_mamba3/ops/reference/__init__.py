@@ -2,6 +2,6 @@
 and its registration, which also offers the oracle (`ops/oracle/`) as the "recurrent" variant and its
 step for decode."""
 
-from megatron_mamba3.ops.toolkit.chunk import mamba3_chunked
+from megatron_mamba3.ops.reference.chunked import mamba3_chunked
 
 __all__ = ["mamba3_chunked"]

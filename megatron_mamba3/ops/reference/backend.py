@@ -2,8 +2,8 @@
 
 from megatron_mamba3.ops.oracle.recurrent import mamba3_recurrent
 from megatron_mamba3.ops.oracle.step import mamba3_step
+from megatron_mamba3.ops.reference.chunked import mamba3_chunked
 from megatron_mamba3.ops.registry import Backend, ScanVariant
-from megatron_mamba3.ops.toolkit.chunk import mamba3_chunked
 
 
 def _recurrent(inputs, weights, *, chunk_size, **packing):

@@ -1,4 +1,7 @@
-"""The chunked form (docs/math.md §3): masked matmuls inside a chunk, the state passed between chunks.
+"""One chunk of the chunked form (docs/math.md §3): masked matmuls inside a chunk, the state passed on.
+
+The reference chunked form loops this step over the chunks (`ops/reference/chunked.py`); the XLA
+backend scans it.
 
 Within a chunk, token j's k_j v_jᵀ enters h_i with weight L[i, j]:
     L[i, i] = γ_i,   L[i, j] = exp(Σ_{j<m≤i} A_m Δ_m) · (γ_j + (1 − λ_{j+1}) Δ_{j+1})   for j < i,
@@ -10,64 +13,15 @@ decayed by exp(Σ_{m≤i} A_m Δ_m). A short last chunk is padded with copies of
 from __future__ import annotations
 
 import math
-from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from megatron_mamba3.ops.interface import (
-    TWO_PI,
-    Mamba3Inputs,
-    Mamba3State,
-    Mamba3Weights,
-    compute_dtype,
-    read_dims,
-)
+from megatron_mamba3.ops.interface import TWO_PI, Mamba3Inputs, Mamba3State, Mamba3Weights
 from megatron_mamba3.ops.toolkit.finite import finite_parts, mark_reached
 from megatron_mamba3.ops.toolkit.gate import gate_output
 from megatron_mamba3.ops.toolkit.heads import head_keys, rank_values, state_with_incoming
-from megatron_mamba3.ops.toolkit.packing import run_packed
-
-
-def mamba3_chunked(
-    inputs: Mamba3Inputs,
-    weights: Mamba3Weights,
-    *,
-    segment_ids: Tensor | None = None,
-    cu_seqlens: Tensor | None = None,
-    initial_state: Mamba3State | None = None,
-    chunk_size: int = 64,
-) -> tuple[Tensor, Mamba3State]:
-    """Chunked scan over (b, l, ...) inputs -> (gated output (b, l, H, p), final state).
-
-    Same contract as `mamba3_recurrent`; `chunk_size` never changes the result beyond rounding.
-    Computes in fp32 for fp32/bf16 inputs (fp64 for fp64) and is differentiable. Arguments as
-    `mamba3_scan` checks them.
-    """
-    return run_packed(
-        partial(_chunked_rows, chunk_size=chunk_size), inputs, weights, read_dims(inputs),
-        segment_ids=segment_ids, cu_seqlens=cu_seqlens, initial_state=initial_state,
-    )
-
-
-def _chunked_rows(
-    inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state: Mamba3State, chunk_size: int
-) -> tuple[Tensor, Mamba3State]:
-    out_dtype, length = inputs.x.dtype, inputs.x.shape[1]
-    dtype = compute_dtype(out_dtype)
-    inputs, weights, state = inputs.to(dtype), weights.to(dtype), state.to(dtype)
-    chunk_size = min(chunk_size, length)  # a short input is one chunk of its own length, unpadded
-    pad = -length % chunk_size
-    if pad:
-        inputs = pad_with_identity_steps(inputs, pad)
-        starts = F.pad(starts, (0, pad))
-    outs = []
-    for begin in range(0, length + pad, chunk_size):
-        window = slice(begin, begin + chunk_size)
-        out, state = chunk_scan(inputs.tokens(window), weights, starts[:, window], state)
-        outs.append(out)
-    return torch.cat(outs, dim=1)[:, :length].to(out_dtype), state
 
 
 def pad_with_identity_steps(inputs: Mamba3Inputs, pad: int) -> Mamba3Inputs:

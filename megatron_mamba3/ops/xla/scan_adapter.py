@@ -1,4 +1,4 @@
-"""The Mamba-3 scan on XLA (docs/backends.md, XLA): the reference `chunk_scan` as the body of a
+"""The Mamba-3 scan on XLA (docs/backends.md, XLA): the toolkit's `chunk_scan` as the body of a
 `torch_xla.experimental.scan` over chunks, so the traced graph holds one chunk, not the sequence.
 The backward recomputes a chunk from its inputs and entering state (activation checkpointing).
 
