@@ -2,27 +2,19 @@
 cache), so the tests load them instead of compiling ~35 kernels one after another."""
 
 import importlib.util
-import multiprocessing
 import time
 
 import pytest
 import torch
 
 
-def _compile(job):
-    from megatron_mamba3.ops.tilelang.kernels import compile_kernel
-
-    make, config = job
-    compile_kernel(make, config)
-
-
 @pytest.fixture(scope="session", autouse=True)
 def prebuilt_kernels():
     if not torch.cuda.is_available() or importlib.util.find_spec("tilelang") is None:
         return
-    from megatron_mamba3.ops.tilelang.backward_kernels import BACKWARD_MAKERS
+    from megatron_mamba3.ops.tilelang.backward_kernels import prebuild
     from megatron_mamba3.ops.tilelang.function import TILE_ROWS
-    from megatron_mamba3.ops.tilelang.kernels import FORWARD_MAKERS, KernelConfig
+    from megatron_mamba3.ops.tilelang.kernels import KernelConfig
     from tests.gpu import test_nonfinite, test_tilelang_kernels
     from tests.nonfinite import H as NONFINITE_HEADS
 
@@ -32,8 +24,6 @@ def prebuilt_kernels():
     ] + [
         KernelConfig(NONFINITE_HEADS, s.p, s.n, s.R, 1, s.n // 4, TILE_ROWS // s.R, s.norm) for s in test_nonfinite.SIZES
     ]
-    jobs = [(make, config) for config in configs for make in (*FORWARD_MAKERS, *BACKWARD_MAKERS)]
     start = time.perf_counter()
-    with multiprocessing.get_context("spawn").Pool(min(len(jobs), multiprocessing.cpu_count()), maxtasksperchild=1) as pool:
-        pool.map(_compile, jobs)
-    print(f"\ncompiled {len(jobs)} kernels in parallel in {time.perf_counter() - start:.0f} s")
+    count = prebuild(configs)
+    print(f"\ncompiled {count} kernels in parallel in {time.perf_counter() - start:.0f} s")

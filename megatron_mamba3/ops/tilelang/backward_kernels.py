@@ -23,8 +23,10 @@ from megatron_mamba3.ops.tilelang.kernels import (
     NORM_EPS,
     STATE_ROWS,
     THREADS,
+    FORWARD_MAKERS,
     KernelConfig,
     build,
+    compile_kernel,
     chunk_prologue,
     chunk_y_macro,
     pairing,
@@ -584,3 +586,19 @@ class BackwardSet(NamedTuple):
 def backward_set(config: KernelConfig) -> BackwardSet:
     """The four backward kernels for `config`, built once per process."""
     return BackwardSet(*build(config, BACKWARD_MAKERS, "backward"))
+
+
+def _compile_job(job) -> None:
+    compile_kernel(*job)
+
+
+def prebuild(configs) -> int:
+    """Compile every forward and backward kernel of `configs` in parallel fresh processes, into
+    TileLang's disk cache, so that `kernel_set` / `backward_set` later load instead of compiling one
+    after another. Returns the number of kernels compiled."""
+    import multiprocessing
+
+    jobs = [(make, config) for config in configs for make in (*FORWARD_MAKERS, *BACKWARD_MAKERS)]
+    with multiprocessing.get_context("spawn").Pool(min(len(jobs), multiprocessing.cpu_count()), maxtasksperchild=1) as pool:
+        pool.map(_compile_job, jobs)
+    return len(jobs)

@@ -20,7 +20,7 @@ from typing import NamedTuple
 import tilelang
 import tilelang.language as T
 
-logger = logging.getLogger("megatron_mamba3")
+logger = logging.getLogger(__name__)
 
 _PASS_CONFIGS = {
     tilelang.PassConfigKey.TL_DISABLE_TMA_LOWER: True,
