@@ -130,7 +130,7 @@ def main() -> None:
     parser.add_argument("--official-timeout", type=float, default=120.0, help="seconds per official case")
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
-    from megatron_mamba3.ops.tilelang.backward_kernels import prebuild
+    from megatron_mamba3.ops.tilelang.build import prebuild
     from megatron_mamba3.ops.tilelang.function import TILE_ROWS
     from megatron_mamba3.ops.tilelang.kernels import KernelConfig
 

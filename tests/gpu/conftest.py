@@ -12,7 +12,7 @@ import torch
 def prebuilt_kernels():
     if not torch.cuda.is_available() or importlib.util.find_spec("tilelang") is None:
         return
-    from megatron_mamba3.ops.tilelang.backward_kernels import prebuild
+    from megatron_mamba3.ops.tilelang.build import prebuild
     from megatron_mamba3.ops.tilelang.function import TILE_ROWS
     from megatron_mamba3.ops.tilelang.kernels import KernelConfig
     from tests.gpu import test_nonfinite, test_tilelang_kernels

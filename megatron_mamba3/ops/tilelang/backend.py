@@ -11,6 +11,7 @@ import torch
 
 from megatron_mamba3.ops.interface import Mamba3Inputs
 from megatron_mamba3.ops.registry import Backend, ScanVariant
+from megatron_mamba3.ops.tilelang.build import compile_count
 from megatron_mamba3.ops.tilelang.function import tilelang_scan, unsupported
 
 
@@ -26,14 +27,6 @@ def why_not(inputs: Mamba3Inputs) -> str | None:
         return f"dtype {str(x.dtype).removeprefix('torch.')} is not supported (bfloat16)"
     R, _, n = inputs.B.shape[-3:]
     return unsupported(n, x.shape[-1], R)
-
-
-def compile_count() -> int:
-    if importlib.util.find_spec("tilelang") is None:
-        return 0
-    from megatron_mamba3.ops.tilelang.kernels import compile_count as count
-
-    return count()
 
 
 BACKEND = Backend(

@@ -17,16 +17,14 @@ from typing import NamedTuple
 
 import tilelang.language as T
 
+from megatron_mamba3.ops.tilelang.build import build
 from megatron_mamba3.ops.tilelang.kernels import (
     BF16,
     F32,
     NORM_EPS,
     STATE_ROWS,
     THREADS,
-    FORWARD_MAKERS,
     KernelConfig,
-    build,
-    compile_kernel,
     chunk_prologue,
     chunk_y_macro,
     pairing,
@@ -572,7 +570,7 @@ def _chunk_dq(c: KernelConfig):
     return chunk_dq
 
 
-BACKWARD_MAKERS = (_chunk_dy, _state_pass_bwd, _chunk_dkv, _chunk_dq)
+MAKERS = (_chunk_dy, _state_pass_bwd, _chunk_dkv, _chunk_dq)
 
 
 class BackwardSet(NamedTuple):
@@ -585,20 +583,4 @@ class BackwardSet(NamedTuple):
 @functools.cache
 def backward_set(config: KernelConfig) -> BackwardSet:
     """The four backward kernels for `config`, built once per process."""
-    return BackwardSet(*build(config, BACKWARD_MAKERS, "backward"))
-
-
-def _compile_job(job) -> None:
-    compile_kernel(*job)
-
-
-def prebuild(configs) -> int:
-    """Compile every forward and backward kernel of `configs` in parallel fresh processes, into
-    TileLang's disk cache, so that `kernel_set` / `backward_set` later load instead of compiling one
-    after another. Returns the number of kernels compiled."""
-    import multiprocessing
-
-    jobs = [(make, config) for config in configs for make in (*FORWARD_MAKERS, *BACKWARD_MAKERS)]
-    with multiprocessing.get_context("spawn").Pool(min(len(jobs), multiprocessing.cpu_count()), maxtasksperchild=1) as pool:
-        pool.map(_compile_job, jobs)
-    return len(jobs)
+    return BackwardSet(*build(config, MAKERS, "backward"))

@@ -12,20 +12,13 @@ one compiled set per `KernelConfig`, whatever the length. Importing this module 
 
 
 import functools
-import logging
 import math
-import time
 from typing import NamedTuple
 
-import tilelang
 import tilelang.language as T
 
-logger = logging.getLogger(__name__)
+from megatron_mamba3.ops.tilelang.build import build
 
-_PASS_CONFIGS = {
-    tilelang.PassConfigKey.TL_DISABLE_TMA_LOWER: True,
-    tilelang.PassConfigKey.TL_DISABLE_WARP_SPECIALIZED: True,
-}
 THREADS = 128
 STATE_ROWS = 8  # state rows (of n) per block in the state pass
 NORM_EPS = 1e-5
@@ -52,33 +45,10 @@ class KernelSet(NamedTuple):
     chunk_output: object
 
 
-_compiled = 0
-
-
-def compile_count() -> int:
-    """TileLang kernels compiled (or loaded from the disk cache) in this process."""
-    return _compiled
-
-
-def compile_kernel(make, config: KernelConfig):
-    """Compile (or load from TileLang's disk cache) the kernel `make(config)`."""
-    return tilelang.compile(make(config), out_idx=[], target="cuda", pass_configs=_PASS_CONFIGS)
-
-
-def build(config: KernelConfig, makers, names: str):
-    """`compile_kernel` each maker for `config`; counts and logs the time taken."""
-    global _compiled
-    start = time.perf_counter()
-    built = [compile_kernel(make, config) for make in makers]
-    _compiled += len(built)
-    logger.info("mamba3 tilelang: built %s kernels for %s in %.1f s", names, config, time.perf_counter() - start)
-    return built
-
-
 @functools.cache
 def kernel_set(config: KernelConfig) -> KernelSet:
     """The three forward kernels for `config`, built once per process."""
-    return KernelSet(*build(config, FORWARD_MAKERS, "forward"))
+    return KernelSet(*build(config, MAKERS, "forward"))
 
 
 def pairing(nn, n: int, S: int, half_split: bool):
@@ -374,4 +344,4 @@ def _chunk_output(c: KernelConfig):
     return chunk_output
 
 
-FORWARD_MAKERS = (_chunk_state, _state_pass, _chunk_output)
+MAKERS = (_chunk_state, _state_pass, _chunk_output)

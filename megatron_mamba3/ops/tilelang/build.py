@@ -1,0 +1,103 @@
+"""Compiling the TileLang kernels, always through TileLang's disk cache (`~/.tilelang/cache`).
+
+    compile_kernel  one kernel: `make(config)` compiled (or loaded from the cache)
+    build           a config's forward or backward set in this process; the first time a config is
+                    asked for, every kernel of it (forward and backward) is compiled first in parallel
+                    fresh processes (`prebuild`), so the set loads instead of compiling one after another
+    prebuild        many configs at once, one process per kernel (up to the CPU count at a time)
+
+The processes are `python -m megatron_mamba3.ops.tilelang.build MODULE MAKER H p n R G S Q norm`, so
+no caller needs an `if __name__ == "__main__"` guard (as multiprocessing's spawn would). A failed
+process is logged and the kernel is compiled in this process instead, where its error is raised.
+Importing this module needs neither TileLang nor CUDA.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import importlib
+import logging
+import os
+import subprocess
+import sys
+import time
+
+logger = logging.getLogger(__name__)
+
+_MAKER_MODULES = ("megatron_mamba3.ops.tilelang.kernels", "megatron_mamba3.ops.tilelang.backward_kernels")
+_compiled = 0
+_prebuilt: set = set()
+
+
+def compile_count() -> int:
+    """TileLang kernels compiled (or loaded from the disk cache) in this process."""
+    return _compiled
+
+
+def compile_kernel(make, config):
+    """Compile (or load from TileLang's disk cache) the kernel `make(config)`."""
+    import tilelang
+
+    pass_configs = {  # bulk copies (TMA) and warp specialisation stay off: the kernels' tiles are not laid out for them
+        tilelang.PassConfigKey.TL_DISABLE_TMA_LOWER: True,
+        tilelang.PassConfigKey.TL_DISABLE_WARP_SPECIALIZED: True,
+    }
+    return tilelang.compile(make(config), out_idx=[], target="cuda", pass_configs=pass_configs)
+
+
+def _makers():
+    """(module name, maker) for every forward and backward kernel maker."""
+    return [(name, make) for name in _MAKER_MODULES for make in importlib.import_module(name).MAKERS]
+
+
+def job_argv(module: str, maker: str, config) -> list[str]:
+    """The command line of the process that compiles `maker` of `module` for `config` (a KernelConfig)."""
+    return [sys.executable, "-m", __name__, module, maker, *(str(int(v)) for v in config)]
+
+
+def parse_job(argv: list[str]):
+    """Inverse of `job_argv` (without the interpreter and `-m`): (module, maker name, config fields as ints)."""
+    module, maker, *fields = argv
+    if module not in _MAKER_MODULES or len(fields) != 8:
+        raise ValueError(f"not a kernel job: {argv}")
+    return module, maker, tuple(int(v) for v in fields)
+
+
+def prebuild(configs) -> int:
+    """Compile every forward and backward kernel of `configs` in parallel processes into the disk cache.
+    Returns the number of kernels asked for; failures are logged (the in-process build then reports them)."""
+    configs = list(configs)
+    jobs = [job_argv(module, make.__name__, config) for config in configs for module, make in _makers()]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    start = time.perf_counter()
+
+    def run(argv):
+        done = subprocess.run(argv, check=False, env=env, capture_output=True, text=True)
+        if done.returncode:
+            logger.warning("mamba3 tilelang: parallel compile of %s failed:\n%s", argv[3:], done.stderr[-2000:])
+
+    with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1) or 1) as pool:
+        list(pool.map(run, jobs))
+    _prebuilt.update(configs)
+    logger.info("mamba3 tilelang: compiled %d kernels for %d configs in parallel in %.1f s",
+                len(jobs), len(configs), time.perf_counter() - start)
+    return len(jobs)
+
+
+def build(config, makers, names: str):
+    """`compile_kernel` each maker for `config` in this process (after a parallel `prebuild` of the
+    whole config the first time); counts and logs the time taken."""
+    global _compiled
+    if config not in _prebuilt:
+        prebuild([config])
+    start = time.perf_counter()
+    built = [compile_kernel(make, config) for make in makers]
+    _compiled += len(built)
+    logger.info("mamba3 tilelang: loaded %s kernels for %s in %.1f s", names, config, time.perf_counter() - start)
+    return built
+
+
+if __name__ == "__main__":
+    module_name, maker_name, fields = parse_job(sys.argv[1:])
+    module = importlib.import_module(module_name)
+    compile_kernel(getattr(module, maker_name), module.KernelConfig(*fields[:7], bool(fields[7])))

@@ -1,0 +1,35 @@
+"""The TileLang build helpers that run without TileLang: the compile job's command line and the
+parallel prebuild's handling of a process that fails (logged; the in-process build then raises)."""
+
+import logging
+
+import pytest
+
+from megatron_mamba3.ops.tilelang import build
+
+CONFIG = (32, 64, 128, 4, 1, 32, 16, True)  # H, p, n, R, G, S, Q, norm as a KernelConfig holds them
+
+
+def test_job_command_line_round_trips():
+    argv = build.job_argv("megatron_mamba3.ops.tilelang.kernels", "_chunk_state", CONFIG)
+    assert argv[1:3] == ["-m", "megatron_mamba3.ops.tilelang.build"]
+    assert build.parse_job(argv[3:]) == ("megatron_mamba3.ops.tilelang.kernels", "_chunk_state", (32, 64, 128, 4, 1, 32, 16, 1))
+
+
+@pytest.mark.parametrize("argv", [["os", "_chunk_state", *map(str, range(8))], ["megatron_mamba3.ops.tilelang.kernels", "x", "1"]])
+def test_job_rejects_what_is_not_a_kernel_job(argv):
+    with pytest.raises(ValueError, match="not a kernel job"):
+        build.parse_job(argv)
+
+
+def test_failed_compile_process_is_logged_not_raised(monkeypatch, caplog):
+    def make():
+        pass
+
+    monkeypatch.setattr(build, "_makers", lambda: [("not.a.kernel.module", make)])
+    monkeypatch.setattr(build, "_prebuilt", set())
+    with caplog.at_level(logging.WARNING, logger=build.__name__):
+        assert build.prebuild([CONFIG]) == 1
+    assert "parallel compile of ['not.a.kernel.module', 'make'" in caplog.text
+    assert "not a kernel job" in caplog.text
+    assert CONFIG in build._prebuilt
