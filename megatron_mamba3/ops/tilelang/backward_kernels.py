@@ -2,7 +2,8 @@
 
     chunk_dy        grid (nc, H, b): recompute y, gate backward -> dy (fp32), dz, G_c = Σ inter q dyᵀ and
                     per-chunk partial sums of the gate weights' gradients
-    state_pass_bwd  grid (n / 8, H, b): dH_c = G_c + mult_c dH_{c+1} in reverse; writes dS_c = dH_{c+1} and dH_0
+    state_pass_bwd  grid (n / 8, H, b): dH_c = G_c + mult_c dH_{c+1} in reverse; writes dS_c = dH_{c+1}, dH_0
+                    and ∂mult_c = ⟨dH_{c+1}, h̃_c⟩ per state row
     chunk_dkv       grid (nc, H, b): dv -> dx, D and mimo_x partials; dk -> dB (atomic over a group's heads),
                     B_bias partials, dθ; dw_j = Σ_s k_{j,s}·(dS v_{j,s})
     chunk_dq        grid (nc, H, b): dq -> dC, C_bias partials, dθ (added); the per-token scalar gradients
@@ -28,6 +29,7 @@ from megatron_mamba3.ops.tilelang.kernels import (
     chunk_prologue,
     chunk_y_macro,
     pairing,
+    rotated_key,
 )
 
 
@@ -233,18 +235,31 @@ def _state_pass_bwd(c: KernelConfig):
         GC: T.Tensor((batch, NC, H, n, p), F32),
         MULT: T.Tensor((batch, NC, H), F32),
         DH_FINAL: T.Tensor((batch, H, n, p), F32),
+        HS: T.Tensor((batch, NC, H, n, p), BF16),
         DS: T.Tensor((batch, NC, H, n, p), F32),
         DH0: T.Tensor((batch, H, n, p), F32),
+        DMULT: T.Tensor((batch, NC, H, n), F32),
     ):
         with T.Kernel(n // rows, H, batch, threads=THREADS) as (block, h, b):
             grad = T.alloc_fragment((rows, p), F32)
+            row_sum = T.alloc_fragment((rows,), F32)
             g_s = T.alloc_shared((rows, p), F32)
+            prod_s = T.alloc_shared((rows, p), F32)
             T.copy(DH_FINAL[b, h, block * rows : (block + 1) * rows, :], grad)
             for step in T.Pipelined(NC, num_stages=2):
-                T.copy(GC[b, NC - 1 - step, h, block * rows : (block + 1) * rows, :], g_s)
-                mult = MULT[b, NC - 1 - step, h]
+                chunk = NC - 1 - step
+                T.copy(GC[b, chunk, h, block * rows : (block + 1) * rows, :], g_s)
+                mult = MULT[b, chunk, h]
                 for i, pp in T.Parallel(rows, p):
-                    DS[b, NC - 1 - step, h, block * rows + i, pp] = grad[i, pp]
+                    DS[b, chunk, h, block * rows + i, pp] = grad[i, pp]
+                    prod_s[i, pp] = grad[i, pp] * T.cast(HS[b, chunk, h, block * rows + i, pp], F32)
+                T.clear(row_sum)
+                for pp in T.serial(p):
+                    for i in T.Parallel(rows):
+                        row_sum[i] += prod_s[i, pp]
+                for i in T.Parallel(rows):
+                    DMULT[b, chunk, h, block * rows + i] = row_sum[i]
+                for i, pp in T.Parallel(rows, p):
                     grad[i, pp] = T.if_then_else(mult != 0.0, grad[i, pp] * mult, 0.0) + g_s[i, pp]
             T.copy(grad, DH0[b, h, block * rows : (block + 1) * rows, :])
 
@@ -279,12 +294,14 @@ def _rotation_backward(c: KernelConfig):
         return (s, n // 2 + s) if half_split else (2 * s, 2 * s + 1)
 
     @T.macro
-    def angle_grad(g_s, value_s, theta_grad):
-        """theta_grad (Q, S) += Σ_r g_b value_a − g_a value_b over the rotated pairs (a, b)."""
+    def angle_grad(g_s, raw_s, bias_s, cos_s, sin_s, theta_grad):
+        """theta_grad (Q, S) += Σ_r g_b value_a − g_a value_b over the rotated pairs (a, b), with the rotated
+        vector's values in fp32 from its raw rows raw_s and bias bias_s (`rotated_key`)."""
         for i, s in T.Parallel(Q, S):
             a, bb = pair(s)
             theta_grad[i, s] += sum(
-                g_s[i * R + r, bb] * T.cast(value_s[i * R + r, a], F32) - g_s[i * R + r, a] * T.cast(value_s[i * R + r, bb], F32)
+                g_s[i * R + r, bb] * rotated_key(c, raw_s, bias_s, cos_s, sin_s, i * R + r, a)
+                - g_s[i * R + r, a] * rotated_key(c, raw_s, bias_s, cos_s, sin_s, i * R + r, bb)
                 for r in range(R)
             )
 
@@ -360,6 +377,7 @@ def _chunk_dkv(c: KernelConfig):
             dk = T.alloc_fragment((QR, n), F32)
             vds = T.alloc_fragment((QR, n), F32)
             row_f = T.alloc_fragment((QR,), F32)
+            vds_row = T.alloc_fragment((QR,), F32)
             prod = T.alloc_fragment((QR, p), F32)
             bias_f = T.alloc_fragment((R, n), F32)
             dmx = T.alloc_fragment((R, p), F32)
@@ -382,22 +400,16 @@ def _chunk_dkv(c: KernelConfig):
             mix_weights(seg_s, cs_s, wd_s, wo_s, scores, mix_s)
             mix_weights(seg_s, cs_s, wd_s, wo_s, dp, dmix_s)
 
-            # dv = (scores ⊙ L)ᵀ dy + w_j k_j dS + D dy; dw_j = Σ_s k_{j,s}·(dS v_{j,s}).
+            # dv = (scores ⊙ L)ᵀ dy + w_j k_j dS + D dy.
             T.gemm(mix_s, dy_s, dv, transpose_A=True, clear_accum=True)
             T.gemm(mix_s, dy_lo, dv, transpose_A=True)
             T.gemm(k_s, ds_s, kds, clear_accum=True)
             T.gemm(k_s, ds_lo, kds)
-            for row, pp in T.Parallel(QR, p):
-                prod[row, pp] = kds[row, pp] * T.cast(v_s[row, pp], F32)
-            T.reduce_sum(prod, row_f, dim=1)
-            T.copy(row_f, row_s)
-            for i in T.Parallel(Q):
-                DW[b, h, t0 + i] = sum(row_s[i * R + r] for r in range(R))
             skip = D[h]
             for row, pp in T.Parallel(QR, p):
                 dv[row, pp] = dv[row, pp] + w_s[row // R] * kds[row, pp] + skip * DY[b, h, chunk * QR + row, pp]
-            for row, pp in T.Parallel(QR, p):
-                prod[row, pp] = DY[b, h, chunk * QR + row, pp] * T.cast(v_s[row, pp], F32)
+            for row, pp in T.Parallel(QR, p):  # v = x ⊙ mimo_x in fp32, as the reference
+                prod[row, pp] = DY[b, h, chunk * QR + row, pp] * T.cast(x_s[row // R, pp], F32) * mx_s[row % R, pp]
             T.reduce_sum(prod, row_f, dim=1)
             T.copy(row_f, DD[b, h, chunk * QR : (chunk + 1) * QR])
             T.copy(dv, dv_s)
@@ -411,17 +423,28 @@ def _chunk_dkv(c: KernelConfig):
                         dmx[r, pp] += dv_s[i * R + r, pp] * T.cast(x_s[i, pp], F32)
                 T.copy(dmx, DMX[b, chunk, h, :, :])
 
-            # dk = (dP ⊙ L)ᵀ q + w_j v_j dSᵀ, then back through the rotation.
+            # dk = (dP ⊙ L)ᵀ q + w_j v_j dSᵀ, then back through the rotation; dw_j = Σ_s k_{j,s}·(dS v_{j,s}),
+            # with v (hi + lo halves where MIMO makes it inexact in bf16) and k in fp32.
             T.gemm(dmix_s, q_s, dk, transpose_A=True, clear_accum=True)
             T.gemm(v_s, ds_s, vds, transpose_B=True, clear_accum=True)
             T.gemm(v_s, ds_lo, vds, transpose_B=True)
+            if R > 1:
+                v_lo = T.alloc_shared((QR, p), BF16)
+                for row, pp in T.Parallel(QR, p):
+                    v_lo[row, pp] = T.cast(T.cast(x_s[row // R, pp], F32) * mx_s[row % R, pp] - T.cast(v_s[row, pp], F32), BF16)
+                T.gemm(v_lo, ds_s, vds, transpose_B=True)
             for row, nn in T.Parallel(QR, n):
                 dk[row, nn] = dk[row, nn] + w_s[row // R] * vds[row, nn]
+                vds[row, nn] = vds[row, nn] * rotated_key(c, raw_s, bias_s, cos_s, sin_s, row, nn)
+            T.reduce_sum(vds, vds_row, dim=1)
+            T.copy(vds_row, row_s)
+            for i in T.Parallel(Q):
+                DW[b, h, t0 + i] = sum(row_s[i * R + r] for r in range(R))
             T.copy(dk, g_s)
             scatter(g_s, cos_s, sin_s, L, b, h, t0, DB, bias_f)
             T.copy(bias_f, DB_BIAS[b, chunk, h, :, :])
             T.clear(theta_grad)
-            angle_grad(g_s, k_s, theta_grad)
+            angle_grad(g_s, raw_s, bias_s, cos_s, sin_s, theta_grad)
             for i, s in T.Parallel(Q, S):
                 DTH[b, h, t0 + i, s] = theta_grad[i, s]
 
@@ -511,8 +534,8 @@ def _chunk_dq(c: KernelConfig):
                 w_s[i] = end_s[i] * wo_s[i]
                 dw_s[i] = DW[b, h, t0 + i]
             rotation(ANG, DT, THS, L, b, h, chunk, t0, seg_s, seg_before, turn_s, theta_f, cos_s, sin_s)
-            keys(Cq, C_BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, one_s, q_s)
             keys(Bk, B_BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, one_s, k_s)
+            keys(Cq, C_BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, one_s, q_s)  # raw_s, bias_s keep C's
             values(X, MIMO_X, L, b, h, t0, x_s, mx_s, v_s)
             T.copy(HS[b, chunk, h, :, :], hs_s)
             split_tile_bf16(DY, b, h, chunk * QR, dy_s, dy_lo)
@@ -529,7 +552,7 @@ def _chunk_dq(c: KernelConfig):
             T.gemm(dy_s, hs_s, u, transpose_B=True, clear_accum=True)
             T.gemm(dy_lo, hs_s, u, transpose_B=True)
             for row, nn in T.Parallel(QR, n):
-                prod[row, nn] = u[row, nn] * T.cast(q_s[row, nn], F32)
+                prod[row, nn] = u[row, nn] * rotated_key(c, raw_s, bias_s, cos_s, sin_s, row, nn)
             T.reduce_sum(prod, row_f, dim=1)
             T.copy(row_f, row_s)
             for row, nn in T.Parallel(QR, n):
@@ -540,7 +563,7 @@ def _chunk_dq(c: KernelConfig):
             T.copy(bias_f, DC_BIAS[b, chunk, h, :, :])
             for i, s in T.Parallel(Q, S):
                 theta_grad[i, s] = DTH[b, h, t0 + i, s]
-            angle_grad(g_s, q_s, theta_grad)
+            angle_grad(g_s, raw_s, bias_s, cos_s, sin_s, theta_grad)
             for i, s in T.Parallel(Q, S):
                 DTH[b, h, t0 + i, s] = theta_grad[i, s]
 

@@ -67,6 +67,16 @@ def pairing(nn, n: int, S: int, half_split: bool):
     return nn < 2 * S, T.min(nn // 2, S - 1), nn + 1 - 2 * odd, T.cast(2 * odd - 1, F32)
 
 
+def rotated_key(c: KernelConfig, raw_s, bias_s, cos_s, sin_s, row, nn):
+    """Element nn of key (or query) row (i, r) = (row // R, row % R) in fp32: rot(θ_i, raw + bias[r]),
+    from the raw B (or C) rows raw_s (QR, n) bf16, the bias bias_s (R, n) and cos / sin (Q, S) of θ."""
+    R = c.R
+    rotated, s, partner, sign = pairing(nn, c.n, c.S, R > 1)
+    u = T.cast(raw_s[row, nn], F32) + bias_s[row % R, nn]
+    w = T.cast(raw_s[row, partner], F32) + bias_s[row % R, partner]
+    return T.if_then_else(rotated, u * cos_s[row // R, s] + sign * w * sin_s[row // R, s], u)
+
+
 def chunk_prologue(c: KernelConfig):
     """Macros shared by the per-chunk kernels: per-token scalars, θ, and rotated keys/queries."""
     Q, S, R, n, p = c.Q, c.S, c.R, c.n, c.p
@@ -109,11 +119,7 @@ def chunk_prologue(c: KernelConfig):
                 t0 + row // R < L, SRC[b, t0 + row // R, row % R, h // (c.H // c.G), nn], T.cast(0, BF16)
             )
         for row, nn in T.Parallel(Q * R, n):
-            rotated, s, partner, sign = pairing(nn, n, S, half_split)
-            u = T.cast(raw_s[row, nn], F32) + bias_s[row % R, nn]
-            w = T.cast(raw_s[row, partner], F32) + bias_s[row % R, partner]
-            turned = T.if_then_else(rotated, u * cos_s[row // R, s] + sign * w * sin_s[row // R, s], u)
-            out_s[row, nn] = T.cast(turned * scale_s[row // R], BF16)
+            out_s[row, nn] = T.cast(rotated_key(c, raw_s, bias_s, cos_s, sin_s, row, nn) * scale_s[row // R], BF16)
 
     @T.macro
     def values(X, MIMO_X, L, b, h, t0, x_s, mx_s, v_s):
