@@ -22,6 +22,7 @@ from megatron_mamba3.ops.tilelang.build import build
 THREADS = 128
 STATE_ROWS = 8  # state rows (of n) per block in the state pass
 NORM_EPS = 1e-5
+NAN = float("nan")
 F32, BF16 = "float32", "bfloat16"
 
 
@@ -111,7 +112,7 @@ def chunk_prologue(c: KernelConfig):
 
     @T.macro
     def keys(SRC, BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, scale_s, out_s):
-        """out_s[(i, r), :] = scale_i · rot(θ_i, SRC[t0 + i, r, group] + BIAS[h, r]) as bf16."""
+        """out_s[(i, r), :] = scale_i · rot(θ_i, SRC[t0 + i, r, group] + BIAS[h, r]) as bf16 (exactly 0 where scale_i is)."""
         for r, nn in T.Parallel(R, n):
             bias_s[r, nn] = BIAS[h, r, nn]
         for row, nn in T.Parallel(Q * R, n):
@@ -119,7 +120,9 @@ def chunk_prologue(c: KernelConfig):
                 t0 + row // R < L, SRC[b, t0 + row // R, row % R, h // (c.H // c.G), nn], T.cast(0, BF16)
             )
         for row, nn in T.Parallel(Q * R, n):
-            out_s[row, nn] = T.cast(rotated_key(c, raw_s, bias_s, cos_s, sin_s, row, nn) * scale_s[row // R], BF16)
+            scale = scale_s[row // R]
+            key = rotated_key(c, raw_s, bias_s, cos_s, sin_s, row, nn)
+            out_s[row, nn] = T.cast(T.if_then_else(scale != 0.0, key * scale, 0.0), BF16)
 
     @T.macro
     def values(X, MIMO_X, L, b, h, t0, x_s, mx_s, v_s):
@@ -169,6 +172,19 @@ def chunk_y_macro(c: KernelConfig):
         keys(Bk, B_BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, one_s, k_s)
         values(X, MIMO_X, L, b, h, t0, x_s, mx_s, v_s)
 
+        bad_s = T.alloc_shared((QR, p), BF16)
+        inside_s = T.alloc_shared((QR, QR), BF16)
+        poison = T.alloc_fragment((QR, p), F32)
+        any_bad = T.alloc_shared((1,), "int32")
+        any_bad[0] = 0
+        for row, pp in T.Parallel(QR, p):  # a non-finite value enters the matmul as 0 and is tracked apart
+            value = T.cast(x_s[row // R, pp], F32) * mx_s[row % R, pp]
+            finite = T.isfinite(value)
+            bad_s[row, pp] = T.if_then_else(finite, T.cast(0, BF16), T.cast(1, BF16))
+            v_s[row, pp] = T.if_then_else(finite, T.cast(value, BF16), T.cast(0, BF16))
+            if not finite:
+                any_bad[0] = 1
+
         T.gemm(q_s, k_s, scores, transpose_B=True, clear_accum=True)
         mix_weights(seg_s, cs_s, wd_s, wo_s, scores, mix_s)
         T.gemm(mix_s, v_s, y, clear_accum=True)
@@ -177,6 +193,13 @@ def chunk_y_macro(c: KernelConfig):
         for row, pp in T.Parallel(QR, p):
             carried = T.if_then_else(inter_s[row // R] != 0.0, inter_s[row // R] * y_in[row, pp], 0.0)
             y[row, pp] = y[row, pp] + carried + skip * T.cast(x_s[row // R, pp], F32) * mx_s[row % R, pp]
+        if any_bad[0] != 0:  # rows (i, r) whose document holds a non-finite value at j ≤ i
+            for row, col in T.Parallel(QR, QR):
+                i, j = row // R, col // R
+                inside_s[row, col] = T.if_then_else((seg_s[i] == seg_s[j]) & (j <= i), T.cast(1, BF16), T.cast(0, BF16))
+            T.gemm(inside_s, bad_s, poison, clear_accum=True)
+            for row, pp in T.Parallel(QR, p):
+                y[row, pp] = T.if_then_else(poison[row, pp] != 0.0, NAN, y[row, pp])
         T.copy(y, y_s)
 
     return chunk_y
@@ -228,6 +251,8 @@ def _chunk_state(c: KernelConfig):
             rotation(ANG, DT, THS, L, b, h, chunk, t0, seg_s, seg_before, turn_s, theta_f, cos_s, sin_s)
             keys(Bk, B_BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, w_s, k_s)
             values(X, MIMO_X, L, b, h, t0, x_s, mx_s, v_s)
+            for row, pp in T.Parallel(Q * R, p):  # exactly 0 outside the last document, whatever the value
+                v_s[row, pp] = T.if_then_else(w_s[row // R] != 0.0, v_s[row, pp], T.cast(0, BF16))
             T.gemm(k_s, v_s, acc, transpose_A=True, clear_accum=True)
             T.copy(acc, ST[b, chunk, h, :, :])
 
@@ -254,7 +279,7 @@ def _state_pass(c: KernelConfig):
                 T.copy(ST[b, chunk, h, block * rows : (block + 1) * rows, :], chunk_s)
                 for i, pp in T.Parallel(rows, p):
                     HS[b, chunk, h, block * rows + i, pp] = T.cast(state[i, pp], BF16)
-                    state[i, pp] = state[i, pp] * MULT[b, chunk, h] + chunk_s[i, pp]
+                    state[i, pp] = T.if_then_else(MULT[b, chunk, h] != 0.0, state[i, pp] * MULT[b, chunk, h], 0.0) + chunk_s[i, pp]
             T.copy(state, H_OUT[b, h, block * rows : (block + 1) * rows, :])
 
     return state_pass
