@@ -4,8 +4,8 @@ rows as the converter makes them, and the checkpoint's tensor per piece.
 The oracle is not `megatron_mamba3.in_proj` but the docs: the order and widths are read from
 docs/math.md §1 (`[z | x | ...]` with widths `[H·p, ...]`, each piece read with the shape its width
 spells, e.g. H·p as (H, p)); the TP rule of docs/parallelism.md is written out below (heads' pieces
-split by head, B and C by group when g % tp == 0 and else the one group of the rank's heads, the
-angles whole).
+split by head, B and C by group when g % tp == 0 and else the one group g(h) = h // (H/G) that the
+rank's heads read, docs/math.md §2; the angles whole).
 """
 
 from __future__ import annotations
