@@ -19,7 +19,7 @@ import pytest
 import torch
 from torch import nn
 
-from megatron_mamba3 import Mamba3Config
+from megatron_mamba3 import Mamba3Config, init_layer_params, mamba3_layer
 from megatron_mamba3.checkpoint import mixer_sharded_state_dict
 from megatron_mamba3.convert import mixer_shapes, official_to_megatron
 from megatron_mamba3.in_proj import InProjLayout, InProjPieces, unshard
@@ -161,3 +161,15 @@ def test_checkpoint_pieces_hold_the_documented_rows_at_every_tp(name):
         for piece, rows in assembled.items():
             assert torch.equal(rows, expected[piece]), (piece, tp)
     assert set(global_shapes) == set(expected)
+
+
+def test_a_layout_of_another_config_or_width_is_refused_naming_it():
+    config = CONFIGS["siso-g1"]
+    projected = torch.zeros(1, 2, config.d_in_proj)
+    other = InProjLayout(CONFIGS["mimo-r2-g2"])
+    with pytest.raises(ValueError, match=r"layout is that of Mamba3Config\(.*mimo_rank=2.*not of the layer's"):
+        mamba3_layer(projected, init_layer_params(config), config, layout=other)
+    layout = InProjLayout(config, 2, 1)
+    message = f"width {config.d_in_proj}, expected {layout.width}: in_proj's columns on tensor parallel rank 1 of 2"
+    with pytest.raises(ValueError, match=message):
+        layout.split(projected)
