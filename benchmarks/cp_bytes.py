@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 
 from megatron_mamba3.config import Mamba3Config
+from megatron_mamba3.in_proj import InProjLayout
 
 MODELS = {
     "hidden 2048 MIMO R4 g8 (benchmarks' 1.05 B model)": Mamba3Config(d_model=2048, headdim=64, d_state=128, ngroups=8, mimo_rank=4),
@@ -38,10 +39,9 @@ def state_bytes(config: Mamba3Config, cp: int) -> int:
 
 def all_to_all_bytes(config: Mamba3Config, cp: int, length: int) -> int:
     """The all-to-all scheme: bytes one rank sends per layer, forward + backward, at length l."""
-    z, x, B, C, dd_dt, dd_A, trap, angles = config.in_proj_sizes
-    bc_split = config.ngroups % cp == 0
-    split = z + x + dd_dt + dd_A + trap + (B + C if bc_split else 0) + config.d_inner  # + the scan output
-    whole = angles + (0 if bc_split else B + C)
+    layout = InProjLayout(config, cp)  # in_proj's columns go to the head split as under TP = cp
+    whole = sum(size for piece, size in zip(layout.pieces, layout.sizes) if layout.is_replicated(piece))
+    split = config.d_in_proj - whole + config.d_inner  # + the scan output
     per_token = (cp - 1) / cp * split + (cp - 1) * whole
     return int(2 * (length // cp) * per_token * BF16)
 

@@ -75,7 +75,7 @@ def check_up_front(args: argparse.Namespace) -> None:
 
 
 def _check_layout(config, tp: int) -> None:
-    from megatron_mamba3.parallel import InProjLayout
+    from megatron_mamba3.in_proj import InProjLayout
 
     InProjLayout(config, tp, 0)  # tp divides the heads; B/C groups split or replicated
 

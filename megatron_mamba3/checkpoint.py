@@ -2,7 +2,7 @@
 loads at any other, bit-exact.
 
 Per-head parameters are sharded along their head axis (`parallel.HEAD_AXES`), B_norm / C_norm are
-replicated, and in_proj's weight is saved as one tensor per piece (`parallel.InProjLayout`), each
+replicated, and in_proj's weight is saved as one tensor per piece (`in_proj.InProjLayout`), each
 with a TP-independent global shape, through a `ShardedTensorFactory` per in_proj parameter (the
 split rows, and at tp > 1 the replicated rows) that splits it on save and concatenates the pieces
 back on load.
@@ -19,7 +19,8 @@ from megatron.core.transformer.utils import (
 )
 from torch import Tensor, nn
 
-from megatron_mamba3.parallel import HEAD_AXES, REPLICATED_IN_PROJ, InProjLayout
+from megatron_mamba3.in_proj import InProjLayout
+from megatron_mamba3.parallel import HEAD_AXES, REPLICATED_IN_PROJ
 
 
 def mixer_sharded_state_dict(

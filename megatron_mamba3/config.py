@@ -11,6 +11,7 @@ import functools
 import math
 from numbers import Integral, Real
 
+from megatron_mamba3.in_proj import InProjLayout, InProjPieces
 from megatron_mamba3.psiv import check_psiv_gate
 
 ROPE_FRACTIONS = (0.5, 1.0)
@@ -115,11 +116,9 @@ class Mamba3Config:
         return 16 if self.is_mimo else 64
 
     @property
-    def in_proj_sizes(self) -> tuple[int, ...]:
-        """Column widths of in_proj: [z, x, B, C, dd_dt, dd_A, trap, angles] (official order)."""
-        bc = self.d_state * self.ngroups * self.mimo_rank
-        h = self.nheads
-        return (self.d_inner, self.d_inner, bc, bc, h, h, h, self.num_rope_angles)
+    def in_proj_sizes(self) -> InProjPieces[int]:
+        """Column widths of in_proj's pieces, in their order (`in_proj.InProjPieces`)."""
+        return InProjLayout(self).sizes
 
     @property
     def d_in_proj(self) -> int:

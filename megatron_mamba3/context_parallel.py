@@ -166,9 +166,7 @@ def context_parallel_scan(
     *,
     segment_ids: Tensor | None = None,
     initial_state: Mamba3State | None = None,
-    chunk_size: int = 64,
-    backend: str | None = None,
-    layer: str | None = None,
+    **scan,
 ) -> tuple[Tensor, Mamba3State]:
     """`mamba3_scan` over a sequence split across the CP `group` -> (out (b, l, H, p), final state).
 
@@ -178,14 +176,21 @@ def context_parallel_scan(
     every rank. Returns this rank's outputs and the state after the whole sequence (the same on
     every rank; give its gradient on one rank only, as the total loss is the sum over ranks).
     Gradients are exact: the summaries' all-gather has the adjoint of `SummaryGather`.
+    scan: `mamba3_scan`'s other arguments (chunk_size, backend, variant, layer), passed to both of
+    its scans; a `cu_seqlens` other than None raises `ValueError` (documents come as segment_ids).
     """
+    if scan.pop("cu_seqlens", None) is not None:
+        raise ValueError(
+            "context_parallel_scan takes packed documents as segment_ids numbered over the whole sequence "
+            "(see local_segment_ids), not cu_seqlens"
+        )
     dims = scan_dims(inputs, weights)
     if dims.l % 2:
         raise ValueError(f"context parallel scan needs an even local length (two pieces), got l={dims.l}")
     b, piece = dims.b, dims.l // 2
     rows = Mamba3Inputs(*(t.reshape(2 * b, piece, *t.shape[2:]) for t in inputs))
     row_ids = None if segment_ids is None else segment_ids.reshape(2 * b, piece)
-    scan = dict(segment_ids=row_ids, chunk_size=chunk_size, backend=backend, layer=layer)
+    scan = dict(scan, segment_ids=row_ids)
 
     _, zero_start = mamba3_scan(rows, weights, **scan)
     local = _summaries(rows, zero_start)

@@ -10,6 +10,7 @@ Built from a ModuleSpec by Megatron's `MambaLayer` (which passes `d_model`, `lay
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 from typing import Union
 
@@ -29,14 +30,15 @@ from megatron_mamba3 import inference
 from megatron_mamba3.checkpoint import mixer_sharded_state_dict
 from megatron_mamba3.config import Mamba3Config
 from megatron_mamba3.context_parallel import local_segment_ids, sequence_scan
+from megatron_mamba3.in_proj import InProjLayout
 from megatron_mamba3.ops.interface import Mamba3State, compute_dtype
-from megatron_mamba3.ops.layer import scan_inputs, scan_weights
+from megatron_mamba3.ops.layer import mamba3_layer, scan_inputs, scan_weights
 from megatron_mamba3.ops.registry import check_backend_name
 from megatron_mamba3.ops.scan import mamba3_decode
 from megatron_mamba3.ops.segments import check_cu_seqlens, segment_ids_from_cu_seqlens
 from megatron_mamba3.parameters import init_layer_params
 from megatron_mamba3.psiv import check_psiv_gate
-from megatron_mamba3.parallel import HEAD_AXES, InProjLayout, detach_replicated_rows, joined_weight, make_replicas_identical
+from megatron_mamba3.parallel import HEAD_AXES, detach_replicated_rows, joined_weight, make_replicas_identical
 
 # Mamba3Config fields a spec may set; the sizes shared with Megatron come from the TransformerConfig.
 FROM_TRANSFORMER_CONFIG = {"headdim": "mamba_head_dim", "d_state": "mamba_state_dim", "ngroups": "mamba_num_groups"}
@@ -219,17 +221,12 @@ class Mamba3Mixer(MegatronModule):
         return self.in_proj(hidden_states)[0]
 
     def _scan(self, projected: Tensor, segment_ids: Tensor | None) -> tuple[Tensor, Mamba3State]:
-        params = self.layer_params()
-        out, state = sequence_scan(
-            self.cp_group,
-            scan_inputs(*self.layout.split(projected), params, self.mamba3.A_floor),
-            scan_weights(params),
-            segment_ids=segment_ids,
-            chunk_size=self.mamba3.scan_chunk_size,
-            backend=self.backend,
-            layer=self.receipt_name,
+        """(b, l, layout.width) in_proj output -> ((b, l, d_inner / tp) gated output, final state)."""
+        return mamba3_layer(
+            projected, self.layer_params(), self.mamba3,
+            layout=self.layout, scan=functools.partial(sequence_scan, self.cp_group),
+            segment_ids=segment_ids, backend=self.backend, layer=self.receipt_name,
         )
-        return out.flatten(-2), state
 
     def _infer(self, projected: Tensor, segment_ids: Tensor | None, context: BaseInferenceContext) -> Tensor:
         inference.check_context(context, self.config.sequence_parallel)
@@ -244,7 +241,7 @@ class Mamba3Mixer(MegatronModule):
         else:
             params = self.layer_params()
             weights, state = scan_weights(params), inference.load_state(context, self.layer_number, projected.shape[0])
-            inputs = scan_inputs(*self.layout.split(projected), params, self.mamba3.A_floor)
+            inputs = scan_inputs(projected, params, self.layout)
             outs = []
             for t in range(projected.shape[1]):
                 out, state = mamba3_decode(inputs.tokens(t), weights, state, layer=self.receipt_name)

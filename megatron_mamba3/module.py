@@ -14,7 +14,8 @@ from torch import Tensor, nn
 
 from megatron_mamba3.config import Mamba3Config
 from megatron_mamba3.ops.interface import Mamba3State, ScanDims, compute_dtype
-from megatron_mamba3.ops.layer import mamba3_layer, scan_inputs, scan_weights, split_projection
+from megatron_mamba3.in_proj import InProjLayout
+from megatron_mamba3.ops.layer import mamba3_layer, scan_inputs, scan_weights
 from megatron_mamba3.ops.scan import mamba3_decode
 from megatron_mamba3.parameters import init_layer_params
 from megatron_mamba3.psiv import check_psiv_gate
@@ -87,7 +88,7 @@ class Mamba3(nn.Module):
         """One decode step: hidden (b, d_model) of one token and the running state -> (output
         (b, d_model), new state), through `mamba3_decode` (equal to `forward` token by token)."""
         params = self.layer_params()
-        inputs = scan_inputs(*split_projection(self.in_proj(hidden), self.config), params, self.config.A_floor)
+        inputs = scan_inputs(self.in_proj(hidden), params, InProjLayout(self.config))
         y, state = mamba3_decode(inputs, scan_weights(params), state, layer=self.layer)
         return self.out_proj(y.flatten(-2)), state
 

@@ -6,13 +6,14 @@
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Callable, Mapping
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from megatron_mamba3.config import Mamba3Config
+from megatron_mamba3.in_proj import InProjLayout
 from megatron_mamba3.ops.interface import Mamba3Inputs, Mamba3State, Mamba3Weights, check_floating, compute_dtype
 from megatron_mamba3.ops.scan import mamba3_scan
 from megatron_mamba3.ops.toolkit.gate import rms_norm
@@ -27,24 +28,13 @@ def decay_rate(dd_A: Tensor, A_floor: float) -> Tensor:
     return torch.clamp(-f, max=-A_floor)
 
 
-def split_projection(projected: Tensor, config: Mamba3Config) -> tuple[Tensor, ...]:
-    """(b, l, d_in_proj) -> z, x (b, l, H, p); B, C (b, l, R, G, n); dd_dt, dd_A, trap (b, l, H);
-    angles (b, l, S). Columns follow the official order [z, x, B, C, dd_dt, dd_A, trap, angles]."""
-    check_floating("projected", projected)
-    if projected.shape[-1] != config.d_in_proj:
-        raise ValueError(f"projected has width {projected.shape[-1]}, expected d_in_proj = {config.d_in_proj}")
-    z, x, B, C, dd_dt, dd_A, trap, angles = torch.split(projected, config.in_proj_sizes, dim=-1)
-    lead = projected.shape[:-1]
-    heads = (*lead, config.nheads, config.headdim)
-    groups = (*lead, config.mimo_rank, config.ngroups, config.d_state)
-    return z.reshape(heads), x.reshape(heads), B.reshape(groups), C.reshape(groups), dd_dt, dd_A, trap, angles
-
-
 def mamba3_layer(
     projected: Tensor,
     params: Mamba3Params,
     config: Mamba3Config,
     *,
+    layout: InProjLayout | None = None,
+    scan: Callable[..., tuple[Tensor, Mamba3State]] = mamba3_scan,
     segment_ids: Tensor | None = None,
     cu_seqlens: Tensor | None = None,
     initial_state: Mamba3State | None = None,
@@ -57,10 +47,18 @@ def mamba3_layer(
     Δ = softplus(dd_dt + dt_bias), A = `decay_rate(dd_A)`, B and C RMSNormed (eps 1e-5) by the
     shared B_norm / C_norm weights; the scan adds the per-head biases, rotates, runs the recurrence,
     adds D·v and gates (with the optional per-head RMSNorm `norm` and the MIMO projections).
+
+    layout: the `InProjLayout` of one tensor-parallel rank of `config`, whose `layout.width`
+    columns `projected` holds (default: the whole in_proj); the output then has that rank's
+    d_inner / tp columns. scan: `mamba3_scan` (default) or a function taking its arguments, such as
+    the context-parallel `context_parallel.sequence_scan` bound to its group.
     """
-    z, x, B, C, dd_dt, dd_A, trap, angles = split_projection(projected, config)
-    out, state = mamba3_scan(
-        scan_inputs(z, x, B, C, dd_dt, dd_A, trap, angles, params, config.A_floor),
+    layout = InProjLayout(config) if layout is None else layout
+    if layout.config != config:
+        raise ValueError(f"layout is that of {layout.config}, not of the layer's {config}")
+    check_floating("projected", projected)
+    out, state = scan(
+        scan_inputs(projected, params, layout),
         scan_weights(params),
         segment_ids=segment_ids,
         cu_seqlens=cu_seqlens,
@@ -73,23 +71,21 @@ def mamba3_layer(
     return out.flatten(-2), state
 
 
-def scan_inputs(
-    z: Tensor, x: Tensor, B: Tensor, C: Tensor, dd_dt: Tensor, dd_A: Tensor, trap: Tensor, angles: Tensor,
-    params: Mamba3Params, A_floor: float,
-) -> Mamba3Inputs:
-    """The split projection (shapes as `split_projection` gives, with or without the `l` dimension)
-    -> scan inputs: Δ = softplus(dd_dt + dt_bias), A = `decay_rate(dd_A)`, B and C RMSNormed
+def scan_inputs(projected: Tensor, params: Mamba3Params, layout: InProjLayout) -> Mamba3Inputs:
+    """(..., layout.width) in_proj output, with or without the `l` dimension -> scan inputs (split by
+    `layout.split`): Δ = softplus(dd_dt + dt_bias), A = `decay_rate(dd_A)`, B and C RMSNormed
     (eps 1e-5) by the shared B_norm / C_norm weights, in the compute dtype."""
     check_params(params)
-    for name, expected in (("dt_bias", dd_dt.shape[-1:]), ("B_norm", B.shape[-1:]), ("C_norm", C.shape[-1:])):
+    pieces = layout.split(projected)
+    for name, expected in (("dt_bias", pieces.dd_dt.shape[-1:]), ("B_norm", pieces.B.shape[-1:]), ("C_norm", pieces.C.shape[-1:])):
         if params[name].shape != expected:
             raise ValueError(f"params[{name!r}] has shape {tuple(params[name].shape)}, expected {tuple(expected)}")
-    dtype = compute_dtype(x.dtype)
-    dt = F.softplus(dd_dt.to(dtype) + params["dt_bias"].to(dtype))
-    A = decay_rate(dd_A.to(dtype), A_floor)
-    B = rms_norm(B.to(dtype), params["B_norm"].to(dtype))
-    C = rms_norm(C.to(dtype), params["C_norm"].to(dtype))
-    return Mamba3Inputs(x, z, B, C, dt, A, trap, angles)
+    dtype = compute_dtype(projected.dtype)
+    dt = F.softplus(pieces.dd_dt.to(dtype) + params["dt_bias"].to(dtype))
+    A = decay_rate(pieces.dd_A.to(dtype), layout.config.A_floor)
+    B = rms_norm(pieces.B.to(dtype), params["B_norm"].to(dtype))
+    C = rms_norm(pieces.C.to(dtype), params["C_norm"].to(dtype))
+    return Mamba3Inputs(pieces.x, pieces.z, B, C, dt, A, pieces.trap, pieces.angles)
 
 
 def scan_weights(params: Mamba3Params) -> Mamba3Weights:

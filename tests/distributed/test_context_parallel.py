@@ -230,3 +230,9 @@ def test_inference_refuses_context_parallelism(runs, grid):
     cp = GRIDS[grid][1]
     for r in runs[grid]:
         assert r["inference"] == f"Mamba3Mixer inference runs without context parallelism; got CP size {cp}"
+
+
+def test_cu_seqlens_is_refused_naming_segment_ids():
+    inputs, weights = make_case(b=1, l=8, seed=3)
+    with pytest.raises(ValueError, match="segment_ids numbered over the whole sequence .* not cu_seqlens"):
+        context_parallel_scan(inputs, weights, None, cu_seqlens=torch.tensor([0, 3, 8]))

@@ -173,7 +173,7 @@ def _correction_seconds(mixer, u: torch.Tensor) -> float:
     """Forward + backward of the second scan alone: this rank's two pieces from given states."""
     projected = mixer.in_proj(u)[0].transpose(0, 1).detach()
     params = mixer.layer_params()
-    local = scan_inputs(*mixer.layout.split(projected), params, mixer.mamba3.A_floor)
+    local = scan_inputs(projected, params, mixer.layout)
     b, l = local.x.shape[:2]
     rows = Mamba3Inputs(*(t.reshape(2 * b, l // 2, *t.shape[2:]).detach().requires_grad_() for t in local))
     _, zero_start = mamba3_scan(rows, scan_weights(params), backend=mixer.backend)

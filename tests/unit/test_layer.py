@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from megatron_mamba3 import Mamba3Config, clear_receipts, init_layer_params, mamba3_layer, mamba3_scan, receipts
-from megatron_mamba3.ops.layer import decay_rate, split_projection
+from megatron_mamba3.in_proj import InProjLayout
+from megatron_mamba3.ops.layer import decay_rate
 from megatron_mamba3.ops import registry
 from megatron_mamba3.ops.interface import Mamba3State, scan_dims
 from megatron_mamba3.ops.registry import BACKEND_ENV
@@ -48,12 +49,12 @@ def test_dt_floor_clamps_initial_dt():
 def test_split_projection_layout_and_width_check():
     config = Mamba3Config(d_model=8, headdim=4, d_state=8, ngroups=2, mimo_rank=2)
     projected = torch.arange(config.d_in_proj, dtype=torch.float64).expand(1, 1, -1)
-    z, x, B, C, dd_dt, dd_A, trap, angles = split_projection(projected, config)
+    z, x, B, C, dd_dt, dd_A, trap, angles = InProjLayout(config).split(projected)
     assert z.shape == x.shape == (1, 1, 4, 4) and B.shape == C.shape == (1, 1, 2, 2, 8)
     assert B[0, 0, 1, 0, 0] == 32 + 16  # (r g n): rank 1 comes after both groups of rank 0
     assert (dd_dt[0, 0, 0], dd_A[0, 0, 0], trap[0, 0, 0], angles[0, 0, 0]) == (96, 100, 104, 108)
-    with pytest.raises(ValueError, match=f"width 10, expected d_in_proj = {config.d_in_proj}"):
-        split_projection(torch.zeros(1, 1, 10), config)
+    with pytest.raises(ValueError, match=f"width 10, expected {config.d_in_proj}: in_proj's columns on tensor parallel rank 0 of 1"):
+        InProjLayout(config).split(torch.zeros(1, 1, 10))
 
 
 def test_receipts_record_what_ran():

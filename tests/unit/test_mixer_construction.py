@@ -10,8 +10,8 @@ from megatron.core.process_groups_config import ProcessGroupCollection
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_mamba3 import Mamba3Config
+from megatron_mamba3.in_proj import InProjLayout
 from megatron_mamba3.mixer import Mamba3Mixer, Mamba3MixerSubmodules
-from megatron_mamba3.parallel import InProjLayout
 from megatron_mamba3.psiv import PSIV_GATE
 
 
