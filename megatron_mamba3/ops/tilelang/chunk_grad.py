@@ -22,12 +22,14 @@ quantities and share `terms_backward`.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from megatron_mamba3.ops.interface import Mamba3Inputs, Mamba3State, Mamba3Weights, compute_dtype
+from megatron_mamba3.ops.interface import TWO_PI, Mamba3Inputs, Mamba3State, Mamba3Weights, compute_dtype
 from megatron_mamba3.ops.tilelang.chunk_math import (
     chunk_outputs,
     chunk_states,
@@ -35,9 +37,10 @@ from megatron_mamba3.ops.tilelang.chunk_math import (
     chunk_view,
     final_state,
     to_chunks,
-    token_theta,
+    token_scalars,
 )
 from megatron_mamba3.ops.toolkit.gate import gate_output
+from megatron_mamba3.ops.toolkit.heads import head_inputs, rank_values
 from megatron_mamba3.ops.toolkit.rotary import rotate
 
 
@@ -81,29 +84,76 @@ class InputGrads(NamedTuple):
 def terms_backward(
     inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state: Mamba3State, chunk_size: int, grads: TermGrads
 ) -> InputGrads:
-    """Push `grads` through `chunk_terms`, the per-token θ and the final state's k/v/θ by autograd."""
+    """Push `grads` through `chunk_terms`, the per-token θ and the final state's k/v/θ, in closed form.
+
+    Notation of `chunk_math`, j a token, c its chunk, incr_j = π·tanh(angles_j)·Δ_j (b, l, H, S):
+        cs_j = Σ_{m ≤ j in c} A_m Δ_m             ∂(AΔ)_j = Σ_{i ≥ j in c} ∂cs_i + ∂mult_c·mult_c
+        wd_j = λ_j Δ_j,  wo_j = λ_j Δ_j + ε_j,  ε_j = (1 − λ_{j+1}) Δ_{j+1} [j + 1 starts no document],
+        h̃_0 = h + w0 Σ_r v_prev,r k_prev,rᵀ,  w0 = (1 − λ_0) Δ_0
+        θ_i = [i in the first document] θ_0 + Σ_{j ≤ i, same document} incr_j  (modulo 2π, which has no
+              derivative), θ_final likewise after the last token, so ∂incr_j is the sum of ∂θ_i over the
+              tokens i ≥ j of j's document, plus ∂θ_final in the last document: a segmented reverse cumsum
+              over the whole sequence (float64), read off two running sums
+        final state: k_prev = rot(θ_final, B_last + B_bias per head), v_prev = x_last
+    """
+    b, length, H = inputs.dt.shape
+    R, G, n = inputs.B.shape[2:]
+    S = inputs.angles.shape[-1]
+    half_split = R > 1
     dtype = compute_dtype(inputs.x.dtype)
-    with torch.enable_grad():
-        dt, A, trap, angles = (t.detach().to(dtype).requires_grad_() for t in inputs[4:])
-        init = Mamba3State(*(t.detach().to(dtype).requires_grad_() for t in state))
-        B_last = inputs.B[:, -1:].detach().to(dtype).requires_grad_()
-        x_last = inputs.x[:, -1:].detach().to(dtype).requires_grad_()
-        B_bias = weights.B_bias.detach().to(dtype).requires_grad_()
-        mimo_x = None if weights.mimo_x is None else weights.mimo_x.detach().to(dtype).requires_grad_()
-        scalars = inputs._replace(dt=dt, A=A, trap=trap, angles=angles)
-        leaf_weights = weights._replace(B_bias=B_bias, mimo_x=mimo_x)
-        terms = chunk_terms(scalars, leaf_weights, starts, init, chunk_size)
-        theta = token_theta(scalars, terms, chunk_size).flatten(1, 2)
-        last = scalars._replace(B=B_last, x=x_last)
-        final = final_state(last, leaf_weights, terms.theta_final, grads.final.h.detach())
-        outputs = (terms.cs, terms.wd, terms.wo, terms.mult, theta, terms.h_in, final.k_prev, final.v_prev, final.theta)
-        wanted = (*grads[:6], *grads.final[1:])
-        leaves = [dt, A, trap, angles, *init, B_last, x_last, B_bias] + ([] if mimo_x is None else [mimo_x])
-        found = torch.autograd.grad(outputs, leaves, wanted, allow_unused=True)
-    found = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, found)]
+    scalars = token_scalars(inputs, starts, chunk_size)
+    nc = scalars.reset.shape[1]
+    dt, A, lam = (t[:, :length] for t in (scalars.dt, scalars.A, scalars.lam))
+
+    # θ after the last token, then the gradients of the final key (∂u = rot(−θ) ∂k; θ's from the pairs of u).
+    dt_pi = math.pi * dt.double()  # (b, l, H)
+    turn = torch.tanh(inputs.angles.double())  # (b, l, S)
+    seg = scalars.seg[:, :length]
+    in_last = seg == seg[:, -1:]
+    theta_final = torch.einsum("blh,bls->bhs", dt_pi * in_last[..., None], turn)
+    theta_final = theta_final + state.theta * (seg[:, -1] == seg[:, 0])[:, None, None]
+    theta_final = torch.remainder(theta_final, TWO_PI).to(dtype)
+    key = head_inputs(inputs.B[:, -1].to(dtype), weights.B_bias.to(dtype))  # (b, R, H, n)
+    dkey = rotate(grads.final.k_prev, -theta_final[:, None], half_split)
+    dtheta_final = grads.final.theta + pair_cross(dkey, key, S, half_split).sum(dim=1)
+
+    # ∂incr: ends[i] is one past the last token of i's document; prefix[k] = Σ_{i < k} ∂θ_i, and ∂θ_final
+    # joins after the last (padded) token.
+    prefix = F.pad(grads.theta.cumsum(dim=1, dtype=torch.float64), (0, 0, 0, 0, 1, 0))  # (b, l_pad + 1, H, S)
+    prefix[:, -1] += dtheta_final
+    ends = torch.searchsorted(scalars.seg, scalars.seg, right=True)[:, :length]
+    dincr = prefix.gather(1, ends[..., None, None].expand(-1, -1, H, S)) - prefix[:, :length]  # (b, l, H, S)
+    dangles = torch.ops.aten.tanh_backward(torch.einsum("blhs,blh->bls", dincr, dt_pi), turn)
+    ddt_theta = torch.einsum("blhs,bls->blh", dincr, turn) * math.pi
+
+    # cs and mult: a reverse chunk-local cumsum of ∂cs, with ∂mult·mult entering at each chunk's last token.
+    dcs = grads.cs.view(b, nc, chunk_size, H)
+    running = dcs.cumsum(dim=2)
+    dlog_alpha = (running[:, :, -1:] + (grads.mult * scalars.mult)[:, :, None]) - running + dcs
+    dlog_alpha = dlog_alpha.flatten(1, 2)[:, :length]
+
+    # h̃_0: ∂(w0 v_r) = ∂h̃_0 k_prev,r, ∂k_prev,r = w0 ∂h̃_0ᵀ v_r.
+    k_prev, v_prev = state.k_prev.to(dtype), state.v_prev.to(dtype)
+    mimo_x = None if weights.mimo_x is None else weights.mimo_x.to(dtype)
+    values = rank_values(v_prev, mimo_x)  # (b, R, H, p)
+    w0 = (dt[:, 0] - lam[:, 0] * dt[:, 0])[:, None, :, None]
+    dweighted = torch.einsum("bhpn,brhn->brhp", grads.h_in, k_prev)
+    dw0 = (dweighted * values).sum(dim=(1, 3))  # (b, H)
+    dvalues = dweighted * w0
+    dk_prev = torch.einsum("bhpn,brhp->brhn", grads.h_in, values * w0)
+
+    # λ, Δ: ∂(1 − λ_j)Δ_j is ∂wo_{j−1} (∂w0 at j = 0), none where j starts a document.
+    dwd, dwo = grads.wd[:, :length], grads.wo[:, :length]
+    dbeta = torch.cat((dw0[:, None], dwo[:, :-1]), dim=1).masked_fill_(starts[..., None], 0)
+    dgamma_net = dwd + dwo - dbeta  # ∂λΔ net of the (1 − λ)Δ part
+    dtrap = torch.ops.aten.sigmoid_backward(dt * dgamma_net, lam)
+    ddt = torch.addcmul(dbeta, lam, dgamma_net).addcmul_(A, dlog_alpha).add_(ddt_theta)
+
     return InputGrads(
-        *found[:4], Mamba3State(*found[4:8]), found[8][:, 0], found[9][:, 0], found[10],
-        found[11] if mimo_x is not None else None,
+        ddt, dlog_alpha * dt, dtrap, dangles.to(dtype),
+        Mamba3State(grads.h_in, dk_prev, dvalues[:, 0] if mimo_x is None else (dvalues * mimo_x.transpose(0, 1)).sum(dim=1), dincr[:, 0].to(dtype)),
+        dkey.unflatten(2, (G, H // G)).sum(dim=3), grads.final.v_prev, dkey.sum(dim=0).transpose(0, 1),
+        None if mimo_x is None else torch.einsum("brhp,bhp->hrp", dvalues, v_prev),
     )
 
 
