@@ -111,7 +111,7 @@ def terms_backward(
     seg = scalars.seg[:, :length]
     in_last = seg == seg[:, -1:]
     theta_final = torch.einsum("blh,bls->bhs", dt_pi * in_last[..., None], turn)
-    theta_final = theta_final + state.theta * (seg[:, -1] == seg[:, 0])[:, None, None]
+    theta_final = theta_final.addcmul_(state.theta, in_last[:, 0, None, None])  # the first document is the last
     theta_final = torch.remainder(theta_final, TWO_PI).to(dtype)
     key = head_inputs(inputs.B[:, -1].to(dtype), weights.B_bias.to(dtype))  # (b, R, H, n)
     dkey = rotate(grads.final.k_prev, -theta_final[:, None], half_split)
@@ -119,24 +119,25 @@ def terms_backward(
 
     # ∂incr: ends[i] is one past the last token of i's document; prefix[k] = Σ_{i < k} ∂θ_i, and ∂θ_final
     # joins after the last (padded) token.
-    prefix = F.pad(grads.theta.cumsum(dim=1, dtype=torch.float64), (0, 0, 0, 0, 1, 0))  # (b, l_pad + 1, H, S)
-    prefix[:, -1] += dtheta_final
+    prefix = grads.theta.new_zeros((b, grads.theta.shape[1] + 1, H, S), dtype=torch.float64)
+    prefix[:, 1:] = grads.theta
+    prefix[:, -1].add_(dtheta_final)
+    prefix = prefix.cumsum_(dim=1)  # (b, l_pad + 1, H, S)
     ends = torch.searchsorted(scalars.seg, scalars.seg, right=True)[:, :length]
     dincr = prefix.gather(1, ends[..., None, None].expand(-1, -1, H, S)) - prefix[:, :length]  # (b, l, H, S)
     dangles = torch.ops.aten.tanh_backward(torch.einsum("blhs,blh->bls", dincr, dt_pi), turn)
-    ddt_theta = torch.einsum("blhs,bls->blh", dincr, turn) * math.pi
 
     # cs and mult: a reverse chunk-local cumsum of ∂cs, with ∂mult·mult entering at each chunk's last token.
     dcs = grads.cs.view(b, nc, chunk_size, H)
     running = dcs.cumsum(dim=2)
-    dlog_alpha = (running[:, :, -1:] + (grads.mult * scalars.mult)[:, :, None]) - running + dcs
+    dlog_alpha = torch.addcmul(running[:, :, -1:], grads.mult[:, :, None], scalars.mult[:, :, None]) - running + dcs
     dlog_alpha = dlog_alpha.flatten(1, 2)[:, :length]
 
     # h̃_0: ∂(w0 v_r) = ∂h̃_0 k_prev,r, ∂k_prev,r = w0 ∂h̃_0ᵀ v_r.
     k_prev, v_prev = state.k_prev.to(dtype), state.v_prev.to(dtype)
     mimo_x = None if weights.mimo_x is None else weights.mimo_x.to(dtype)
     values = rank_values(v_prev, mimo_x)  # (b, R, H, p)
-    w0 = (dt[:, 0] - lam[:, 0] * dt[:, 0])[:, None, :, None]
+    w0 = torch.addcmul(dt[:, 0], lam[:, 0], dt[:, 0], value=-1)[:, None, :, None]
     dweighted = torch.einsum("bhpn,brhn->brhp", grads.h_in, k_prev)
     dw0 = (dweighted * values).sum(dim=(1, 3))  # (b, H)
     dvalues = dweighted * w0
@@ -147,7 +148,7 @@ def terms_backward(
     dbeta = torch.cat((dw0[:, None], dwo[:, :-1]), dim=1).masked_fill_(starts[..., None], 0)
     dgamma_net = dwd + dwo - dbeta  # ∂λΔ net of the (1 − λ)Δ part
     dtrap = torch.ops.aten.sigmoid_backward(dt * dgamma_net, lam)
-    ddt = torch.addcmul(dbeta, lam, dgamma_net).addcmul_(A, dlog_alpha).add_(ddt_theta)
+    ddt = torch.addcmul(dbeta, lam, dgamma_net).addcmul_(A, dlog_alpha).add_(torch.einsum("blhs,bls->blh", dincr, turn), alpha=math.pi)
 
     return InputGrads(
         ddt, dlog_alpha * dt, dtrap, dangles.to(dtype),

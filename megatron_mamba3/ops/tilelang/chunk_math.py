@@ -118,8 +118,7 @@ def chunk_terms(
     dt_last = (scalars.dt[:, :-1].view(b, nc, Q, H) * last_doc[..., None]).double()
     totals = torch.einsum("bcjh,bcjs->bchs", dt_last, torch.tanh(angles).view(b, nc, Q, S))
     theta = _segmented_cumsum(
-        torch.cat((state.theta[:, None], math.pi * totals), dim=1),
-        torch.cat((scalars.seg[:, :1], seg_chunks[:, :, -1]), dim=1),
+        (state.theta[:, None], math.pi * totals), torch.cat((scalars.seg[:, :1], seg_chunks[:, :, -1]), dim=1)
     )
     theta = torch.remainder(theta, TWO_PI).to(dtype)
 
@@ -130,12 +129,14 @@ def chunk_terms(
     return ChunkTerms(cs, wd, wo, scalars.seg, scalars.reset, scalars.mult, theta[:, :nc], theta[:, nc], h_in)
 
 
-def _segmented_cumsum(values: Tensor, keys: Tensor) -> Tensor:
-    """Inclusive cumsum of values (b, m, ...) along m that restarts wherever keys (b, m), sorted along m,
-    change: out_k = Σ_{k' ≤ k, keys_k' = keys_k} values_k', as the difference of two running sums."""
-    prefix = F.pad(values, (0, 0) * (values.dim() - 2) + (1, 0)).cumsum(dim=1)  # Σ_{k' < k}, (b, m + 1, ...)
+def _segmented_cumsum(pieces: tuple[Tensor, ...], keys: Tensor) -> Tensor:
+    """Inclusive cumsum along m of values (b, m, ...), given as pieces to concatenate along m, restarting
+    wherever keys (b, m), sorted along m, change: out_k = Σ_{k' ≤ k, keys_k' = keys_k} values_k', the
+    difference of two running sums (float64)."""
+    start = pieces[-1].new_zeros((keys.shape[0], 1, *pieces[-1].shape[2:]), dtype=torch.float64)
+    prefix = torch.cat((start, *pieces), dim=1).cumsum(dim=1)  # Σ_{k' < k}, (b, m + 1, ...)
     first = torch.searchsorted(keys, keys)  # first slot of each key
-    index = first.view(*first.shape, *(1,) * (values.dim() - 2)).expand_as(values)
+    index = first.view(*first.shape, *(1,) * (prefix.dim() - 2)).expand(-1, -1, *prefix.shape[2:])
     return prefix[:, 1:] - prefix.gather(1, index)
 
 

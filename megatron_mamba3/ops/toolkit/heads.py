@@ -16,7 +16,7 @@ def head_inputs(shared: Tensor, bias: Tensor) -> Tensor:
     """The unrotated keys or queries: normalized B or C (..., R, G, n) read per head (head h reads group
     h // (H / G)) plus bias (H, R, n) -> (..., R, H, n)."""
     H, G = bias.shape[0], shared.shape[-2]
-    return shared.repeat_interleave(H // G, dim=-2) + bias.transpose(0, 1)
+    return (shared.unsqueeze(-2) + bias.transpose(0, 1).unflatten(-2, (G, H // G))).flatten(-3, -2)
 
 
 def head_keys(shared: Tensor, bias: Tensor, theta: Tensor) -> Tensor:
