@@ -85,7 +85,8 @@ def test_chunked_backward_matches_oracle_gradients(R, G, norm):
 def _autograd_terms_backward(inputs, weights, starts, state, chunk, grads):
     """What `terms_backward` computes, by autograd through `chunk_terms`, `token_theta` and `final_state`
     (float64): gradients of Δ, A, trap, angles, the initial state, the last token's B and x, B_bias, mimo_x."""
-    leaves = [t.clone().requires_grad_() for t in (*inputs[4:], *state, inputs.B[:, -1:], inputs.x[:, -1:], weights.B_bias)]
+    present = (*inputs[4:], *state, inputs.B[:, -1:], inputs.x[:, -1:], weights.B_bias)
+    leaves = [t.clone().requires_grad_() for t in present]
     if weights.mimo_x is not None:
         leaves.append(weights.mimo_x.clone().requires_grad_())
     scalars = inputs._replace(dt=leaves[0], A=leaves[1], trap=leaves[2], angles=leaves[3])
