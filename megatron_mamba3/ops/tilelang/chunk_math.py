@@ -11,10 +11,11 @@ Writing h̃ for "h plus ε·k vᵀ of the token just before" (the state a chunk 
                            + D v_{i,r},  L_ii = wd_i,  L_ij = exp(cs_i − cs_j) wo_j (j < i)
 where "carried" rows are those before the chunk's first document start and h̃_0 = h0 + (1 − λ_0)Δ_0
 Σ_r v_prev,r k_prev,rᵀ. θ restarts at document starts; θ at chunk starts comes from a chunk-level
-scan of the per-chunk angle totals (float64, reduced modulo 2π).
+scan of the per-chunk angle totals (a segmented cumsum in float64, reduced modulo 2π).
 
 `chunk_terms` is shared by the kernels (as their per-token inputs) and by `chunked_parallel`, the
-differentiable PyTorch form of the same math that the backward recomputes through autograd.
+differentiable PyTorch form of the same math; its per-token part, `token_scalars`, also serves the
+closed-form backward of these scalars (`chunk_grad.terms_backward`).
 """
 
 from __future__ import annotations
