@@ -111,16 +111,16 @@ def chunk_terms(
     wo = wd + beta[:, 1:]  # γ_j + ε_j
 
     # θ: per-chunk totals of the chunk's last document, then a chunk-level scan with resets over nc + 1
-    # slots (slot 0: the initial θ, slot c + 1: chunk c's total), float64.
+    # slots (slot 0: the initial θ, slot c + 1: chunk c's total), float64: θ_start_c is θ after slot c,
+    # θ_final after slot nc.
     angles = inputs.angles.new_zeros((b, nc * Q, S), dtype=torch.float64)
     angles[:, :length] = inputs.angles
     seg_chunks = scalars.seg.view(b, nc, Q)
     last_doc = seg_chunks == seg_chunks[:, :, -1:]
     dt_last = (scalars.dt[:, :-1].view(b, nc, Q, H) * last_doc[..., None]).double()
     totals = torch.einsum("bcjh,bcjs->bchs", dt_last, torch.tanh(angles).view(b, nc, Q, S))
-    theta = _segmented_cumsum(
-        (state.theta[:, None], math.pi * totals), torch.cat((scalars.seg[:, :1], seg_chunks[:, :, -1]), dim=1)
-    )
+    documents = torch.cat((scalars.seg[:, :1], seg_chunks[:, :, -1]), dim=1)  # (b, nc + 1): where slots end
+    theta = _segmented_cumsum((state.theta.double()[:, None], math.pi * totals), documents)
     theta = torch.remainder(theta, TWO_PI).to(dtype)
 
     h, k_prev, v_prev = (t.to(dtype) for t in (state.h, state.k_prev, state.v_prev))
