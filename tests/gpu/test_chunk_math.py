@@ -1,7 +1,8 @@
 """The chunk-parallel PyTorch form that the TileLang kernels compute and their backward recomputes
-through (`megatron_mamba3.ops.tilelang.chunk_math.chunked_parallel`), against the float64 oracle.
+through (`megatron_mamba3.ops.tilelang.chunk_math.chunked_parallel`), against the float64 oracle; the
+closed-form scalar backward (`chunk_grad.terms_backward`) against autograd of the forward definitions.
 
-CPU, float64, tolerance 1e-10 relative (outputs and states) and a float64 gradient check.
+CPU, float64, tolerance 1e-10 relative (outputs, states and gradients) and a float64 gradient check.
 """
 
 import pytest
@@ -10,8 +11,8 @@ import torch
 from megatron_mamba3.ops.interface import Mamba3Inputs, Mamba3State, Mamba3Weights, scan_dims
 from megatron_mamba3.ops.oracle import mamba3_recurrent
 from megatron_mamba3.ops.segments import document_starts
-from megatron_mamba3.ops.tilelang.chunk_grad import chunked_backward
-from megatron_mamba3.ops.tilelang.chunk_math import chunked_parallel
+from megatron_mamba3.ops.tilelang.chunk_grad import TermGrads, chunked_backward, terms_backward
+from megatron_mamba3.ops.tilelang.chunk_math import chunk_count, chunk_terms, chunked_parallel, final_state, token_theta
 from tests.helpers import assert_states_close, make_case, make_state, rel_err
 
 
@@ -79,3 +80,50 @@ def test_chunked_backward_matches_oracle_gradients(R, G, norm):
     assert len(mine) == len(leaves)
     for index, (grad, leaf) in enumerate(zip(mine, leaves)):
         assert rel_err(grad, leaf.grad) < 1e-10, index
+
+
+def _autograd_terms_backward(inputs, weights, starts, state, chunk, grads):
+    """What `terms_backward` computes, by autograd through `chunk_terms`, `token_theta` and `final_state`
+    (float64): gradients of Δ, A, trap, angles, the initial state, the last token's B and x, B_bias, mimo_x."""
+    present = (*inputs[4:], *state, inputs.B[:, -1:], inputs.x[:, -1:], weights.B_bias)
+    leaves = [t.clone().requires_grad_() for t in present]
+    if weights.mimo_x is not None:
+        leaves.append(weights.mimo_x.clone().requires_grad_())
+    scalars = inputs._replace(dt=leaves[0], A=leaves[1], trap=leaves[2], angles=leaves[3])
+    leaf_weights = weights._replace(B_bias=leaves[10], mimo_x=leaves[11] if len(leaves) > 11 else None)
+    terms = chunk_terms(scalars, leaf_weights, starts, Mamba3State(*leaves[4:8]), chunk)
+    theta = token_theta(scalars, terms, chunk).flatten(1, 2)
+    final = final_state(scalars._replace(B=leaves[8], x=leaves[9]), leaf_weights, terms.theta_final, grads.final.h)
+    outputs = (terms.cs, terms.wd, terms.wo, terms.mult, theta, terms.h_in, *final[1:])
+    found = torch.autograd.grad(outputs, leaves, (*grads[:6], *grads.final[1:]))
+    return found[:8], found[8][:, 0], found[9][:, 0], found[10:]
+
+
+@pytest.mark.parametrize("R,G", [(1, 2), (4, 1)], ids=["siso", "mimo"])
+def test_terms_backward_matches_autograd(R, G):
+    """The closed-form gradients of the per-token scalars, θ, h̃_0 and the final state's (k, v, θ) against
+    autograd of their forward definitions, float64, for random upstream gradients: documents starting
+    mid-chunk, at a chunk boundary and twice in one chunk, an initial state, and a length that is not a
+    multiple of the chunk (row 1 is one document continuing the initial state to the end)."""
+    b, l, H, p, n, chunk = 2, 29, 4, 3, 8, 6  # noqa: E741
+    inputs, weights = make_case(b=b, l=l, H=H, p=p, R=R, G=G, n=n, S=2, seed=11 + R)
+    state = make_state(b, H, p, R, n, 2)
+    segment_ids = torch.tensor([[0] * 4 + [1] * 8 + [2] * 7 + [3] * 3 + [4] * (l - 22), [7] * l])
+    starts = document_starts(segment_ids)
+    l_pad, nc = chunk_count(l, chunk) * chunk, chunk_count(l, chunk)
+    generator = torch.Generator().manual_seed(R)
+    randn = lambda *shape: torch.randn(*shape, generator=generator, dtype=torch.float64)  # noqa: E731
+    grads = TermGrads(
+        randn(b, l_pad, H), randn(b, l_pad, H), randn(b, l_pad, H), randn(b, nc, H), randn(b, l_pad, H, 2),
+        randn(b, H, p, n), Mamba3State(randn(b, H, p, n), randn(b, R, H, n), randn(b, H, p), randn(b, H, 2)),
+    )
+
+    found = terms_backward(inputs, weights, starts, state, chunk, grads)
+    state_grads, B_last, x_last, weight_grads = _autograd_terms_backward(inputs, weights, starts, state, chunk, grads)
+    expected = [*state_grads[:4], *state_grads[4:], B_last, x_last, *weight_grads]
+    mine = [*found[:4], *found.state, found.B_last, found.x_last, found.B_bias]
+    mine += [] if found.mimo_x is None else [found.mimo_x]
+    names = ["dt", "A", "trap", "angles", *Mamba3State._fields, "B_last", "x_last", "B_bias", "mimo_x"][: len(expected)]
+    assert len(mine) == len(expected)
+    for name, grad, reference in zip(names, mine, expected):
+        assert rel_err(grad, reference) < 1e-10, name

@@ -12,8 +12,8 @@ Given the output gradient dout and the final state's gradient, per head (notatio
     scalars        dL, dw, dinter -> ∂cs, ∂wd, ∂wo per token; dk, dq -> dθ per token and the
                    unrotated gradients of B + B_bias and C + C_bias
     terms          ∂cs, ∂wd, ∂wo, ∂mult, ∂θ, dh̃_0 and the final state's (k, v, θ) gradients flow to
-                   Δ, A, trap, angles and the initial state through `chunk_terms` (autograd over
-                   (b, l, H)-sized PyTorch ops: `terms_backward`)
+                   Δ, A, trap, angles and the initial state through `chunk_terms` (`terms_backward`:
+                   closed-form gradients, a few dozen (b, l, H)-sized PyTorch ops, no autograd)
 
 `chunked_backward` runs all of it in PyTorch (the kernels' math, tested against autograd of
 `chunked_parallel` and the fp64 oracle); the TileLang backward kernels compute the same per-chunk
@@ -22,12 +22,14 @@ quantities and share `terms_backward`.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
-from megatron_mamba3.ops.interface import Mamba3Inputs, Mamba3State, Mamba3Weights, compute_dtype
+from megatron_mamba3.ops.interface import TWO_PI, Mamba3Inputs, Mamba3State, Mamba3Weights, compute_dtype
 from megatron_mamba3.ops.tilelang.chunk_math import (
     chunk_outputs,
     chunk_states,
@@ -35,9 +37,10 @@ from megatron_mamba3.ops.tilelang.chunk_math import (
     chunk_view,
     final_state,
     to_chunks,
-    token_theta,
+    token_scalars,
 )
 from megatron_mamba3.ops.toolkit.gate import gate_output
+from megatron_mamba3.ops.toolkit.heads import head_inputs, rank_values
 from megatron_mamba3.ops.toolkit.rotary import rotate
 
 
@@ -81,29 +84,85 @@ class InputGrads(NamedTuple):
 def terms_backward(
     inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state: Mamba3State, chunk_size: int, grads: TermGrads
 ) -> InputGrads:
-    """Push `grads` through `chunk_terms`, the per-token θ and the final state's k/v/θ by autograd."""
+    """Push `grads` through `chunk_terms`, the per-token θ and the final state's k/v/θ, in closed form.
+
+    inputs (b, l, ...), starts (b, l) bool (never at t = 0), the initial state -> `InputGrads` (compute
+    dtype). With j a token, c its chunk and incr_j = π·tanh(angles_j)·Δ_j (b, l, H, S):
+
+        cs_j = Σ_{m ≤ j in c} A_m Δ_m,  mult_c = exp(cs_last):  ∂(AΔ)_j = Σ_{i ≥ j in c} ∂cs_i + ∂mult_c mult_c
+        wd_j = λ_j Δ_j,  wo_j = λ_j Δ_j + ε_j,  ε_j = (1 − λ_{j+1}) Δ_{j+1} [j + 1 starts no document]
+        h̃_0 = h + w0 Σ_r v_prev,r k_prev,rᵀ,  w0 = (1 − λ_0) Δ_0
+        θ_i = [i in the first document] θ_0 + Σ_{j ≤ i, same document} incr_j, θ_final likewise after the
+              last token (the reductions modulo 2π have no derivative): ∂incr_j sums ∂θ_i over the tokens
+              i ≥ j of j's document, plus ∂θ_final in the last one, a segmented reverse cumsum over the
+              whole sequence taken as the difference of two running sums (float64)
+        final state: k_prev = rot(θ_final, B_last + B_bias per head), v_prev = x_last
+    """
+    b, length, H = inputs.dt.shape
+    R, G, n = inputs.B.shape[2:]
+    S = inputs.angles.shape[-1]
+    half_split = R > 1
     dtype = compute_dtype(inputs.x.dtype)
-    with torch.enable_grad():
-        dt, A, trap, angles = (t.detach().to(dtype).requires_grad_() for t in inputs[4:])
-        init = Mamba3State(*(t.detach().to(dtype).requires_grad_() for t in state))
-        B_last = inputs.B[:, -1:].detach().to(dtype).requires_grad_()
-        x_last = inputs.x[:, -1:].detach().to(dtype).requires_grad_()
-        B_bias = weights.B_bias.detach().to(dtype).requires_grad_()
-        mimo_x = None if weights.mimo_x is None else weights.mimo_x.detach().to(dtype).requires_grad_()
-        scalars = inputs._replace(dt=dt, A=A, trap=trap, angles=angles)
-        leaf_weights = weights._replace(B_bias=B_bias, mimo_x=mimo_x)
-        terms = chunk_terms(scalars, leaf_weights, starts, init, chunk_size)
-        theta = token_theta(scalars, terms, chunk_size).flatten(1, 2)
-        last = scalars._replace(B=B_last, x=x_last)
-        final = final_state(last, leaf_weights, terms.theta_final, grads.final.h.detach())
-        outputs = (terms.cs, terms.wd, terms.wo, terms.mult, theta, terms.h_in, final.k_prev, final.v_prev, final.theta)
-        wanted = (*grads[:6], *grads.final[1:])
-        leaves = [dt, A, trap, angles, *init, B_last, x_last, B_bias] + ([] if mimo_x is None else [mimo_x])
-        found = torch.autograd.grad(outputs, leaves, wanted, allow_unused=True)
-    found = [torch.zeros_like(leaf) if g is None else g for leaf, g in zip(leaves, found)]
+    scalars = token_scalars(inputs, starts, chunk_size)
+    nc = scalars.reset.shape[1]
+    dt, A, lam = (t[:, :length] for t in (scalars.dt, scalars.A, scalars.lam))
+
+    # θ_final (float64, as chunk_terms), then the final key's gradients: ∂u = rot(−θ) ∂k for the unrotated
+    # u, and ∂θ from each pair of u (rotations keep the pairs' cross products).
+    dt_pi = math.pi * dt.double()  # (b, l, H)
+    turn = torch.tanh(inputs.angles.double())  # (b, l, S)
+    seg = scalars.seg[:, :length]
+    in_last = seg == seg[:, -1:]  # (b, l) tokens of the last document
+    theta_final = torch.einsum("blh,bls->bhs", dt_pi * in_last[..., None], turn)
+    theta_final = theta_final.addcmul_(state.theta, in_last[:, 0, None, None])  # one document: θ_0 carries
+    theta_final = torch.remainder(theta_final, TWO_PI).to(dtype)
+    key = head_inputs(inputs.B[:, -1].to(dtype), weights.B_bias.to(dtype))  # (b, R, H, n)
+    dkey = rotate(grads.final.k_prev, -theta_final[:, None], half_split)
+    dtheta_final = grads.final.theta + pair_cross(dkey, key, S, half_split).sum(dim=1)
+
+    # ∂incr: prefix[k] = Σ_{i < k} ∂θ_i over the padded tokens, with ∂θ_final after the last one; a token's
+    # document ends just before ends[j].
+    prefix = grads.theta.new_zeros((b, grads.theta.shape[1] + 1, H, S), dtype=torch.float64)
+    prefix[:, 1:] = grads.theta
+    prefix[:, -1].add_(dtheta_final)
+    prefix = prefix.cumsum_(dim=1)  # (b, l_pad + 1, H, S)
+    ends = torch.searchsorted(scalars.seg, scalars.seg, right=True)[:, :length, None, None]
+    dincr = prefix.gather(1, ends.expand(-1, -1, H, S)).sub_(prefix[:, :length])  # (b, l, H, S)
+    dangles = torch.ops.aten.tanh_backward(torch.einsum("blhs,blh->bls", dincr, dt_pi), turn).to(dtype)
+    dtheta_0 = dincr[:, 0].to(dtype)  # θ_0 reaches the first document (and θ_final when it is the last)
+
+    # AΔ: a reverse chunk-local cumsum of ∂cs, ∂mult·mult entering at each chunk's last token.
+    dcs = grads.cs.view(b, nc, chunk_size, H)
+    running = dcs.cumsum(dim=2)
+    dlog_alpha = torch.addcmul(running[:, :, -1:], grads.mult[:, :, None], scalars.mult[:, :, None]) - running + dcs
+    dlog_alpha = dlog_alpha.flatten(1, 2)[:, :length]
+
+    # h̃_0: ∂(w0 v_r) = ∂h̃_0 k_prev,r,  ∂k_prev,r = w0 ∂h̃_0ᵀ v_r,  ∂w0 = Σ_r ⟨v_r, ∂h̃_0 k_prev,r⟩
+    k_prev, v_prev = state.k_prev.to(dtype), state.v_prev.to(dtype)
+    mimo_x = None if weights.mimo_x is None else weights.mimo_x.to(dtype)
+    values = rank_values(v_prev, mimo_x)  # (b, R, H, p)
+    w0 = torch.addcmul(dt[:, 0], lam[:, 0], dt[:, 0], value=-1)[:, None, :, None]
+    dweighted = torch.einsum("bhpn,brhn->brhp", grads.h_in, k_prev)
+    dw0 = (dweighted * values).sum(dim=(1, 3))  # (b, H)
+    dvalues = dweighted * w0
+    dk_prev = torch.einsum("bhpn,brhp->brhn", grads.h_in, values * w0)
+    if mimo_x is None:
+        dv_prev, dmimo_x = dvalues[:, 0], None
+    else:
+        dv_prev = (dvalues * mimo_x.transpose(0, 1)).sum(dim=1)
+        dmimo_x = torch.einsum("brhp,bhp->hrp", dvalues, v_prev)
+
+    # λ, Δ: ∂((1 − λ_j)Δ_j) is ∂wo_{j−1} (∂w0 at j = 0), none where j starts a document.
+    dwd, dwo = grads.wd[:, :length], grads.wo[:, :length]
+    dbeta = torch.cat((dw0[:, None], dwo[:, :-1]), dim=1).masked_fill_(starts[..., None], 0)
+    dgamma = dwd + dwo - dbeta  # ∂(λΔ), net of the −λΔ inside (1 − λ)Δ
+    dtrap = torch.ops.aten.sigmoid_backward(dt * dgamma, lam)
+    ddt = torch.addcmul(dbeta, lam, dgamma).addcmul_(A, dlog_alpha)
+    ddt = ddt.add_(torch.einsum("blhs,bls->blh", dincr, turn), alpha=math.pi)
+
     return InputGrads(
-        *found[:4], Mamba3State(*found[4:8]), found[8][:, 0], found[9][:, 0], found[10],
-        found[11] if mimo_x is not None else None,
+        ddt, dlog_alpha * dt, dtrap, dangles, Mamba3State(grads.h_in, dk_prev, dv_prev, dtheta_0),
+        dkey.unflatten(2, (G, H // G)).sum(dim=3), grads.final.v_prev, dkey.sum(dim=0).transpose(0, 1), dmimo_x,
     )
 
 

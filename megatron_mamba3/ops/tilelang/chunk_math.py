@@ -11,10 +11,11 @@ Writing h̃ for "h plus ε·k vᵀ of the token just before" (the state a chunk 
                            + D v_{i,r},  L_ii = wd_i,  L_ij = exp(cs_i − cs_j) wo_j (j < i)
 where "carried" rows are those before the chunk's first document start and h̃_0 = h0 + (1 − λ_0)Δ_0
 Σ_r v_prev,r k_prev,rᵀ. θ restarts at document starts; θ at chunk starts comes from a chunk-level
-scan of the per-chunk angle totals (float64, reduced modulo 2π).
+scan of the per-chunk angle totals (a segmented cumsum in float64, reduced modulo 2π).
 
 `chunk_terms` is shared by the kernels (as their per-token inputs) and by `chunked_parallel`, the
-differentiable PyTorch form of the same math that the backward recomputes through autograd.
+differentiable PyTorch form of the same math; its per-token part, `token_scalars`, also serves the
+closed-form backward of these scalars (`chunk_grad.terms_backward`).
 """
 
 from __future__ import annotations
@@ -58,52 +59,86 @@ def chunk_count(length: int, chunk_size: int) -> int:
     return -(-length // chunk_size)
 
 
-def chunk_terms(
-    inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state: Mamba3State, chunk_size: int
-) -> ChunkTerms:
-    """Scalars of the decomposition from inputs (b, l, ...), starts (b, l) bool and the initial state."""
+class TokenScalars(NamedTuple):
+    """The per-token scalars `chunk_terms` and `terms_backward` share (compute dtype), padded with zero
+    tokens (Δ = A = trap = 0) to l_pad + 1 = nc·Q + 1, so that every token has a successor.
+
+    dt, A, lam:  (b, l_pad + 1, H)  Δ, A and λ = sigmoid(trap)
+    starts:      (b, l_pad + 1)     bool document starts (never at t = 0)
+    seg, reset, cs, mult as in `ChunkTerms` (cs as (b, nc, Q, H))
+    """
+
+    dt: Tensor
+    A: Tensor
+    lam: Tensor
+    starts: Tensor
+    seg: Tensor
+    reset: Tensor
+    cs: Tensor
+    mult: Tensor
+
+
+def token_scalars(inputs: Mamba3Inputs, starts: Tensor, chunk_size: int) -> TokenScalars:
+    """Inputs (b, l, ...) and starts (b, l) bool -> `TokenScalars` for chunks of `chunk_size` tokens."""
     b, length, H = inputs.dt.shape
     Q = chunk_size
     nc = chunk_count(length, Q)
-    pad = nc * Q - length
-    dtype = compute_dtype(inputs.x.dtype)
-    dt, A, trap = (t.to(dtype) for t in (inputs.dt, inputs.A, inputs.trap))
-    lam = torch.sigmoid(trap)
-    gamma = lam * dt
-    next_beta = ((1 - lam) * dt * (~starts)[..., None])[:, 1:]  # ε_j, j < l − 1
-    eps = F.pad(next_beta, (0, 0, 0, 1))
-    pad_tokens = lambda t: F.pad(t, (0, 0, 0, pad))  # noqa: E731
-    log_alpha = pad_tokens(A * dt).view(b, nc, Q, H)
-    cs = log_alpha.cumsum(dim=2)
-    wd, wo = pad_tokens(gamma), pad_tokens(gamma + eps)
-
-    seg = starts.to(torch.int32).cumsum(dim=1, dtype=torch.int32)
-    seg = torch.cat((seg, seg[:, -1:].expand(b, pad)), dim=1)
-    seg_chunks = seg.view(b, nc, Q)
-    seg_before = torch.cat((seg_chunks[:, :1, 0], seg_chunks[:, :-1, -1]), dim=1)  # (b, nc)
-    reset = seg_chunks[:, :, -1] != seg_before
+    padded = inputs.dt.new_zeros((3, b, nc * Q + 1, H), dtype=compute_dtype(inputs.x.dtype))
+    padded[:, :, :length] = torch.stack((inputs.dt, inputs.A, inputs.trap))
+    dt, A, trap = padded.unbind(0)
+    starts = F.pad(starts, (0, nc * Q + 1 - length))
+    cs = (A * dt)[:, :-1].view(b, nc, Q, H).cumsum(dim=2)
+    reset = starts[:, :-1].view(b, nc, Q).any(dim=2)
     mult = torch.exp(cs[:, :, -1]) * (~reset)[..., None]
+    seg = starts[:, :-1].cumsum(dim=1, dtype=torch.int32)
+    return TokenScalars(dt, A, torch.sigmoid(trap), starts, seg, reset, cs, mult)
 
-    # θ: per-chunk totals of the chunk's last document, then a chunk-level scan with resets.
-    last_doc = (seg_chunks == seg_chunks[:, :, -1:]).to(torch.float64)  # (b, nc, Q)
-    turn = torch.tanh(F.pad(inputs.angles.double(), (0, 0, 0, pad))).view(b, nc, Q, -1)
-    dt_chunks = pad_tokens(dt).double().view(b, nc, Q, H)
-    totals = math.pi * torch.einsum("bcj,bcjh,bcjs->bchs", last_doc, dt_chunks, turn)
-    resets_so_far = reset.cumsum(dim=1)  # inclusive
-    chunk_idx = torch.arange(nc, device=dt.device)
-    reaches = (chunk_idx[None, :, None] >= chunk_idx[None, None, :]) & (
-        resets_so_far[:, :, None] == resets_so_far[:, None, :]
-    )  # (b, c, c'): total of c' is part of θ after chunk c
-    theta_after = torch.einsum("bcd,bdhs->bchs", reaches.double(), totals)
-    theta_after = theta_after + (resets_so_far == 0)[..., None, None] * state.theta.double()[:, None]
-    theta_start = torch.cat((state.theta.double()[:, None], theta_after[:, :-1]), dim=1)
-    theta_start = torch.remainder(theta_start, TWO_PI).to(dtype)
-    theta_final = torch.remainder(theta_after[:, -1], TWO_PI).to(dtype)
+
+def chunk_terms(
+    inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state: Mamba3State, chunk_size: int
+) -> ChunkTerms:
+    """Scalars of the decomposition from inputs (b, l, ...), starts (b, l) bool (never at t = 0) and the
+    initial state."""
+    b, length, H = inputs.dt.shape
+    S = inputs.angles.shape[-1]
+    Q = chunk_size
+    nc = chunk_count(length, Q)
+    dtype = compute_dtype(inputs.x.dtype)
+    scalars = token_scalars(inputs, starts, Q)
+    gamma = scalars.lam * scalars.dt
+    beta = (scalars.dt - gamma).masked_fill_(scalars.starts[..., None], 0)  # (1 − λ)Δ, 0 at document starts
+    wd = gamma[:, :-1]
+    wo = wd + beta[:, 1:]  # γ_j + ε_j
+
+    # θ: per-chunk totals of the chunk's last document, then a chunk-level scan with resets over nc + 1
+    # slots (slot 0: the initial θ, slot c + 1: chunk c's total), float64: θ_start_c is θ after slot c,
+    # θ_final after slot nc.
+    angles = inputs.angles.new_zeros((b, nc * Q, S), dtype=torch.float64)
+    angles[:, :length] = inputs.angles
+    seg_chunks = scalars.seg.view(b, nc, Q)
+    last_doc = seg_chunks == seg_chunks[:, :, -1:]
+    dt_last = (scalars.dt[:, :-1].view(b, nc, Q, H) * last_doc[..., None]).double()
+    totals = torch.einsum("bcjh,bcjs->bchs", dt_last, torch.tanh(angles).view(b, nc, Q, S))
+    documents = torch.cat((scalars.seg[:, :1], seg_chunks[:, :, -1]), dim=1)  # (b, nc + 1): where slots end
+    theta = _segmented_cumsum((state.theta.double()[:, None], math.pi * totals), documents)
+    theta = torch.remainder(theta, TWO_PI).to(dtype)
 
     h, k_prev, v_prev = (t.to(dtype) for t in (state.h, state.k_prev, state.v_prev))
     mimo_x = None if weights.mimo_x is None else weights.mimo_x.to(dtype)
-    h_in = state_with_incoming(h, k_prev, v_prev, mimo_x, (1 - lam[:, 0]) * dt[:, 0])
-    return ChunkTerms(cs.view(b, nc * Q, H), wd, wo, seg, reset, mult, theta_start, theta_final, h_in)
+    h_in = state_with_incoming(h, k_prev, v_prev, mimo_x, beta[:, 0])
+    cs = scalars.cs.view(b, nc * Q, H)
+    return ChunkTerms(cs, wd, wo, scalars.seg, scalars.reset, scalars.mult, theta[:, :nc], theta[:, nc], h_in)
+
+
+def _segmented_cumsum(pieces: tuple[Tensor, ...], keys: Tensor) -> Tensor:
+    """Inclusive cumsum along m of values (b, m, ...), given as pieces to concatenate along m, restarting
+    wherever keys (b, m), sorted along m, change: out_k = Σ_{k' ≤ k, keys_k' = keys_k} values_k', the
+    difference of two running sums (float64)."""
+    start = pieces[-1].new_zeros((keys.shape[0], 1, *pieces[-1].shape[2:]), dtype=torch.float64)
+    prefix = torch.cat((start, *pieces), dim=1).cumsum(dim=1)  # Σ_{k' < k}, (b, m + 1, ...)
+    first = torch.searchsorted(keys, keys)  # first slot of each key
+    index = first.view(*first.shape, *(1,) * (prefix.dim() - 2)).expand(-1, -1, *prefix.shape[2:])
+    return prefix[:, 1:] - prefix.gather(1, index)
 
 
 def final_state(inputs: Mamba3Inputs, weights: Mamba3Weights, theta_final: Tensor, h_final: Tensor) -> Mamba3State:

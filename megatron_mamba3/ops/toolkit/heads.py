@@ -12,15 +12,17 @@ from torch import Tensor
 from megatron_mamba3.ops.toolkit.rotary import rotate
 
 
-def head_keys(shared: Tensor, bias: Tensor, theta: Tensor) -> Tensor:
-    """Normalized B or C (..., R, G, n), bias (H, R, n), angles (..., H, S) -> (..., R, H, n).
+def head_inputs(shared: Tensor, bias: Tensor) -> Tensor:
+    """The unrotated keys or queries: normalized B or C (..., R, G, n) read per head (head h reads group
+    h // (H / G)) plus bias (H, R, n) -> (..., R, H, n)."""
+    H, G = bias.shape[0], shared.shape[-2]
+    return (shared.unsqueeze(-2) + bias.transpose(0, 1).unflatten(-2, (G, H // G))).flatten(-3, -2)
 
-    Head h reads group h // (H / G); rank > 1 (MIMO) selects the half-split rotary pairing.
-    """
-    R, G = shared.shape[-3:-1]
-    H = bias.shape[0]
-    per_head = shared.repeat_interleave(H // G, dim=-2) + bias.transpose(0, 1)
-    return rotate(per_head, theta.unsqueeze(-3), half_split=R > 1)
+
+def head_keys(shared: Tensor, bias: Tensor, theta: Tensor) -> Tensor:
+    """Normalized B or C (..., R, G, n), bias (H, R, n), angles (..., H, S) -> (..., R, H, n): `head_inputs`
+    rotated by θ; rank > 1 (MIMO) selects the half-split rotary pairing."""
+    return rotate(head_inputs(shared, bias), theta.unsqueeze(-3), half_split=shared.shape[-3] > 1)
 
 
 def rank_values(x: Tensor, mimo_x: Tensor | None) -> Tensor:
