@@ -177,7 +177,7 @@ TARGETS = {
         "reference", "recurrent", "cpu", torch.float64, H=4, p=8, n=16, length=30, chunk=8, split=(29, (0, 1, 13, 29)),
         plain_backward=True,
     ),
-    # Both halves of the split have the packed rows' shapes, so XLA compiles no graph for them.
+    # XLA compiles a graph per shape: one split, into two halves of the packed rows' length.
     ("xla", "scan"): Target(
         "xla", "scan", "xla", torch.float32, H=2, p=4, n=8, length=21, chunk=8, split=(42, (21,)),
         refuses=(("cu_seqlens+initial_state", "per-document initial states are not supported"),),
