@@ -1,4 +1,5 @@
-"""The layer entry point, backend selection, receipts, parameter init and input validation."""
+"""The layer entry point, backend selection, receipts, parameter init and the layer's input validation
+(the scan's bad arguments on every backend: tests/conformance/test_bad_inputs.py)."""
 
 import logging
 import math
@@ -109,75 +110,6 @@ def test_decode_records_its_own_receipt():
     expected, _ = mamba3_scan(inputs, weights, variant="recurrent")
     assert rel_err(out, expected[:, 0]) < 1e-10
     assert [(r.step_kind, r.backend, r.variant) for r in receipts()][0] == ("decode", "reference", "step")
-
-
-@pytest.mark.parametrize(
-    "field, change, message",
-    [
-        ("x", lambda t: t[..., :7], r"z has shape \(1, 5, 4, 8\), expected \(1, 5, 4, 7\)"),
-        ("B", lambda t: t[..., :1, :], r"C has shape \(1, 5, 1, 2, 16\), expected \(1, 5, 1, 1, 16\)"),
-        ("dt", lambda t: t[:, :4], r"dt has shape \(1, 4, 4\), expected \(1, 5, 4\)"),
-        ("angles", lambda t: torch.cat((t, t, t), dim=-1), r"angles carry S=12 angles"),
-        ("x", lambda t: t[0], r"x has shape \(5, 4, 8\), expected \(b, l, H, p\)"),
-    ],
-)
-def test_bad_inputs_raise_naming_the_tensor(field, change, message):
-    inputs, weights = make_case(b=1, l=5, seed=33)
-    with pytest.raises(ValueError, match=message):
-        mamba3_scan(inputs._replace(**{field: change(getattr(inputs, field))}), weights)
-
-
-def test_bad_weights_raise_naming_the_tensor():
-    inputs, weights = make_case(b=1, l=5, R=2, G=1, seed=34)
-    with pytest.raises(ValueError, match="mimo_z must be given exactly when R > 1"):
-        mamba3_scan(inputs, weights._replace(mimo_z=None))
-    with pytest.raises(ValueError, match=r"D has shape \(3,\), expected \(4,\)"):
-        mamba3_scan(inputs, weights._replace(D=weights.D[:3]))
-    with pytest.raises(ValueError, match=r"norm has shape \(8,\), expected \(32,\)"):
-        mamba3_scan(inputs, weights._replace(norm=torch.ones(8, dtype=torch.float64)))
-    with pytest.raises(ValueError, match=r"chunk_size=0 must be an int in \[1, 1024\]"):
-        mamba3_scan(inputs, weights, chunk_size=0)
-    with pytest.raises(ValueError, match=r"chunk_size=4096 must be an int in \[1, 1024\]"):
-        mamba3_scan(inputs, weights, chunk_size=4096)
-
-
-def _registered_variants():
-    for name in registry.BACKEND_NAMES:
-        backend = registry.load_backend(name)
-        if isinstance(backend, str):
-            yield pytest.param(name, None, marks=pytest.mark.skip(reason=f"backend {name}: {backend}"))
-        else:
-            yield from ((name, variant) for variant in backend.variants)
-
-
-@pytest.mark.parametrize("backend, variant", _registered_variants())
-def test_every_backend_refuses_bad_arguments_at_dispatch_alike(backend, variant, monkeypatch):
-    """The common checks run once, in `mamba3_scan`, before any backend is chosen or runs: every
-    registered backend and variant refuses chunk_size=0 (which TileLang alone once accepted), a bad
-    segment_ids and a bad initial state with the same error, whatever device it needs."""
-    inputs, weights = make_case(b=1, l=5, seed=35)
-    state = Mamba3State.zeros(1, scan_dims(inputs, weights), torch.float64, torch.device("cpu"))
-    never = lambda *args, **kwargs: pytest.fail("a backend ran on bad arguments")  # noqa: E731
-    monkeypatch.setattr("megatron_mamba3.ops.scan.select_variant", never)
-    cases = [
-        (dict(chunk_size=0), ValueError, r"chunk_size=0 must be an int in \[1, 1024\]"),
-        (dict(segment_ids=torch.zeros(1, 4)), ValueError, r"segment_ids has shape \(1, 4\), expected \(b, l\) = \(1, 5\)"),
-        (dict(initial_state=tuple(state)), TypeError, r"initial_state must be a Mamba3State"),
-        (dict(cu_seqlens=torch.tensor([0, 2, 5]), initial_state=state), ValueError, r"initial_state.h has shape \(1,"),
-    ]
-    for options, error, message in cases:
-        with pytest.raises(error, match=message):
-            mamba3_scan(inputs, weights, backend=backend, variant=variant, **options)
-
-
-@pytest.mark.parametrize("dtype", [torch.int64, torch.bool])
-@pytest.mark.parametrize("field", ["x", "dt", "B_bias"])
-def test_non_floating_tensors_raise_type_error_naming_them(field, dtype):
-    inputs, weights = make_case(b=1, l=5, seed=35)
-    inputs = inputs._replace(**{field: getattr(inputs, field).to(dtype)}) if field in inputs._fields else inputs
-    weights = weights._replace(**{field: getattr(weights, field).to(dtype)}) if field in weights._fields else weights
-    with pytest.raises(TypeError, match=f"{field} has dtype {dtype}; Mamba-3 takes floating-point tensors"):
-        mamba3_scan(inputs, weights)
 
 
 def test_non_floating_projection_and_state_raise_type_error():

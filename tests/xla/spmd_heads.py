@@ -13,8 +13,7 @@ import torch_xla
 import torch_xla.distributed.spmd as xs
 import torch_xla.runtime as xr
 
-from tests.xla.test_spmd import CASE, HEAD_AXES
-from tests.xla.test_scan_adapter import forward_backward
+from tests.xla.test_spmd import CASE, HEAD_AXES, forward_backward
 
 DEVICES = 4
 

@@ -1,7 +1,7 @@
 """Activation memory of the chunk scan: the backward recomputes each chunk (`partition.recompute_body`),
 so a chunk saves only its entering carry, less than the default partition's intermediates. That the
-gradients stay right is `test_scan_adapter.py` (every input, weight and state gradient against the
-reference, 1e-5), the test that caught min-cut rematerialization's wrong Δ and A gradients."""
+gradients stay right is tests/conformance/test_packing.py (every input, weight and state gradient
+against the float64 oracle, 1e-5), the test that caught min-cut rematerialization's wrong Δ and A gradients."""
 
 import pytest
 import torch

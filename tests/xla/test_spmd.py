@@ -16,10 +16,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from megatron_mamba3 import mamba3_scan
 from tests.helpers import angle_err, make_case, rel_err
 
 pytestmark = pytest.mark.xla
 TOL = 1e-5
+CHUNK = 8
 ROOT = Path(__file__).parents[2]
 B, H, P, N = 2, 12, 6, 8
 HEAD_AXES = {"x": 2, "z": 2, "dt": 2, "A": 2, "trap": 2, "B_bias": 0, "C_bias": 0, "D": 0}  # B, C, angles: replicated
@@ -35,6 +37,25 @@ NEEDS_JAX = (
     "xla_builder.call_jax, which raises 'AssertionError: Jax is required for this feature' (install "
     "torch_xla[pallas]==2.9.0 and flax==0.12.0)"
 )
+
+
+def forward_backward(device, sync, backend, inputs, weights, place=lambda name, tensor: tensor):
+    """Run `mamba3_scan` on `device` (then `sync`), each input leaf passed through `place(name, tensor)`
+    once on `device`, and backpropagate fixed random cotangents of the output and of every final-state
+    field; returns {name: CPU tensor} for outputs and all gradients."""
+    leaves = {**inputs._asdict(), **{k: v for k, v in weights._asdict().items() if v is not None}}
+    leaves = {k: place(k, v.detach().to(device)).requires_grad_() for k, v in leaves.items()}
+    out, final = mamba3_scan(
+        type(inputs)(*(leaves[k] for k in inputs._fields)), type(weights)(*(leaves.get(k) for k in weights._fields)),
+        chunk_size=CHUNK, backend=backend,
+    )
+    results = {"out": out, **{f"final_{k}": v for k, v in final._asdict().items()}}
+    generator = torch.Generator().manual_seed(0)
+    loss = sum((t * torch.randn(t.shape, generator=generator).to(device)).sum() for t in results.values())
+    loss.backward()
+    results |= {f"grad_{k}": v.grad for k, v in leaves.items()}
+    sync()
+    return {k: v.detach().cpu() for k, v in results.items()}
 
 
 def computations(hlo: str) -> dict[str, str]:
@@ -60,8 +81,6 @@ def loop_bodies(hlo: str) -> dict[str, str]:
 
 @pytest.mark.skipif(bool(MISSING), reason=NEEDS_JAX)
 def test_heads_sharded_over_4_devices_match_and_scan_has_no_all_gather(tmp_path):
-    from tests.xla.test_scan_adapter import forward_backward
-
     env = dict(os.environ, PJRT_DEVICE="CPU", CPU_NUM_DEVICES="4", PYTHONPATH=str(ROOT),
                XLA_FLAGS=f"--xla_backend_optimization_level=0 --xla_dump_to={tmp_path}/hlo --xla_dump_hlo_as_text")
     run = subprocess.run([sys.executable, "-m", "tests.xla.spmd_heads", str(tmp_path)], env=env, cwd=ROOT,

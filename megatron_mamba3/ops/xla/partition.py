@@ -4,7 +4,7 @@
 partition function. The default partition saves every intermediate the backward reads (for the
 Mamba-3 chunk body, SISO H8 p64 n128, c = 64: 4.1 MiB per chunk); `min_cut_rematerialization_partition`
 saves less but gave wrong Δ and A gradients with torch 2.9 / torch_xla 2.9 (up to 100% off;
-`tests/xla/test_scan_adapter.py` catches it). `recompute_body` checkpoints the whole body instead.
+`tests/conformance/test_packing.py` catches it). `recompute_body` checkpoints the whole body instead.
 """
 
 from __future__ import annotations
