@@ -92,6 +92,7 @@ def main() -> None:
     parser.add_argument("--output", default=None, help="file for the split and the longest kernels (rank 0)")
     own, rest = parser.parse_known_args()
     args = train.parse_args(rest)
+    train.preflight.check_up_front(args)  # sets the TP size from the process count, as train.run does
     train.init_distributed(args)
     model = train.build_model(args)
     wrapped, optimizer, _ = train.build_optimizer(args, model)

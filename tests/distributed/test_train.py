@@ -178,3 +178,18 @@ def test_bad_flags_are_one_line_before_anything_is_built(args, world_size, messa
     run = train_py("--device", "cpu", *args, world_size=world_size)
     assert run.returncode == 1 and run.stderr.startswith("[train] error: ") and run.stderr.count("\n") == 1, run.stderr
     assert message in run.stderr
+
+
+def test_tp_profile_runs_at_tp2_on_cpu(tmp_path):
+    """benchmarks/tp_profile.py takes train.py's flags and, like train.py, the TP size from the process count."""
+    output = tmp_path / "split.txt"
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         str(ROOT / "benchmarks" / "tp_profile.py"), "--output", str(output), "--warmup", "1", "--steps", "1",
+         "--device", "cpu", "--hybrid-layer-pattern", "M*M-", "--hidden-size", "64", "--num-attention-heads", "2",
+         "--mamba-head-dim", "16", "--mamba-state-dim", "16", "--vocab-size", "128", "--seq-length", "32",
+         "--micro-batch-size", "1", "--sequence-parallel"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert re.search(r"^split: attention\+mlp .* \| mamba3 .* \| rest .*per step$", output.read_text(), re.M), output.read_text()

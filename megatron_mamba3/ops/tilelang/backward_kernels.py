@@ -2,8 +2,7 @@
 
     chunk_dy        grid (nc, H, b): recompute y, gate backward -> dy (fp32), dz, G_c = Σ inter q dyᵀ and
                     per-chunk partial sums of the gate weights' gradients
-    state_pass_bwd  grid (n / 8, H, b): dH_c = G_c + mult_c dH_{c+1} in reverse; writes dS_c = dH_{c+1}, dH_0
-                    and ∂mult_c = ⟨dH_{c+1}, h̃_c⟩ per state row
+    state_pass_bwd  grid (n / 8, H, b): dH_c = G_c + mult_c dH_{c+1} in reverse; writes dS_c = dH_{c+1} and dH_0
     chunk_dkv       grid (nc, H, b): dv -> dx, D and mimo_x partials; dk -> dB (atomic over a group's heads),
                     B_bias partials, dθ; dw_j = Σ_s k_{j,s}·(dS v_{j,s})
     chunk_dq        grid (nc, H, b): dq -> dC, C_bias partials, dθ (added); the per-token scalar gradients
@@ -235,31 +234,18 @@ def _state_pass_bwd(c: KernelConfig):
         GC: T.Tensor((batch, NC, H, n, p), F32),
         MULT: T.Tensor((batch, NC, H), F32),
         DH_FINAL: T.Tensor((batch, H, n, p), F32),
-        HS: T.Tensor((batch, NC, H, n, p), BF16),
         DS: T.Tensor((batch, NC, H, n, p), F32),
         DH0: T.Tensor((batch, H, n, p), F32),
-        DMULT: T.Tensor((batch, NC, H, n), F32),
     ):
         with T.Kernel(n // rows, H, batch, threads=THREADS) as (block, h, b):
             grad = T.alloc_fragment((rows, p), F32)
-            row_sum = T.alloc_fragment((rows,), F32)
             g_s = T.alloc_shared((rows, p), F32)
-            prod_s = T.alloc_shared((rows, p), F32)
             T.copy(DH_FINAL[b, h, block * rows : (block + 1) * rows, :], grad)
             for step in T.Pipelined(NC, num_stages=2):
-                chunk = NC - 1 - step
-                T.copy(GC[b, chunk, h, block * rows : (block + 1) * rows, :], g_s)
-                mult = MULT[b, chunk, h]
+                T.copy(GC[b, NC - 1 - step, h, block * rows : (block + 1) * rows, :], g_s)
+                mult = MULT[b, NC - 1 - step, h]
                 for i, pp in T.Parallel(rows, p):
-                    DS[b, chunk, h, block * rows + i, pp] = grad[i, pp]
-                    prod_s[i, pp] = grad[i, pp] * T.cast(HS[b, chunk, h, block * rows + i, pp], F32)
-                T.clear(row_sum)
-                for pp in T.serial(p):
-                    for i in T.Parallel(rows):
-                        row_sum[i] += prod_s[i, pp]
-                for i in T.Parallel(rows):
-                    DMULT[b, chunk, h, block * rows + i] = row_sum[i]
-                for i, pp in T.Parallel(rows, p):
+                    DS[b, NC - 1 - step, h, block * rows + i, pp] = grad[i, pp]
                     grad[i, pp] = T.if_then_else(mult != 0.0, grad[i, pp] * mult, 0.0) + g_s[i, pp]
             T.copy(grad, DH0[b, h, block * rows : (block + 1) * rows, :])
 
@@ -294,14 +280,14 @@ def _rotation_backward(c: KernelConfig):
         return (s, n // 2 + s) if half_split else (2 * s, 2 * s + 1)
 
     @T.macro
-    def angle_grad(g_s, raw_s, bias_s, cos_s, sin_s, theta_grad):
-        """theta_grad (Q, S) += Σ_r g_b value_a − g_a value_b over the rotated pairs (a, b), with the rotated
-        vector's values in fp32 from its raw rows raw_s and bias bias_s (`rotated_key`)."""
+    def angle_grad(g_s, value_s, theta_grad):
+        """theta_grad (Q, S) += Σ_r g_b value_a − g_a value_b over the rotated pairs (a, b), with the values of the
+        bf16 tile the matmuls used: the sum of dθ over a chunk then cancels as the kernels' own scores do
+        (they depend on θ_i − θ_j only), which fp32 values would break at bf16 precision."""
         for i, s in T.Parallel(Q, S):
             a, bb = pair(s)
             theta_grad[i, s] += sum(
-                g_s[i * R + r, bb] * rotated_key(c, raw_s, bias_s, cos_s, sin_s, i * R + r, a)
-                - g_s[i * R + r, a] * rotated_key(c, raw_s, bias_s, cos_s, sin_s, i * R + r, bb)
+                g_s[i * R + r, bb] * T.cast(value_s[i * R + r, a], F32) - g_s[i * R + r, a] * T.cast(value_s[i * R + r, bb], F32)
                 for r in range(R)
             )
 
@@ -444,7 +430,7 @@ def _chunk_dkv(c: KernelConfig):
             scatter(g_s, cos_s, sin_s, L, b, h, t0, DB, bias_f)
             T.copy(bias_f, DB_BIAS[b, chunk, h, :, :])
             T.clear(theta_grad)
-            angle_grad(g_s, raw_s, bias_s, cos_s, sin_s, theta_grad)
+            angle_grad(g_s, k_s, theta_grad)
             for i, s in T.Parallel(Q, S):
                 DTH[b, h, t0 + i, s] = theta_grad[i, s]
 
@@ -563,7 +549,7 @@ def _chunk_dq(c: KernelConfig):
             T.copy(bias_f, DC_BIAS[b, chunk, h, :, :])
             for i, s in T.Parallel(Q, S):
                 theta_grad[i, s] = DTH[b, h, t0 + i, s]
-            angle_grad(g_s, raw_s, bias_s, cos_s, sin_s, theta_grad)
+            angle_grad(g_s, q_s, theta_grad)
             for i, s in T.Parallel(Q, S):
                 DTH[b, h, t0 + i, s] = theta_grad[i, s]
 

@@ -144,10 +144,9 @@ def _backward_kernels(
         x, launch.z, B, C, *scalars, starts_h, launch.B_bias, launch.C_bias, launch.D, launch.mimo_x,
         launch.mimo_z, launch.mimo_o, launch.norm, grad_out.to(x.dtype).contiguous(), dy, dz, gc, gate,
     )
-    ds, dh_in, dmult_rows = empty(b, nc, H, c.n, p), empty(b, H, c.n, p), empty(b, nc, H, c.n)
-    dh_final = grad_final.h.float().transpose(-1, -2).contiguous()
-    kernels.state_pass_bwd(gc, launch.mult, dh_final, starts_h, ds, dh_in, dmult_rows)
-    dmult = dmult_rows.sum(dim=-1)
+    ds, dh_in = empty(b, nc, H, c.n, p), empty(b, H, c.n, p)
+    kernels.state_pass_bwd(gc, launch.mult, grad_final.h.float().transpose(-1, -2).contiguous(), ds, dh_in)
+    dmult = torch.einsum("bchnp,bchnp->bch", ds, starts_h.float())
 
     dx, dB, dC = empty(b, length, H, p), zeros(b, length, c.R, c.G, c.n), zeros(b, length, c.R, c.G, c.n)
     dB_bias, dC_bias, dmimo_x = empty(b, nc, H, c.R, c.n), empty(b, nc, H, c.R, c.n), zeros(b, nc, H, c.R, p)
