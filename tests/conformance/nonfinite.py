@@ -1,8 +1,10 @@
 """Checks that a non-finite input stays where the recurrence puts it, for any target and model.
 
-One row of 3c + 8 tokens, c the target's chunk (200 tokens for c = 64), packed as documents
-A [0, 2c + 2), B [2c + 2, 3c + 4), C [3c + 4, 3c + 8): the bad token 2c + 4 shares chunk 2 with the
-end of A and the start of B, and B's bad state enters chunk 3, where C starts. The expected reach (the recurrence, docs/math.md §2): a bad x reaches its head and
+Row 0 of 3c + 7 tokens, c the target's chunk (199 tokens for c = 64; the last chunk is partial),
+packed as documents A [0, 2c + 2), B [2c + 2, 3c + 4), C [3c + 4, 3c + 7): the bad token 2c + 4
+shares chunk 2 with the end of A and the start of B, and B's bad state enters chunk 3, where C
+starts. Row 1 is one clean document; both rows start from initial states. These are the shapes of
+the target's packed rows (`Target.length`), so XLA runs the graphs the packing cases compile. The expected reach (the recurrence, docs/math.md §2): a bad x reaches its head and
 channel, a bad Δ its head, a bad angle every head, a bad B every head of its group, at the bad token
 and every later token of B; a bad z only its own token, head and channel, a bad C its own token and
 the heads of its group. The output norm spreads a head's bad channel over the head. Everything else
@@ -19,7 +21,7 @@ import torch
 from torch import Tensor
 
 from megatron_mamba3.ops import Mamba3Inputs
-from tests.conformance.targets import Model, Named, Target
+from tests.conformance.targets import Model, Named, Target, result_shapes
 
 # field -> (value, index after (b, t) of the bad entry, what it reaches: "state" or "own token")
 BAD_INPUTS = {
@@ -42,16 +44,17 @@ class Row(NamedTuple):
 
 def row(chunk: int) -> Row:
     c = chunk
-    return Row(3 * c + 8, {"A": (0, 2 * c + 2), "B": (2 * c + 2, 3 * c + 4), "C": (3 * c + 4, 3 * c + 8)}, 2 * c + 4)
+    return Row(3 * c + 7, {"A": (0, 2 * c + 2), "B": (2 * c + 2, 3 * c + 4), "C": (3 * c + 4, 3 * c + 7)}, 2 * c + 4)
 
 
 def case(target: Target, model: Model) -> tuple[Named, Tensor]:
-    """Clean inputs (1, length, ...) and weights in the target's dtypes, and the (1, length) segment ids."""
+    """Clean inputs (2, length, ...), weights and initial states in the target's dtypes, and the
+    (2, length) segment ids."""
     length, docs, _ = row(target.chunk)
-    tensors = target.case(model, 1, length, seed=7)
-    segment_ids = torch.zeros(1, length, dtype=torch.int64)
+    tensors = target.case(model, 2, length, seed=7, states=2)
+    segment_ids = torch.full((2, length), len(docs), dtype=torch.int64)
     for index, (begin, end) in enumerate(docs.values()):
-        segment_ids[:, begin:end] = index
+        segment_ids[0, begin:end] = index
     return tensors, segment_ids
 
 
@@ -63,11 +66,12 @@ def with_bad(tensors: Named, field: str, bad_token: int) -> Named:
 
 
 def expected_reach(field: str, target: Target, model: Model) -> Tensor:
-    """(length, H, p) bool: the outputs the bad entry makes non-finite."""
+    """(2, length, H, p) bool: the outputs the bad entry makes non-finite."""
     _, index, kind = BAD_INPUTS[field]
     length, docs, bad = row(target.chunk)
     H = target.H
-    reach = torch.zeros(length, H, target.p, dtype=torch.bool)
+    everywhere = torch.zeros(2, length, H, target.p, dtype=torch.bool)
+    reach = everywhere[0]
     tokens = slice(bad, docs["B"][1]) if kind == "state" else slice(bad, bad + 1)
     if field in ("x", "z"):
         reach[tokens, index[0], index[1]] = True
@@ -79,7 +83,9 @@ def expected_reach(field: str, target: Target, model: Model) -> Tensor:
         group = index[1]
         reach[tokens, group * H // model.G : (group + 1) * H // model.G] = True
     spreads = model.norm and field != "z"  # the norm mixes y's channels; z gates after it
-    return reach.any(dim=-1, keepdim=True).expand_as(reach) if spreads else reach
+    if spreads:
+        reach[:] = reach.any(dim=-1, keepdim=True)
+    return everywhere
 
 
 def check(target: Target, model: Model, field: str) -> None:
@@ -93,15 +99,16 @@ def check(target: Target, model: Model, field: str) -> None:
     tensors, segment_ids = case(target, model)
     length, docs, bad_token = row(target.chunk)
     a_end, (c_begin, _) = docs["A"][1], docs["C"]
-    probe = torch.zeros(1, length, target.H, target.p, dtype=torch.float64)
-    probe[:, :a_end] = target.cotangents({"out": (1, a_end, target.H, target.p)}, seed=3)["out"]
+    # A's outputs weighted, and zero weights for the final states (the packing cases' backward).
+    cotangents = {name: torch.zeros(shape) for name, shape in result_shapes(2, length, 2, target, model).items()}
+    cotangents["out"][0, :a_end] = target.cotangents({"out": (a_end, target.H, target.p)}, seed=3)["out"]
     run = lambda scan_tensors: target.forward_backward(  # noqa: E731
-        lambda leaves: target.scan(leaves, segment_ids=segment_ids), scan_tensors, {"out": probe}
+        lambda leaves: target.scan(leaves, segment_ids=segment_ids), scan_tensors, cotangents
     )
     clean, bad = run(tensors), run(with_bad(tensors, field, bad_token))
 
     reach = expected_reach(field, target, model)
-    clean_out, bad_out = clean["out"][0], bad["out"][0]
+    clean_out, bad_out = clean["out"], bad["out"]
     assert torch.equal(~torch.isfinite(bad_out), reach), f"non-finite at {(~torch.isfinite(bad_out)).nonzero()[:5].tolist()}"
     assert torch.equal(bad_out[~reach], clean_out[~reach])
 
