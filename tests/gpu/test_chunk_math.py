@@ -127,3 +127,22 @@ def test_terms_backward_matches_autograd(R, G):
     assert len(mine) == len(expected)
     for name, grad, reference in zip(names, mine, expected):
         assert rel_err(grad, reference) < 1e-10, name
+
+
+@pytest.mark.parametrize("R, G", [(1, 2), (4, 1)], ids=["siso", "mimo"])
+def test_gradients_of_one_document_are_exactly_zero_in_the_others(R, G):
+    """`chunked_backward` (the kernels' decomposition, float32 as the kernels run it) with an output
+    gradient on one document only, in a chunk it shares with two others: every per-token gradient is
+    exactly 0 outside that document (the decay cumsum restarts at document starts, so the other
+    documents' terms never enter as a rounding-sized difference)."""
+    b, l, H, p, n, chunk = 1, 24, 2, 4, 8, 8  # noqa: E741
+    inputs, weights = make_case(b=b, l=l, H=H, p=p, R=R, G=G, n=n, S=2, seed=5, dtype=torch.float32)
+    state = make_state(b, H, p, R, n, 2).to(torch.float32)
+    segment_ids = torch.tensor([[0] * 10 + [1] * 4 + [2] * 10])  # document 1: tokens 10-13, inside chunk 1
+    inside = segment_ids == 1
+    grad_out = torch.randn(b, l, H, p, generator=torch.Generator().manual_seed(2)) * inside[..., None, None]
+    grad_final = Mamba3State(*(torch.zeros_like(t) for t in state))
+    grads, _, _ = chunked_backward(inputs, weights, document_starts(segment_ids), state, chunk, grad_out, grad_final)
+    for name, grad in grads._asdict().items():
+        assert not grad[~inside].any(), name
+        assert grad[inside].any(), name

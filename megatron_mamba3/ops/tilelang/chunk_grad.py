@@ -89,7 +89,8 @@ def terms_backward(
     inputs (b, l, ...), starts (b, l) bool (never at t = 0), the initial state -> `InputGrads` (compute
     dtype). With j a token, c its chunk and incr_j = π·tanh(angles_j)·Δ_j (b, l, H, S):
 
-        cs_j = Σ_{m ≤ j in c} A_m Δ_m,  mult_c = exp(cs_last):  ∂(AΔ)_j = Σ_{i ≥ j in c} ∂cs_i + ∂mult_c mult_c
+        cs_j = Σ_{m ≤ j in c and j's document} A_m Δ_m,  mult_c = exp(cs_last) [no start in c]:
+        ∂(AΔ)_j = Σ_{i ≥ j in c and j's document} ∂cs_i + ∂mult_c mult_c
         wd_j = λ_j Δ_j,  wo_j = λ_j Δ_j + ε_j,  ε_j = (1 − λ_{j+1}) Δ_{j+1} [j + 1 starts no document]
         h̃_0 = h + w0 Σ_r v_prev,r k_prev,rᵀ,  w0 = (1 − λ_0) Δ_0
         θ_i = [i in the first document] θ_0 + Σ_{j ≤ i, same document} incr_j, θ_final likewise after the
@@ -131,10 +132,12 @@ def terms_backward(
     dangles = torch.ops.aten.tanh_backward(torch.einsum("blhs,blh->bls", dincr, dt_pi), turn).to(dtype)
     dtheta_0 = dincr[:, 0].to(dtype)  # θ_0 reaches the first document (and θ_final when it is the last)
 
-    # AΔ: a reverse chunk-local cumsum of ∂cs, ∂mult·mult entering at each chunk's last token.
+    # AΔ: a reverse cumsum of ∂cs within the chunk and document piece, plus ∂mult·mult on every token of a
+    # chunk without a document start (mult is 0 in the others).
     dcs = grads.cs.view(b, nc, chunk_size, H)
     running = dcs.cumsum(dim=2)
-    dlog_alpha = torch.addcmul(running[:, :, -1:], grads.mult[:, :, None], scalars.mult[:, :, None]) - running + dcs
+    at_end = running.gather(2, scalars.piece_end.expand(-1, -1, -1, H))
+    dlog_alpha = torch.addcmul(at_end, grads.mult[:, :, None], scalars.mult[:, :, None]) - running + dcs
     dlog_alpha = dlog_alpha.flatten(1, 2)[:, :length]
 
     # h̃_0: ∂(w0 v_r) = ∂h̃_0 k_prev,r,  ∂k_prev,r = w0 ∂h̃_0ᵀ v_r,  ∂w0 = Σ_r ⟨v_r, ∂h̃_0 k_prev,r⟩

@@ -1,6 +1,6 @@
 """The chunk-parallel decomposition the TileLang kernels compute, in PyTorch.
 
-Sequence padded to nc chunks of Q tokens. Per token (fp32): cs = Σ_{m ≤ i in its chunk} A_m Δ_m,
+Sequence padded to nc chunks of Q tokens. Per token (fp32): cs = Σ_{m ≤ i in its chunk and document} A_m Δ_m,
 wd = γ = λΔ (diagonal weight), wo = γ + ε with ε_j = (1 − λ_{j+1}) Δ_{j+1} (0 when j + 1 starts a
 document or is past the end) and seg, the running document index (segment_ids -> starts -> cumsum).
 
@@ -35,7 +35,7 @@ from megatron_mamba3.ops.toolkit.heads import head_keys, rank_values, state_with
 class ChunkTerms(NamedTuple):
     """Per-token and per-chunk scalars (fp32; fp64 for fp64 inputs) for nc chunks of Q tokens, l_pad = nc·Q.
 
-    cs, wd, wo:   (b, l_pad, H)  chunk-local cumulative A·Δ, diagonal and off-diagonal weights
+    cs, wd, wo:   (b, l_pad, H)  cumulative A·Δ within the chunk and document, diagonal and off-diagonal weights
     seg:          (b, l_pad)     int32 running document index (padding continues the last document)
     reset:        (b, nc)        bool, the chunk holds a document start
     mult:         (b, nc, H)     state-pass multiplier of each chunk
@@ -66,6 +66,7 @@ class TokenScalars(NamedTuple):
     dt, A, lam:  (b, l_pad + 1, H)  Δ, A and λ = sigmoid(trap)
     starts:      (b, l_pad + 1)     bool document starts (never at t = 0)
     seg, reset, cs, mult as in `ChunkTerms` (cs as (b, nc, Q, H))
+    piece_end:   (b, nc, Q, 1)      int64 index in its chunk of the last token of each token's document piece
     """
 
     dt: Tensor
@@ -76,6 +77,7 @@ class TokenScalars(NamedTuple):
     reset: Tensor
     cs: Tensor
     mult: Tensor
+    piece_end: Tensor
 
 
 def token_scalars(inputs: Mamba3Inputs, starts: Tensor, chunk_size: int) -> TokenScalars:
@@ -87,11 +89,19 @@ def token_scalars(inputs: Mamba3Inputs, starts: Tensor, chunk_size: int) -> Toke
     padded[:, :, :length] = torch.stack((inputs.dt, inputs.A, inputs.trap))
     dt, A, trap = padded.unbind(0)
     starts = F.pad(starts, (0, nc * Q + 1 - length))
-    cs = (A * dt)[:, :-1].view(b, nc, Q, H).cumsum(dim=2)
-    reset = starts[:, :-1].view(b, nc, Q).any(dim=2)
+    # cs restarts at document starts, so nothing of one document's decay enters another's gradients.
+    chunk_starts = starts[:, :-1].view(b, nc, Q)
+    position = torch.arange(Q, device=dt.device)
+    piece_start = torch.where(chunk_starts, position, 0).cummax(dim=2).values[..., None]  # (b, nc, Q, 1)
+    next_start = F.pad(torch.where(chunk_starts, position, Q)[:, :, 1:], (0, 1), value=Q)
+    piece_end = next_start.flip(2).cummin(dim=2).values.flip(2)[..., None] - 1
+    log_alpha = (A * dt)[:, :-1].view(b, nc, Q, H)
+    running = log_alpha.cumsum(dim=2)
+    cs = running - (running - log_alpha).gather(2, piece_start.expand(-1, -1, -1, H))
+    reset = chunk_starts.any(dim=2)
     mult = torch.exp(cs[:, :, -1]) * (~reset)[..., None]
     seg = starts[:, :-1].cumsum(dim=1, dtype=torch.int32)
-    return TokenScalars(dt, A, torch.sigmoid(trap), starts, seg, reset, cs, mult)
+    return TokenScalars(dt, A, torch.sigmoid(trap), starts, seg, reset, cs, mult, piece_end)
 
 
 def chunk_terms(
