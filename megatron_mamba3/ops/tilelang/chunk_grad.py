@@ -136,7 +136,9 @@ def terms_backward(
     # chunk without a document start (mult is 0 in the others).
     dcs = grads.cs.view(b, nc, chunk_size, H)
     running = dcs.cumsum(dim=2)
-    at_end = running.gather(2, scalars.piece_end.expand(-1, -1, -1, H))
+    seg_chunks = scalars.seg.view(b * nc, chunk_size)
+    piece_end = (torch.searchsorted(seg_chunks, seg_chunks, right=True) - 1).view(b, nc, chunk_size, 1)
+    at_end = running.gather(2, piece_end.expand(-1, -1, -1, H))
     dlog_alpha = torch.addcmul(at_end, grads.mult[:, :, None], scalars.mult[:, :, None]) - running + dcs
     dlog_alpha = dlog_alpha.flatten(1, 2)[:, :length]
 

@@ -66,7 +66,6 @@ class TokenScalars(NamedTuple):
     dt, A, lam:  (b, l_pad + 1, H)  Δ, A and λ = sigmoid(trap)
     starts:      (b, l_pad + 1)     bool document starts (never at t = 0)
     seg, reset, cs, mult as in `ChunkTerms` (cs as (b, nc, Q, H))
-    piece_end:   (b, nc, Q, 1)      int64 index in its chunk of the last token of each token's document piece
     """
 
     dt: Tensor
@@ -77,7 +76,6 @@ class TokenScalars(NamedTuple):
     reset: Tensor
     cs: Tensor
     mult: Tensor
-    piece_end: Tensor
 
 
 def token_scalars(inputs: Mamba3Inputs, starts: Tensor, chunk_size: int) -> TokenScalars:
@@ -89,19 +87,12 @@ def token_scalars(inputs: Mamba3Inputs, starts: Tensor, chunk_size: int) -> Toke
     padded[:, :, :length] = torch.stack((inputs.dt, inputs.A, inputs.trap))
     dt, A, trap = padded.unbind(0)
     starts = F.pad(starts, (0, nc * Q + 1 - length))
-    # cs restarts at document starts, so nothing of one document's decay enters another's gradients.
-    chunk_starts = starts[:, :-1].view(b, nc, Q)
-    position = torch.arange(Q, device=dt.device)
-    piece_start = torch.where(chunk_starts, position, 0).cummax(dim=2).values[..., None]  # (b, nc, Q, 1)
-    next_start = F.pad(torch.where(chunk_starts, position, Q)[:, :, 1:], (0, 1), value=Q)
-    piece_end = next_start.flip(2).cummin(dim=2).values.flip(2)[..., None] - 1
-    log_alpha = (A * dt)[:, :-1].view(b, nc, Q, H)
-    running = log_alpha.cumsum(dim=2)
-    cs = running - (running - log_alpha).gather(2, piece_start.expand(-1, -1, -1, H))
-    reset = chunk_starts.any(dim=2)
-    mult = torch.exp(cs[:, :, -1]) * (~reset)[..., None]
     seg = starts[:, :-1].cumsum(dim=1, dtype=torch.int32)
-    return TokenScalars(dt, A, torch.sigmoid(trap), starts, seg, reset, cs, mult, piece_end)
+    # cs restarts at document starts, so nothing of one document's decay enters another's gradients.
+    cs = _segmented_cumsum(((A * dt)[:, :-1].reshape(b * nc, Q, H),), seg.view(b * nc, Q)).view(b, nc, Q, H)
+    reset = starts[:, :-1].view(b, nc, Q).any(dim=2)
+    mult = torch.exp(cs[:, :, -1]).masked_fill(reset[..., None], 0.0)  # exactly 0 at a reset, even past exp's range
+    return TokenScalars(dt, A, torch.sigmoid(trap), starts, seg, reset, cs, mult)
 
 
 def chunk_terms(
@@ -143,8 +134,8 @@ def chunk_terms(
 def _segmented_cumsum(pieces: tuple[Tensor, ...], keys: Tensor) -> Tensor:
     """Inclusive cumsum along m of values (b, m, ...), given as pieces to concatenate along m, restarting
     wherever keys (b, m), sorted along m, change: out_k = Σ_{k' ≤ k, keys_k' = keys_k} values_k', the
-    difference of two running sums (float64)."""
-    start = pieces[-1].new_zeros((keys.shape[0], 1, *pieces[-1].shape[2:]), dtype=torch.float64)
+    difference of two running sums (in the pieces' dtype)."""
+    start = pieces[-1].new_zeros((keys.shape[0], 1, *pieces[-1].shape[2:]))
     prefix = torch.cat((start, *pieces), dim=1).cumsum(dim=1)  # Σ_{k' < k}, (b, m + 1, ...)
     first = torch.searchsorted(keys, keys)  # first slot of each key
     index = first.view(*first.shape, *(1,) * (prefix.dim() - 2)).expand(-1, -1, *prefix.shape[2:])

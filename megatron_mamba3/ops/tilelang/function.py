@@ -183,12 +183,12 @@ def _backward_kernels(
 
 
 def kernel_terms(inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state: Mamba3State, Q: int):
-    """`chunk_terms` in the kernels' layouts: seg, mult (exactly 0 at resets, even where exp(cs) is not
-    finite), theta_start, theta_final as there, cs, wd, wo as (b, H, l_pad) and h̃_0 as (b, H, n, p), all contiguous."""
+    """`chunk_terms` in the kernels' layouts: seg, mult, theta_start, theta_final as there, cs, wd, wo
+    as (b, H, l_pad) and h̃_0 as (b, H, n, p), all contiguous."""
     terms = chunk_terms(inputs, weights, starts, state, Q)
     per_head = lambda t: t.transpose(1, 2).contiguous()  # noqa: E731
     return (
-        terms.seg, terms.mult.masked_fill(terms.reset[..., None], 0.0), terms.theta_start.contiguous(), terms.theta_final,
+        terms.seg, terms.mult.contiguous(), terms.theta_start.contiguous(), terms.theta_final,
         per_head(terms.cs), per_head(terms.wd), per_head(terms.wo), terms.h_in.transpose(-1, -2).contiguous(),
     )
 
