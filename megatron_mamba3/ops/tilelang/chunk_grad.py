@@ -26,7 +26,6 @@ import math
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from megatron_mamba3.ops.interface import TWO_PI, Mamba3Inputs, Mamba3State, Mamba3Weights, compute_dtype
@@ -35,7 +34,6 @@ from megatron_mamba3.ops.tilelang.chunk_math import (
     chunk_states,
     chunk_terms,
     chunk_view,
-    final_state,
     to_chunks,
     token_scalars,
 )
