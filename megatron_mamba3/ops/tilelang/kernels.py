@@ -78,10 +78,14 @@ def rotated_key(c: KernelConfig, raw_s, bias_s, cos_s, sin_s, row, nn):
     return T.if_then_else(rotated, u * cos_s[row // R, s] + sign * w * sin_s[row // R, s], u)
 
 
+def reaches(seg_s, i, j):
+    """Whether token j's value reaches row i of the chunk: j ≤ i in the same document (seg_s (Q,) int32)."""
+    return (seg_s[i] == seg_s[j]) & (j <= i)
+
+
 def chunk_prologue(c: KernelConfig):
     """Macros shared by the per-chunk kernels: per-token scalars, θ, and rotated keys/queries."""
     Q, S, R, n, p = c.Q, c.S, c.R, c.n, c.p
-    half_split = R > 1
 
     @T.macro
     def load_scalars(SEG, CS, WD, WO, b, h, t0, seg_s, cs_s, wd_s, wo_s):
@@ -140,7 +144,7 @@ def chunk_prologue(c: KernelConfig):
         exactly 0 elsewhere (never a product with 0, so a non-finite score cannot leak)."""
         for row, col in T.Parallel(Q * R, Q * R):
             i, j = row // R, col // R
-            inside = (seg_s[i] == seg_s[j]) & (j <= i)
+            inside = reaches(seg_s, i, j)
             weight = T.if_then_else(i == j, wd_s[j], T.exp(cs_s[i] - T.if_then_else(inside, cs_s[j], cs_s[i])) * wo_s[j])
             out_s[row, col] = T.cast(T.if_then_else(inside, scores[row, col] * weight, 0.0), BF16)
 
@@ -196,7 +200,7 @@ def chunk_y_macro(c: KernelConfig):
         if any_bad[0] != 0:  # rows (i, r) whose document holds a non-finite value at j ≤ i
             for row, col in T.Parallel(QR, QR):
                 i, j = row // R, col // R
-                inside_s[row, col] = T.if_then_else((seg_s[i] == seg_s[j]) & (j <= i), T.cast(1, BF16), T.cast(0, BF16))
+                inside_s[row, col] = T.if_then_else(reaches(seg_s, i, j), T.cast(1, BF16), T.cast(0, BF16))
             T.gemm(inside_s, bad_s, poison, clear_accum=True)
             for row, pp in T.Parallel(QR, p):
                 y[row, pp] = T.if_then_else(poison[row, pp] != 0.0, NAN, y[row, pp])
