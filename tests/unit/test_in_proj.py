@@ -140,7 +140,7 @@ class _Mixer(nn.Module):
 @pytest.mark.parametrize("name", CONFIGS)
 def test_checkpoint_pieces_hold_the_documented_rows_at_every_tp(name):
     config = CONFIGS[name]
-    weight, d = _weight(config), config.d_model
+    weight = _weight(config)
     expected = {piece: columns.flatten(1).T for piece, columns in documented_split(weight.T, config).items()}  # (w, d)
     global_shapes = {}
     for tp in (1, 2, 4):
