@@ -23,7 +23,8 @@ from megatron_mamba3.ops.tilelang.kernels import (
     F32,
     NORM_EPS,
     STATE_ROWS,
-    THREADS,
+    CHUNK_THREADS,
+    SCAN_THREADS,
     KernelConfig,
     chunk_prologue,
     chunk_y_macro,
@@ -111,7 +112,7 @@ def _chunk_dy(c: KernelConfig):
         GC: T.Tensor((batch, NC, H, n, p), F32),
         DGATE: T.Tensor((batch, NC, H, 3, R, p), F32),
     ):
-        with T.Kernel(NC, H, batch, threads=THREADS) as (chunk, h, b):
+        with T.Kernel(NC, H, batch, threads=CHUNK_THREADS) as (chunk, h, b):
             t0 = chunk * Q
             seg_s = T.alloc_shared((Q,), "int32")
             cs_s = T.alloc_shared((Q,), F32)
@@ -237,7 +238,7 @@ def _state_pass_bwd(c: KernelConfig):
         DS: T.Tensor((batch, NC, H, n, p), F32),
         DH0: T.Tensor((batch, H, n, p), F32),
     ):
-        with T.Kernel(n // rows, H, batch, threads=THREADS) as (block, h, b):
+        with T.Kernel(n // rows, H, batch, threads=SCAN_THREADS) as (block, h, b):
             grad = T.alloc_fragment((rows, p), F32)
             g_s = T.alloc_shared((rows, p), F32)
             T.copy(DH_FINAL[b, h, block * rows : (block + 1) * rows, :], grad)
@@ -327,7 +328,7 @@ def _chunk_dkv(c: KernelConfig):
         DW: T.Tensor((batch, H, LP), F32),
         DTH: T.Tensor((batch, H, LP, S), F32),
     ):
-        with T.Kernel(NC, H, batch, threads=THREADS) as (chunk, h, b):
+        with T.Kernel(NC, H, batch, threads=CHUNK_THREADS) as (chunk, h, b):
             t0 = chunk * Q
             seg_s = T.alloc_shared((Q,), "int32")
             cs_s = T.alloc_shared((Q,), F32)
@@ -469,7 +470,7 @@ def _chunk_dq(c: KernelConfig):
         DWO: T.Tensor((batch, H, LP), F32),
         DTH: T.Tensor((batch, H, LP, S), F32),
     ):
-        with T.Kernel(NC, H, batch, threads=THREADS) as (chunk, h, b):
+        with T.Kernel(NC, H, batch, threads=CHUNK_THREADS) as (chunk, h, b):
             t0 = chunk * Q
             seg_s = T.alloc_shared((Q,), "int32")
             cs_s = T.alloc_shared((Q,), F32)
