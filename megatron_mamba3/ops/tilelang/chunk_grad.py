@@ -114,8 +114,8 @@ def terms_backward(
     # u, and ∂θ from each pair of u (rotations keep the pairs' cross products).
     seg = scalars.seg[:, :length]
     in_last = seg == seg[:, -1:]  # (b, l) tokens of the last document
-    dt_last = dt.double() * in_last[..., None]
-    theta_final = torch.einsum("blh,bls->bhs", dt_last, torch.tanh(inputs.angles.double())).mul_(math.pi)
+    turn = torch.tanh(inputs.angles.double())  # (b, l, S)
+    theta_final = torch.einsum("blh,bls->bhs", dt.double() * in_last[..., None], turn).mul_(math.pi)
     theta_final = theta_final.addcmul_(state.theta, in_last[:, 0, None, None])  # one document: θ_0 carries
     theta_final = torch.remainder(theta_final, TWO_PI).to(dtype)
     key = head_inputs(inputs.B[:, -1].to(dtype), weights.B_bias.to(dtype))  # (b, R, H, n)
@@ -141,7 +141,7 @@ def terms_backward(
     carry = reaches.gather(1, past[..., None, None].expand(-1, -1, H, S)) - reaches[:, 1:-1]  # (b, nc, H, S)
     running[:, :, -1] += carry.to(dtype)
     dincr = _piece_sums(running, piece_last)[:, :length]  # (b, l, H, S)
-    dt_pi, turn = math.pi * dt, torch.tanh(inputs.angles.to(dtype))  # (b, l, H), (b, l, S)
+    dt_pi, turn = math.pi * dt, turn.to(dtype)
     dangles = torch.ops.aten.tanh_backward(torch.einsum("blhs,blh->bls", dincr, dt_pi), turn)
     dtheta_0 = dincr[:, 0]  # θ_0 reaches the first document (and θ_final when it is the last)
 
