@@ -26,6 +26,7 @@ import math
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from megatron_mamba3.ops.interface import TWO_PI, Mamba3Inputs, Mamba3State, Mamba3Weights, compute_dtype
@@ -93,8 +94,11 @@ def terms_backward(
         h̃_0 = h + w0 Σ_r v_prev,r k_prev,rᵀ,  w0 = (1 − λ_0) Δ_0
         θ_i = [i in the first document] θ_0 + Σ_{j ≤ i, same document} incr_j, θ_final likewise after the
               last token (the reductions modulo 2π have no derivative): ∂incr_j sums ∂θ_i over the tokens
-              i ≥ j of j's document, plus ∂θ_final in the last one, a segmented reverse cumsum over the
-              whole sequence taken as the difference of two running sums (float64)
+              i ≥ j of j's document, plus ∂θ_final in the last one: a segmented reverse cumsum in two
+              levels, running sums over each chunk's Q tokens (compute dtype; the whole ∂incr_j for a
+              token whose document ends in its chunk) and, for the chunk's last document piece, what that
+              document gathers in later chunks (float64 sums of their first pieces), so that no rounding
+              grows with a running sum over the whole sequence
         final state: k_prev = rot(θ_final, B_last + B_bias per head), v_prev = x_last
     """
     b, length, H = inputs.dt.shape
@@ -108,37 +112,44 @@ def terms_backward(
 
     # θ_final (float64, as chunk_terms), then the final key's gradients: ∂u = rot(−θ) ∂k for the unrotated
     # u, and ∂θ from each pair of u (rotations keep the pairs' cross products).
-    dt_pi = math.pi * dt.double()  # (b, l, H)
-    turn = torch.tanh(inputs.angles.double())  # (b, l, S)
     seg = scalars.seg[:, :length]
     in_last = seg == seg[:, -1:]  # (b, l) tokens of the last document
-    theta_final = torch.einsum("blh,bls->bhs", dt_pi * in_last[..., None], turn)
+    turn = torch.tanh(inputs.angles.double())  # (b, l, S)
+    theta_final = torch.einsum("blh,bls->bhs", dt.double() * in_last[..., None], turn).mul_(math.pi)
     theta_final = theta_final.addcmul_(state.theta, in_last[:, 0, None, None])  # one document: θ_0 carries
     theta_final = torch.remainder(theta_final, TWO_PI).to(dtype)
     key = head_inputs(inputs.B[:, -1].to(dtype), weights.B_bias.to(dtype))  # (b, R, H, n)
     dkey = rotate(grads.final.k_prev, -theta_final[:, None], half_split)
     dtheta_final = grads.final.theta + pair_cross(dkey, key, S, half_split).sum(dim=1)
 
-    # ∂incr: prefix[k] = Σ_{i < k} ∂θ_i over the padded tokens, with ∂θ_final after the last one; a token's
-    # document ends just before ends[j].
-    prefix = grads.theta.new_zeros((b, grads.theta.shape[1] + 1, H, S), dtype=torch.float64)
-    prefix[:, 1:] = grads.theta
-    prefix[:, -1].add_(dtheta_final)
-    prefix = prefix.cumsum_(dim=1)  # (b, l_pad + 1, H, S)
-    ends = torch.searchsorted(scalars.seg, scalars.seg, right=True)[:, :length, None, None]
-    dincr = prefix.gather(1, ends.expand(-1, -1, H, S)).sub_(prefix[:, :length])  # (b, l, H, S)
-    dangles = torch.ops.aten.tanh_backward(torch.einsum("blhs,blh->bls", dincr, dt_pi), turn).to(dtype)
-    dtheta_0 = dincr[:, 0].to(dtype)  # θ_0 reaches the first document (and θ_final when it is the last)
+    # Sums over the tokens i ≥ j of j's document piece in its chunk, plus a carry_c for the chunk's last piece:
+    # running sums P over each chunk's Q tokens, with carry_c added to P_{Q−1} (which no token subtracts), read
+    # as P_{e_j} − P_{j−1}, e_j the last token of j's piece.
+    Q = chunk_size
+    seg_chunks = scalars.seg.view(b, nc, Q)
+    piece_last = torch.searchsorted(seg_chunks, seg_chunks, right=True) - 1  # e_j, (b, nc, Q)
 
-    # AΔ: a reverse cumsum of ∂cs within the chunk and document piece, plus ∂mult·mult on every token of a
-    # chunk without a document start (mult is 0 in the others).
-    dcs = grads.cs.view(b, nc, chunk_size, H)
-    running = dcs.cumsum(dim=2)
-    seg_chunks = scalars.seg.view(b * nc, chunk_size)
-    piece_end = (torch.searchsorted(seg_chunks, seg_chunks, right=True) - 1).view(b, nc, chunk_size, 1)
-    at_end = running.gather(2, piece_end.expand(-1, -1, -1, H))
-    dlog_alpha = torch.addcmul(at_end, grads.mult[:, :, None], scalars.mult[:, :, None]) - running + dcs
-    dlog_alpha = dlog_alpha.flatten(1, 2)[:, :length]
+    # ∂incr: carry_c is what the document of chunk c's last piece gathers after c, the first pieces of the
+    # later chunks it reaches (∂θ_final past the last chunk): a float64 difference of running sums over
+    # (b, nc + 1, H, S) slots, exactly 0 where that document ends in c.
+    running = grads.theta.unflatten(1, (nc, Q)).cumsum(dim=2)  # (b, nc, Q, H, S)
+    first = running.gather(2, piece_last[:, :, :1, None, None].expand(-1, -1, -1, H, S))[:, :, 0]  # (b, nc, H, S)
+    reaches = torch.cat((first, dtheta_final[:, None]), dim=1).double()
+    reaches = F.pad(reaches, (0, 0, 0, 0, 1, 0)).cumsum_(dim=1)  # Σ over the slots before k, (b, nc + 2, H, S)
+    keys = torch.cat((seg_chunks[:, :, 0], scalars.seg[:, -1:]), dim=1)  # each slot's document, (b, nc + 1)
+    past = torch.searchsorted(keys, seg_chunks[:, :, -1].contiguous(), right=True)  # after the last slot reached
+    carry = reaches.gather(1, past[..., None, None].expand(-1, -1, H, S)) - reaches[:, 1:-1]  # (b, nc, H, S)
+    running[:, :, -1] += carry.to(dtype)
+    dincr = _piece_sums(running, piece_last)[:, :length]  # (b, l, H, S)
+    dt_pi, turn = math.pi * dt, turn.to(dtype)
+    dangles = torch.ops.aten.tanh_backward(torch.einsum("blhs,blh->bls", dincr, dt_pi), turn)
+    dtheta_0 = dincr[:, 0]  # θ_0 reaches the first document (and θ_final when it is the last)
+
+    # AΔ: ∂cs summed over the piece, carry_c = ∂mult_c mult_c (mult is 0 in chunks with a document start, the
+    # only ones with more than one piece).
+    running = grads.cs.unflatten(1, (nc, Q)).cumsum(dim=2)
+    running[:, :, -1] += grads.mult * scalars.mult
+    dlog_alpha = _piece_sums(running, piece_last)[:, :length]
 
     # h̃_0: ∂(w0 v_r) = ∂h̃_0 k_prev,r,  ∂k_prev,r = w0 ∂h̃_0ᵀ v_r,  ∂w0 = Σ_r ⟨v_r, ∂h̃_0 k_prev,r⟩
     k_prev, v_prev = state.k_prev.to(dtype), state.v_prev.to(dtype)
@@ -167,6 +178,15 @@ def terms_backward(
         ddt, dlog_alpha * dt, dtrap, dangles, Mamba3State(grads.h_in, dk_prev, dv_prev, dtheta_0),
         dkey.unflatten(2, (G, H // G)).sum(dim=3), grads.final.v_prev, dkey.sum(dim=0).transpose(0, 1), dmimo_x,
     )
+
+
+def _piece_sums(running: Tensor, piece_last: Tensor) -> Tensor:
+    """Running sums P (b, nc, Q, ...) within each chunk and piece_last (b, nc, Q), the last token e_j of each
+    token's piece -> P_{e_j} − P_{j−1} (P_{−1} = 0), (b, nc·Q, ...)."""
+    index = piece_last.view(*piece_last.shape, *(1,) * (running.dim() - 3)).expand(-1, -1, -1, *running.shape[3:])
+    sums = running.gather(2, index)
+    sums[:, :, 1:] -= running[:, :, :-1]
+    return sums.flatten(1, 2)
 
 
 def pair_cross(grad: Tensor, value: Tensor, S: int, half_split: bool) -> Tensor:
