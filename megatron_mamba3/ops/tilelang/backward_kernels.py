@@ -326,7 +326,7 @@ def _chunk_dkv(c: KernelConfig):
         DMX: T.Tensor((batch, NC, H, R, p), F32),
         DD: T.Tensor((batch, H, LPR), F32),
         DW: T.Tensor((batch, H, LP), F32),
-        DTH: T.Tensor((batch, H, LP, S), F32),
+        DTH: T.Tensor((batch, LP, H, S), F32),
     ):
         with T.Kernel(NC, H, batch, threads=CHUNK_THREADS) as (chunk, h, b):
             t0 = chunk * Q
@@ -433,7 +433,7 @@ def _chunk_dkv(c: KernelConfig):
             T.clear(theta_grad)
             angle_grad(g_s, k_s, theta_grad)
             for i, s in T.Parallel(Q, S):
-                DTH[b, h, t0 + i, s] = theta_grad[i, s]
+                DTH[b, t0 + i, h, s] = theta_grad[i, s]
 
     return chunk_dkv
 
@@ -468,7 +468,7 @@ def _chunk_dq(c: KernelConfig):
         DCS: T.Tensor((batch, H, LP), F32),
         DWD: T.Tensor((batch, H, LP), F32),
         DWO: T.Tensor((batch, H, LP), F32),
-        DTH: T.Tensor((batch, H, LP, S), F32),
+        DTH: T.Tensor((batch, LP, H, S), F32),
     ):
         with T.Kernel(NC, H, batch, threads=CHUNK_THREADS) as (chunk, h, b):
             t0 = chunk * Q
@@ -549,10 +549,10 @@ def _chunk_dq(c: KernelConfig):
             scatter(g_s, cos_s, sin_s, L, b, h, t0, DC, bias_f)
             T.copy(bias_f, DC_BIAS[b, chunk, h, :, :])
             for i, s in T.Parallel(Q, S):
-                theta_grad[i, s] = DTH[b, h, t0 + i, s]
+                theta_grad[i, s] = DTH[b, t0 + i, h, s]
             angle_grad(g_s, q_s, theta_grad)
             for i, s in T.Parallel(Q, S):
-                DTH[b, h, t0 + i, s] = theta_grad[i, s]
+                DTH[b, t0 + i, h, s] = theta_grad[i, s]
 
             # dL_ij = Σ_{r,s} dP ⊙ scores -> spread_ij = dL_ij exp(cs_i − cs_j) (i > j, one document),
             # the diagonal keeps dL_jj = ∂wd_j.

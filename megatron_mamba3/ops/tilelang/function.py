@@ -150,7 +150,7 @@ def _backward_kernels(
 
     dx, dB, dC = empty(b, length, H, p), zeros(b, length, c.R, c.G, c.n), zeros(b, length, c.R, c.G, c.n)
     dB_bias, dC_bias, dmimo_x = empty(b, nc, H, c.R, c.n), empty(b, nc, H, c.R, c.n), zeros(b, nc, H, c.R, p)
-    dD, dw, dtheta = empty(b, H, rows * c.R), empty(b, H, rows), empty(b, H, rows, c.S)
+    dD, dw, dtheta = empty(b, H, rows * c.R), empty(b, H, rows), empty(b, rows, H, c.S)
     kernels.chunk_dkv(
         x, B, C, *scalars, ds.flatten(0, 1), dy, launch.B_bias, launch.C_bias, launch.D, launch.mimo_x,
         dx, dB, dB_bias, dmimo_x, dD, dw, dtheta,
@@ -163,7 +163,7 @@ def _backward_kernels(
 
     per_token = lambda t: t.transpose(1, 2)  # noqa: E731
     term_grads = TermGrads(
-        per_token(dcs), per_token(dwd), per_token(dwo), dmult, per_token(dtheta), dh_in.transpose(-1, -2),
+        per_token(dcs), per_token(dwd), per_token(dwo), dmult, dtheta, dh_in.transpose(-1, -2),
         grad_final.to(torch.float32),
     )
     rest = terms_backward(inputs, weights, starts, state, c.Q, term_grads)
