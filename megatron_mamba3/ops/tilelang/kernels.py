@@ -17,7 +17,6 @@ from typing import NamedTuple
 
 import tilelang.language as T
 
-from megatron_mamba3.ops.interface import TWO_PI
 from megatron_mamba3.ops.tilelang.build import build
 
 CHUNK_THREADS = 256  # two warpgroups per (chunk, head) block: 1.4x faster than 128 on an H100 (benchmarks/README.md)
@@ -112,10 +111,9 @@ def chunk_prologue(c: KernelConfig):
                 previous = T.if_then_else(i == 0, seg_before, seg_s[T.max(i - 1, 0)])
                 theta_f[s] = T.if_then_else(seg_s[i] != previous, 0.0, theta_f[s]) + turn_s[i, s]
                 cos_s[i, s] = theta_f[s]  # θ for now; turn_s stays read-only (theta_f is replicated per warp)
-        for i, s in T.Parallel(Q, S):  # θ into [−π, π), where the fast sin / cos are accurate
-            angle = cos_s[i, s] - TWO_PI * T.floor(cos_s[i, s] * (1.0 / TWO_PI) + 0.5)
-            sin_s[i, s] = T.sin(angle)
-            cos_s[i, s] = T.cos(angle)
+        for i, s in T.Parallel(Q, S):
+            sin_s[i, s] = T.sin(cos_s[i, s])
+            cos_s[i, s] = T.cos(cos_s[i, s])
 
     @T.macro
     def keys(SRC, BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, scale_s, out_s):
