@@ -4,7 +4,7 @@
                     per-chunk partial sums of the gate weights' gradients
     state_pass_bwd  grid (n / 8, H, b): dH_c = G_c + mult_c dH_{c+1} in reverse; writes dS_c = dH_{c+1} and dH_0
     chunk_dkv       grid (nc, H, b): dv -> dx, D and mimo_x partials; dk -> dB (atomic over a group's heads),
-                    B_bias partials, dθ; dw_j = Σ_s k_{j,s}·(dS v_{j,s})
+                    B_bias partials, dθ; dw_j = Σ_s k_{j,s}·(dS v_{j,s}); ∂mult_c = ⟨dS_c, h̃_c⟩
     chunk_dq        grid (nc, H, b): dq -> dC, C_bias partials, dθ (added); the per-token scalar gradients
                     ∂cs, ∂wd, ∂wo from dL = Σ_{r,s} dP ⊙ scores, dw and dinter
 
@@ -315,11 +315,13 @@ def _chunk_dkv(c: KernelConfig):
         WO: T.Tensor((batch, H, LP), F32),
         THS: T.Tensor((batch, NC, H, S), F32),
         DS: T.Tensor((BNC, H, n, p), F32),
+        HS: T.Tensor((batch, NC, H, n, p), BF16),
         DY: T.Tensor((batch, H, LPR, p), F32),
         B_BIAS: T.Tensor((H, R, n), F32),
         C_BIAS: T.Tensor((H, R, n), F32),
         D: T.Tensor((H,), F32),
         MIMO_X: T.Tensor((H, R, p), F32),
+        DMULT: T.Tensor((batch, NC, H), F32),
         DX: T.Tensor((batch, L, H, p), F32),
         DB: T.Tensor((batch, L, R, G, n), F32),
         DB_BIAS: T.Tensor((batch, NC, H, R, n), F32),
@@ -434,6 +436,18 @@ def _chunk_dkv(c: KernelConfig):
             angle_grad(g_s, k_s, theta_grad)
             for i, s in T.Parallel(Q, S):
                 DTH[b, t0 + i, h, s] = theta_grad[i, s]
+
+            # ∂mult_c = ⟨dS_c, h̃_c⟩, over the state in blocks of QR rows of n.
+            state_prod = T.alloc_fragment((QR, p), F32)
+            state_rows = T.alloc_fragment((QR,), F32)
+            dmult = T.alloc_fragment((1,), F32)
+            T.clear(state_prod)
+            for block in T.serial(n // QR):
+                for row, pp in T.Parallel(QR, p):
+                    state_prod[row, pp] += DS[b * NC + chunk, h, block * QR + row, pp] * T.cast(HS[b, chunk, h, block * QR + row, pp], F32)
+            T.reduce_sum(state_prod, state_rows, dim=1)
+            T.reduce_sum(state_rows, dmult, dim=0)
+            DMULT[b, chunk, h] = dmult[0]
 
     return chunk_dkv
 

@@ -146,14 +146,13 @@ def _backward_kernels(
     )
     ds, dh_in = empty(b, nc, H, c.n, p), empty(b, H, c.n, p)
     kernels.state_pass_bwd(gc, launch.mult, grad_final.h.float().transpose(-1, -2).contiguous(), ds, dh_in)
-    dmult = torch.einsum("bchnp,bchnp->bch", ds, starts_h.float())
 
     dx, dB, dC = empty(b, length, H, p), zeros(b, length, c.R, c.G, c.n), zeros(b, length, c.R, c.G, c.n)
     dB_bias, dC_bias, dmimo_x = empty(b, nc, H, c.R, c.n), empty(b, nc, H, c.R, c.n), zeros(b, nc, H, c.R, p)
-    dD, dw, dtheta = empty(b, H, rows * c.R), empty(b, H, rows), empty(b, rows, H, c.S)
+    dD, dw, dtheta, dmult = empty(b, H, rows * c.R), empty(b, H, rows), empty(b, rows, H, c.S), empty(b, nc, H)
     kernels.chunk_dkv(
-        x, B, C, *scalars, ds.flatten(0, 1), dy, launch.B_bias, launch.C_bias, launch.D, launch.mimo_x,
-        dx, dB, dB_bias, dmimo_x, dD, dw, dtheta,
+        x, B, C, *scalars, ds.flatten(0, 1), starts_h, dy, launch.B_bias, launch.C_bias, launch.D, launch.mimo_x,
+        dmult, dx, dB, dB_bias, dmimo_x, dD, dw, dtheta,
     )
     dcs, dwd, dwo = empty(b, H, rows), empty(b, H, rows), empty(b, H, rows)
     kernels.chunk_dq(

@@ -130,14 +130,16 @@ def chunk_prologue(c: KernelConfig):
             out_s[row, nn] = T.cast(T.if_then_else(scale != 0.0, key * scale, 0.0), BF16)
 
     @T.macro
-    def values(X, MIMO_X, L, b, h, t0, x_s, mx_s, v_s):
-        """x_s = the chunk's x (bf16, zero past L); v_s[(i, r), :] = x_i ⊙ mimo_x[h, r] (bf16)."""
+    def values(X, MIMO_X, L, b, h, t0, x_s, mx_s, v_s, product=True):
+        """x_s = the chunk's x (bf16, zero past L), mx_s = mimo_x[h]; with `product`, v_s[(i, r), :] =
+        x_i ⊙ mimo_x[h, r] (bf16)."""
         for i, pp in T.Parallel(Q, p):
             x_s[i, pp] = T.if_then_else(t0 + i < L, X[b, t0 + i, h, pp], T.cast(0, BF16))
         for r, pp in T.Parallel(R, p):
             mx_s[r, pp] = MIMO_X[h, r, pp]
-        for row, pp in T.Parallel(Q * R, p):
-            v_s[row, pp] = T.cast(T.cast(x_s[row // R, pp], F32) * mx_s[row % R, pp], BF16)
+        if product:
+            for row, pp in T.Parallel(Q * R, p):
+                v_s[row, pp] = T.cast(T.cast(x_s[row // R, pp], F32) * mx_s[row % R, pp], BF16)
 
     @T.macro
     def mix_weights(seg_s, cs_s, wd_s, wo_s, scores, out_s):
@@ -175,7 +177,7 @@ def chunk_y_macro(c: KernelConfig):
         rotation(ANG, DT, THS, L, b, h, chunk, t0, seg_s, seg_before, turn_s, theta_f, cos_s, sin_s)
         keys(Cq, C_BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, one_s, q_s)
         keys(Bk, B_BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, one_s, k_s)
-        values(X, MIMO_X, L, b, h, t0, x_s, mx_s, v_s)
+        values(X, MIMO_X, L, b, h, t0, x_s, mx_s, v_s, product=False)  # v_s comes from the finite check below
 
         bad_s = T.alloc_shared((QR, p), BF16)
         inside_s = T.alloc_shared((QR, QR), BF16)
