@@ -16,6 +16,7 @@ from torch import Tensor
 from megatron_mamba3.ops.interface import Mamba3Inputs, Mamba3State, Mamba3Weights, read_dims
 from megatron_mamba3.ops.tilelang.chunk_grad import TermGrads, terms_backward
 from megatron_mamba3.ops.tilelang.chunk_math import chunk_terms, final_state
+from megatron_mamba3.ops.toolkit.finite import finite_copy
 from megatron_mamba3.ops.toolkit.packing import run_packed
 
 SUPPORTED_N = (64, 128)
@@ -61,6 +62,9 @@ class _Launch(NamedTuple):
     mimo_z: Tensor
     mimo_o: Tensor
     norm: Tensor
+
+
+_PER_TOKEN_FIELDS = ("x", "z", "B", "C", "dt", "angles", "mult", "theta_start", "cs", "wd", "wo", "h_in")  # from inputs and state
 
 
 def _prepare(inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state: Mamba3State) -> _Launch:
@@ -126,9 +130,18 @@ def _backward_kernels(
     grad_out: Tensor, grad_final: Mamba3State,
 ) -> tuple[Mamba3Inputs, Mamba3Weights, Mamba3State]:
     """Gradients of every input, weight (None where absent) and the initial state, from the backward kernels
-    (per-chunk work) and `terms_backward` (the (b, l, H)-sized scalar chains); `launch` is the forward's."""
+    (per-chunk work) and `terms_backward` (the (b, l, H)-sized scalar chains); `launch` is the forward's.
+
+    The backward runs on finite copies of the inputs, the initial state and the per-token terms (as the
+    reference's chunked form does, `toolkit.finite`): a token's non-finite value then contributes an exact
+    0 wherever its output gradient is 0, instead of 0 · NaN, so the gradients of other tokens and documents
+    stay finite and equal to a run without it. Unlike the reference, the output gradient at the outputs the
+    forward made non-finite is not dropped."""
     from megatron_mamba3.ops.tilelang.backward_kernels import backward_set
 
+    launch = launch._replace(**{field: finite_copy(getattr(launch, field)) for field in _PER_TOKEN_FIELDS})
+    inputs = Mamba3Inputs(*(finite_copy(t) for t in inputs))
+    state = Mamba3State(*(None if t is None else finite_copy(t) for t in state))
     starts_h, _ = _chunk_starts(launch)
     kernels = backward_set(launch.config)
     c = launch.config

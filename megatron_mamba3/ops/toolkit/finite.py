@@ -41,6 +41,11 @@ class Reached(NamedTuple):
     out: Tensor
 
 
+def finite_copy(t: Tensor) -> Tensor:
+    """`t` with each non-finite entry replaced by 0 and every finite one kept bit for bit."""
+    return torch.where(torch.isfinite(t), t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+
 def _bad(t: Tensor, keep: int) -> Tensor:
     """True where any entry of `t` is non-finite, reduced over all but the first `keep` dimensions."""
     bad = ~torch.isfinite(t)
@@ -70,9 +75,8 @@ def finite_parts(
         y_bad = y_bad.any(dim=-1, keepdim=True).expand(-1, -1, -1, p)
     out_bad = y_bad | _bad(z, 4)
 
-    finite = lambda t: torch.where(torch.isfinite(t), t, torch.zeros((), dtype=t.dtype, device=t.device))  # noqa: E731
-    clean_chunk = Mamba3Inputs(*(finite(t) for t in chunk))
-    clean_state = Mamba3State(*(finite(t) for t in state))
+    clean_chunk = Mamba3Inputs(*(finite_copy(t) for t in chunk))
+    clean_state = Mamba3State(*(finite_copy(t) for t in state))
     return clean_chunk, clean_state, Reached(state_bad, state_head, out_bad)
 
 
