@@ -16,7 +16,7 @@ from torch import Tensor
 from megatron_mamba3.ops.interface import Mamba3Inputs, Mamba3State, Mamba3Weights, read_dims
 from megatron_mamba3.ops.tilelang.chunk_grad import TermGrads, terms_backward
 from megatron_mamba3.ops.tilelang.chunk_math import chunk_terms, final_state
-from megatron_mamba3.ops.toolkit.finite import finite_copy
+from megatron_mamba3.ops.toolkit.finite import finite_values
 from megatron_mamba3.ops.toolkit.packing import run_packed
 
 SUPPORTED_N = (64, 128)
@@ -64,7 +64,8 @@ class _Launch(NamedTuple):
     norm: Tensor
 
 
-_PER_TOKEN_FIELDS = ("x", "z", "B", "C", "dt", "angles", "mult", "theta_start", "cs", "wd", "wo", "h_in")  # from inputs and state
+_INPUT_FIELDS = ("x", "z", "B", "C", "dt", "angles")  # the launch's inputs, made contiguous
+_TERM_FIELDS = ("mult", "theta_start", "cs", "wd", "wo", "h_in")  # computed from the inputs and the state
 
 
 def _prepare(inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state: Mamba3State) -> _Launch:
@@ -139,9 +140,12 @@ def _backward_kernels(
     forward made non-finite is not dropped."""
     from megatron_mamba3.ops.tilelang.backward_kernels import backward_set
 
-    launch = launch._replace(**{field: finite_copy(getattr(launch, field)) for field in _PER_TOKEN_FIELDS})
-    inputs = Mamba3Inputs(*(finite_copy(t) for t in inputs))
-    state = Mamba3State(*(None if t is None else finite_copy(t) for t in state))
+    inputs = Mamba3Inputs(*(finite_values(t) for t in inputs))
+    state = Mamba3State(*(None if t is None else finite_values(t) for t in state))
+    launch = launch._replace(
+        **{field: getattr(inputs, field).contiguous() for field in _INPUT_FIELDS},
+        **{field: finite_values(getattr(launch, field)) for field in _TERM_FIELDS},
+    )
     starts_h, _ = _chunk_starts(launch)
     kernels = backward_set(launch.config)
     c = launch.config
