@@ -1,0 +1,89 @@
+"""The TileLang forward in a CUDA graph (run on the GPU machine; skipped elsewhere): `mamba3_scan(
+backend="tilelang")` captured once on bf16 inputs, then replayed after new inputs (new values, weights,
+initial state and document boundaries) are copied into the captured tensors, equals an eager call on
+the new inputs bit for bit.
+
+Bit-exact, not within a tolerance: replay launches the same kernels with the same grids, shapes,
+strides and values as the eager call, and each is deterministic on one GPU (the forward kernels use
+no atomics; the PyTorch prep is elementwise ops, cumsum, searchsorted, gather and cuBLAS batched
+matmuls, whose algorithm depends on shapes, strides and alignment, all alike). A capture fails if the forward
+synchronises with the host; the eager warm-up runs under `torch.cuda.set_sync_debug_mode("error")`
+first, so such an op is named. The host-side half, on CPU: tests/unit/test_tilelang_host_sync.py.
+"""
+
+import importlib.util
+
+import pytest
+import torch
+
+from megatron_mamba3.ops import mamba3_scan
+from megatron_mamba3.ops.tilelang.function import TILE_ROWS
+from tests.helpers import make_case, make_state
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available() or importlib.util.find_spec("tilelang") is None,
+        reason="needs a CUDA GPU and TileLang (runs on the GPU machine, not in CPU-only CI)",
+    ),
+]
+
+BATCH, LENGTH, HEADS = 2, 200, 4
+CONFIGS = [(128, 64, 1, 1, False), (128, 64, 4, 1, True)]  # (n, p, R, G, norm): SISO and MIMO R=4
+# The kernel configs (H, p, n, R, G, S, Q, norm) used here, compiled first (tests/conftest.py).
+TILELANG_KERNELS = [(HEADS, p, n, R, G, n // 4, TILE_ROWS // R, norm) for n, p, R, G, norm in CONFIGS]
+CAPTURED_STARTS = [(0, 37), (0, 150), (1, 195)]  # (row, token) where a document starts
+REPLAYED_STARTS = [(0, 64), (0, 100), (1, 5), (1, 128)]  # other boundaries, two on chunk boundaries
+OUTPUTS = ("out", "h", "k_prev", "v_prev", "theta")
+
+
+def _case(n, p, R, G, norm, seed, starts):
+    """(inputs bf16, weights fp32, initial state fp32, segment ids int64), all on the GPU."""
+    inputs, weights = make_case(b=BATCH, l=LENGTH, H=HEADS, p=p, R=R, G=G, n=n, norm=norm, seed=seed)
+    state = make_state(BATCH, HEADS, p, R, n, n // 4, seed=seed + 1)
+    segment_ids = torch.zeros(BATCH, LENGTH, dtype=torch.int64)
+    for row, token in starts:
+        segment_ids[row, token:] += 1
+    cuda = lambda part, dtype: type(part)(*(None if t is None else t.to("cuda", dtype) for t in part))  # noqa: E731
+    return cuda(inputs, torch.bfloat16), cuda(weights, torch.float32), cuda(state, torch.float32), segment_ids.cuda()
+
+
+def _tensors(case):
+    inputs, weights, state, segment_ids = case
+    return [t for t in (*inputs, *weights, *state, segment_ids) if t is not None]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["siso", "mimo-r4-norm"])
+@pytest.mark.parametrize("packing", ["plain", "segment_ids"])
+def test_graph_replay_equals_eager(packing, config):
+    def forward(case):
+        inputs, weights, state, segment_ids = case
+        options = dict(segment_ids=segment_ids, initial_state=state) if packing == "segment_ids" else {}
+        out, final = mamba3_scan(inputs, weights, backend="tilelang", **options)
+        return (out, *final)
+
+    static = _case(*config, seed=0, starts=CAPTURED_STARTS)
+    replayed = _case(*config, seed=10, starts=REPLAYED_STARTS)
+    side = torch.cuda.Stream()  # warm-up and capture on one stream, as torch's CUDA graph docs ask
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        first = forward(static)  # loads the kernels
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            forward(static)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.current_stream().wait_stream(side)
+
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph, stream=side):
+        captured = forward(static)
+    for target, source in zip(_tensors(static), _tensors(replayed)):
+        target.copy_(source)
+    graph.replay()
+    expected = forward(replayed)
+    torch.cuda.synchronize()
+
+    assert not torch.equal(expected[0], first[0])  # the replayed inputs change the output
+    for name, got, want in zip(OUTPUTS, captured, expected):
+        assert torch.equal(got, want), f"{name}: graph replay differs from eager by {(got - want).abs().max()}"

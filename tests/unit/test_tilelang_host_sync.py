@@ -1,0 +1,82 @@
+"""The TileLang forward's host-side work never reads a device value (so it never synchronises and can be
+captured in a CUDA graph): `mamba3_scan(backend="tilelang")`, from its argument checks through packing,
+the autograd Function, `_prepare` / `chunk_terms` / `token_scalars` and `final_state`, runs here on meta
+tensors with the kernel launches recorded instead of run.
+
+Meta tensors hold no data, so every host synchronisation raises on them: `.item()`, `bool()` / `int()` /
+a Python `if` on a tensor, `.tolist()`, `.cpu()`, and ops whose output shape depends on values
+(`nonzero`, boolean-mask indexing, `torch.unique`, `masked_select`). `_MetaOnly` also fails on any host
+tensor in an op (one copied to the device is a pageable copy, which CUDA graph capture refuses).
+Needs neither CUDA nor TileLang: the kernel module is replaced by `_kernel_module`. `cu_seqlens` is not
+covered: its documents run one call each, from offsets read on the host. The GPU counterpart,
+tests/gpu/test_cuda_graph.py, captures the real forward in a CUDA graph.
+"""
+
+import dataclasses
+import sys
+import types
+from collections import namedtuple
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from megatron_mamba3.ops import mamba3_scan
+from megatron_mamba3.ops.tilelang import backend as tilelang_backend
+from tests.helpers import make_case, make_state
+
+B, L, H, P, N = 2, 200, 4, 64, 128
+FORWARD_KERNELS = ["chunk_state", "state_pass", "chunk_output"]
+
+
+class _MetaOnly(TorchDispatchMode):
+    """Fails on any op that takes or returns a tensor that is not on the meta device."""
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves((args, kwargs, out)):
+            if isinstance(tensor, torch.Tensor) and tensor.device.type != "meta":
+                raise AssertionError(f"{func} works on a {tensor.device} tensor: host work in the forward")
+        return out
+
+
+def _kernel_module(launches: list) -> types.ModuleType:
+    """Stand-in for `megatron_mamba3.ops.tilelang.kernels`: its `KernelConfig` fields, and kernels that
+    record (name, tensor arguments) instead of launching."""
+    module = types.ModuleType("megatron_mamba3.ops.tilelang.kernels")
+    module.KernelConfig = namedtuple("KernelConfig", "H p n R G S Q norm")
+
+    def launcher(name):
+        return lambda *args: launches.append((name, [a for a in args if isinstance(a, torch.Tensor)]))
+
+    module.kernel_set = lambda config: types.SimpleNamespace(**{name: launcher(name) for name in FORWARD_KERNELS})
+    return module
+
+
+def _meta(tensors, dtype):
+    return type(tensors)(*(None if t is None else torch.empty(t.shape, dtype=dtype, device="meta") for t in tensors))
+
+
+@pytest.mark.parametrize("R,norm", [(1, False), (4, True)], ids=["siso", "mimo"])
+@pytest.mark.parametrize("packing", ["plain", "segment_ids"])
+def test_forward_host_work_reads_no_device_value(monkeypatch, packing, R, norm):
+    launches = []
+    monkeypatch.setitem(sys.modules, "megatron_mamba3.ops.tilelang.kernels", _kernel_module(launches))
+    runs_anywhere = dataclasses.replace(tilelang_backend.BACKEND, why_not=lambda inputs: None)
+    monkeypatch.setattr(tilelang_backend, "BACKEND", runs_anywhere)  # meta tensors, TileLang not needed
+    inputs, weights = make_case(b=B, l=L, H=H, p=P, R=R, G=1, n=N, norm=norm)
+    inputs = _meta(inputs, torch.bfloat16)
+    weights = _meta(weights, torch.float32)
+    options = {}
+    if packing == "segment_ids":  # values play no part on meta: only their shape and dtype reach the code
+        state = _meta(make_state(B, H, P, R, N, N // 4), torch.float32)
+        options = dict(segment_ids=torch.empty(B, L, dtype=torch.int64, device="meta"), initial_state=state)
+
+    with _MetaOnly():
+        out, final = mamba3_scan(inputs, weights, backend="tilelang", **options)
+
+    assert [name for name, _ in launches] == FORWARD_KERNELS  # one launch each, whatever the documents
+    assert all(t.device.type == "meta" for _, args in launches for t in args)
+    assert out.shape == (B, L, H, P) and out.dtype == torch.bfloat16
+    assert [tuple(t.shape) for t in final] == [(B, H, P, N), (B, R, H, N), (B, H, P), (B, H, N // 4)]
