@@ -20,6 +20,7 @@ tests/gpu). The oracle runs one token at a time, so it covers only the first ACC
 (every head and token), on the GPU. The official kernels run in another process on their own inputs,
 so their error is not measured ("-").
 """
+
 from __future__ import annotations
 
 import argparse
