@@ -1,33 +1,58 @@
 """TileLang kernels against the official Mamba-3 kernels on one CUDA GPU: one table.
 
-    python -m benchmarks.bench_kernels [--shapes siso mimo] [--official PATH] [--repeats 20]
+    python -m benchmarks.bench_kernels [--shapes siso mimo] [--official PATH|auto] [--repeats 20]
 
 Run from the repository root on the GPU machine. First compiles every kernel the shapes need in parallel
 processes (TileLang's disk cache), then per shape (bf16, p=64, n=128, g=1): forward and forward+backward
 wall time (median of CUDA-event timings around whole `mamba3_scan` calls after warm-up, host included;
 the backward takes the gradients of every input and weight), their GPU time (summed duration of the
 kernels launched, from the profiler), the peak device memory of one forward+backward and the first
-call's time. The official kernels' time on the same shape comes from their timing script run in a
-fresh process (`--official PATH`, PATH holding `bench_official.py`) or, without it, from the figures
-recorded on an H100 (marked "recorded"); the ratio is ours over theirs.
+call's time. The official kernels' time on the same shape comes from their timing script
+(`bench_official.py`) run in a fresh process per case (`--official PATH`, PATH holding the script, or
+`--official auto`, see `resolve_official`) or, without it, from the figures recorded on an H100 (marked
+"recorded"); the ratio is ours over theirs.
+
+Accuracy beside speed (`output_errors`): the forward output's relative error max |out − oracle| /
+max |oracle| (float64) against the float64 oracle `mamba3_recurrent` run on the very bf16 input values
+(upcast) and fp32 weights, for the TileLang kernels and for the bf16 reference (`mamba3_scan(...,
+backend="reference")` on the same bf16 inputs: the bf16 error a kernel is measured against, as in
+tests/gpu). The oracle runs one token at a time, so it covers only the first ACCURACY_ROWS batch rows
+(every head and token), on the GPU. The official kernels run in another process on their own inputs,
+so their error is not measured ("-").
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
+import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
+from pathlib import Path
+from typing import NamedTuple
 
 import torch
+from torch import Tensor
 
-from megatron_mamba3.ops import mamba3_scan
+from megatron_mamba3.ops import Mamba3Inputs, Mamba3Weights, mamba3_scan
+from megatron_mamba3.ops.oracle import mamba3_recurrent
 from megatron_mamba3.testing import make_case
+from tests.helpers import rel_err
 
 SHAPES = {  # (b, l, H)
     "siso": [(8, 2048, 32), (1, 8192, 8), (2, 4096, 16)],
     "mimo": [(8, 2048, 32), (1, 8192, 8), (2, 4096, 16)],
 }
 P, N, G = 64, 128, 1
+# Batch rows the float64 oracle covers: it runs one token at a time (on a CPU core about 2 ms per token
+# for one row of H32, SISO; 4 ms for MIMO R4), so the accuracy columns take one row, every head and token.
+ACCURACY_ROWS = 1
+REFERENCE_CHUNK = 16  # the reference's chunk when it measures the bf16 error, as in tests/gpu and tests/conformance
+OFFICIAL_SCRIPT = "bench_official.py"
+OFFICIAL_COPY = Path(__file__).resolve().parents[2] / "shared" / "official-mamba3"  # ../shared from the repo root
 
 
 def _time_ms(fn, repeats: int) -> float:
@@ -79,6 +104,28 @@ def _run(backend, inputs, weights, train):
     out, state = mamba3_scan(inputs, weights, backend=backend, chunk_size=64 // inputs.B.shape[2])
     if train:
         out.backward(torch.ones_like(out))
+    return out
+
+
+def output_errors(
+    inputs: Mamba3Inputs, weights: Mamba3Weights, outputs: dict[str, Tensor], rows: int = ACCURACY_ROWS
+) -> dict[str, float]:
+    """Relative errors against the float64 oracle: max |out − oracle| / max |oracle| over the first
+    `rows` batch rows (every token and head), in float64.
+
+    inputs, weights: one case, (b, l, ...) inputs in the dtype the backends ran on (bf16 here).
+    outputs: name -> (b, l, H, p) output some backend computed on exactly these inputs and weights.
+    Returns the error of each named output and, under "reference", that of the reference backend run
+    here on the same inputs in their dtype (for bf16 inputs, the bf16 reference's own error); the
+    oracle `mamba3_recurrent` runs on the same values upcast to float64, on their device.
+    """
+    if not 1 <= rows <= inputs.x.shape[0]:
+        raise ValueError(f"rows={rows} is not within the batch of {inputs.x.shape[0]}")
+    inputs = Mamba3Inputs(*(t[:rows] for t in inputs))
+    with torch.no_grad():
+        oracle, _ = mamba3_recurrent(inputs.to(torch.float64), weights.to(torch.float64))
+        reference, _ = mamba3_scan(inputs, weights, backend="reference", variant="chunked", chunk_size=REFERENCE_CHUNK)
+    return {name: rel_err(out[:rows], oracle) for name, out in {"reference": reference, **outputs}.items()}
 
 
 def _peak_mib(fn) -> float:
@@ -100,36 +147,81 @@ OFFICIAL_RECORDED = {
 }
 
 
-def official_ms(path: str | None, kind: str, mode: str, b: int, l: int, H: int, timeout: float) -> tuple[float | None, str]:  # noqa: E741
-    """(ms, source) of the official kernels on one shape: measured by their timing script under `path`
-    in a fresh process (first calls autotune: SISO fwd ~90 s, fwd+bwd ~340 s), else the recorded figure."""
-    import subprocess
-    import sys
+class Official(NamedTuple):
+    """Where the official kernels' times come from."""
 
-    if path is not None:
+    script: Path | None  # their timing script, run once per case in a fresh process; None: recorded figures
+    installed: bool  # run a copy of the script outside its folder, so that it imports the installed mamba_ssm
+    note: str  # what was chosen, or why nothing could be
+
+
+def resolve_official(spec: str | None, copy: Path = OFFICIAL_COPY) -> Official:
+    """The official kernels `--official` names: None (recorded figures), a folder holding their timing
+    script, or "auto": an importable `mamba_ssm` with the Mamba-3 kernels (timed by the script beside
+    the package, else by the copy's), else the copy at `copy` (../shared/official-mamba3), else the
+    recorded figures with the reason. A named folder without the script raises ValueError."""
+    if spec is None:
+        return Official(None, False, "recorded figures (no --official)")
+    if spec != "auto":
+        script = Path(spec) / OFFICIAL_SCRIPT
+        if not script.is_file():
+            raise ValueError(f"--official {spec}: no {OFFICIAL_SCRIPT} in that folder")
+        return Official(script, False, f"timing script {script}")
+    reasons = []
+    found = importlib.util.find_spec("mamba_ssm")
+    if found is None:
+        reasons.append("mamba_ssm is not importable")
+    else:
+        package = Path(next(iter(found.submodule_search_locations)))
+        if not (package / "ops" / "triton" / "mamba3").is_dir():
+            reasons.append(f"mamba_ssm at {package} has no Mamba-3 kernels")
+        else:
+            for script in (package.parent / OFFICIAL_SCRIPT, copy / OFFICIAL_SCRIPT):
+                if script.is_file():
+                    return Official(script, True, f"installed mamba_ssm at {package}, timed by {script}")
+            reasons.append(f"mamba_ssm at {package} has no {OFFICIAL_SCRIPT} beside it or in {copy}")
+    script = copy / OFFICIAL_SCRIPT
+    if script.is_file():
+        return Official(script, False, f"copy at {copy} ({'; '.join(reasons)})")
+    reasons.append(f"no {script}")
+    return Official(None, False, f"recorded figures: {'; '.join(reasons)}")
+
+
+def official_ms(official: Official, kind: str, mode: str, b: int, l: int, H: int, timeout: float) -> tuple[float | None, str]:  # noqa: E741
+    """(ms, source) of the official kernels on one shape: measured by their timing script in a fresh
+    process (first calls autotune: SISO fwd ~90 s, fwd+bwd ~340 s), else the recorded figure."""
+    if official.script is None:
+        recorded = OFFICIAL_RECORDED.get((kind, mode, b, l, H))
+        return recorded, "recorded" if recorded is not None else "-"
+    with tempfile.TemporaryDirectory() as folder:
+        script = official.script
+        if official.installed:  # the script puts its own folder first on sys.path; a bare copy imports the installed package
+            script = Path(shutil.copy(script, folder))
         try:
             done = subprocess.run(
-                [sys.executable, f"{path}/bench_official.py", f"{kind}:{mode}:{b}:{l}:{H}"],
-                capture_output=True, text=True, timeout=timeout,
+                [sys.executable, str(script), f"{kind}:{mode}:{b}:{l}:{H}"], capture_output=True, text=True, timeout=timeout
             )
-            for line in done.stdout.splitlines():
-                if line.startswith("RESULT"):
-                    return float(line.split(": ")[1].split(" ms")[0]), "measured"
-            return None, (done.stderr.strip().splitlines() or ["no RESULT"])[-1][:60]
         except subprocess.TimeoutExpired:
             return None, f"over {timeout:.0f} s"
-    recorded = OFFICIAL_RECORDED.get((kind, mode, b, l, H))
-    return recorded, "recorded" if recorded is not None else "-"
+    for line in done.stdout.splitlines():
+        if line.startswith("RESULT"):
+            return float(line.split(": ")[1].split(" ms")[0]), "measured"
+    return None, (done.stderr.strip().splitlines() or ["no RESULT"])[-1][:60]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--shapes", nargs="+", default=list(SHAPES), choices=list(SHAPES))
-    parser.add_argument("--official", metavar="PATH", help="folder of the official kernels' timing script "
-                        "(bench_official.py); without it the recorded official figures are shown")
+    parser.add_argument("--official", metavar="PATH|auto", help="folder of the official kernels' timing script "
+                        "(bench_official.py), or auto: an importable mamba_ssm, else ../shared/official-mamba3; "
+                        "without it the recorded official figures are shown")
     parser.add_argument("--official-timeout", type=float, default=120.0, help="seconds per official case")
     parser.add_argument("--repeats", type=int, default=20)
     args = parser.parse_args()
+    try:
+        official = resolve_official(args.official)
+    except ValueError as error:
+        parser.error(str(error))
     from megatron_mamba3.ops.tilelang.build import prebuild
     from megatron_mamba3.ops.tilelang.function import TILE_ROWS
     from megatron_mamba3.ops.tilelang.kernels import KernelConfig
@@ -137,6 +229,7 @@ def main() -> None:
     device = torch.cuda.get_device_name()
     bandwidth = copy_bandwidth()
     print(f"device: {device}; measured copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
+    print(f"official kernels: {official.note}", flush=True)
     configs = {KernelConfig(H, P, N, R, G, N // 4, TILE_ROWS // R, False) for kind in args.shapes
                for R in [1 if kind == "siso" else 4] for _, _, H in SHAPES[kind]}
     start = time.perf_counter()
@@ -156,22 +249,26 @@ def main() -> None:
             train = _time_ms(lambda: _run("tilelang", inputs, weights, True), max(3, args.repeats // 4))
             train_gpu = _gpu_ms(lambda: _run("tilelang", inputs, weights, True), 3)
             peak = _peak_mib(lambda: _run("tilelang", inputs, weights, True))
-            off_fwd = official_ms(args.official, kind, "fwd", b, l, H, args.official_timeout)
-            off_train = official_ms(args.official, kind, "fwdbwd", b, l, H, args.official_timeout)
-            rows.append((f"{kind} R{R} b{b} l{l} H{H}", fwd, gpu, off_fwd, train, train_gpu, off_train, peak, first))
+            errors = output_errors(inputs, weights, {"tilelang": _run("tilelang", inputs, weights, False)})
+            off_fwd = official_ms(official, kind, "fwd", b, l, H, args.official_timeout)
+            off_train = official_ms(official, kind, "fwdbwd", b, l, H, args.official_timeout)
+            rows.append((f"{kind} R{R} b{b} l{l} H{H}", fwd, gpu, off_fwd, train, train_gpu, off_train, peak, first,
+                         errors["tilelang"], errors["reference"]))
             print(rows[-1], flush=True)
 
     def versus(ours, official):
         ms, source = official
         return (f"{ms:.2f} ({source})", f"{ours / ms:.2f}x") if ms else (source, "-")
 
-    print(f"\n{device}, bf16, p={P}, n={N}, g={G}; wall = CUDA events around whole calls (host included)")
+    print(f"\n{device}, bf16, p={P}, n={N}, g={G}; wall = CUDA events around whole calls (host included); "
+          f"fwd error = max |out − oracle| / max |oracle| against the float64 oracle on the same bf16 inputs, "
+          f"batch rows 0..{ACCURACY_ROWS - 1}; official: {official.note}")
     print("| shape | fwd ms | fwd GPU ms | official fwd ms | ratio | fwd+bwd ms | fwd+bwd GPU ms | official fwd+bwd ms "
-          "| ratio | fwd+bwd peak MiB | first call s |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|")
-    for shape, fwd, gpu, off_fwd, train, train_gpu, off_train, peak, first in rows:
+          "| ratio | fwd+bwd peak MiB | first call s | fwd error | bf16 reference error | official error |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for shape, fwd, gpu, off_fwd, train, train_gpu, off_train, peak, first, error, reference_error in rows:
         print(f"| {shape} | {fwd:.3f} | {gpu:.3f} | {' | '.join(versus(fwd, off_fwd))} | {train:.3f} | {train_gpu:.3f} "
-              f"| {' | '.join(versus(train, off_train))} | {peak:.0f} | {first:.1f} |")
+              f"| {' | '.join(versus(train, off_train))} | {peak:.0f} | {first:.1f} | {error:.2e} | {reference_error:.2e} | - |")
 
 
 if __name__ == "__main__":
