@@ -39,8 +39,7 @@ from torch import Tensor
 
 from megatron_mamba3.ops import Mamba3Inputs, Mamba3Weights, mamba3_scan
 from megatron_mamba3.ops.oracle import mamba3_recurrent
-from megatron_mamba3.testing import make_case
-from tests.helpers import rel_err
+from megatron_mamba3.testing import make_case, rel_err
 
 SHAPES = {  # (b, l, H)
     "siso": [(8, 2048, 32), (1, 8192, 8), (2, 4096, 16)],

@@ -58,3 +58,10 @@ def make_state(batch: int, H: int, p: int, R: int, n: int, S: int, seed: int = 1
     randn = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64)  # noqa: E731
     theta = torch.rand(batch, H, S, generator=g, dtype=torch.float64) * 2 * math.pi
     return Mamba3State(0.3 * randn(batch, H, p, n), randn(batch, R, H, n), randn(batch, H, p), theta)
+
+
+def rel_err(actual: torch.Tensor, expected: torch.Tensor, scale: torch.Tensor | None = None) -> float:
+    """max |actual − expected| / max |scale|, in float64; `scale` defaults to `expected`."""
+    actual, expected = actual.double(), expected.double()
+    scale = expected if scale is None else scale.double()
+    return ((actual - expected).abs().max() / scale.abs().max()).item()
