@@ -18,7 +18,7 @@ from torch import Tensor
 from megatron_mamba3.ops.interface import Mamba3State
 from megatron_mamba3.ops.segments import document_starts
 from megatron_mamba3.ops.tilelang.chunk_grad import TermGrads, terms_backward
-from megatron_mamba3.ops.tilelang.chunk_math import chunk_count
+from megatron_mamba3.ops.tilelang.chunk_math import chunk_count, chunk_terms
 from tests.helpers import make_case, make_state
 
 CHUNK = 64
@@ -80,7 +80,9 @@ def test_angle_gradients_keep_float32_precision_over_a_long_packed_sequence():
         zeros(b, H, p, n), Mamba3State(zeros(b, H, p, n), zeros(b, 1, H, n), zeros(b, H, p), final_grad),
     )
 
-    found = terms_backward(inputs, weights, document_starts(segment_ids), state, CHUNK, grads)
+    starts = document_starts(segment_ids)
+    theta_final = chunk_terms(inputs, weights, starts, state, CHUNK).theta_final
+    found = terms_backward(inputs, weights, starts, state, CHUNK, grads, theta_final)
 
     # The definitions in float64, and the same over the terms' magnitudes (dt > 0, tanh' > 0).
     dincr = _document_suffix_sums(theta_grad, final_grad, segment_ids)  # (b, l, H, S)

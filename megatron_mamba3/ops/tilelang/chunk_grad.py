@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from megatron_mamba3.ops.interface import TWO_PI, Mamba3Inputs, Mamba3State, Mamba3Weights, compute_dtype
+from megatron_mamba3.ops.interface import Mamba3Inputs, Mamba3State, Mamba3Weights, compute_dtype
 from megatron_mamba3.ops.tilelang.chunk_math import (
     chunk_outputs,
     chunk_states,
@@ -81,12 +81,19 @@ class InputGrads(NamedTuple):
 
 
 def terms_backward(
-    inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state: Mamba3State, chunk_size: int, grads: TermGrads
+    inputs: Mamba3Inputs,
+    weights: Mamba3Weights,
+    starts: Tensor,
+    state: Mamba3State,
+    chunk_size: int,
+    grads: TermGrads,
+    theta_final: Tensor,
 ) -> InputGrads:
     """Push `grads` through `chunk_terms`, the per-token θ and the final state's k/v/θ, in closed form.
 
-    inputs (b, l, ...), starts (b, l) bool (never at t = 0), the initial state -> `InputGrads` (compute
-    dtype). With j a token, c its chunk and incr_j = π·tanh(angles_j)·Δ_j (b, l, H, S):
+    inputs (b, l, ...), starts (b, l) bool (never at t = 0), the initial state and the forward's θ_final
+    (b, H, S) (`chunk_terms`) -> `InputGrads` (compute dtype). With j a token, c its chunk and
+    incr_j = π·tanh(angles_j)·Δ_j (b, l, H, S):
 
         cs_j = Σ_{m ≤ j in c and j's document} A_m Δ_m,  mult_c = exp(cs_last) [no start in c]:
         ∂(AΔ)_j = Σ_{i ≥ j in c and j's document} ∂cs_i + ∂mult_c mult_c
@@ -110,16 +117,10 @@ def terms_backward(
     nc = scalars.reset.shape[1]
     dt, A, lam = (t[:, :length] for t in (scalars.dt, scalars.A, scalars.lam))
 
-    # θ_final (float64, as chunk_terms), then the final key's gradients: ∂u = rot(−θ) ∂k for the unrotated
-    # u, and ∂θ from each pair of u (rotations keep the pairs' cross products).
-    seg = scalars.seg[:, :length]
-    in_last = seg == seg[:, -1:]  # (b, l) tokens of the last document
-    turn = torch.tanh(inputs.angles.double())  # (b, l, S)
-    theta_final = torch.einsum("blh,bls->bhs", dt.double() * in_last[..., None], turn).mul_(math.pi)
-    theta_final = theta_final.addcmul_(state.theta, in_last[:, 0, None, None])  # one document: θ_0 carries
-    theta_final = torch.remainder(theta_final, TWO_PI).to(dtype)
+    # The final key's gradients: ∂u = rot(−θ_final) ∂k for the unrotated u, and ∂θ from each pair of u
+    # (rotations keep the pairs' cross products).
     key = head_inputs(inputs.B[:, -1].to(dtype), weights.B_bias.to(dtype))  # (b, R, H, n)
-    dkey = rotate(grads.final.k_prev, -theta_final[:, None], half_split)
+    dkey = rotate(grads.final.k_prev, -theta_final[:, None].to(dtype), half_split)
     dtheta_final = grads.final.theta + pair_cross(dkey, key, S, half_split).sum(dim=1)
 
     # Sums over the tokens i ≥ j of j's document piece in its chunk, plus a carry_c for the chunk's last piece:
@@ -141,7 +142,7 @@ def terms_backward(
     carry = reaches.gather(1, past[..., None, None].expand(-1, -1, H, S)) - reaches[:, 1:-1]  # (b, nc, H, S)
     running[:, :, -1] += carry.to(dtype)
     dincr = _piece_sums(running, piece_last)[:, :length]  # (b, l, H, S)
-    dt_pi, turn = math.pi * dt, turn.to(dtype)
+    dt_pi, turn = math.pi * dt, torch.tanh(inputs.angles.double()).to(dtype)  # (b, l, H), (b, l, S)
     dangles = torch.ops.aten.tanh_backward(torch.einsum("blhs,blh->bls", dincr, dt_pi), turn)
     dtheta_0 = dincr[:, 0]  # θ_0 reaches the first document (and θ_final when it is the last)
 
@@ -292,7 +293,7 @@ def chunked_backward(
         cs_grad.reshape(b, nc * Q, H), wd_grad.reshape(b, nc * Q, H), wo_grad.reshape(b, nc * Q, H), dmult,
         theta_grad.reshape(b, nc * Q, H, S), dH, grad_final.to(dtype),
     )
-    rest = terms_backward(inputs, weights, starts, state, Q, term_grads)
+    rest = terms_backward(inputs, weights, starts, state, Q, term_grads, terms.theta_final)
     dx = flat(x_grad).clone()
     dx[:, -1] += rest.x_last
     dB = group(duB).clone()

@@ -65,7 +65,7 @@ class _Launch(NamedTuple):
 
 
 _INPUT_FIELDS = ("x", "z", "B", "C", "dt", "angles")  # the launch's inputs, made contiguous
-_TERM_FIELDS = ("mult", "theta_start", "cs", "wd", "wo", "h_in")  # computed from the inputs and the state
+_TERM_FIELDS = ("mult", "theta_start", "theta_final", "cs", "wd", "wo", "h_in")  # from the inputs and the state
 
 
 def _prepare(inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state: Mamba3State) -> _Launch:
@@ -77,7 +77,7 @@ def _prepare(inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state
     Q = TILE_ROWS // R
     config = KernelConfig(H, p, n, R, G, S, Q, weights.norm is not None)
     terms = kernel_terms(inputs, weights, starts, state, Q)
-    x, z, B, C, dt, _, _, angles = (t.contiguous() for t in inputs)
+    x, z, B, C, dt, angles = (getattr(inputs, field).contiguous() for field in _INPUT_FIELDS)
     f32 = lambda t, shape: (torch.ones(shape, device=x.device) if t is None else t.float()).contiguous()  # noqa: E731
     mimo = [f32(t, (H, R, p)) for t in (weights.mimo_x, weights.mimo_z, weights.mimo_o)]
     norm = f32(weights.norm, (H * p,)).view(H, p)
@@ -182,7 +182,7 @@ def _backward_kernels(
         per_token(dcs), per_token(dwd), per_token(dwo), dmult, dtheta, dh_in.transpose(-1, -2),
         grad_final.to(torch.float32),
     )
-    rest = terms_backward(inputs, weights, starts, state, c.Q, term_grads)
+    rest = terms_backward(inputs, weights, starts, state, c.Q, term_grads, launch.theta_final)
     dx[:, -1] += rest.x_last
     dB[:, -1] += rest.B_last
     chunk_sum = lambda t: t.sum(dim=(0, 1))  # noqa: E731
