@@ -111,24 +111,39 @@ def chunk_terms(
     wd = gamma[:, :-1]
     wo = wd + beta[:, 1:]  # γ_j + ε_j
 
-    # θ: per-chunk totals of the chunk's last document, then a chunk-level scan with resets over nc + 1
-    # slots (slot 0: the initial θ, slot c + 1: chunk c's total), float64: θ_start_c is θ after slot c,
-    # θ_final after slot nc.
+    # θ: per-chunk totals of the chunk's last document (float64), then the chunk-level scan.
     angles = inputs.angles.new_zeros((b, nc * Q, S), dtype=torch.float64)
     angles[:, :length] = inputs.angles
     seg_chunks = scalars.seg.view(b, nc, Q)
     last_doc = seg_chunks == seg_chunks[:, :, -1:]
     dt_last = (scalars.dt[:, :-1].view(b, nc, Q, H) * last_doc[..., None]).double()
     totals = torch.einsum("bcjh,bcjs->bchs", dt_last, torch.tanh(angles).view(b, nc, Q, S))
-    documents = torch.cat((scalars.seg[:, :1], seg_chunks[:, :, -1]), dim=1)  # (b, nc + 1): where slots end
-    theta = _segmented_cumsum((state.theta.double()[:, None], math.pi * totals), documents)
-    theta = torch.remainder(theta, TWO_PI).to(dtype)
+    theta = chunk_angles(totals, scalars.seg, state.theta, dtype)
 
-    h, k_prev, v_prev = (t.to(dtype) for t in (state.h, state.k_prev, state.v_prev))
-    mimo_x = None if weights.mimo_x is None else weights.mimo_x.to(dtype)
-    h_in = state_with_incoming(h, k_prev, v_prev, mimo_x, beta[:, 0])
+    h_in = incoming_state(inputs, weights, state, dtype)
     cs = scalars.cs.view(b, nc * Q, H)
     return ChunkTerms(cs, wd, wo, scalars.seg, scalars.reset, scalars.mult, theta[:, :nc], theta[:, nc], h_in)
+
+
+def chunk_angles(totals: Tensor, seg: Tensor, theta_0: Tensor, dtype: torch.dtype) -> Tensor:
+    """θ carried into each chunk and after the last one, (b, nc + 1, H, S) in [0, 2π), from the per-chunk
+    totals Σ_j Δ_j·tanh(angles_j) over each chunk's last document (b, nc, H, S), the running document index
+    seg (b, nc·Q) and the initial θ (b, H, S): a scan over nc + 1 slots in float64 (slot 0: θ_0, slot c + 1:
+    π times chunk c's total) restarting where a chunk's last document starts."""
+    b, nc = totals.shape[:2]
+    seg_chunks = seg.view(b, nc, -1)
+    documents = torch.cat((seg[:, :1], seg_chunks[:, :, -1]), dim=1)  # (b, nc + 1): where slots end
+    theta = _segmented_cumsum((theta_0.double()[:, None], math.pi * totals.double()), documents)
+    return torch.remainder(theta, TWO_PI).to(dtype)
+
+
+def incoming_state(inputs: Mamba3Inputs, weights: Mamba3Weights, state: Mamba3State, dtype: torch.dtype) -> Tensor:
+    """h̃_0 = h + (1 − λ_0)Δ_0 Σ_r v_prev,r k_prev,rᵀ (b, H, p, n) in `dtype`, from the first token's Δ and trap."""
+    dt_0 = inputs.dt[:, 0].to(dtype)
+    weight = dt_0 - torch.sigmoid(inputs.trap[:, 0].to(dtype)) * dt_0  # (1 − λ_0)Δ_0, (b, H)
+    h, k_prev, v_prev = (t.to(dtype) for t in (state.h, state.k_prev, state.v_prev))
+    mimo_x = None if weights.mimo_x is None else weights.mimo_x.to(dtype)
+    return state_with_incoming(h, k_prev, v_prev, mimo_x, weight)
 
 
 def _segmented_cumsum(pieces: tuple[Tensor, ...], keys: Tensor) -> Tensor:

@@ -1,6 +1,7 @@
 """`tilelang_scan`: the TileLang kernels behind an autograd Function, with packing via `run_packed`.
 
-Forward: `chunk_terms` (small PyTorch ops on (b, l, H)-sized scalars), then the three forward kernels.
+Forward: the `chunk_prep` kernel and a few small PyTorch ops for the per-token and per-chunk terms of
+`chunk_terms`, then the three kernels of the scan.
 Backward: the chunk starts h̃_c again (two forward kernels), then the four backward kernels for the
 per-chunk work and `terms_backward` for the scalar chains (math: `chunk_grad`); gradients of every
 input, weight and the initial state.
@@ -11,11 +12,12 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from megatron_mamba3.ops.interface import Mamba3Inputs, Mamba3State, Mamba3Weights, read_dims
 from megatron_mamba3.ops.tilelang.chunk_grad import TermGrads, terms_backward
-from megatron_mamba3.ops.tilelang.chunk_math import chunk_terms, final_state
+from megatron_mamba3.ops.tilelang.chunk_math import chunk_angles, chunk_count, final_state, incoming_state
 from megatron_mamba3.ops.toolkit.finite import finite_values
 from megatron_mamba3.ops.toolkit.packing import run_packed
 
@@ -76,7 +78,7 @@ def _prepare(inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state
     S = inputs.angles.shape[-1]
     Q = TILE_ROWS // R
     config = KernelConfig(H, p, n, R, G, S, Q, weights.norm is not None)
-    terms = kernel_terms(inputs, weights, starts, state, Q)
+    terms = kernel_terms(config, inputs, weights, starts, state)
     x, z, B, C, dt, angles = (getattr(inputs, field).contiguous() for field in _INPUT_FIELDS)
     f32 = lambda t, shape: (torch.ones(shape, device=x.device) if t is None else t.float()).contiguous()  # noqa: E731
     mimo = [f32(t, (H, R, p)) for t in (weights.mimo_x, weights.mimo_z, weights.mimo_o)]
@@ -198,15 +200,23 @@ def _backward_kernels(
     return grads_inputs, grads_weights, rest.state
 
 
-def kernel_terms(inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state: Mamba3State, Q: int):
-    """`chunk_terms` in the kernels' layouts: seg, mult, theta_start, theta_final as there, cs, wd, wo
-    as (b, H, l_pad) and h̃_0 as (b, H, n, p), all contiguous."""
-    terms = chunk_terms(inputs, weights, starts, state, Q)
-    per_head = lambda t: t.transpose(1, 2).contiguous()  # noqa: E731
-    return (
-        terms.seg, terms.mult.contiguous(), terms.theta_start.contiguous(), terms.theta_final,
-        per_head(terms.cs), per_head(terms.wd), per_head(terms.wo), terms.h_in.transpose(-1, -2).contiguous(),
-    )
+def kernel_terms(config, inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state: Mamba3State):
+    """`chunk_terms` in the kernels' layouts, the per-token part by the `chunk_prep` kernel: seg (b, l_pad)
+    int32, mult (b, nc, H), theta_start (b, nc, H, S), theta_final (b, H, S), cs, wd, wo (b, H, l_pad) and
+    h̃_0 as (b, H, n, p), all contiguous fp32 (seg int32)."""
+    from megatron_mamba3.ops.tilelang.kernels import kernel_set
+
+    b, length, H = inputs.dt.shape
+    nc = chunk_count(length, config.Q)
+    rows = nc * config.Q
+    seg = F.pad(starts, (0, rows - length)).cumsum(dim=1, dtype=torch.int32)
+    empty = lambda *shape: torch.empty(shape, device=inputs.x.device, dtype=torch.float32)  # noqa: E731
+    cs, wd, wo, mult, totals = empty(b, H, rows), empty(b, H, rows), empty(b, H, rows), empty(b, nc, H), empty(b, nc, H, config.S)
+    dt, A, trap, angles = (t.contiguous() for t in (inputs.dt, inputs.A, inputs.trap, inputs.angles))
+    kernel_set(config).chunk_prep(dt, A, trap, angles, seg, cs, wd, wo, mult, totals)
+    theta = chunk_angles(totals, seg, state.theta, torch.float32)
+    h_in = incoming_state(inputs, weights, state, torch.float32).transpose(-1, -2).contiguous()
+    return seg, mult, theta[:, :nc].contiguous(), theta[:, nc], cs, wd, wo, h_in
 
 
 class _TileLangScan(torch.autograd.Function):

@@ -1,5 +1,7 @@
-"""The three TileLang kernels of the chunk-parallel scan (math in `chunk_math`).
+"""The four TileLang forward kernels of the chunk-parallel scan (math in `chunk_math`).
 
+    chunk_prep    grid (nc, H, b): the per-token terms cs, wd, wo (b, H, l_pad), each chunk's mult (b, nc, H)
+                  and its last document's angle total Σ_j Δ_j·tanh(angles_j) (b, nc, H, S), fp32
     chunk_state   grid (nc, H, b): S_c = Σ_j w_j k_j v_jᵀ of each chunk, fp32 (b, nc, H, n, p)
     state_pass    grid (n / 8, H, b): h̃_{c+1} = mult_c h̃_c + S_c over the chunks; writes h̃_c (bf16) and h̃ after the last
     chunk_output  grid (nc, H, b): intra-chunk masked matmuls + q·h̃_c + D·v, per-head norm and gate
@@ -42,6 +44,7 @@ class KernelConfig(NamedTuple):
 
 
 class KernelSet(NamedTuple):
+    chunk_prep: object
     chunk_state: object
     state_pass: object
     chunk_output: object
@@ -49,7 +52,7 @@ class KernelSet(NamedTuple):
 
 @functools.cache
 def kernel_set(config: KernelConfig) -> KernelSet:
-    """The three forward kernels for `config`, built once per process."""
+    """The four forward kernels for `config`, built once per process."""
     return KernelSet(*build(config, MAKERS, "forward"))
 
 
@@ -210,6 +213,74 @@ def chunk_y_macro(c: KernelConfig):
         T.copy(y, y_s)
 
     return chunk_y
+
+
+def _chunk_prep(c: KernelConfig):
+    H, S, Q = c.H, c.S, c.Q
+    batch, L, LP, NC = T.dynamic("batch, L, LP, NC")
+
+    @T.prim_func
+    def chunk_prep(
+        DT: T.Tensor((batch, L, H), BF16),
+        A: T.Tensor((batch, L, H), BF16),
+        TRAP: T.Tensor((batch, L, H), BF16),
+        ANG: T.Tensor((batch, L, S), BF16),
+        SEG: T.Tensor((batch, LP), "int32"),
+        CS: T.Tensor((batch, H, LP), F32),
+        WD: T.Tensor((batch, H, LP), F32),
+        WO: T.Tensor((batch, H, LP), F32),
+        MULT: T.Tensor((batch, NC, H), F32),
+        TOTALS: T.Tensor((batch, NC, H, S), F32),
+    ):
+        with T.Kernel(NC, H, batch, threads=SCAN_THREADS) as (chunk, h, b):
+            t0 = chunk * Q
+            seg_s = T.alloc_shared((Q + 1,), "int32")  # the chunk's tokens and the next one
+            dt_s = T.alloc_shared((Q + 1,), F32)
+            lam_s = T.alloc_shared((Q + 1,), F32)
+            decay_s = T.alloc_shared((Q,), F32)
+            cs_s = T.alloc_shared((Q,), F32)
+            turn_s = T.alloc_shared((Q, S), F32)
+            running = T.alloc_fragment((1,), F32)
+            reset = T.alloc_fragment((1,), "int32")
+            total = T.alloc_fragment((S,), F32)
+
+            for i in T.Parallel(Q + 1):  # Δ = A = 0 past the end; the next token of the last one continues its document
+                seg_s[i] = T.if_then_else(t0 + i < LP, SEG[b, t0 + i], SEG[b, LP - 1])
+                dt_s[i] = T.if_then_else(t0 + i < L, T.cast(DT[b, t0 + i, h], F32), 0.0)
+                lam_s[i] = T.if_then_else(t0 + i < L, T.sigmoid(T.cast(TRAP[b, t0 + i, h], F32)), 0.0)
+            for i in T.Parallel(Q):
+                decay_s[i] = T.if_then_else(t0 + i < L, T.cast(A[b, t0 + i, h], F32), 0.0) * dt_s[i]
+            for i, s in T.Parallel(Q, S):
+                turn_s[i, s] = T.if_then_else(t0 + i < L, T.tanh(T.cast(ANG[b, t0 + i, s], F32)), 0.0)
+
+            # cs: a running sum of A·Δ that restarts at the chunk start and at each document start.
+            seg_before = SEG[b, T.max(t0 - 1, 0)]
+            running[0] = 0.0
+            reset[0] = T.if_then_else((chunk > 0) & (seg_s[0] != seg_before), 1, 0)
+            for i in T.serial(Q):
+                starts = (i > 0) & (seg_s[i] != seg_s[T.max(i - 1, 0)])
+                running[0] = T.if_then_else(starts, 0.0, running[0]) + decay_s[i]
+                reset[0] = T.if_then_else(starts, 1, reset[0])
+                cs_s[i] = running[0]
+            MULT[b, chunk, h] = T.if_then_else(reset[0] != 0, 0.0, T.exp(running[0]))
+
+            # wd = λΔ, wo = λΔ + (1 − λ_{j+1})Δ_{j+1}, the second term exactly 0 where j + 1 starts a document.
+            for i in T.Parallel(Q):
+                diagonal = lam_s[i] * dt_s[i]
+                following = T.if_then_else(seg_s[i + 1] != seg_s[i], 0.0, dt_s[i + 1] - lam_s[i + 1] * dt_s[i + 1])
+                CS[b, h, t0 + i] = cs_s[i]
+                WD[b, h, t0 + i] = diagonal
+                WO[b, h, t0 + i] = diagonal + following
+
+            # The angle total of the chunk's last document (θ's increments over π), summed in token order.
+            T.clear(total)
+            for i in T.serial(Q):
+                for s in T.Parallel(S):
+                    total[s] += T.if_then_else(seg_s[i] == seg_s[Q - 1], dt_s[i] * turn_s[i, s], 0.0)
+            for s in T.Parallel(S):
+                TOTALS[b, chunk, h, s] = total[s]
+
+    return chunk_prep
 
 
 def _chunk_state(c: KernelConfig):
@@ -382,4 +453,4 @@ def _chunk_output(c: KernelConfig):
     return chunk_output
 
 
-MAKERS = (_chunk_state, _state_pass, _chunk_output)
+MAKERS = (_chunk_prep, _chunk_state, _state_pass, _chunk_output)
