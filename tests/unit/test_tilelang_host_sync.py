@@ -27,7 +27,7 @@ from megatron_mamba3.ops.tilelang import backend as tilelang_backend
 from tests.helpers import make_case, make_state
 
 B, L, H, P, N = 2, 200, 4, 64, 128
-FORWARD_KERNELS = ["chunk_state", "state_pass", "chunk_output"]
+FORWARD_KERNELS = ["chunk_prep", "chunk_state", "state_pass", "chunk_output"]
 
 
 class _MetaOnly(TorchDispatchMode):
