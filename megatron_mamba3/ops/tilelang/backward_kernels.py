@@ -266,16 +266,18 @@ def _rotation_backward(c: KernelConfig):
         return T.if_then_else(rotated, g_s[row, nn] * cos_s[i, s] - sign * g_s[row, partner] * sin_s[i, s], g_s[row, nn])
 
     @T.macro
-    def scatter(g_s, cos_s, sin_s, L, b, h, t0, SHARED_GRAD, bias_f):
-        """Add the unrotated gradients into SHARED_GRAD (b, L, R, G, n) (atomically: a group's heads
-        share it) and their sum over the chunk's tokens into bias_f (R, n)."""
-        for row, nn in T.Parallel(QR, n):
-            if t0 + row // R < L:
-                T.atomic_add(SHARED_GRAD[b, t0 + row // R, row % R, h // (H // G), nn], unrotated(g_s, cos_s, sin_s, row, nn))
-        T.clear(bias_f)
-        for i in T.serial(Q):
-            for r, nn in T.Parallel(R, n):
-                bias_f[r, nn] += unrotated(g_s, cos_s, sin_s, i * R + r, nn)
+    def scatter(g_s, cos_s, sin_s, L, b, h, t0, chunk, SHARED_GRAD, BIAS_GRAD, term, term_sum):
+        """Add the unrotated gradients into SHARED_GRAD (b, L, R, G, n) (atomically: a group's heads share
+        it) and write their sum over the chunk's tokens to BIAS_GRAD[b, chunk, h] (R, n); term (Q, n) and
+        term_sum (n,) are fp32 fragments."""
+        for r in T.serial(R):
+            for i, nn in T.Parallel(Q, n):
+                term[i, nn] = unrotated(g_s, cos_s, sin_s, i * R + r, nn)
+                if t0 + i < L:
+                    T.atomic_add(SHARED_GRAD[b, t0 + i, r, h // (H // G), nn], term[i, nn])
+            T.reduce_sum(term, term_sum, dim=0)
+            for nn in T.Parallel(n):
+                BIAS_GRAD[b, chunk, h, r, nn] = term_sum[nn]
 
     def pair(s):
         return (s, n // 2 + s) if half_split else (2 * s, 2 * s + 1)
@@ -368,7 +370,8 @@ def _chunk_dkv(c: KernelConfig):
             row_f = T.alloc_fragment((QR,), F32)
             vds_row = T.alloc_fragment((QR,), F32)
             prod = T.alloc_fragment((QR, p), F32)
-            bias_f = T.alloc_fragment((R, n), F32)
+            key_term = T.alloc_fragment((Q, n), F32)
+            key_sum = T.alloc_fragment((n,), F32)
             dmx = T.alloc_fragment((R, p), F32)
 
             load_scalars(SEG, CS, WD, WO, b, h, t0, seg_s, cs_s, wd_s, wo_s)
@@ -430,8 +433,7 @@ def _chunk_dkv(c: KernelConfig):
             for i in T.Parallel(Q):
                 DW[b, h, t0 + i] = sum(row_s[i * R + r] for r in range(R))
             T.copy(dk, g_s)
-            scatter(g_s, cos_s, sin_s, L, b, h, t0, DB, bias_f)
-            T.copy(bias_f, DB_BIAS[b, chunk, h, :, :])
+            scatter(g_s, cos_s, sin_s, L, b, h, t0, chunk, DB, DB_BIAS, key_term, key_sum)
             T.clear(theta_grad)
             angle_grad(g_s, k_s, theta_grad)
             for i, s in T.Parallel(Q, S):
@@ -521,7 +523,8 @@ def _chunk_dq(c: KernelConfig):
             u = T.alloc_fragment((QR, n), F32)
             prod = T.alloc_fragment((QR, n), F32)
             row_f = T.alloc_fragment((QR,), F32)
-            bias_f = T.alloc_fragment((R, n), F32)
+            key_term = T.alloc_fragment((Q, n), F32)
+            key_sum = T.alloc_fragment((n,), F32)
             below = T.alloc_fragment((Q,), F32)
             after = T.alloc_fragment((Q,), F32)
             ends = T.alloc_fragment((Q,), F32)
@@ -560,8 +563,7 @@ def _chunk_dq(c: KernelConfig):
                 weight = inter_s[row // R]
                 dq[row, nn] = dq[row, nn] + T.if_then_else(weight != 0.0, weight * u[row, nn], 0.0)
             T.copy(dq, g_s)
-            scatter(g_s, cos_s, sin_s, L, b, h, t0, DC, bias_f)
-            T.copy(bias_f, DC_BIAS[b, chunk, h, :, :])
+            scatter(g_s, cos_s, sin_s, L, b, h, t0, chunk, DC, DC_BIAS, key_term, key_sum)
             for i, s in T.Parallel(Q, S):
                 theta_grad[i, s] = DTH[b, t0 + i, h, s]
             angle_grad(g_s, q_s, theta_grad)
