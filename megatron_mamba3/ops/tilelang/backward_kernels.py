@@ -525,9 +525,15 @@ def _chunk_dq(c: KernelConfig):
             row_f = T.alloc_fragment((QR,), F32)
             key_term = T.alloc_fragment((Q, n), F32)
             key_sum = T.alloc_fragment((n,), F32)
+            later = T.alloc_fragment((Q, Q), F32)
+            earlier = T.alloc_fragment((Q, Q), F32)
             below = T.alloc_fragment((Q,), F32)
             after = T.alloc_fragment((Q,), F32)
-            ends = T.alloc_fragment((Q,), F32)
+            end_terms = T.alloc_fragment((Q,), F32)
+            ends = T.alloc_fragment((1,), F32)
+            below_s = T.alloc_shared((Q,), F32)
+            after_s = T.alloc_shared((Q,), F32)
+            ends_s = T.alloc_shared((1,), F32)
 
             load_scalars(SEG, CS, WD, WO, b, h, t0, seg_s, cs_s, wd_s, wo_s)
             seg_before = SEG[b, T.max(t0 - 1, 0)]
@@ -577,20 +583,25 @@ def _chunk_dq(c: KernelConfig):
                 inside = (seg_s[i] == seg_s[j]) & (j < i)
                 gap = T.exp(cs_s[i] - T.if_then_else(inside, cs_s[j], cs_s[i]))
                 spread_s[i, j] = T.if_then_else(i == j, total, T.if_then_else(inside, total * gap, 0.0))
-            T.clear(below)
-            T.clear(after)
-            T.clear(ends)
-            for m in T.serial(Q):
-                for j in T.Parallel(Q):
-                    after[j] += T.if_then_else(m > j, spread_s[m, j], 0.0)
-                    below[j] += T.if_then_else(m < j, spread_s[j, m] * wo_s[m], 0.0)
-                    ends[j] += dw_s[m] * w_s[m]
+            # after_j = Σ_{m > j} spread_mj, below_j = Σ_{m < j} spread_jm wo_m, ends = Σ_m dw_m w_m, as reductions.
+            for m, j in T.Parallel(Q, Q):
+                later[m, j] = T.if_then_else(m > j, spread_s[m, j], 0.0)
+            T.reduce_sum(later, after, dim=0)
+            T.copy(after, after_s)
+            for j, m in T.Parallel(Q, Q):
+                earlier[j, m] = T.if_then_else(m < j, spread_s[j, m] * wo_s[m], 0.0)
+            T.reduce_sum(earlier, below, dim=1)
+            T.copy(below, below_s)
+            for m in T.Parallel(Q):
+                end_terms[m] = dw_s[m] * w_s[m]
+            T.reduce_sum(end_terms, ends, dim=0)
+            T.copy(ends, ends_s)
             for j in T.Parallel(Q):
                 DWD[b, h, t0 + j] = spread_s[j, j]
-                DWO[b, h, t0 + j] = after[j] + dw_s[j] * end_s[j]
+                DWO[b, h, t0 + j] = after_s[j] + dw_s[j] * end_s[j]
                 DCS[b, h, t0 + j] = (
-                    below[j] - wo_s[j] * after[j] + sum(row_s[j * R + r] for r in range(R)) * inter_s[j] - dw_s[j] * w_s[j]
-                    + T.if_then_else(j == Q - 1, ends[j], 0.0)
+                    below_s[j] - wo_s[j] * after_s[j] + sum(row_s[j * R + r] for r in range(R)) * inter_s[j] - dw_s[j] * w_s[j]
+                    + T.if_then_else(j == Q - 1, ends_s[0], 0.0)
                 )
 
     return chunk_dq
