@@ -109,7 +109,7 @@ def chunk_prologue(c: KernelConfig):
             )
         for s in T.Parallel(S):
             theta_f[s] = THS[b, chunk, h, s]
-        for i in T.serial(Q):
+        for i in T.unroll(Q):  # unrolled: the loads of step i do not wait on step i − 1
             for s in T.Parallel(S):
                 previous = T.if_then_else(i == 0, seg_before, seg_s[T.max(i - 1, 0)])
                 theta_f[s] = T.if_then_else(seg_s[i] != previous, 0.0, theta_f[s]) + turn_s[i, s]
