@@ -21,6 +21,7 @@ from megatron_mamba3.ops.tilelang.build import build
 from megatron_mamba3.ops.tilelang.kernels import (
     BF16,
     F32,
+    F64,
     NORM_EPS,
     STATE_ROWS,
     CHUNK_THREADS,
@@ -267,8 +268,9 @@ def _rotation_backward(c: KernelConfig):
 
     @T.macro
     def scatter(g_s, cos_s, sin_s, L, b, h, t0, chunk, SHARED_GRAD, BIAS_GRAD, term, term_sum):
-        """Add the unrotated gradients into SHARED_GRAD (b, L, R, G, n) (atomically: a group's heads share
-        it) and write their sum over the chunk's tokens to BIAS_GRAD[b, chunk, h] (R, n); term (Q, n) and
+        """Add the unrotated gradients into SHARED_GRAD (b, L, R, G, n) (float64, atomically: a group's
+        heads share it; a float64 sum of H / G fp32 terms is exact, hence independent of the heads' order,
+        unless the terms span more than 29 - log2(H / G) binades) and write their sum over the chunk's tokens to BIAS_GRAD[b, chunk, h] (R, n); term (Q, n) and
         term_sum (n,) are fp32 fragments."""
         for r in T.serial(R):
             for i, nn in T.Parallel(Q, n):
@@ -325,7 +327,7 @@ def _chunk_dkv(c: KernelConfig):
         MIMO_X: T.Tensor((H, R, p), F32),
         DMULT: T.Tensor((batch, NC, H), F32),
         DX: T.Tensor((batch, L, H, p), F32),
-        DB: T.Tensor((batch, L, R, G, n), F32),
+        DB: T.Tensor((batch, L, R, G, n), F64),
         DB_BIAS: T.Tensor((batch, NC, H, R, n), F32),
         DMX: T.Tensor((batch, NC, H, R, p), F32),
         DD: T.Tensor((batch, H, LPR), F32),
@@ -479,7 +481,7 @@ def _chunk_dq(c: KernelConfig):
         B_BIAS: T.Tensor((H, R, n), F32),
         C_BIAS: T.Tensor((H, R, n), F32),
         MIMO_X: T.Tensor((H, R, p), F32),
-        DC: T.Tensor((batch, L, R, G, n), F32),
+        DC: T.Tensor((batch, L, R, G, n), F64),
         DC_BIAS: T.Tensor((batch, NC, H, R, n), F32),
         DCS: T.Tensor((batch, H, LP), F32),
         DWD: T.Tensor((batch, H, LP), F32),

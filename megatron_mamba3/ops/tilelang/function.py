@@ -155,7 +155,7 @@ def _backward_kernels(
     nc = launch.mult.shape[1]
     rows = nc * c.Q  # padded length
     empty = lambda *shape, dtype=torch.float32: torch.empty(shape, device=launch.x.device, dtype=dtype)  # noqa: E731
-    zeros = lambda *shape: torch.zeros(shape, device=launch.x.device, dtype=torch.float32)  # noqa: E731
+    zeros = lambda *shape, dtype=torch.float32: torch.zeros(shape, device=launch.x.device, dtype=dtype)  # noqa: E731
     x, B, C, *scalars = _chunk_args(launch)
 
     dy, dz, gc, gate = empty(b, H, rows * c.R, p), torch.empty_like(launch.z), empty(b, nc, H, c.n, p), empty(b, nc, H, 3, c.R, p)
@@ -166,7 +166,9 @@ def _backward_kernels(
     ds, dh_in = empty(b, nc, H, c.n, p), empty(b, H, c.n, p)
     kernels.state_pass_bwd(gc, launch.mult, grad_final.h.float().transpose(-1, -2).contiguous(), ds, dh_in)
 
-    dx, dB, dC = empty(b, length, H, p), zeros(b, length, c.R, c.G, c.n), zeros(b, length, c.R, c.G, c.n)
+    # dB, dC: float64 sums over a group's heads (atomic adds; see backward_kernels.scatter).
+    head_sum = lambda: zeros(b, length, c.R, c.G, c.n, dtype=torch.float64)  # noqa: E731
+    dx, dB, dC = empty(b, length, H, p), head_sum(), head_sum()
     dB_bias, dC_bias, dmimo_x = empty(b, nc, H, c.R, c.n), empty(b, nc, H, c.R, c.n), zeros(b, nc, H, c.R, p)
     dD, dw, dtheta, dmult = empty(b, H, rows * c.R), empty(b, H, rows), empty(b, rows, H, c.S), empty(b, nc, H)
     kernels.chunk_dkv(
@@ -186,6 +188,7 @@ def _backward_kernels(
     )
     rest = terms_backward(inputs, weights, starts, state, c.Q, term_grads, launch.theta_final)
     dx[:, -1] += rest.x_last
+    dB, dC = dB.float(), dC.float()
     dB[:, -1] += rest.B_last
     chunk_sum = lambda t: t.sum(dim=(0, 1))  # noqa: E731
     grads_inputs = Mamba3Inputs(dx, dz, dB, dC, rest.dt, rest.A, rest.trap, rest.angles)

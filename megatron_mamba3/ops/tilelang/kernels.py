@@ -26,7 +26,7 @@ SCAN_THREADS = 128  # the state passes (a bandwidth-bound scan)
 STATE_ROWS = 8  # state rows (of n) per block in the state pass
 NORM_EPS = 1e-5
 NAN = float("nan")
-F32, BF16 = "float32", "bfloat16"
+F32, BF16, F64 = "float32", "bfloat16", "float64"
 
 
 class KernelConfig(NamedTuple):
