@@ -38,6 +38,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import layer_times
 import lr_schedule
 import preflight
 import quiet
@@ -115,6 +116,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--bf16", action="store_true",
                        help="bf16 parameters and activations (Megatron's Float16Module) with fp32 master weights in "
                             "the optimizer; CUDA only. The TileLang backend runs on bf16 activations only")
+    train.add_argument("--layer-times", action="store_true",
+                       help=f"at the end, print each layer kind's forward and backward ms per step and share of the "
+                            f"step time, over the steps after a run's first {layer_times.WARMUP} (see layer_times.py)")
     args = parser.parse_args(argv)
 
     pattern = args.hybrid_layer_pattern
@@ -435,6 +439,8 @@ def train(args: argparse.Namespace, folder) -> None:
     model = build_model(args)
     wrapped, optimizer, scheduler = build_optimizer(args, model)
     start = 0 if folder is None else resume(folder, model, optimizer, scheduler)
+    timer = layer_times.LayerTimes(layer_times.hybrid_layers(model), args.device == "cuda",
+                                   range(start + 1, args.train_iters + 1)) if args.layer_times else None
     params = sum(p.numel() for p in model.parameters())
     log(f"HybridModel {args.hybrid_layer_pattern!r} hidden {args.hidden_size} vocab {args.vocab_size} | "
         f"{params} parameters on each of {args.tensor_model_parallel_size} TP ranks "
@@ -470,6 +476,8 @@ def train(args: argparse.Namespace, folder) -> None:
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - began
         interval_time, interval_steps = interval_time + elapsed, interval_steps + 1
+        if timer:
+            timer.end_step(elapsed)
         if metrics:
             metrics.write(json.dumps({"step": step + 1, "loss": loss_value, "lr": lr, "grad_norm": float(grad_norm),
                                       "step_time_s": elapsed, "tokens_per_s": tokens_per_step / elapsed}) + "\n")
@@ -488,6 +496,8 @@ def train(args: argparse.Namespace, folder) -> None:
             log(f"saved {folder}")
     if metrics:
         metrics.close()
+    for line in timer.table() if timer else ():
+        log(line)
 
 
 def main(argv: list[str] | None = None) -> None:
