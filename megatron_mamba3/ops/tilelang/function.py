@@ -2,9 +2,9 @@
 
 Forward: the `chunk_prep` kernel and a few small PyTorch ops for the per-token and per-chunk terms of
 `chunk_terms`, then the three kernels of the scan.
-Backward: the chunk starts h̃_c again (two forward kernels), then the four backward kernels for the
-per-chunk work and `terms_backward` for the scalar chains (math: `chunk_grad`); gradients of every
-input, weight and the initial state.
+Backward: the four backward kernels for the per-chunk work, on the forward's chunk starts h̃_c (saved,
+bf16), and `terms_backward` for the scalar chains (math: `chunk_grad`); gradients of every input, weight
+and the initial state.
 """
 
 from __future__ import annotations
@@ -115,7 +115,8 @@ def _chunk_args(launch: _Launch) -> tuple[Tensor, ...]:
 
 
 def _forward_kernels(launch: _Launch, inputs: Mamba3Inputs, weights: Mamba3Weights):
-    """Run the forward kernels: (out (b, l, H, p) bf16, final state fp32)."""
+    """Run the forward kernels: (out (b, l, H, p) bf16, final state fp32, the chunk starts h̃_c (b, nc, H, n, p)
+    bf16 for the backward)."""
     from megatron_mamba3.ops.tilelang.kernels import kernel_set
 
     starts_h, h_final = _chunk_starts(launch)
@@ -125,12 +126,12 @@ def _forward_kernels(launch: _Launch, inputs: Mamba3Inputs, weights: Mamba3Weigh
         x, launch.z, B, C, *rest, starts_h, launch.B_bias, launch.C_bias, launch.D,
         launch.mimo_x, launch.mimo_z, launch.mimo_o, launch.norm, out,
     )
-    return out, final_state(inputs, weights, launch.theta_final, h_final.transpose(-1, -2).contiguous())
+    return out, final_state(inputs, weights, launch.theta_final, h_final.transpose(-1, -2).contiguous()), starts_h
 
 
 def _backward_kernels(
     launch: _Launch, inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state: Mamba3State,
-    grad_out: Tensor, grad_final: Mamba3State,
+    grad_out: Tensor, grad_final: Mamba3State, starts_h: Tensor,
 ) -> tuple[Mamba3Inputs, Mamba3Weights, Mamba3State]:
     """Gradients of every input, weight (None where absent) and the initial state, from the backward kernels
     (per-chunk work) and `terms_backward` (the (b, l, H)-sized scalar chains); `launch` is the forward's.
@@ -138,8 +139,10 @@ def _backward_kernels(
     The backward runs on finite copies of the inputs, the initial state and the per-token terms (as the
     reference's chunked form does, `toolkit.finite`): a token's non-finite value then contributes an exact
     0 wherever its output gradient is 0, instead of 0 · NaN, so the gradients of other tokens and documents
-    stay finite and equal to a run without it. Unlike the reference, the output gradient at the outputs the
-    forward made non-finite is not dropped."""
+    stay finite and equal to a run without it. The forward's chunk starts `starts_h` (b, nc, H, n, p) bf16 are
+    used with their non-finite entries set to 0 (in place), which are only in the documents a bad value
+    reaches. Unlike the reference, the output gradient at the outputs the forward made non-finite is not
+    dropped."""
     from megatron_mamba3.ops.tilelang.backward_kernels import backward_set
 
     inputs = Mamba3Inputs(*(finite_values(t) for t in inputs))
@@ -148,7 +151,7 @@ def _backward_kernels(
         **{field: getattr(inputs, field).contiguous() for field in _INPUT_FIELDS},
         **{field: finite_values(getattr(launch, field)) for field in _TERM_FIELDS},
     )
-    starts_h, _ = _chunk_starts(launch)
+    starts_h.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # finite_values in place: the forward's copy is not needed again
     kernels = backward_set(launch.config)
     c = launch.config
     b, length, H, p = launch.x.shape
@@ -231,7 +234,7 @@ class _TileLangScan(torch.autograd.Function):
         ctx.save_for_backward(*(t for t in leaves if isinstance(t, Tensor)))
         ctx.present = tuple(isinstance(t, Tensor) for t in leaves)
         ctx.launch = _prepare(inputs, weights, starts, state)  # per-token terms, reused by the backward
-        out, final = _forward_kernels(ctx.launch, inputs, weights)
+        out, final, ctx.starts_h = _forward_kernels(ctx.launch, inputs, weights)
         return (out, *final)
 
     @staticmethod
@@ -239,8 +242,10 @@ class _TileLangScan(torch.autograd.Function):
         saved = iter(ctx.saved_tensors)
         leaves = [next(saved) if present else None for present in ctx.present]
         inputs, weights, state, starts = _split(leaves)
-        grads = _backward_kernels(ctx.launch, inputs, weights, starts, state, grad_out, Mamba3State(*grad_final))
-        del ctx.launch
+        grads = _backward_kernels(
+            ctx.launch, inputs, weights, starts, state, grad_out, Mamba3State(*grad_final), ctx.starts_h
+        )
+        del ctx.launch, ctx.starts_h
         found = [*grads[0], *grads[1], *grads[2], None]
         return tuple(
             None if leaf is None or not ctx.needs_input_grad[index] else grad.to(leaf.dtype)
