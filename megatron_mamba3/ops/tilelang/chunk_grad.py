@@ -48,7 +48,7 @@ GATE_WEIGHTS = ("mimo_z", "mimo_o", "norm")
 
 
 class TermGrads(NamedTuple):
-    """Gradients with respect to the decomposition's scalars and boundary states.
+    """Gradients (in the compute dtype) with respect to the decomposition's scalars and boundary states.
 
     cs, wd, wo:  (b, l_pad, H)     per token;  mult: (b, nc, H) per chunk
     theta:       (b, l_pad, H, S)  per token θ (before any reduction modulo 2π)
@@ -116,9 +116,10 @@ def terms_backward(
     nc = terms.mult.shape[1]
     Q = terms.seg.shape[1] // nc
     half_split = R > 1
-    dtype = compute_dtype(inputs.x.dtype)
+    dtype = grads.theta.dtype  # the compute dtype
     dt, A, trap = (as_dtype(t, dtype) for t in (inputs.dt, inputs.A, inputs.trap))
     lam = torch.sigmoid(trap)
+    tokens = lambda t: t if t.shape[1] == length else t[:, :length]  # noqa: E731  (b, l_pad, ...) -> (b, l, ...)
 
     # The final key's gradients: ∂u = rot(−θ_final) ∂k for the unrotated u, and ∂θ from each pair of u
     # (rotations keep the pairs' cross products).
@@ -155,7 +156,7 @@ def terms_backward(
     running[:, :, -1:].add_(torch.cat(((grads.mult * terms.mult).view(b, nc, 1, H, 1), carry.to(dtype)), dim=-1))
     sums = running.take_along_dim(piece_last, dim=2)
     sums[:, :, 1:].sub_(running[:, :, :-1])
-    sums = sums.flatten(1, 2)[:, :length]  # (b, l, H, 1 + S)
+    sums = tokens(sums.flatten(1, 2))  # (b, l, H, 1 + S)
     dlog_alpha, dincr = sums[..., 0], sums[..., 1:]  # ∂(AΔ) (b, l, H), ∂incr (b, l, H, S)
     dt_pi, turn = math.pi * dt, torch.tanh(inputs.angles.double()).to(dtype)  # (b, l, H), (b, l, S)
     dangles = torch.ops.aten.tanh_backward(torch.einsum("blhs,blh->bls", dincr, dt_pi), turn)
@@ -178,7 +179,7 @@ def terms_backward(
         dmimo_x = torch.einsum("brhp,bhp->hrp", dvalues, v_prev)
 
     # λ, Δ: ∂((1 − λ_j)Δ_j) is ∂wo_{j−1} (∂w0 at j = 0), none where j starts a document.
-    dwd, dwo = grads.wd[:, :length], grads.wo[:, :length]
+    dwd, dwo = tokens(grads.wd), tokens(grads.wo)
     dbeta = torch.cat((dw0[:, None], dwo[:, :-1]), dim=1).masked_fill_(starts[..., None], 0)
     dgamma = dwd + dwo - dbeta  # ∂(λΔ), net of the −λΔ inside (1 − λ)Δ
     dtrap = torch.ops.aten.sigmoid_backward(dt * dgamma, lam)

@@ -14,8 +14,8 @@ where "carried" rows are those before the chunk's first document start and h̃_0
 scan of the per-chunk angle totals (a segmented cumsum in float64, reduced modulo 2π).
 
 `chunk_terms` is shared by the kernels (as their per-token inputs) and by `chunked_parallel`, the
-differentiable PyTorch form of the same math; its per-token part, `token_scalars`, also serves the
-closed-form backward of these scalars (`chunk_grad.terms_backward`).
+differentiable PyTorch form of the same math; its seg and mult also serve the closed-form
+backward of these scalars (`chunk_grad.terms_backward`).
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 class TokenScalars(NamedTuple):
-    """The per-token scalars `chunk_terms` and `terms_backward` share (compute dtype), padded with zero
+    """The per-token scalars of `chunk_terms` (compute dtype), padded with zero
     tokens (Δ = A = trap = 0) to l_pad + 1 = nc·Q + 1, so that every token has a successor.
 
     dt, A, lam:  (b, l_pad + 1, H)  Δ, A and λ = sigmoid(trap)
@@ -133,11 +133,11 @@ def chunk_terms(
 def chunk_angles(totals: Tensor, seg: Tensor, theta_0: Tensor, dtype: torch.dtype) -> Tensor:
     """θ carried into each chunk and after the last one, (b, nc + 1, H, S) in [0, 2π), from the per-chunk
     totals Σ_j Δ_j·tanh(angles_j) over each chunk's last document (b, nc, H, S), the running document index
-    seg (b, nc·Q) and the initial θ (b, H, S): a scan over nc + 1 slots in float64 (slot 0: θ_0, slot c + 1:
-    π times chunk c's total) restarting where a chunk's last document starts."""
+    seg (b, nc·Q) (0 at t = 0, where no document starts) and the initial θ (b, H, S): a scan over nc + 1
+    slots in float64 (slot 0: θ_0, slot c + 1: π times chunk c's total) restarting where a chunk's last
+    document starts."""
     b, nc = totals.shape[:2]
-    seg_chunks = seg.view(b, nc, -1)
-    documents = torch.cat((seg[:, :1], seg_chunks[:, :, -1]), dim=1)  # (b, nc + 1): where slots end
+    documents = F.pad(seg.view(b, nc, -1)[:, :, -1], (1, 0))  # (b, nc + 1): where slots end (slot 0: seg 0)
     theta = _segmented_cumsum((as_dtype(theta_0, torch.float64)[:, None], math.pi * as_dtype(totals, torch.float64)), documents)
     return as_dtype(torch.remainder(theta, TWO_PI), dtype)
 

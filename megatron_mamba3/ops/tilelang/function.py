@@ -239,7 +239,7 @@ def kernel_terms(config, inputs: Mamba3Inputs, weights: Mamba3Weights, starts: T
     b, length, H = inputs.dt.shape
     nc = chunk_count(length, config.Q)
     rows = nc * config.Q
-    seg = F.pad(starts, (0, rows - length)).cumsum(dim=1, dtype=torch.int32)
+    seg = (starts if rows == length else F.pad(starts, (0, rows - length))).cumsum(dim=1, dtype=torch.int32)
     empty = lambda *shape: torch.empty(shape, device=inputs.x.device, dtype=torch.float32)  # noqa: E731
     scalars, mult, totals = empty(3, b, H, rows), empty(b, nc, H), empty(b, nc, H, config.S)
     cs, wd, wo = scalars.unbind(0)
