@@ -219,13 +219,14 @@ def _backward_kernels(
     chunk_sum = lambda t: t.sum(dim=(0, 1))  # noqa: E731
     grads_inputs = Mamba3Inputs(dx, dz, dB, dC, rest.dt, rest.A, rest.trap, rest.angles)
     mimo = weights.mimo_x is not None
+    gate_z, gate_o, gate_norm = gate.unbind(3) if mimo or weights.norm is not None else (None,) * 3
     grads_weights = Mamba3Weights(
         chunk_sum(dB_bias) if rest.B_bias is None else chunk_sum(dB_bias) + rest.B_bias,
         chunk_sum(dC_bias), dD.sum(dim=(0, 2)),
         chunk_sum(dmimo_x) + rest.mimo_x if mimo else None,
-        chunk_sum(gate[:, :, :, 0]) if mimo else None,
-        chunk_sum(gate[:, :, :, 1]) if mimo else None,
-        chunk_sum(gate[:, :, :, 2]).sum(dim=1).reshape(H * p) if weights.norm is not None else None,
+        chunk_sum(gate_z) if mimo else None,
+        chunk_sum(gate_o) if mimo else None,
+        chunk_sum(gate_norm).sum(dim=1).reshape(H * p) if weights.norm is not None else None,
     )
     return grads_inputs, grads_weights, rest.state
 
