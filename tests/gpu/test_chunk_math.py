@@ -118,7 +118,7 @@ def test_terms_backward_matches_autograd(R, G):
         randn(b, H, p, n), Mamba3State(randn(b, H, p, n), randn(b, R, H, n), randn(b, H, p), randn(b, H, 2)),
     )
 
-    found = terms_backward(inputs, weights, starts, state, chunk, grads, chunk_terms(inputs, weights, starts, state, chunk).theta_final)
+    found = terms_backward(inputs, weights, starts, state, chunk_terms(inputs, weights, starts, state, chunk), grads)
     state_grads, B_last, x_last, weight_grads = _autograd_terms_backward(inputs, weights, starts, state, chunk, grads)
     expected = [*state_grads[:4], *state_grads[4:], B_last, x_last, *weight_grads]
     mine = [*found[:4], *found.state, found.B_last, found.x_last, found.B_bias]

@@ -81,8 +81,7 @@ def test_angle_gradients_keep_float32_precision_over_a_long_packed_sequence():
     )
 
     starts = document_starts(segment_ids)
-    theta_final = chunk_terms(inputs, weights, starts, state, CHUNK).theta_final
-    found = terms_backward(inputs, weights, starts, state, CHUNK, grads, theta_final)
+    found = terms_backward(inputs, weights, starts, state, chunk_terms(inputs, weights, starts, state, CHUNK), grads)
 
     # The definitions in float64, and the same over the terms' magnitudes (dt > 0, tanh' > 0).
     dincr = _document_suffix_sums(theta_grad, final_grad, segment_ids)  # (b, l, H, S)

@@ -31,12 +31,13 @@ from torch import Tensor
 
 from megatron_mamba3.ops.interface import Mamba3Inputs, Mamba3State, Mamba3Weights, compute_dtype
 from megatron_mamba3.ops.tilelang.chunk_math import (
+    ChunkTerms,
+    as_dtype,
     chunk_outputs,
     chunk_states,
     chunk_terms,
     chunk_view,
     to_chunks,
-    token_scalars,
 )
 from megatron_mamba3.ops.toolkit.gate import gate_output
 from megatron_mamba3.ops.toolkit.heads import head_inputs, rank_values
@@ -47,13 +48,13 @@ GATE_WEIGHTS = ("mimo_z", "mimo_o", "norm")
 
 
 class TermGrads(NamedTuple):
-    """Gradients with respect to the decomposition's scalars and boundary states.
+    """Gradients (in the compute dtype) with respect to the decomposition's scalars and boundary states.
 
     cs, wd, wo:  (b, l_pad, H)     per token;  mult: (b, nc, H) per chunk
     theta:       (b, l_pad, H, S)  per token θ (before any reduction modulo 2π)
     h_in:        (b, H, p, n)      h̃_0
     final:       Mamba3State       the caller's gradient of the final state (h is used by the state pass,
-                                   k_prev / v_prev / theta here)
+                                   k_prev / v_prev / theta here; None where it has none)
     """
 
     cs: Tensor
@@ -67,7 +68,8 @@ class TermGrads(NamedTuple):
 
 class InputGrads(NamedTuple):
     """What `terms_backward` returns: gradients of Δ, A, trap (b, l, H), angles (b, l, S), the initial
-    state, and of the last token's B (b, R, G, n) and x (b, H, p), B_bias and mimo_x (None for SISO)."""
+    state, and of the last token's B (b, R, G, n) and x (b, H, p), B_bias and mimo_x (None for SISO); those
+    of the last token and B_bias are None where the final state has no k_prev / v_prev gradient."""
 
     dt: Tensor
     A: Tensor
@@ -85,14 +87,14 @@ def terms_backward(
     weights: Mamba3Weights,
     starts: Tensor,
     state: Mamba3State,
-    chunk_size: int,
+    terms: ChunkTerms,
     grads: TermGrads,
-    theta_final: Tensor,
 ) -> InputGrads:
     """Push `grads` through `chunk_terms`, the per-token θ and the final state's k/v/θ, in closed form.
 
-    inputs (b, l, ...), starts (b, l) bool (never at t = 0), the initial state and the forward's θ_final
-    (b, H, S) (`chunk_terms`) -> `InputGrads` (compute dtype). With j a token, c its chunk and
+    inputs (b, l, ...), starts (b, l) bool (never at t = 0), the initial state (k_prev and v_prev are read)
+    and the forward's `terms`: seg (b, l_pad) int32, mult (b, nc, H) and θ_final (b, H, S), as `chunk_terms`
+    gives them (or the kernels' launch) -> `InputGrads` (compute dtype). With j a token, c its chunk and
     incr_j = π·tanh(angles_j)·Δ_j (b, l, H, S):
 
         cs_j = Σ_{m ≤ j in c and j's document} A_m Δ_m,  mult_c = exp(cs_last) [no start in c]:
@@ -111,52 +113,61 @@ def terms_backward(
     b, length, H = inputs.dt.shape
     R, G, n = inputs.B.shape[2:]
     S = inputs.angles.shape[-1]
+    nc = terms.mult.shape[1]
+    Q = terms.seg.shape[1] // nc
     half_split = R > 1
-    dtype = compute_dtype(inputs.x.dtype)
-    scalars = token_scalars(inputs, starts, chunk_size)
-    nc = scalars.reset.shape[1]
-    dt, A, lam = (t[:, :length] for t in (scalars.dt, scalars.A, scalars.lam))
+    dtype = grads.theta.dtype  # the compute dtype
+    dt, A, trap = (as_dtype(t, dtype) for t in (inputs.dt, inputs.A, inputs.trap))
+    lam = torch.sigmoid(trap)
+    tokens = lambda t: t if t.shape[1] == length else t[:, :length]  # noqa: E731  (b, l_pad, ...) -> (b, l, ...)
 
     # The final key's gradients: ∂u = rot(−θ_final) ∂k for the unrotated u, and ∂θ from each pair of u
     # (rotations keep the pairs' cross products).
-    key = head_inputs(inputs.B[:, -1].to(dtype), weights.B_bias.to(dtype))  # (b, R, H, n)
-    dkey = rotate(grads.final.k_prev, -theta_final[:, None].to(dtype), half_split)
-    dtheta_final = grads.final.theta + pair_cross(dkey, key, S, half_split).sum(dim=1)
+    final, dkey = grads.final, None
+    dtheta_final = final.theta
+    if final.k_prev is not None:
+        key = head_inputs(as_dtype(inputs.B[:, -1], dtype), as_dtype(weights.B_bias, dtype))  # (b, R, H, n)
+        dkey = rotate(final.k_prev, -as_dtype(terms.theta_final[:, None], dtype), half_split)
+        cross = pair_cross(dkey, key, S, half_split).sum(dim=1)
+        dtheta_final = cross if dtheta_final is None else dtheta_final + cross
 
     # Sums over the tokens i ≥ j of j's document piece in its chunk, plus a carry_c for the chunk's last piece:
     # running sums P over each chunk's Q tokens, with carry_c added to P_{Q−1} (which no token subtracts), read
-    # as P_{e_j} − P_{j−1}, e_j the last token of j's piece.
-    Q = chunk_size
-    seg_chunks = scalars.seg.view(b, nc, Q)
-    piece_last = torch.searchsorted(seg_chunks, seg_chunks, right=True) - 1  # e_j, (b, nc, Q)
+    # as P_{e_j} − P_{j−1}, e_j the last token of j's piece. ∂cs (column 0) and ∂θ (columns 1 to S) run
+    # together, each column on its own.
+    seg_chunks = terms.seg.view(b, nc, Q)
+    piece_last = (torch.searchsorted(seg_chunks, seg_chunks, right=True) - 1).view(b, nc, Q, 1, 1)  # e_j
+    running = torch.cat((grads.cs[..., None], grads.theta), dim=-1).view(b, nc, Q, H, 1 + S).cumsum(dim=2)
 
-    # ∂incr: carry_c is what the document of chunk c's last piece gathers after c, the first pieces of the
+    # ∂θ's carry_c is what the document of chunk c's last piece gathers after c, the first pieces of the
     # later chunks it reaches (∂θ_final past the last chunk): a float64 difference of running sums over
     # (b, nc + 1, H, S) slots, exactly 0 where that document ends in c.
-    running = grads.theta.unflatten(1, (nc, Q)).cumsum(dim=2)  # (b, nc, Q, H, S)
-    first = running.gather(2, piece_last[:, :, :1, None, None].expand(-1, -1, -1, H, S))[:, :, 0]  # (b, nc, H, S)
-    reaches = torch.cat((first, dtheta_final[:, None]), dim=1).double()
-    reaches = F.pad(reaches, (0, 0, 0, 0, 1, 0)).cumsum_(dim=1)  # Σ over the slots before k, (b, nc + 2, H, S)
-    keys = torch.cat((seg_chunks[:, :, 0], scalars.seg[:, -1:]), dim=1)  # each slot's document, (b, nc + 1)
+    first = running.take_along_dim(piece_last[:, :, :1], dim=2)[..., 1:]  # (b, nc, 1, H, S)
+    if dtheta_final is None:
+        reaches = F.pad(first.double(), (0, 0, 0, 0, 0, 0, 1, 1))
+    else:
+        reaches = F.pad(torch.cat((first, dtheta_final.reshape(b, 1, 1, H, S)), dim=1).double(), (0, 0, 0, 0, 0, 0, 1, 0))
+    reaches = reaches.cumsum_(dim=1)  # Σ over the slots before k, (b, nc + 2, 1, H, S)
+    keys = torch.cat((seg_chunks[:, :, 0], terms.seg[:, -1:]), dim=1)  # each slot's document, (b, nc + 1)
     past = torch.searchsorted(keys, seg_chunks[:, :, -1].contiguous(), right=True)  # after the last slot reached
-    carry = reaches.gather(1, past[..., None, None].expand(-1, -1, H, S)) - reaches[:, 1:-1]  # (b, nc, H, S)
-    running[:, :, -1] += carry.to(dtype)
-    dincr = _piece_sums(running, piece_last)[:, :length]  # (b, l, H, S)
+    carry = reaches.take_along_dim(past.view(b, nc, 1, 1, 1), dim=1) - reaches[:, 1:-1]  # (b, nc, 1, H, S)
+    # ∂cs's carry_c = ∂mult_c mult_c (mult is 0 in chunks with a document start, the only ones with more than
+    # one piece).
+    running[:, :, -1:].add_(torch.cat(((grads.mult * terms.mult).view(b, nc, 1, H, 1), carry.to(dtype)), dim=-1))
+    sums = running.take_along_dim(piece_last, dim=2)
+    sums[:, :, 1:].sub_(running[:, :, :-1])
+    sums = tokens(sums.flatten(1, 2))  # (b, l, H, 1 + S)
+    dlog_alpha, dincr = sums[..., 0], sums[..., 1:]  # ∂(AΔ) (b, l, H), ∂incr (b, l, H, S)
     dt_pi, turn = math.pi * dt, torch.tanh(inputs.angles.double()).to(dtype)  # (b, l, H), (b, l, S)
     dangles = torch.ops.aten.tanh_backward(torch.einsum("blhs,blh->bls", dincr, dt_pi), turn)
     dtheta_0 = dincr[:, 0]  # θ_0 reaches the first document (and θ_final when it is the last)
 
-    # AΔ: ∂cs summed over the piece, carry_c = ∂mult_c mult_c (mult is 0 in chunks with a document start, the
-    # only ones with more than one piece).
-    running = grads.cs.unflatten(1, (nc, Q)).cumsum(dim=2)
-    running[:, :, -1] += grads.mult * scalars.mult
-    dlog_alpha = _piece_sums(running, piece_last)[:, :length]
-
     # h̃_0: ∂(w0 v_r) = ∂h̃_0 k_prev,r,  ∂k_prev,r = w0 ∂h̃_0ᵀ v_r,  ∂w0 = Σ_r ⟨v_r, ∂h̃_0 k_prev,r⟩
-    k_prev, v_prev = state.k_prev.to(dtype), state.v_prev.to(dtype)
-    mimo_x = None if weights.mimo_x is None else weights.mimo_x.to(dtype)
+    k_prev, v_prev = as_dtype(state.k_prev, dtype), as_dtype(state.v_prev, dtype)
+    mimo_x = None if weights.mimo_x is None else as_dtype(weights.mimo_x, dtype)
     values = rank_values(v_prev, mimo_x)  # (b, R, H, p)
-    w0 = torch.addcmul(dt[:, 0], lam[:, 0], dt[:, 0], value=-1)[:, None, :, None]
+    dt_0 = dt[:, 0]
+    w0 = torch.addcmul(dt_0, lam[:, 0], dt_0, value=-1).view(b, 1, H, 1)
     dweighted = torch.einsum("bhpn,brhn->brhp", grads.h_in, k_prev)
     dw0 = (dweighted * values).sum(dim=(1, 3))  # (b, H)
     dvalues = dweighted * w0
@@ -168,26 +179,19 @@ def terms_backward(
         dmimo_x = torch.einsum("brhp,bhp->hrp", dvalues, v_prev)
 
     # λ, Δ: ∂((1 − λ_j)Δ_j) is ∂wo_{j−1} (∂w0 at j = 0), none where j starts a document.
-    dwd, dwo = grads.wd[:, :length], grads.wo[:, :length]
+    dwd, dwo = tokens(grads.wd), tokens(grads.wo)
     dbeta = torch.cat((dw0[:, None], dwo[:, :-1]), dim=1).masked_fill_(starts[..., None], 0)
     dgamma = dwd + dwo - dbeta  # ∂(λΔ), net of the −λΔ inside (1 − λ)Δ
     dtrap = torch.ops.aten.sigmoid_backward(dt * dgamma, lam)
     ddt = torch.addcmul(dbeta, lam, dgamma).addcmul_(A, dlog_alpha)
     ddt = ddt.add_(torch.einsum("blhs,bls->blh", dincr, turn), alpha=math.pi)
 
+    no_key = dkey is None
     return InputGrads(
         ddt, dlog_alpha * dt, dtrap, dangles, Mamba3State(grads.h_in, dk_prev, dv_prev, dtheta_0),
-        dkey.unflatten(2, (G, H // G)).sum(dim=3), grads.final.v_prev, dkey.sum(dim=0).transpose(0, 1), dmimo_x,
+        None if no_key else dkey.unflatten(2, (G, H // G)).sum(dim=3), final.v_prev,
+        None if no_key else dkey.sum(dim=0).transpose(0, 1), dmimo_x,
     )
-
-
-def _piece_sums(running: Tensor, piece_last: Tensor) -> Tensor:
-    """Running sums P (b, nc, Q, ...) within each chunk and piece_last (b, nc, Q), the last token e_j of each
-    token's piece -> P_{e_j} − P_{j−1} (P_{−1} = 0), (b, nc·Q, ...)."""
-    index = piece_last.view(*piece_last.shape, *(1,) * (running.dim() - 3)).expand(-1, -1, -1, *running.shape[3:])
-    sums = running.gather(2, index)
-    sums[:, :, 1:] -= running[:, :, :-1]
-    return sums.flatten(1, 2)
 
 
 def pair_cross(grad: Tensor, value: Tensor, S: int, half_split: bool) -> Tensor:
@@ -293,7 +297,7 @@ def chunked_backward(
         cs_grad.reshape(b, nc * Q, H), wd_grad.reshape(b, nc * Q, H), wo_grad.reshape(b, nc * Q, H), dmult,
         theta_grad.reshape(b, nc * Q, H, S), dH, grad_final.to(dtype),
     )
-    rest = terms_backward(inputs, weights, starts, state, Q, term_grads, terms.theta_final)
+    rest = terms_backward(inputs, weights, starts, state, terms, term_grads)
     dx = flat(x_grad).clone()
     dx[:, -1] += rest.x_last
     dB = group(duB).clone()

@@ -14,8 +14,8 @@ where "carried" rows are those before the chunk's first document start and h̃_0
 scan of the per-chunk angle totals (a segmented cumsum in float64, reduced modulo 2π).
 
 `chunk_terms` is shared by the kernels (as their per-token inputs) and by `chunked_parallel`, the
-differentiable PyTorch form of the same math; its per-token part, `token_scalars`, also serves the
-closed-form backward of these scalars (`chunk_grad.terms_backward`).
+differentiable PyTorch form of the same math; its seg and mult also serve the closed-form
+backward of these scalars (`chunk_grad.terms_backward`).
 """
 
 from __future__ import annotations
@@ -59,8 +59,13 @@ def chunk_count(length: int, chunk_size: int) -> int:
     return -(-length // chunk_size)
 
 
+def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """`t.to(dtype)` without the (host-side) op where `t` already has that dtype."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 class TokenScalars(NamedTuple):
-    """The per-token scalars `chunk_terms` and `terms_backward` share (compute dtype), padded with zero
+    """The per-token scalars of `chunk_terms` (compute dtype), padded with zero
     tokens (Δ = A = trap = 0) to l_pad + 1 = nc·Q + 1, so that every token has a successor.
 
     dt, A, lam:  (b, l_pad + 1, H)  Δ, A and λ = sigmoid(trap)
@@ -128,21 +133,21 @@ def chunk_terms(
 def chunk_angles(totals: Tensor, seg: Tensor, theta_0: Tensor, dtype: torch.dtype) -> Tensor:
     """θ carried into each chunk and after the last one, (b, nc + 1, H, S) in [0, 2π), from the per-chunk
     totals Σ_j Δ_j·tanh(angles_j) over each chunk's last document (b, nc, H, S), the running document index
-    seg (b, nc·Q) and the initial θ (b, H, S): a scan over nc + 1 slots in float64 (slot 0: θ_0, slot c + 1:
-    π times chunk c's total) restarting where a chunk's last document starts."""
+    seg (b, nc·Q) (0 at t = 0, where no document starts) and the initial θ (b, H, S): a scan over nc + 1
+    slots in float64 (slot 0: θ_0, slot c + 1: π times chunk c's total) restarting where a chunk's last
+    document starts."""
     b, nc = totals.shape[:2]
-    seg_chunks = seg.view(b, nc, -1)
-    documents = torch.cat((seg[:, :1], seg_chunks[:, :, -1]), dim=1)  # (b, nc + 1): where slots end
-    theta = _segmented_cumsum((theta_0.double()[:, None], math.pi * totals.double()), documents)
-    return torch.remainder(theta, TWO_PI).to(dtype)
+    documents = F.pad(seg.view(b, nc, -1)[:, :, -1], (1, 0))  # (b, nc + 1): where slots end (slot 0: seg 0)
+    theta = _segmented_cumsum((as_dtype(theta_0, torch.float64)[:, None], math.pi * as_dtype(totals, torch.float64)), documents)
+    return as_dtype(torch.remainder(theta, TWO_PI), dtype)
 
 
 def incoming_state(inputs: Mamba3Inputs, weights: Mamba3Weights, state: Mamba3State, dtype: torch.dtype) -> Tensor:
     """h̃_0 = h + (1 − λ_0)Δ_0 Σ_r v_prev,r k_prev,rᵀ (b, H, p, n) in `dtype`, from the first token's Δ and trap."""
-    dt_0 = inputs.dt[:, 0].to(dtype)
-    weight = dt_0 - torch.sigmoid(inputs.trap[:, 0].to(dtype)) * dt_0  # (1 − λ_0)Δ_0, (b, H)
-    h, k_prev, v_prev = (t.to(dtype) for t in (state.h, state.k_prev, state.v_prev))
-    mimo_x = None if weights.mimo_x is None else weights.mimo_x.to(dtype)
+    dt_0 = as_dtype(inputs.dt[:, 0], dtype)
+    weight = dt_0 - torch.sigmoid(as_dtype(inputs.trap[:, 0], dtype)) * dt_0  # (1 − λ_0)Δ_0, (b, H)
+    h, k_prev, v_prev = (as_dtype(t, dtype) for t in (state.h, state.k_prev, state.v_prev))
+    mimo_x = None if weights.mimo_x is None else as_dtype(weights.mimo_x, dtype)
     return state_with_incoming(h, k_prev, v_prev, mimo_x, weight)
 
 
@@ -153,16 +158,15 @@ def _segmented_cumsum(pieces: tuple[Tensor, ...], keys: Tensor) -> Tensor:
     start = pieces[-1].new_zeros((keys.shape[0], 1, *pieces[-1].shape[2:]))
     prefix = torch.cat((start, *pieces), dim=1).cumsum(dim=1)  # Σ_{k' < k}, (b, m + 1, ...)
     first = torch.searchsorted(keys, keys)  # first slot of each key
-    index = first.view(*first.shape, *(1,) * (prefix.dim() - 2)).expand(-1, -1, *prefix.shape[2:])
-    return prefix[:, 1:] - prefix.gather(1, index)
+    return prefix[:, 1:] - prefix.take_along_dim(first.view(*first.shape, *(1,) * (prefix.dim() - 2)), dim=1)
 
 
 def final_state(inputs: Mamba3Inputs, weights: Mamba3Weights, theta_final: Tensor, h_final: Tensor) -> Mamba3State:
     """The state (docs/packing_and_state.md) after the last token, given θ there (b, H, S) and h̃
     after the last chunk, h_final (b, H, p, n) (equal to h there: the last token has no successor, so its ε is 0)."""
     dtype = h_final.dtype
-    k_last = head_keys(inputs.B[:, -1].to(dtype), weights.B_bias.to(dtype), theta_final)
-    return Mamba3State(h_final, k_last, inputs.x[:, -1].to(dtype), theta_final)
+    k_last = head_keys(as_dtype(inputs.B[:, -1], dtype), as_dtype(weights.B_bias, dtype), theta_final)
+    return Mamba3State(h_final, k_last, as_dtype(inputs.x[:, -1], dtype), theta_final)
 
 
 class ChunkView(NamedTuple):

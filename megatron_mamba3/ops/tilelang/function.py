@@ -17,7 +17,7 @@ from torch import Tensor
 
 from megatron_mamba3.ops.interface import Mamba3Inputs, Mamba3State, Mamba3Weights, read_dims
 from megatron_mamba3.ops.tilelang.chunk_grad import TermGrads, terms_backward
-from megatron_mamba3.ops.tilelang.chunk_math import chunk_angles, chunk_count, final_state, incoming_state
+from megatron_mamba3.ops.tilelang.chunk_math import as_dtype, chunk_angles, chunk_count, final_state, incoming_state
 from megatron_mamba3.ops.toolkit.finite import finite_values
 from megatron_mamba3.ops.toolkit.packing import run_packed
 
@@ -40,7 +40,7 @@ def unsupported(n: int, p: int, R: int) -> str | None:
 
 class _Launch(NamedTuple):
     """What every kernel launch of one call shares: the kernels' config, the inputs contiguous in their
-    dtype, `kernel_terms` and the weights as fp32 (ones where absent)."""
+    dtype, `kernel_terms` (cs, wd and wo are views of `scalars`) and the weights as fp32 (ones where absent)."""
 
     config: object
     x: Tensor
@@ -53,6 +53,7 @@ class _Launch(NamedTuple):
     mult: Tensor
     theta_start: Tensor
     theta_final: Tensor
+    scalars: Tensor
     cs: Tensor
     wd: Tensor
     wo: Tensor
@@ -67,7 +68,6 @@ class _Launch(NamedTuple):
 
 
 _INPUT_FIELDS = ("x", "z", "B", "C", "dt", "angles")  # the launch's inputs, made contiguous
-_TERM_FIELDS = ("mult", "theta_start", "theta_final", "cs", "wd", "wo", "h_in")  # from the inputs and the state
 
 
 def _prepare(inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state: Mamba3State) -> _Launch:
@@ -80,9 +80,17 @@ def _prepare(inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state
     config = KernelConfig(H, p, n, R, G, S, Q, weights.norm is not None)
     terms = kernel_terms(config, inputs, weights, starts, state)
     x, z, B, C, dt, angles = (getattr(inputs, field).contiguous() for field in _INPUT_FIELDS)
-    f32 = lambda t, shape: (torch.ones(shape, device=x.device) if t is None else t.float()).contiguous()  # noqa: E731
+    ones = {}  # one read-only tensor of ones per shape, for the absent weights
+
+    def f32(t, shape):
+        if t is not None:
+            return as_dtype(t, torch.float32).contiguous()
+        if shape not in ones:
+            ones[shape] = torch.ones(shape, device=x.device)
+        return ones[shape]
+
     mimo = [f32(t, (H, R, p)) for t in (weights.mimo_x, weights.mimo_z, weights.mimo_o)]
-    norm = f32(weights.norm, (H * p,)).view(H, p)
+    norm = f32(None if weights.norm is None else weights.norm.view(H, p), (H, p))
     B_bias, C_bias, D = f32(weights.B_bias, None), f32(weights.C_bias, None), f32(weights.D, None)
     return _Launch(config, x, z, B, C, dt, angles, *terms, B_bias, C_bias, D, *mimo, norm)
 
@@ -131,98 +139,119 @@ def _forward_kernels(launch: _Launch, inputs: Mamba3Inputs, weights: Mamba3Weigh
 
 def _backward_kernels(
     launch: _Launch, inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state: Mamba3State,
-    grad_out: Tensor, grad_final: Mamba3State, starts_h: Tensor,
+    grad_out: Tensor | None, grad_final: Mamba3State, starts_h: Tensor,
 ) -> tuple[Mamba3Inputs, Mamba3Weights, Mamba3State]:
     """Gradients of every input, weight (None where absent) and the initial state, from the backward kernels
     (per-chunk work) and `terms_backward` (the (b, l, H)-sized scalar chains); `launch` is the forward's.
+    grad_out and each field of grad_final may be None (no gradient: zero).
 
-    The backward runs on finite copies of the inputs, the initial state and the per-token terms (as the
-    reference's chunked form does, `toolkit.finite`): a token's non-finite value then contributes an exact
-    0 wherever its output gradient is 0, instead of 0 · NaN, so the gradients of other tokens and documents
-    stay finite and equal to a run without it. The forward's chunk starts `starts_h` (b, nc, H, n, p) bf16 are
-    used with their non-finite entries set to 0 (in place), which are only in the documents a bad value
-    reaches. Unlike the reference, the output gradient at the outputs the forward made non-finite is not
-    dropped."""
+    The backward runs on finite copies of the inputs, the initial state's k_prev and v_prev (the only fields
+    it reads) and the per-token terms (as the reference's chunked form does, `toolkit.finite`): a token's
+    non-finite value then contributes an exact 0 wherever its output gradient is 0, instead of 0 · NaN, so
+    the gradients of other tokens and documents stay finite and equal to a run without it. The forward's
+    chunk starts `starts_h` (b, nc, H, n, p) bf16 are used with their non-finite entries set to 0 (in
+    place), which are only in the documents a bad value reaches. Unlike the reference, the output gradient
+    at the outputs the forward made non-finite is not dropped.
+
+    The forward's terms are spent once copied: their buffers (the backward's alone) take the backward's
+    outputs of the same shape and dtype (∂cs, ∂wd, ∂wo into `scalars`, ∂mult into `mult`, dh̃_0 into
+    `h_in`)."""
     from megatron_mamba3.ops.tilelang.backward_kernels import backward_set
 
+    spent = launch
     inputs = Mamba3Inputs(*(finite_values(t) for t in inputs))
-    state = Mamba3State(*(None if t is None else finite_values(t) for t in state))
+    state = state._replace(k_prev=finite_values(state.k_prev), v_prev=finite_values(state.v_prev))
+    scalars = finite_values(launch.scalars)
     launch = launch._replace(
         **{field: getattr(inputs, field).contiguous() for field in _INPUT_FIELDS},
-        **{field: finite_values(getattr(launch, field)) for field in _TERM_FIELDS},
+        **dict(zip(("cs", "wd", "wo"), scalars.unbind(0))),
+        scalars=scalars,
+        mult=finite_values(launch.mult),
+        theta_start=finite_values(launch.theta_start),
+        h_in=finite_values(launch.h_in),
+        # θ_final is read only for the final key's gradient
+        theta_final=launch.theta_final if grad_final.k_prev is None else finite_values(launch.theta_final),
     )
     starts_h.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # finite_values in place: the forward's copy is not needed again
+    dh_in = spent.h_in
     kernels = backward_set(launch.config)
     c = launch.config
     b, length, H, p = launch.x.shape
     nc = launch.mult.shape[1]
     rows = nc * c.Q  # padded length
     empty = lambda *shape, dtype=torch.float32: torch.empty(shape, device=launch.x.device, dtype=dtype)  # noqa: E731
-    zeros = lambda *shape, dtype=torch.float32: torch.zeros(shape, device=launch.x.device, dtype=dtype)  # noqa: E731
-    x, B, C, *scalars = _chunk_args(launch)
+    x, B, C, *scalar_args = _chunk_args(launch)
 
-    dy, dz, gc, gate = empty(b, H, rows * c.R, p), torch.empty_like(launch.z), empty(b, nc, H, c.n, p), empty(b, nc, H, 3, c.R, p)
+    dout = torch.zeros_like(x) if grad_out is None else as_dtype(grad_out, x.dtype).contiguous()
+    dy, dz, gate = empty(b, H, rows * c.R, p), torch.empty_like(launch.z), empty(b, nc, H, 3, c.R, p)
+    gc = empty(b, nc, H, c.n, p)
     kernels.chunk_dy(
-        x, launch.z, B, C, *scalars, starts_h, launch.B_bias, launch.C_bias, launch.D, launch.mimo_x,
-        launch.mimo_z, launch.mimo_o, launch.norm, grad_out.to(x.dtype).contiguous(), dy, dz, gc, gate,
+        x, launch.z, B, C, *scalar_args, starts_h, launch.B_bias, launch.C_bias, launch.D, launch.mimo_x,
+        launch.mimo_z, launch.mimo_o, launch.norm, dout, dy, dz, gc, gate,
     )
-    ds, dh_in = empty(b, nc, H, c.n, p), empty(b, H, c.n, p)
-    kernels.state_pass_bwd(gc, launch.mult, grad_final.h.float().transpose(-1, -2).contiguous(), ds, dh_in)
+    ds = empty(b * nc, H, c.n, p)
+    if grad_final.h is None:
+        dh_final = torch.zeros_like(dh_in)
+    else:
+        dh_final = as_dtype(grad_final.h, torch.float32).transpose(-1, -2).contiguous()
+    kernels.state_pass_bwd(gc, launch.mult, dh_final, ds.view(b, nc, H, c.n, p), dh_in)
 
     # dB, dC: float64 sums over a group's heads (atomic adds; see backward_kernels.scatter).
-    head_sum = lambda: zeros(b, length, c.R, c.G, c.n, dtype=torch.float64)  # noqa: E731
+    head_sum = lambda: torch.zeros(b, length, c.R, c.G, c.n, device=x.device, dtype=torch.float64)  # noqa: E731
     dx, dB, dC = empty(b, length, H, p), head_sum(), head_sum()
-    dB_bias, dC_bias, dmimo_x = empty(b, nc, H, c.R, c.n), empty(b, nc, H, c.R, c.n), zeros(b, nc, H, c.R, p)
-    dD, dw, dtheta, dmult = empty(b, H, rows * c.R), empty(b, H, rows), empty(b, rows, H, c.S), empty(b, nc, H)
+    dB_bias, dC_bias, dmimo_x = empty(b, nc, H, c.R, c.n), empty(b, nc, H, c.R, c.n), empty(b, nc, H, c.R, p)
+    dD, dw, dtheta, dmult = empty(b, H, rows * c.R), empty(b, H, rows), empty(b, rows, H, c.S), spent.mult
     kernels.chunk_dkv(
-        x, B, C, *scalars, ds.flatten(0, 1), starts_h, dy, launch.B_bias, launch.C_bias, launch.D, launch.mimo_x,
+        x, B, C, *scalar_args, ds, starts_h, dy, launch.B_bias, launch.C_bias, launch.D, launch.mimo_x,
         dmult, dx, dB, dB_bias, dmimo_x, dD, dw, dtheta,
     )
-    dcs, dwd, dwo = empty(b, H, rows), empty(b, H, rows), empty(b, H, rows)
     kernels.chunk_dq(
-        x, B, C, *scalars, starts_h, dy, dw, launch.B_bias, launch.C_bias, launch.mimo_x,
-        dC, dC_bias, dcs, dwd, dwo, dtheta,
+        x, B, C, *scalar_args, starts_h, dy, dw, launch.B_bias, launch.C_bias, launch.mimo_x,
+        dC, dC_bias, spent.cs, spent.wd, spent.wo, dtheta,
     )
 
-    per_token = lambda t: t.transpose(1, 2)  # noqa: E731
-    term_grads = TermGrads(
-        per_token(dcs), per_token(dwd), per_token(dwo), dmult, dtheta, dh_in.transpose(-1, -2),
-        grad_final.to(torch.float32),
-    )
-    rest = terms_backward(inputs, weights, starts, state, c.Q, term_grads, launch.theta_final)
-    dx[:, -1] += rest.x_last
+    dcs, dwd, dwo = spent.scalars.transpose(2, 3).unbind(0)  # per token, (b, l_pad, H)
+    final = Mamba3State(*(None if g is None else as_dtype(g, torch.float32) for g in grad_final))
+    term_grads = TermGrads(dcs, dwd, dwo, dmult, dtheta, dh_in.transpose(-1, -2), final)
+    rest = terms_backward(inputs, weights, starts, state, launch, term_grads)
     dB, dC = dB.float(), dC.float()
-    dB[:, -1] += rest.B_last
+    if rest.x_last is not None:
+        dx.select(1, -1).add_(rest.x_last)
+    if rest.B_last is not None:
+        dB.select(1, -1).add_(rest.B_last)
     chunk_sum = lambda t: t.sum(dim=(0, 1))  # noqa: E731
     grads_inputs = Mamba3Inputs(dx, dz, dB, dC, rest.dt, rest.A, rest.trap, rest.angles)
     mimo = weights.mimo_x is not None
+    gate_z, gate_o, gate_norm = gate.unbind(3) if mimo or weights.norm is not None else (None,) * 3
     grads_weights = Mamba3Weights(
-        chunk_sum(dB_bias) + rest.B_bias, chunk_sum(dC_bias), dD.sum(dim=(0, 2)),
+        chunk_sum(dB_bias) if rest.B_bias is None else chunk_sum(dB_bias) + rest.B_bias,
+        chunk_sum(dC_bias), dD.sum(dim=(0, 2)),
         chunk_sum(dmimo_x) + rest.mimo_x if mimo else None,
-        chunk_sum(gate[:, :, :, 0]) if mimo else None,
-        chunk_sum(gate[:, :, :, 1]) if mimo else None,
-        chunk_sum(gate[:, :, :, 2]).sum(dim=1).reshape(H * p) if weights.norm is not None else None,
+        chunk_sum(gate_z) if mimo else None,
+        chunk_sum(gate_o) if mimo else None,
+        chunk_sum(gate_norm).sum(dim=1).reshape(H * p) if weights.norm is not None else None,
     )
     return grads_inputs, grads_weights, rest.state
 
 
 def kernel_terms(config, inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state: Mamba3State):
     """`chunk_terms` in the kernels' layouts, the per-token part by the `chunk_prep` kernel: seg (b, l_pad)
-    int32, mult (b, nc, H), theta_start (b, nc, H, S), theta_final (b, H, S), cs, wd, wo (b, H, l_pad) and
-    h̃_0 as (b, H, n, p), all contiguous fp32 (seg int32)."""
+    int32, mult (b, nc, H), theta_start (b, nc, H, S), theta_final (b, H, S), scalars (3, b, H, l_pad) (cs,
+    wd, wo, also returned as its views) and h̃_0 as (b, H, n, p), all contiguous fp32 (seg int32)."""
     from megatron_mamba3.ops.tilelang.kernels import kernel_set
 
     b, length, H = inputs.dt.shape
     nc = chunk_count(length, config.Q)
     rows = nc * config.Q
-    seg = F.pad(starts, (0, rows - length)).cumsum(dim=1, dtype=torch.int32)
+    seg = (starts if rows == length else F.pad(starts, (0, rows - length))).cumsum(dim=1, dtype=torch.int32)
     empty = lambda *shape: torch.empty(shape, device=inputs.x.device, dtype=torch.float32)  # noqa: E731
-    cs, wd, wo, mult, totals = empty(b, H, rows), empty(b, H, rows), empty(b, H, rows), empty(b, nc, H), empty(b, nc, H, config.S)
+    scalars, mult, totals = empty(3, b, H, rows), empty(b, nc, H), empty(b, nc, H, config.S)
+    cs, wd, wo = scalars.unbind(0)
     dt, A, trap, angles = (t.contiguous() for t in (inputs.dt, inputs.A, inputs.trap, inputs.angles))
     kernel_set(config).chunk_prep(dt, A, trap, angles, seg, cs, wd, wo, mult, totals)
     theta = chunk_angles(totals, seg, state.theta, torch.float32)
     h_in = incoming_state(inputs, weights, state, torch.float32).transpose(-1, -2).contiguous()
-    return seg, mult, theta[:, :nc].contiguous(), theta[:, nc], cs, wd, wo, h_in
+    return seg, mult, theta[:, :nc].contiguous(), theta[:, nc], scalars, cs, wd, wo, h_in
 
 
 class _TileLangScan(torch.autograd.Function):
@@ -233,6 +262,7 @@ class _TileLangScan(torch.autograd.Function):
         inputs, weights, state, starts = _split(leaves)
         ctx.save_for_backward(*(t for t in leaves if isinstance(t, Tensor)))
         ctx.present = tuple(isinstance(t, Tensor) for t in leaves)
+        ctx.set_materialize_grads(False)  # an output without a gradient is None, not zeros: its chain is skipped
         ctx.launch = _prepare(inputs, weights, starts, state)  # per-token terms, reused by the backward
         out, final, ctx.starts_h = _forward_kernels(ctx.launch, inputs, weights)
         return (out, *final)
@@ -248,7 +278,7 @@ class _TileLangScan(torch.autograd.Function):
         del ctx.launch, ctx.starts_h
         found = [*grads[0], *grads[1], *grads[2], None]
         return tuple(
-            None if leaf is None or not ctx.needs_input_grad[index] else grad.to(leaf.dtype)
+            None if leaf is None or not ctx.needs_input_grad[index] else as_dtype(grad, leaf.dtype)
             for index, (leaf, grad) in enumerate(zip(leaves, found))
         )
 

@@ -16,6 +16,8 @@ def head_inputs(shared: Tensor, bias: Tensor) -> Tensor:
     """The unrotated keys or queries: normalized B or C (..., R, G, n) read per head (head h reads group
     h // (H / G)) plus bias (H, R, n) -> (..., R, H, n)."""
     H, G = bias.shape[0], shared.shape[-2]
+    if G == 1:  # (..., R, 1, n) broadcasts over the heads
+        return shared + bias.transpose(0, 1)
     return (shared.unsqueeze(-2) + bias.transpose(0, 1).unflatten(-2, (G, H // G))).flatten(-3, -2)
 
 
@@ -35,4 +37,4 @@ def state_with_incoming(h: Tensor, k_prev: Tensor, v_prev: Tensor, mimo_x: Tenso
     """h̃ = h + weight · Σ_r v_prev,r k_prev,rᵀ: h (b, H, p, n), k_prev (b, R, H, n), raw v_prev
     (b, H, p), weight (b, H) = (1 − λ)Δ of the first token -> (b, H, p, n)."""
     incoming = torch.einsum("brhp,brhn->hbpn", rank_values(v_prev, mimo_x), k_prev).transpose(0, 1)  # head-major fold
-    return h + weight[..., None, None] * incoming
+    return h + weight.reshape(*weight.shape, 1, 1) * incoming
