@@ -8,9 +8,11 @@ One process per tensor- x context-parallel rank (data-parallel size 1), started 
 (`python launch/train.py ...` alone runs one process.) The model is Megatron's `HybridModel` with
 `megatron_mamba3.layer_specs.mamba3_stack_spec` (M: Mamba-3, *: attention, -: MLP, E: MoE). On a
 machine without CUDA it uses gloo and applies `megatron_mamba3.patches.apply_cpu_patches()`; with
-CUDA it uses NCCL and applies no patch. The optimizer is Megatron's (`get_megatron_optimizer`, Adam;
-fp32 parameters, or with --bf16 bf16 parameters and activations with fp32 master weights) with
-Megatron's learning-rate scheduler (warm-up, then constant, linear or cosine).
+CUDA it uses NCCL and applies `apply_cuda_patches()` (the optimizer's multi-tensor ops as
+`torch._foreach_*` calls where megatron-core lacks Transformer Engine and apex). The optimizer is
+Megatron's (`get_megatron_optimizer`, Adam; fp32 parameters, or with --bf16 bf16 parameters and
+activations with fp32 master weights) with Megatron's learning-rate scheduler (warm-up, then
+constant, linear or cosine).
 Checkpoints are Megatron distributed checkpoints of model and optimizer, written atomically (see
 `checkpoints.py`). Tokens are synthetic or read from a memory-mapped file (see `token_data.py`) and
 depend only on the step, so a resumed run repeats the uninterrupted run's losses exactly (CPU, same
@@ -192,12 +194,8 @@ def init_distributed(args: argparse.Namespace) -> None:
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
-    if args.device == "cpu":
-        from megatron_mamba3.patches import apply_cpu_patches
-
-        args.patches = [patch.name for patch in apply_cpu_patches()]
-    else:
-        args.patches = []
+    from megatron_mamba3.patches import apply_cpu_patches, apply_cuda_patches
+    args.patches = [patch.name for patch in (apply_cpu_patches() if args.device == "cpu" else apply_cuda_patches())]
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
     torch.manual_seed(args.seed)
     model_parallel_cuda_manual_seed(args.seed)

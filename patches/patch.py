@@ -1,9 +1,11 @@
 """`Patch`: one pinned, explicit, undo-able replacement of Megatron-Core attributes.
 
 A patch names the attributes it replaces as (owner, attribute name, replacement) triples, built
-only when it is applied. `apply()` refuses (`MegatronVersionError`) unless the installed
-megatron-core is the version the patch was written for, refuses on a machine with CUDA unless
-`allow_cuda=True`, and is idempotent; `undo()` puts the original attributes back.
+only when it is applied (building them may refuse, naming why). `apply()` refuses
+(`MegatronVersionError`) unless the installed megatron-core is the version the patch was written for,
+refuses a CPU seam (the default) on a machine with CUDA unless `allow_cuda=True` (a patch meant for
+CUDA machines, `for_cuda=True`, skips that check), and is idempotent; `undo()` puts the original
+attributes back.
 """
 
 from __future__ import annotations
@@ -51,12 +53,14 @@ Target = tuple[object, str, object]
 class Patch:
     """Replaces the attributes `targets()` names while applied.
 
-    `name` identifies the patch; `reason` says which Megatron code lacks a seam.
+    `name` identifies the patch; `reason` says which Megatron code lacks a seam; `for_cuda` marks a
+    patch meant for CUDA machines (False: a CPU seam, refused where CUDA is available unless asked).
     """
 
     name: str
     reason: str
     targets: Callable[[], list[Target]]
+    for_cuda: bool = False
     _originals: list[Target] | None = dataclasses.field(default=None, repr=False)
 
     @property
@@ -66,13 +70,13 @@ class Patch:
     def apply(self, *, allow_cuda: bool = False) -> None:
         """Replace the targets (no-op when already applied).
 
-        Raises `MegatronVersionError` on another megatron-core version, and `RuntimeError` when
-        CUDA is available and `allow_cuda` is False (these patches exist for machines without it).
+        Raises `MegatronVersionError` on another megatron-core version, and `RuntimeError` for a CPU
+        seam when CUDA is available and `allow_cuda` is False (CPU seams exist for machines without it).
         """
         if self.applied:
             return
         check_megatron_core_version(self.name)
-        if torch.cuda.is_available() and not allow_cuda:
+        if not self.for_cuda and torch.cuda.is_available() and not allow_cuda:
             raise RuntimeError(
                 f"patch {self.name!r} redirects CUDA-only Megatron code to the CPU and CUDA is "
                 f"available here; it is not needed (pass allow_cuda=True to force it)"
