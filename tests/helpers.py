@@ -3,15 +3,26 @@
 
 from __future__ import annotations
 
+import importlib.util
 import math
 
+import pytest
 import torch
 from torch import Tensor
 
 from megatron_mamba3.ops import Mamba3State
 from megatron_mamba3.testing import make_case, make_state, rel_err  # noqa: F401  (re-exported for the tests)
 
-__all__ = ["ERROR_MULTIPLE", "angle_err", "assert_states_close", "bf16_bound", "make_case", "make_state", "rel_err"]
+__all__ = ["ERROR_MULTIPLE", "TILELANG_GPU", "angle_err", "assert_states_close", "bf16_bound", "make_case", "make_state", "rel_err"]
+
+# The marks of a test module that runs the TileLang kernels: it needs a CUDA GPU and TileLang.
+TILELANG_GPU = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(
+        not torch.cuda.is_available() or importlib.util.find_spec("tilelang") is None,
+        reason="needs a CUDA GPU and TileLang (runs on the GPU machine, not in CPU-only CI)",
+    ),
+]
 
 # A bf16 kernel may err against the float64 oracle at most this many times the bf16 reference's own error.
 ERROR_MULTIPLE = 4

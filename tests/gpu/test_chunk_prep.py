@@ -8,7 +8,6 @@ rad (fp32 angle totals of at most 64 increments against float64). Values that th
 exactly 0 (wo's second term at a document start, mult of a chunk holding a start) are compared exactly.
 """
 
-import importlib.util
 
 import pytest
 import torch
@@ -16,15 +15,9 @@ import torch
 from megatron_mamba3.ops.tilelang.chunk_math import chunk_terms
 from megatron_mamba3.ops.tilelang.function import TILE_ROWS
 from megatron_mamba3.ops.segments import document_starts
-from tests.helpers import make_case, make_state
+from tests.helpers import TILELANG_GPU, make_case, make_state
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(
-        not torch.cuda.is_available() or importlib.util.find_spec("tilelang") is None,
-        reason="needs a CUDA GPU and TileLang (runs on the GPU machine, not in CPU-only CI)",
-    ),
-]
+pytestmark = TILELANG_GPU
 
 HEADS, N, P = 4, 128, 64
 CONFIGS = [(1, 1, False), (4, 1, True)]  # (R, G, norm)

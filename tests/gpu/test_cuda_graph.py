@@ -11,22 +11,15 @@ synchronises with the host; the eager warm-up runs under `torch.cuda.set_sync_de
 first, so such an op is named. The host-side half, on CPU: tests/unit/test_tilelang_host_sync.py.
 """
 
-import importlib.util
 
 import pytest
 import torch
 
 from megatron_mamba3.ops import mamba3_scan
 from megatron_mamba3.ops.tilelang.function import TILE_ROWS
-from tests.helpers import make_case, make_state
+from tests.helpers import TILELANG_GPU, make_case, make_state
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(
-        not torch.cuda.is_available() or importlib.util.find_spec("tilelang") is None,
-        reason="needs a CUDA GPU and TileLang (runs on the GPU machine, not in CPU-only CI)",
-    ),
-]
+pytestmark = TILELANG_GPU
 
 BATCH, LENGTH, HEADS = 2, 200, 4
 CONFIGS = [(128, 64, 1, 1, False), (128, 64, 4, 1, True)]  # (n, p, R, G, norm): SISO and MIMO R=4

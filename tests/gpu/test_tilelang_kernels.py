@@ -9,7 +9,6 @@ state splits on the kernels against the oracle are the conformance suite's (test
 """
 
 import functools
-import importlib.util
 
 import pytest
 import torch
@@ -19,15 +18,9 @@ from megatron_mamba3.ops.oracle import mamba3_recurrent
 from megatron_mamba3.ops.reference import mamba3_chunked
 from megatron_mamba3.receipt_log import clear_receipts, receipts
 from megatron_mamba3.ops.tilelang.function import TILE_ROWS
-from tests.helpers import ERROR_MULTIPLE, bf16_bound, make_case, make_state, rel_err
+from tests.helpers import ERROR_MULTIPLE, TILELANG_GPU, bf16_bound, make_case, make_state, rel_err
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(
-        not torch.cuda.is_available() or importlib.util.find_spec("tilelang") is None,
-        reason="needs a CUDA GPU and TileLang (runs on the GPU machine, not in CPU-only CI)",
-    ),
-]
+pytestmark = TILELANG_GPU
 
 HEADS = 4
 LENGTH = 200  # not a multiple of the kernels' chunks (64 SISO, 32 R=2, 16 R=4)
