@@ -257,7 +257,6 @@ def _state_pass_bwd(c: KernelConfig):
 def _rotation_backward(c: KernelConfig):
     """Macros for the rotated vectors' gradients g (QR, n) fp32 in shared memory."""
     Q, R, n, S, H, G = c.Q, c.R, c.n, c.S, c.H, c.G
-    QR = Q * R
     half_split = R > 1
 
     def unrotated(g_s, cos_s, sin_s, row, nn):

@@ -73,7 +73,7 @@ _INPUT_FIELDS = ("x", "z", "B", "C", "dt", "angles")  # the launch's inputs, mad
 def _prepare(inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state: Mamba3State) -> _Launch:
     from megatron_mamba3.ops.tilelang.kernels import KernelConfig
 
-    b, length, H, p = inputs.x.shape
+    H, p = inputs.x.shape[2:]
     R, G, n = inputs.B.shape[2:]
     S = inputs.angles.shape[-1]
     Q = TILE_ROWS // R
