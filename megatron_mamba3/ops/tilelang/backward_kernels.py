@@ -269,8 +269,8 @@ def _rotation_backward(c: KernelConfig):
     def scatter(g_s, cos_s, sin_s, L, b, h, t0, chunk, SHARED_GRAD, BIAS_GRAD, term, term_sum):
         """Add the unrotated gradients into SHARED_GRAD (b, L, R, G, n) (float64, atomically: a group's
         heads share it; a float64 sum of H / G fp32 terms is exact, hence independent of the heads' order,
-        unless the terms span more than 29 - log2(H / G) binades) and write their sum over the chunk's tokens to BIAS_GRAD[b, chunk, h] (R, n); term (Q, n) and
-        term_sum (n,) are fp32 fragments."""
+        unless the terms span more than 29 - log2(H / G) binades) and write their sum over the chunk's
+        tokens to BIAS_GRAD[b, chunk, h] (R, n); term (Q, n) and term_sum (n,) are fp32 fragments."""
         for r in T.serial(R):
             for i, nn in T.Parallel(Q, n):
                 term[i, nn] = unrotated(g_s, cos_s, sin_s, i * R + r, nn)

@@ -172,7 +172,7 @@ def _backward_kernels(
         # θ_final is read only for the final key's gradient
         theta_final=launch.theta_final if grad_final.k_prev is None else finite_values(launch.theta_final),
     )
-    starts_h.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)  # finite_values in place: the forward's copy is not needed again
+    finite_values(starts_h, out=starts_h)  # in place: the forward's copy is not needed again
     dh_in = spent.h_in
     kernels = backward_set(launch.config)
     c = launch.config
