@@ -29,8 +29,8 @@ from megatron_mamba3.ops.tilelang.kernels import (
     KernelConfig,
     chunk_prologue,
     chunk_y_macro,
+    pair_indices,
     pairing,
-    rotated_key,
 )
 
 
@@ -280,16 +280,13 @@ def _rotation_backward(c: KernelConfig):
             for nn in T.Parallel(n):
                 BIAS_GRAD[b, chunk, h, r, nn] = term_sum[nn]
 
-    def pair(s):
-        return (s, n // 2 + s) if half_split else (2 * s, 2 * s + 1)
-
     @T.macro
     def angle_grad(g_s, value_s, theta_grad):
         """theta_grad (Q, S) += Σ_r g_b value_a − g_a value_b over the rotated pairs (a, b), with the values of the
         bf16 tile the matmuls used: the sum of dθ over a chunk then cancels as the kernels' own scores do
         (they depend on θ_i − θ_j only), which fp32 values would break at bf16 precision."""
         for i, s in T.Parallel(Q, S):
-            a, bb = pair(s)
+            a, bb = pair_indices(s, n, half_split)
             theta_grad[i, s] += sum(
                 g_s[i * R + r, bb] * T.cast(value_s[i * R + r, a], F32) - g_s[i * R + r, a] * T.cast(value_s[i * R + r, bb], F32)
                 for r in range(R)
@@ -349,6 +346,7 @@ def _chunk_dkv(c: KernelConfig):
             bias_s = T.alloc_shared((R, n), F32)
             q_s = T.alloc_shared((QR, n), BF16)
             k_s = T.alloc_shared((QR, n), BF16)
+            k_lo = T.alloc_shared((QR, n), BF16)
             x_s = T.alloc_shared((Q, p), BF16)
             mx_s = T.alloc_shared((R, p), F32)
             v_s = T.alloc_shared((QR, p), BF16)
@@ -382,7 +380,7 @@ def _chunk_dkv(c: KernelConfig):
                 w_s[i] = T.if_then_else(seg_s[i] == seg_s[Q - 1], T.exp(cs_s[Q - 1] - cs_s[i]) * wo_s[i], 0.0)
             rotation(ANG, DT, THS, L, b, h, chunk, t0, seg_s, seg_before, turn_s, theta_f, cos_s, sin_s)
             keys(Cq, C_BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, one_s, q_s)
-            keys(Bk, B_BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, one_s, k_s)
+            keys(Bk, B_BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, one_s, k_s, k_lo)
             values(X, MIMO_X, L, b, h, t0, x_s, mx_s, v_s)
             split_tile_bf16(DS, b * NC + chunk, h, 0, ds_s, ds_lo)
             split_tile_bf16(DY, b, h, chunk * QR, dy_s, dy_lo)
@@ -428,7 +426,7 @@ def _chunk_dkv(c: KernelConfig):
                 T.gemm(v_lo, ds_s, vds, transpose_B=True)
             for row, nn in T.Parallel(QR, n):
                 dk[row, nn] = dk[row, nn] + w_s[row // R] * vds[row, nn]
-                vds[row, nn] = vds[row, nn] * rotated_key(c, raw_s, bias_s, cos_s, sin_s, row, nn)
+                vds[row, nn] = vds[row, nn] * (T.cast(k_s[row, nn], F32) + T.cast(k_lo[row, nn], F32))
             T.reduce_sum(vds, vds_row, dim=1)
             T.copy(vds_row, row_s)
             for i in T.Parallel(Q):
@@ -506,6 +504,7 @@ def _chunk_dq(c: KernelConfig):
             bias_s = T.alloc_shared((R, n), F32)
             q_s = T.alloc_shared((QR, n), BF16)
             k_s = T.alloc_shared((QR, n), BF16)
+            q_lo = T.alloc_shared((QR, n), BF16)
             x_s = T.alloc_shared((Q, p), BF16)
             mx_s = T.alloc_shared((R, p), F32)
             v_s = T.alloc_shared((QR, p), BF16)
@@ -546,7 +545,7 @@ def _chunk_dq(c: KernelConfig):
                 dw_s[i] = DW[b, h, t0 + i]
             rotation(ANG, DT, THS, L, b, h, chunk, t0, seg_s, seg_before, turn_s, theta_f, cos_s, sin_s)
             keys(Bk, B_BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, one_s, k_s)
-            keys(Cq, C_BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, one_s, q_s)  # raw_s, bias_s keep C's
+            keys(Cq, C_BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, one_s, q_s, q_lo)
             values(X, MIMO_X, L, b, h, t0, x_s, mx_s, v_s)
             T.copy(HS[b, chunk, h, :, :], hs_s)
             split_tile_bf16(DY, b, h, chunk * QR, dy_s, dy_lo)
@@ -563,7 +562,7 @@ def _chunk_dq(c: KernelConfig):
             T.gemm(dy_s, hs_s, u, transpose_B=True, clear_accum=True)
             T.gemm(dy_lo, hs_s, u, transpose_B=True)
             for row, nn in T.Parallel(QR, n):
-                prod[row, nn] = u[row, nn] * rotated_key(c, raw_s, bias_s, cos_s, sin_s, row, nn)
+                prod[row, nn] = u[row, nn] * (T.cast(q_s[row, nn], F32) + T.cast(q_lo[row, nn], F32))
             T.reduce_sum(prod, row_f, dim=1)
             T.copy(row_f, row_s)
             for row, nn in T.Parallel(QR, n):

@@ -72,14 +72,9 @@ def pairing(nn, n: int, S: int, half_split: bool):
     return nn < 2 * S, T.min(nn // 2, S - 1), nn + 1 - 2 * odd, T.cast(2 * odd - 1, F32)
 
 
-def rotated_key(c: KernelConfig, raw_s, bias_s, cos_s, sin_s, row, nn):
-    """Element nn of key (or query) row (i, r) = (row // R, row % R) in fp32: rot(θ_i, raw + bias[r]),
-    from the raw B (or C) rows raw_s (QR, n) bf16, the bias bias_s (R, n) and cos / sin (Q, S) of θ."""
-    R = c.R
-    rotated, s, partner, sign = pairing(nn, c.n, c.S, R > 1)
-    u = T.cast(raw_s[row, nn], F32) + bias_s[row % R, nn]
-    w = T.cast(raw_s[row, partner], F32) + bias_s[row % R, partner]
-    return T.if_then_else(rotated, u * cos_s[row // R, s] + sign * w * sin_s[row // R, s], u)
+def pair_indices(s, n: int, half_split: bool):
+    """The state indices (a, b) of rotated pair s: (s, n/2 + s) half-split (MIMO), (2s, 2s + 1) adjacent (SISO)."""
+    return (s, n // 2 + s) if half_split else (2 * s, 2 * s + 1)
 
 
 def reaches(seg_s, i, j):
@@ -119,18 +114,28 @@ def chunk_prologue(c: KernelConfig):
             cos_s[i, s] = T.cos(cos_s[i, s])
 
     @T.macro
-    def keys(SRC, BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, scale_s, out_s):
-        """out_s[(i, r), :] = scale_i · rot(θ_i, SRC[t0 + i, r, group] + BIAS[h, r]) as bf16 (exactly 0 where scale_i is)."""
+    def keys(SRC, BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, scale_s, out_s, lo_s=None):
+        """out_s[(i, r), :] = scale_i · rot(θ_i, SRC[t0 + i, r, group] + BIAS[h, r]) as bf16 (exactly 0 where
+        scale_i is); with lo_s, also the bf16 rest lo_s = key − out_s, so out_s + lo_s is the key to ~16 bits.
+        One thread makes both elements of a pair, reading each operand once."""
         for r, nn in T.Parallel(R, n):
             bias_s[r, nn] = BIAS[h, r, nn]
         for row, nn in T.Parallel(Q * R, n):
             raw_s[row, nn] = T.if_then_else(
                 t0 + row // R < L, SRC[b, t0 + row // R, row % R, h // (c.H // c.G), nn], T.cast(0, BF16)
             )
-        for row, nn in T.Parallel(Q * R, n):
-            scale = scale_s[row // R]
-            key = rotated_key(c, raw_s, bias_s, cos_s, sin_s, row, nn)
-            out_s[row, nn] = T.cast(T.if_then_else(scale != 0.0, key * scale, 0.0), BF16)
+        for row, s in T.Parallel(Q * R, n // 2):
+            i, r = row // R, row % R
+            a, bb = pair_indices(s, n, R > 1)
+            u = T.cast(raw_s[row, a], F32) + bias_s[r, a]
+            w = T.cast(raw_s[row, bb], F32) + bias_s[r, bb]
+            cos, sin = cos_s[i, T.min(s, S - 1)], sin_s[i, T.min(s, S - 1)]
+            scale = scale_s[i]
+            for index, key in ((a, T.if_then_else(s < S, u * cos - w * sin, u)), (bb, T.if_then_else(s < S, w * cos + u * sin, w))):
+                scaled = T.if_then_else(scale != 0.0, key * scale, 0.0)
+                out_s[row, index] = T.cast(scaled, BF16)
+                if lo_s is not None:
+                    lo_s[row, index] = T.cast(scaled - T.cast(out_s[row, index], F32), BF16)
 
     @T.macro
     def values(X, MIMO_X, L, b, h, t0, x_s, mx_s, v_s, product=True):
