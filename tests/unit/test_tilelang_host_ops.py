@@ -124,7 +124,7 @@ def test_host_ops_are_bounded_and_launches_match_the_kernel_signatures(monkeypat
     backward_ops = _top_level_ops(lambda: results[0].float().sum().backward())
 
     assert launches == ["chunk_prep", "chunk_state", "state_pass", "chunk_output"] + [
-        "chunk_dy", "state_pass_bwd", "chunk_dkv", "chunk_dq"  # on the forward's saved chunk starts
+        "chunk_dy", "state_pass_bwd", "chunk_dqkv"  # on the forward's saved chunk starts
     ]
     assert all(t.grad is not None for t in (*inputs, *(w for w in weights if w is not None)))
     forward_bound, backward_bound = BOUNDS[kind]

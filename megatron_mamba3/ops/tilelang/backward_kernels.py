@@ -1,12 +1,12 @@
-"""The four TileLang backward kernels of the chunk-parallel scan (math in `chunk_grad`).
+"""The three TileLang backward kernels of the chunk-parallel scan (math in `chunk_grad`).
 
     chunk_dy        grid (nc, H, b): recompute y, gate backward -> dy (fp32), dz, G_c = Σ inter q dyᵀ and
                     per-chunk partial sums of the gate weights' gradients
     state_pass_bwd  grid (n / 8, H, b): dH_c = G_c + mult_c dH_{c+1} in reverse; writes dS_c = dH_{c+1} and dH_0
-    chunk_dkv       grid (nc, H, b): dv -> dx, D and mimo_x partials; dk -> dB (atomic over a group's heads),
-                    B_bias partials, dθ; dw_j = Σ_s k_{j,s}·(dS v_{j,s}); ∂mult_c = ⟨dS_c, h̃_c⟩
-    chunk_dq        grid (nc, H, b): dq -> dC, C_bias partials, dθ (added); the per-token scalar gradients
-                    ∂cs, ∂wd, ∂wo from dL = Σ_{r,s} dP ⊙ scores, dw and dinter
+    chunk_dqkv      grid (nc, H, b): from one build of the chunk's queries, keys, values, scores and dP:
+                    dv -> dx, D and mimo_x partials; dk -> dB (atomic over a group's heads), B_bias partials;
+                    dw_j = Σ_s k_{j,s}·(dS v_{j,s}); ∂mult_c = ⟨dS_c, h̃_c⟩; dq -> dC, C_bias partials; dθ;
+                    the per-token scalar gradients ∂cs, ∂wd, ∂wo from dL = Σ_{r,s} dP ⊙ scores, dw and dinter
 
 Queries, keys and values are rebuilt per head in shared memory exactly as in the forward. Sizes that vary
 (batch, length, chunks) are runtime sizes: one compiled set per `KernelConfig`.
@@ -29,8 +29,8 @@ from megatron_mamba3.ops.tilelang.kernels import (
     KernelConfig,
     chunk_prologue,
     chunk_y_macro,
+    reaches,
     pair_indices,
-    pairing,
 )
 
 
@@ -68,11 +68,12 @@ def split_bf16(src, hi_s, lo_s):
 
 
 @T.macro
-def split_tile_bf16(SRC, b, h, first, hi_s, lo_s):
-    """`split_bf16` of the tile SRC[b, h, first : first + rows, :] of a (batch, H, rows, cols) fp32 tensor."""
-    for i, j in T.Parallel(*hi_s.shape):
-        hi_s[i, j] = T.cast(SRC[b, h, first + i, j], BF16)
-        lo_s[i, j] = T.cast(SRC[b, h, first + i, j] - T.cast(hi_s[i, j], F32), BF16)
+def bf16_half(SRC, b, h, first, out_s, lo: bool):
+    """The hi (lo=False) or lo (lo=True) bf16 half of the tile SRC[b, h, first : first + rows, :] of a
+    (batch, H, rows, cols) fp32 tensor, as `split_bf16` makes them, into out_s."""
+    for i, j in T.Parallel(*out_s.shape):
+        value = SRC[b, h, first + i, j]
+        out_s[i, j] = T.cast(value - T.cast(T.cast(value, BF16), F32), BF16) if lo else T.cast(value, BF16)
 
 
 def _gate_terms(c: KernelConfig) -> _GateTerms:
@@ -259,21 +260,22 @@ def _rotation_backward(c: KernelConfig):
     Q, R, n, S, H, G = c.Q, c.R, c.n, c.S, c.H, c.G
     half_split = R > 1
 
-    def unrotated(g_s, cos_s, sin_s, row, nn):
-        """∂loss/∂(B + bias) (or C) of element nn of row (i, r): g rotated back by −θ_i."""
-        rotated, s, partner, sign = pairing(nn, n, S, half_split)
-        i = row // R
-        return T.if_then_else(rotated, g_s[row, nn] * cos_s[i, s] - sign * g_s[row, partner] * sin_s[i, s], g_s[row, nn])
-
     @T.macro
     def scatter(g_s, cos_s, sin_s, L, b, h, t0, chunk, SHARED_GRAD, BIAS_GRAD, term, term_sum):
-        """Add the unrotated gradients into SHARED_GRAD (b, L, R, G, n) (float64, atomically: a group's
-        heads share it; a float64 sum of H / G fp32 terms is exact, hence independent of the heads' order,
-        unless the terms span more than 29 - log2(H / G) binades) and write their sum over the chunk's
-        tokens to BIAS_GRAD[b, chunk, h] (R, n); term (Q, n) and term_sum (n,) are fp32 fragments."""
+        """Rotate g_s back by −θ_i in place (one thread per pair; g_s then holds ∂loss/∂(B + bias), or C),
+        add it into SHARED_GRAD (b, L, R, G, n) (float64, atomically: a group's heads share it; a float64
+        sum of H / G fp32 terms is exact, hence independent of the heads' order, unless the terms span more
+        than 29 - log2(H / G) binades) and write its sum over the chunk's tokens to BIAS_GRAD[b, chunk, h]
+        (R, n); term (Q, n) and term_sum (n,) are fp32 fragments."""
+        for row, s in T.Parallel(Q * R, n // 2):
+            a, bb = pair_indices(s, n, half_split)
+            ga, gb = g_s[row, a], g_s[row, bb]
+            cos, sin = cos_s[row // R, T.min(s, S - 1)], sin_s[row // R, T.min(s, S - 1)]
+            g_s[row, a] = T.if_then_else(s < S, ga * cos + gb * sin, ga)
+            g_s[row, bb] = T.if_then_else(s < S, gb * cos - ga * sin, gb)
         for r in T.serial(R):
             for i, nn in T.Parallel(Q, n):
-                term[i, nn] = unrotated(g_s, cos_s, sin_s, i * R + r, nn)
+                term[i, nn] = g_s[i * R + r, nn]
                 if t0 + i < L:
                     T.atomic_add(SHARED_GRAD[b, t0 + i, r, h // (H // G), nn], term[i, nn])
             T.reduce_sum(term, term_sum, dim=0)
@@ -295,7 +297,7 @@ def _rotation_backward(c: KernelConfig):
     return scatter, angle_grad
 
 
-def _chunk_dkv(c: KernelConfig):
+def _chunk_dqkv(c: KernelConfig):
     H, p, n, R, G, S, Q = c.H, c.p, c.n, c.R, c.G, c.S, c.Q
     QR = Q * R
     batch, L, LP, NC, LPR, BNC = T.dynamic("batch, L, LP, NC, LPR, BNC")
@@ -303,7 +305,7 @@ def _chunk_dkv(c: KernelConfig):
     scatter, angle_grad = _rotation_backward(c)
 
     @T.prim_func
-    def chunk_dkv(
+    def chunk_dqkv(
         X: T.Tensor((batch, L, H, p), BF16),
         Bk: T.Tensor((batch, L, R, G, n), BF16),
         Cq: T.Tensor((batch, L, R, G, n), BF16),
@@ -324,162 +326,11 @@ def _chunk_dkv(c: KernelConfig):
         DMULT: T.Tensor((batch, NC, H), F32),
         DX: T.Tensor((batch, L, H, p), F32),
         DB: T.Tensor((batch, L, R, G, n), F64),
+        DC: T.Tensor((batch, L, R, G, n), F64),
         DB_BIAS: T.Tensor((batch, NC, H, R, n), F32),
+        DC_BIAS: T.Tensor((batch, NC, H, R, n), F32),
         DMX: T.Tensor((batch, NC, H, R, p), F32),
         DD: T.Tensor((batch, H, LPR), F32),
-        DW: T.Tensor((batch, H, LP), F32),
-        DTH: T.Tensor((batch, LP, H, S), F32),
-    ):
-        with T.Kernel(NC, H, batch, threads=CHUNK_THREADS) as (chunk, h, b):
-            t0 = chunk * Q
-            seg_s = T.alloc_shared((Q,), "int32")
-            cs_s = T.alloc_shared((Q,), F32)
-            wd_s = T.alloc_shared((Q,), F32)
-            wo_s = T.alloc_shared((Q,), F32)
-            one_s = T.alloc_shared((Q,), F32)
-            w_s = T.alloc_shared((Q,), F32)
-            turn_s = T.alloc_shared((Q, S), F32)
-            cos_s = T.alloc_shared((Q, S), F32)
-            sin_s = T.alloc_shared((Q, S), F32)
-            theta_f = T.alloc_fragment((S,), F32)
-            raw_s = T.alloc_shared((QR, n), BF16)
-            bias_s = T.alloc_shared((R, n), F32)
-            q_s = T.alloc_shared((QR, n), BF16)
-            k_s = T.alloc_shared((QR, n), BF16)
-            k_lo = T.alloc_shared((QR, n), BF16)
-            x_s = T.alloc_shared((Q, p), BF16)
-            mx_s = T.alloc_shared((R, p), F32)
-            v_s = T.alloc_shared((QR, p), BF16)
-            ds_s = T.alloc_shared((n, p), BF16)
-            ds_lo = T.alloc_shared((n, p), BF16)
-            dy_s = T.alloc_shared((QR, p), BF16)
-            dy_lo = T.alloc_shared((QR, p), BF16)
-            mix_s = T.alloc_shared((QR, QR), BF16)
-            dmix_s = T.alloc_shared((QR, QR), BF16)
-            g_s = T.alloc_shared((QR, n), F32)
-            dv_s = T.alloc_shared((QR, p), F32)
-            row_s = T.alloc_shared((QR,), F32)
-            theta_grad = T.alloc_shared((Q, S), F32)
-            scores = T.alloc_fragment((QR, QR), F32)
-            dp = T.alloc_fragment((QR, QR), F32)
-            dv = T.alloc_fragment((QR, p), F32)
-            kds = T.alloc_fragment((QR, p), F32)
-            dk = T.alloc_fragment((QR, n), F32)
-            vds = T.alloc_fragment((QR, n), F32)
-            row_f = T.alloc_fragment((QR,), F32)
-            vds_row = T.alloc_fragment((QR,), F32)
-            prod = T.alloc_fragment((QR, p), F32)
-            key_term = T.alloc_fragment((Q, n), F32)
-            key_sum = T.alloc_fragment((n,), F32)
-            dmx = T.alloc_fragment((R, p), F32)
-
-            load_scalars(SEG, CS, WD, WO, b, h, t0, seg_s, cs_s, wd_s, wo_s)
-            seg_before = SEG[b, T.max(t0 - 1, 0)]
-            for i in T.Parallel(Q):
-                one_s[i] = 1.0
-                w_s[i] = T.if_then_else(seg_s[i] == seg_s[Q - 1], T.exp(cs_s[Q - 1] - cs_s[i]) * wo_s[i], 0.0)
-            rotation(ANG, DT, THS, L, b, h, chunk, t0, seg_s, seg_before, turn_s, theta_f, cos_s, sin_s)
-            keys(Cq, C_BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, one_s, q_s)
-            keys(Bk, B_BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, one_s, k_s, k_lo)
-            values(X, MIMO_X, L, b, h, t0, x_s, mx_s, v_s)
-            split_tile_bf16(DS, b * NC + chunk, h, 0, ds_s, ds_lo)
-            split_tile_bf16(DY, b, h, chunk * QR, dy_s, dy_lo)
-
-            T.gemm(q_s, k_s, scores, transpose_B=True, clear_accum=True)
-            T.gemm(dy_s, v_s, dp, transpose_B=True, clear_accum=True)
-            T.gemm(dy_lo, v_s, dp, transpose_B=True)
-            mix_weights(seg_s, cs_s, wd_s, wo_s, scores, mix_s)
-            mix_weights(seg_s, cs_s, wd_s, wo_s, dp, dmix_s)
-
-            # dv = (scores ⊙ L)ᵀ dy + w_j k_j dS + D dy.
-            T.gemm(mix_s, dy_s, dv, transpose_A=True, clear_accum=True)
-            T.gemm(mix_s, dy_lo, dv, transpose_A=True)
-            T.gemm(k_s, ds_s, kds, clear_accum=True)
-            T.gemm(k_s, ds_lo, kds)
-            skip = D[h]
-            for row, pp in T.Parallel(QR, p):
-                dv[row, pp] = dv[row, pp] + w_s[row // R] * kds[row, pp] + skip * DY[b, h, chunk * QR + row, pp]
-            for row, pp in T.Parallel(QR, p):  # v = x ⊙ mimo_x in fp32, as the reference
-                prod[row, pp] = DY[b, h, chunk * QR + row, pp] * T.cast(x_s[row // R, pp], F32) * mx_s[row % R, pp]
-            T.reduce_sum(prod, row_f, dim=1)
-            T.copy(row_f, DD[b, h, chunk * QR : (chunk + 1) * QR])
-            T.copy(dv, dv_s)
-            for i, pp in T.Parallel(Q, p):
-                if t0 + i < L:
-                    DX[b, t0 + i, h, pp] = sum(dv_s[i * R + r, pp] * mx_s[r, pp] for r in range(R))
-            if R > 1:
-                T.clear(dmx)
-                for i in T.serial(Q):
-                    for r, pp in T.Parallel(R, p):
-                        dmx[r, pp] += dv_s[i * R + r, pp] * T.cast(x_s[i, pp], F32)
-                T.copy(dmx, DMX[b, chunk, h, :, :])
-
-            # dk = (dP ⊙ L)ᵀ q + w_j v_j dSᵀ, then back through the rotation; dw_j = Σ_s k_{j,s}·(dS v_{j,s}),
-            # with v (hi + lo halves where MIMO makes it inexact in bf16) and k in fp32.
-            T.gemm(dmix_s, q_s, dk, transpose_A=True, clear_accum=True)
-            T.gemm(v_s, ds_s, vds, transpose_B=True, clear_accum=True)
-            T.gemm(v_s, ds_lo, vds, transpose_B=True)
-            if R > 1:
-                v_lo = T.alloc_shared((QR, p), BF16)
-                for row, pp in T.Parallel(QR, p):
-                    v_lo[row, pp] = T.cast(T.cast(x_s[row // R, pp], F32) * mx_s[row % R, pp] - T.cast(v_s[row, pp], F32), BF16)
-                T.gemm(v_lo, ds_s, vds, transpose_B=True)
-            for row, nn in T.Parallel(QR, n):
-                dk[row, nn] = dk[row, nn] + w_s[row // R] * vds[row, nn]
-                vds[row, nn] = vds[row, nn] * (T.cast(k_s[row, nn], F32) + T.cast(k_lo[row, nn], F32))
-            T.reduce_sum(vds, vds_row, dim=1)
-            T.copy(vds_row, row_s)
-            for i in T.Parallel(Q):
-                DW[b, h, t0 + i] = sum(row_s[i * R + r] for r in range(R))
-            T.copy(dk, g_s)
-            scatter(g_s, cos_s, sin_s, L, b, h, t0, chunk, DB, DB_BIAS, key_term, key_sum)
-            T.clear(theta_grad)
-            angle_grad(g_s, k_s, theta_grad)
-            for i, s in T.Parallel(Q, S):
-                DTH[b, t0 + i, h, s] = theta_grad[i, s]
-
-            # ∂mult_c = ⟨dS_c, h̃_c⟩, over the state in blocks of QR rows of n.
-            state_prod = T.alloc_fragment((QR, p), F32)
-            state_rows = T.alloc_fragment((QR,), F32)
-            dmult = T.alloc_fragment((1,), F32)
-            T.clear(state_prod)
-            for block in T.serial(n // QR):
-                for row, pp in T.Parallel(QR, p):
-                    state_prod[row, pp] += DS[b * NC + chunk, h, block * QR + row, pp] * T.cast(HS[b, chunk, h, block * QR + row, pp], F32)
-            T.reduce_sum(state_prod, state_rows, dim=1)
-            T.reduce_sum(state_rows, dmult, dim=0)
-            DMULT[b, chunk, h] = dmult[0]
-
-    return chunk_dkv
-
-
-def _chunk_dq(c: KernelConfig):
-    H, p, n, R, G, S, Q = c.H, c.p, c.n, c.R, c.G, c.S, c.Q
-    QR = Q * R
-    batch, L, LP, NC, LPR = T.dynamic("batch, L, LP, NC, LPR")
-    load_scalars, rotation, keys, values, mix_weights = chunk_prologue(c)
-    scatter, angle_grad = _rotation_backward(c)
-
-    @T.prim_func
-    def chunk_dq(
-        X: T.Tensor((batch, L, H, p), BF16),
-        Bk: T.Tensor((batch, L, R, G, n), BF16),
-        Cq: T.Tensor((batch, L, R, G, n), BF16),
-        ANG: T.Tensor((batch, L, S), BF16),
-        DT: T.Tensor((batch, L, H), BF16),
-        SEG: T.Tensor((batch, LP), "int32"),
-        CS: T.Tensor((batch, H, LP), F32),
-        WD: T.Tensor((batch, H, LP), F32),
-        WO: T.Tensor((batch, H, LP), F32),
-        THS: T.Tensor((batch, NC, H, S), F32),
-        HS: T.Tensor((batch, NC, H, n, p), BF16),
-        DY: T.Tensor((batch, H, LPR, p), F32),
-        DW: T.Tensor((batch, H, LP), F32),
-        B_BIAS: T.Tensor((H, R, n), F32),
-        C_BIAS: T.Tensor((H, R, n), F32),
-        MIMO_X: T.Tensor((H, R, p), F32),
-        DC: T.Tensor((batch, L, R, G, n), F64),
-        DC_BIAS: T.Tensor((batch, NC, H, R, n), F32),
         DCS: T.Tensor((batch, H, LP), F32),
         DWD: T.Tensor((batch, H, LP), F32),
         DWO: T.Tensor((batch, H, LP), F32),
@@ -493,8 +344,8 @@ def _chunk_dq(c: KernelConfig):
             wo_s = T.alloc_shared((Q,), F32)
             one_s = T.alloc_shared((Q,), F32)
             inter_s = T.alloc_shared((Q,), F32)
-            w_s = T.alloc_shared((Q,), F32)
             end_s = T.alloc_shared((Q,), F32)
+            w_s = T.alloc_shared((Q,), F32)
             dw_s = T.alloc_shared((Q,), F32)
             turn_s = T.alloc_shared((Q, S), F32)
             cos_s = T.alloc_shared((Q, S), F32)
@@ -503,28 +354,37 @@ def _chunk_dq(c: KernelConfig):
             raw_s = T.alloc_shared((QR, n), BF16)
             bias_s = T.alloc_shared((R, n), F32)
             q_s = T.alloc_shared((QR, n), BF16)
-            k_s = T.alloc_shared((QR, n), BF16)
             q_lo = T.alloc_shared((QR, n), BF16)
+            k_s = T.alloc_shared((QR, n), BF16)
+            k_lo = T.alloc_shared((QR, n), BF16)
             x_s = T.alloc_shared((Q, p), BF16)
             mx_s = T.alloc_shared((R, p), F32)
             v_s = T.alloc_shared((QR, p), BF16)
+            ds_s = T.alloc_shared((n, p), BF16)
             hs_s = T.alloc_shared((n, p), BF16)
             dy_s = T.alloc_shared((QR, p), BF16)
             dy_lo = T.alloc_shared((QR, p), BF16)
+            mix_s = T.alloc_shared((QR, QR), BF16)
             dmix_s = T.alloc_shared((QR, QR), BF16)
-            pr_s = T.alloc_shared((QR, QR), F32)
-            spread_s = T.alloc_shared((Q, Q), F32)
             g_s = T.alloc_shared((QR, n), F32)
             row_s = T.alloc_shared((QR,), F32)
+            dinter_s = T.alloc_shared((QR,), F32)
             theta_grad = T.alloc_shared((Q, S), F32)
             scores = T.alloc_fragment((QR, QR), F32)
             dp = T.alloc_fragment((QR, QR), F32)
+            dv = T.alloc_fragment((QR, p), F32)
+            kds = T.alloc_fragment((QR, p), F32)
+            dk = T.alloc_fragment((QR, n), F32)
+            vds = T.alloc_fragment((QR, n), F32)
             dq = T.alloc_fragment((QR, n), F32)
             u = T.alloc_fragment((QR, n), F32)
-            prod = T.alloc_fragment((QR, n), F32)
             row_f = T.alloc_fragment((QR,), F32)
+            vds_row = T.alloc_fragment((QR,), F32)
+            u_row = T.alloc_fragment((QR,), F32)
+            prod = T.alloc_fragment((QR, p), F32)
             key_term = T.alloc_fragment((Q, n), F32)
             key_sum = T.alloc_fragment((n,), F32)
+            dmx = T.alloc_fragment((R, p), F32)
             later = T.alloc_fragment((Q, Q), F32)
             earlier = T.alloc_fragment((Q, Q), F32)
             below = T.alloc_fragment((Q,), F32)
@@ -542,82 +402,148 @@ def _chunk_dq(c: KernelConfig):
                 inter_s[i] = T.if_then_else(seg_s[i] == seg_before, T.exp(cs_s[i]), 0.0)
                 end_s[i] = T.if_then_else(seg_s[i] == seg_s[Q - 1], T.exp(cs_s[Q - 1] - cs_s[i]), 0.0)
                 w_s[i] = end_s[i] * wo_s[i]
-                dw_s[i] = DW[b, h, t0 + i]
             rotation(ANG, DT, THS, L, b, h, chunk, t0, seg_s, seg_before, turn_s, theta_f, cos_s, sin_s)
-            keys(Bk, B_BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, one_s, k_s)
             keys(Cq, C_BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, one_s, q_s, q_lo)
+            keys(Bk, B_BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, one_s, k_s, k_lo)
             values(X, MIMO_X, L, b, h, t0, x_s, mx_s, v_s)
-            T.copy(HS[b, chunk, h, :, :], hs_s)
-            split_tile_bf16(DY, b, h, chunk * QR, dy_s, dy_lo)
+            bf16_half(DY, b, h, chunk * QR, dy_s, lo=False)
+            bf16_half(DY, b, h, chunk * QR, dy_lo, lo=True)
 
             T.gemm(q_s, k_s, scores, transpose_B=True, clear_accum=True)
             T.gemm(dy_s, v_s, dp, transpose_B=True, clear_accum=True)
             T.gemm(dy_lo, v_s, dp, transpose_B=True)
-            for row, col in T.Parallel(QR, QR):
-                pr_s[row, col] = dp[row, col] * scores[row, col]
+            if R > 1:  # dL below sums a token's R x R block of scores: through shared memory
+                pr_s = T.alloc_shared((QR, QR), F32)
+                for row, col in T.Parallel(QR, QR):
+                    pr_s[row, col] = dp[row, col] * scores[row, col]
+            mix_weights(seg_s, cs_s, wd_s, wo_s, scores, mix_s)
             mix_weights(seg_s, cs_s, wd_s, wo_s, dp, dmix_s)
 
-            # dq = (dP ⊙ L) k + inter_i h̃ dy_i; dinter_i = Σ_r q_{i,r}·(h̃ dy_{i,r}).
+            # dL_ij = Σ_{r,s} dP ⊙ scores; ∂wd_j = dL_jj; spread_ij = dL_ij exp(cs_i − cs_j) (i > j, one document),
+            # after_j = Σ_{m > j} spread_mj and below_j = Σ_{m < j} spread_jm wo_m, as reductions.
+            for i, j in T.Parallel(Q, Q):
+                total = dp[i, j] * scores[i, j] if R == 1 else sum(pr_s[i * R + r, j * R + s] for r in range(R) for s in range(R))
+                inside = reaches(seg_s, i, j) & (j != i)
+                spread = T.if_then_else(inside, total * T.exp(cs_s[i] - T.if_then_else(inside, cs_s[j], cs_s[i])), 0.0)
+                later[i, j] = spread
+                earlier[i, j] = spread * wo_s[j]
+                if i == j:
+                    DWD[b, h, t0 + j] = total
+            T.reduce_sum(later, after, dim=0)
+            T.copy(after, after_s)
+            T.reduce_sum(earlier, below, dim=1)
+            T.copy(below, below_s)
+
+            # kds = k dS and vds = v dSᵀ, with dS as two bf16 halves that take turns in ds_s (shared memory is
+            # short) and v as hi + lo halves where MIMO makes it inexact in bf16.
+            bf16_half(DS, b * NC + chunk, h, 0, ds_s, lo=False)
+            T.gemm(k_s, ds_s, kds, clear_accum=True)
+            T.gemm(v_s, ds_s, vds, transpose_B=True, clear_accum=True)
+            if R > 1:
+                v_lo = T.alloc_shared((QR, p), BF16)
+                for row, pp in T.Parallel(QR, p):
+                    v_lo[row, pp] = T.cast(T.cast(x_s[row // R, pp], F32) * mx_s[row % R, pp] - T.cast(v_s[row, pp], F32), BF16)
+                T.gemm(v_lo, ds_s, vds, transpose_B=True)
+            bf16_half(DS, b * NC + chunk, h, 0, ds_s, lo=True)
+            T.gemm(k_s, ds_s, kds)
+            T.gemm(v_s, ds_s, vds, transpose_B=True)
+
+            # dv = (scores ⊙ L)ᵀ dy + w_j k_j dS + D dy.
+            T.gemm(mix_s, dy_s, dv, transpose_A=True, clear_accum=True)
+            T.gemm(mix_s, dy_lo, dv, transpose_A=True)
+            skip = D[h]
+            for row, pp in T.Parallel(QR, p):
+                dv[row, pp] = dv[row, pp] + w_s[row // R] * kds[row, pp] + skip * DY[b, h, chunk * QR + row, pp]
+            for row, pp in T.Parallel(QR, p):  # v = x ⊙ mimo_x in fp32, as the reference
+                prod[row, pp] = DY[b, h, chunk * QR + row, pp] * T.cast(x_s[row // R, pp], F32) * mx_s[row % R, pp]
+            T.reduce_sum(prod, row_f, dim=1)
+            T.copy(row_f, DD[b, h, chunk * QR : (chunk + 1) * QR])
+            if R == 1:
+                for i, pp in T.Parallel(Q, p):
+                    if t0 + i < L:
+                        DX[b, t0 + i, h, pp] = dv[i, pp] * mx_s[0, pp]
+            else:  # dx and ∂mimo_x sum over a token's R rows: through shared memory
+                dv_s = T.alloc_shared((QR, p), F32)
+                T.copy(dv, dv_s)
+                for i, pp in T.Parallel(Q, p):
+                    if t0 + i < L:
+                        DX[b, t0 + i, h, pp] = sum(dv_s[i * R + r, pp] * mx_s[r, pp] for r in range(R))
+                T.clear(dmx)
+                for i in T.serial(Q):
+                    for r, pp in T.Parallel(R, p):
+                        dmx[r, pp] += dv_s[i * R + r, pp] * T.cast(x_s[i, pp], F32)
+                T.copy(dmx, DMX[b, chunk, h, :, :])
+
+            # ∂mult_c = ⟨dS_c, h̃_c⟩, over the state in blocks of QR rows of n.
+            T.copy(HS[b, chunk, h, :, :], hs_s)
+            state_prod = T.alloc_fragment((QR, p), F32)
+            state_rows = T.alloc_fragment((QR,), F32)
+            dmult = T.alloc_fragment((1,), F32)
+            T.clear(state_prod)
+            for block in T.serial(n // QR):
+                for row, pp in T.Parallel(QR, p):
+                    state_prod[row, pp] += DS[b * NC + chunk, h, block * QR + row, pp] * T.cast(hs_s[block * QR + row, pp], F32)
+            T.reduce_sum(state_prod, state_rows, dim=1)
+            T.reduce_sum(state_rows, dmult, dim=0)
+            DMULT[b, chunk, h] = dmult[0]
+
+            # dq = (dP ⊙ L) k + inter_i h̃ dy_i (kept in registers until g_s is free); dinter_{i,r} = q_{i,r}·(h̃ dy_{i,r}).
             T.gemm(dmix_s, k_s, dq, clear_accum=True)
             T.gemm(dy_s, hs_s, u, transpose_B=True, clear_accum=True)
             T.gemm(dy_lo, hs_s, u, transpose_B=True)
             for row, nn in T.Parallel(QR, n):
-                prod[row, nn] = u[row, nn] * (T.cast(q_s[row, nn], F32) + T.cast(q_lo[row, nn], F32))
-            T.reduce_sum(prod, row_f, dim=1)
-            T.copy(row_f, row_s)
-            for row, nn in T.Parallel(QR, n):
                 weight = inter_s[row // R]
                 dq[row, nn] = dq[row, nn] + T.if_then_else(weight != 0.0, weight * u[row, nn], 0.0)
+                u[row, nn] = u[row, nn] * (T.cast(q_s[row, nn], F32) + T.cast(q_lo[row, nn], F32))
+            T.reduce_sum(u, u_row, dim=1)
+            T.copy(u_row, dinter_s)
+
+            # dk = (dP ⊙ L)ᵀ q + w_j v_j dSᵀ, then back through the rotation; dw_j = Σ_s k_{j,s}·(dS v_{j,s}) with
+            # k as its hi + lo halves.
+            T.gemm(dmix_s, q_s, dk, transpose_A=True, clear_accum=True)
+            for row, nn in T.Parallel(QR, n):
+                dk[row, nn] = dk[row, nn] + w_s[row // R] * vds[row, nn]
+                vds[row, nn] = vds[row, nn] * (T.cast(k_s[row, nn], F32) + T.cast(k_lo[row, nn], F32))
+            T.reduce_sum(vds, vds_row, dim=1)
+            T.copy(vds_row, row_s)
+            for i in T.Parallel(Q):
+                dw_s[i] = sum(row_s[i * R + r] for r in range(R))
+            T.copy(dk, g_s)
+            T.clear(theta_grad)
+            angle_grad(g_s, k_s, theta_grad)
+            scatter(g_s, cos_s, sin_s, L, b, h, t0, chunk, DB, DB_BIAS, key_term, key_sum)
+
             T.copy(dq, g_s)
-            scatter(g_s, cos_s, sin_s, L, b, h, t0, chunk, DC, DC_BIAS, key_term, key_sum)
-            for i, s in T.Parallel(Q, S):
-                theta_grad[i, s] = DTH[b, t0 + i, h, s]
             angle_grad(g_s, q_s, theta_grad)
             for i, s in T.Parallel(Q, S):
                 DTH[b, t0 + i, h, s] = theta_grad[i, s]
+            scatter(g_s, cos_s, sin_s, L, b, h, t0, chunk, DC, DC_BIAS, key_term, key_sum)
 
-            # dL_ij = Σ_{r,s} dP ⊙ scores -> spread_ij = dL_ij exp(cs_i − cs_j) (i > j, one document),
-            # the diagonal keeps dL_jj = ∂wd_j.
-            for i, j in T.Parallel(Q, Q):
-                total = sum(pr_s[i * R + r, j * R + s] for r in range(R) for s in range(R))
-                inside = (seg_s[i] == seg_s[j]) & (j < i)
-                gap = T.exp(cs_s[i] - T.if_then_else(inside, cs_s[j], cs_s[i]))
-                spread_s[i, j] = T.if_then_else(i == j, total, T.if_then_else(inside, total * gap, 0.0))
-            # after_j = Σ_{m > j} spread_mj, below_j = Σ_{m < j} spread_jm wo_m, ends = Σ_m dw_m w_m, as reductions.
-            for m, j in T.Parallel(Q, Q):
-                later[m, j] = T.if_then_else(m > j, spread_s[m, j], 0.0)
-            T.reduce_sum(later, after, dim=0)
-            T.copy(after, after_s)
-            for j, m in T.Parallel(Q, Q):
-                earlier[j, m] = T.if_then_else(m < j, spread_s[j, m] * wo_s[m], 0.0)
-            T.reduce_sum(earlier, below, dim=1)
-            T.copy(below, below_s)
+            # ends = Σ_m dw_m w_m; the per-token scalar gradients.
             for m in T.Parallel(Q):
                 end_terms[m] = dw_s[m] * w_s[m]
             T.reduce_sum(end_terms, ends, dim=0)
             T.copy(ends, ends_s)
             for j in T.Parallel(Q):
-                DWD[b, h, t0 + j] = spread_s[j, j]
                 DWO[b, h, t0 + j] = after_s[j] + dw_s[j] * end_s[j]
                 DCS[b, h, t0 + j] = (
-                    below_s[j] - wo_s[j] * after_s[j] + sum(row_s[j * R + r] for r in range(R)) * inter_s[j] - dw_s[j] * w_s[j]
+                    below_s[j] - wo_s[j] * after_s[j] + sum(dinter_s[j * R + r] for r in range(R)) * inter_s[j] - dw_s[j] * w_s[j]
                     + T.if_then_else(j == Q - 1, ends_s[0], 0.0)
                 )
 
-    return chunk_dq
+    return chunk_dqkv
 
 
-MAKERS = (_chunk_dy, _state_pass_bwd, _chunk_dkv, _chunk_dq)
+MAKERS = (_chunk_dy, _state_pass_bwd, _chunk_dqkv)
 
 
 class BackwardSet(NamedTuple):
     chunk_dy: object
     state_pass_bwd: object
-    chunk_dkv: object
-    chunk_dq: object
+    chunk_dqkv: object
 
 
 @functools.cache
 def backward_set(config: KernelConfig) -> BackwardSet:
-    """The four backward kernels for `config`, built once per process."""
+    """The three backward kernels for `config`, built once per process."""
     return BackwardSet(*build(config, MAKERS, "backward"))

@@ -200,14 +200,10 @@ def _backward_kernels(
     head_sum = lambda: torch.zeros(b, length, c.R, c.G, c.n, device=x.device, dtype=torch.float64)  # noqa: E731
     dx, dB, dC = empty(b, length, H, p), head_sum(), head_sum()
     dB_bias, dC_bias, dmimo_x = empty(b, nc, H, c.R, c.n), empty(b, nc, H, c.R, c.n), empty(b, nc, H, c.R, p)
-    dD, dw, dtheta, dmult = empty(b, H, rows * c.R), empty(b, H, rows), empty(b, rows, H, c.S), spent.mult
-    kernels.chunk_dkv(
+    dD, dtheta, dmult = empty(b, H, rows * c.R), empty(b, rows, H, c.S), spent.mult
+    kernels.chunk_dqkv(
         x, B, C, *scalar_args, ds, starts_h, dy, launch.B_bias, launch.C_bias, launch.D, launch.mimo_x,
-        dmult, dx, dB, dB_bias, dmimo_x, dD, dw, dtheta,
-    )
-    kernels.chunk_dq(
-        x, B, C, *scalar_args, starts_h, dy, dw, launch.B_bias, launch.C_bias, launch.mimo_x,
-        dC, dC_bias, spent.cs, spent.wd, spent.wo, dtheta,
+        dmult, dx, dB, dC, dB_bias, dC_bias, dmimo_x, dD, spent.cs, spent.wd, spent.wo, dtheta,
     )
 
     dcs, dwd, dwo = spent.scalars.transpose(2, 3).unbind(0)  # per token, (b, l_pad, H)

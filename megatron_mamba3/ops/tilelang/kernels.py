@@ -56,22 +56,6 @@ def kernel_set(config: KernelConfig) -> KernelSet:
     return KernelSet(*build(config, MAKERS, "forward"))
 
 
-def pairing(nn, n: int, S: int, half_split: bool):
-    """For state index nn: (is rotated, angle index, partner index, sign of the partner's sine term).
-
-    Adjacent pairs (2s, 2s + 1) for SISO, half-split pairs (s, n/2 + s) for MIMO; a pair (a, b) turns
-    into (a cos − b sin, a sin + b cos)."""
-    if half_split:
-        half = n // 2
-        upper = nn >= half
-        s = T.if_then_else(upper, nn - half, nn)
-        partner = T.if_then_else(upper, nn - half, nn + half)
-        sign = T.if_then_else(upper, 1.0, -1.0)
-        return s < S, T.min(s, S - 1), partner, sign
-    odd = nn % 2
-    return nn < 2 * S, T.min(nn // 2, S - 1), nn + 1 - 2 * odd, T.cast(2 * odd - 1, F32)
-
-
 def pair_indices(s, n: int, half_split: bool):
     """The state indices (a, b) of rotated pair s: (s, n/2 + s) half-split (MIMO), (2s, 2s + 1) adjacent (SISO)."""
     return (s, n // 2 + s) if half_split else (2 * s, 2 * s + 1)
