@@ -24,7 +24,8 @@ setup(
     extras_require={
         # torch_xla's scan backward under SPMD lowers through jax (its [pallas] extra) and torchax,
         # which imports flax; flax 0.12.0 is the newest that keeps torch_xla 2.9's jax 0.7.1.
-        "test": ["pytest", "numpy", "torch_xla[pallas]==2.9.0", "flax==0.12.0"],
+        # tilelang: tests/unit/test_tilelang_smem.py lowers the kernels on the CPU.
+        "test": ["pytest", "numpy", "torch_xla[pallas]==2.9.0", "flax==0.12.0", "tilelang==0.1.15"],
         "tpu": ["torch_xla[tpu,pallas]==2.9.0", "flax==0.12.0"],
         "te": ["transformer-engine"],
         "gpu": ["tilelang==0.1.15"],
