@@ -57,7 +57,8 @@ def kernel_set(config: KernelConfig) -> KernelSet:
 
 
 def pair_indices(s, n: int, half_split: bool):
-    """The state indices (a, b) of rotated pair s: (s, n/2 + s) half-split (MIMO), (2s, 2s + 1) adjacent (SISO)."""
+    """The state indices (a, b) of rotated pair s: (s, n/2 + s) half-split (MIMO), (2s, 2s + 1) adjacent
+    (SISO). Rotation by θ turns (a, b) into (a cos θ − b sin θ, b cos θ + a sin θ); pairs s ≥ S pass unchanged."""
     return (s, n // 2 + s) if half_split else (2 * s, 2 * s + 1)
 
 
@@ -115,7 +116,8 @@ def chunk_prologue(c: KernelConfig):
             w = T.cast(raw_s[row, bb], F32) + bias_s[r, bb]
             cos, sin = cos_s[i, T.min(s, S - 1)], sin_s[i, T.min(s, S - 1)]
             scale = scale_s[i]
-            for index, key in ((a, T.if_then_else(s < S, u * cos - w * sin, u)), (bb, T.if_then_else(s < S, w * cos + u * sin, w))):
+            rotated = ((a, T.if_then_else(s < S, u * cos - w * sin, u)), (bb, T.if_then_else(s < S, w * cos + u * sin, w)))
+            for index, key in rotated:
                 scaled = T.if_then_else(scale != 0.0, key * scale, 0.0)
                 out_s[row, index] = T.cast(scaled, BF16)
                 if lo_s is not None:
