@@ -29,6 +29,7 @@ from megatron_mamba3.ops.tilelang.kernels import (
     KernelConfig,
     chunk_prologue,
     chunk_y_macro,
+    load_state,
     reaches,
     pair_indices,
 )
@@ -84,7 +85,7 @@ def _chunk_dy(c: KernelConfig):
     H, p, n, R, G, S, Q = c.H, c.p, c.n, c.R, c.G, c.S, c.Q
     QR = Q * R
     batch, L, LP, NC, LPR = T.dynamic("batch, L, LP, NC, LPR")
-    outputs_of = chunk_y_macro(c)
+    outputs_of = chunk_y_macro(c, finite_state=True)
     gate = _gate_terms(c)
 
     @T.prim_func
@@ -475,7 +476,7 @@ def _chunk_dqkv(c: KernelConfig):
                 T.copy(dmx, DMX[b, chunk, h, :, :])
 
             # ∂mult_c = ⟨dS_c, h̃_c⟩, over the state in blocks of QR rows of n.
-            T.copy(HS[b, chunk, h, :, :], hs_s)
+            load_state(HS, b, chunk, h, hs_s, finite=True)
             state_prod = T.alloc_fragment((QR, p), F32)
             state_rows = T.alloc_fragment((QR,), F32)
             dmult = T.alloc_fragment((1,), F32)

@@ -149,8 +149,8 @@ def _backward_kernels(
     it reads) and the per-token terms (as the reference's chunked form does, `toolkit.finite`): a token's
     non-finite value then contributes an exact 0 wherever its output gradient is 0, instead of 0 · NaN, so
     the gradients of other tokens and documents stay finite and equal to a run without it. The forward's
-    chunk starts `starts_h` (b, nc, H, n, p) bf16 are used with their non-finite entries set to 0 (in
-    place), which are only in the documents a bad value reaches. Unlike the reference, the output gradient
+    chunk starts `starts_h` (b, nc, H, n, p) bf16 are read by the kernels with their non-finite entries as
+    0 (`kernels.load_state`); those are only in the documents a bad value reaches. Unlike the reference, the output gradient
     at the outputs the forward made non-finite is not dropped.
 
     The forward's terms are spent once copied: their buffers (the backward's alone) take the backward's
@@ -172,7 +172,6 @@ def _backward_kernels(
         # θ_final is read only for the final key's gradient
         theta_final=launch.theta_final if grad_final.k_prev is None else finite_values(launch.theta_final),
     )
-    finite_values(starts_h, out=starts_h)  # in place: the forward's copy is not needed again
     dh_in = spent.h_in
     kernels = backward_set(launch.config)
     c = launch.config

@@ -62,6 +62,18 @@ def pair_indices(s, n: int, half_split: bool):
     return (s, n // 2 + s) if half_split else (2 * s, 2 * s + 1)
 
 
+@T.macro
+def load_state(HS, b, chunk, h, hs_s, finite: bool):
+    """hs_s (n, p) bf16 = the chunk start HS[b, chunk, h]; with `finite`, its non-finite entries read as 0
+    (the backward's view of the states, which the forward left non-finite only where a bad value reaches)."""
+    if finite:
+        for i, j in T.Parallel(*hs_s.shape):
+            value = HS[b, chunk, h, i, j]
+            hs_s[i, j] = T.if_then_else(T.isfinite(T.cast(value, F32)), value, T.cast(0, BF16))
+    else:
+        T.copy(HS[b, chunk, h, :, :], hs_s)
+
+
 def reaches(seg_s, i, j):
     """Whether token j's value reaches row i of the chunk: j ≤ i in the same document (seg_s (Q,) int32)."""
     return (seg_s[i] == seg_s[j]) & (j <= i)
@@ -148,9 +160,10 @@ def chunk_prologue(c: KernelConfig):
     return load_scalars, rotation, keys, values, mix_weights
 
 
-def chunk_y_macro(c: KernelConfig):
+def chunk_y_macro(c: KernelConfig, finite_state: bool = False):
     """Macro: the per-rank outputs y (before norm and gate) of one chunk into y_s (QR, p) fp32, leaving the
-    chunk's queries in q_s, values in v_s, x in x_s and the carried-state weights in inter_s."""
+    chunk's queries in q_s, values in v_s, x in x_s and the carried-state weights in inter_s; with
+    `finite_state`, the chunk start's non-finite entries read as 0 (`load_state`)."""
     Q, R, p = c.Q, c.R, c.p
     QR = Q * R
     load_scalars, rotation, keys, values, mix_weights = chunk_prologue(c)
@@ -167,7 +180,7 @@ def chunk_y_macro(c: KernelConfig):
         for i in T.Parallel(Q):
             one_s[i] = 1.0
             inter_s[i] = T.if_then_else(seg_s[i] == seg_before, T.exp(cs_s[i]), 0.0)
-        T.copy(HS[b, chunk, h, :, :], hs_s)
+        load_state(HS, b, chunk, h, hs_s, finite_state)
         rotation(ANG, DT, THS, L, b, h, chunk, t0, seg_s, seg_before, turn_s, theta_f, cos_s, sin_s)
         keys(Cq, C_BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, one_s, q_s)
         keys(Bk, B_BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, one_s, k_s)

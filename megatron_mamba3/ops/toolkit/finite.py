@@ -47,10 +47,9 @@ def finite_copy(t: Tensor) -> Tensor:
     return torch.where(torch.isfinite(t), t, torch.zeros((), dtype=t.dtype, device=t.device))
 
 
-def finite_values(t: Tensor, out: Tensor | None = None) -> Tensor:
-    """`finite_copy` in one kernel, for tensors outside autograd (its gradient would pass a NaN through);
-    into `out` where given (`out=t`: in place)."""
-    return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0, out=out)
+def finite_values(t: Tensor) -> Tensor:
+    """`finite_copy` in one kernel, for tensors outside autograd (its gradient would pass a NaN through)."""
+    return torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def _bad(t: Tensor, keep: int) -> Tensor:
