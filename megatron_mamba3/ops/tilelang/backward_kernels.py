@@ -20,18 +20,18 @@ import tilelang.language as T
 from megatron_mamba3.ops.tilelang.build import build
 from megatron_mamba3.ops.tilelang.kernels import (
     BF16,
+    CHUNK_THREADS,
     F32,
     F64,
     NORM_EPS,
-    STATE_ROWS,
-    CHUNK_THREADS,
     SCAN_THREADS,
+    STATE_ROWS,
     KernelConfig,
     chunk_prologue,
     chunk_y_macro,
     load_state,
-    reaches,
     pair_indices,
+    reaches,
 )
 
 
