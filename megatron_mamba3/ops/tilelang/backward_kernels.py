@@ -27,6 +27,7 @@ from megatron_mamba3.ops.tilelang.kernels import (
     SCAN_THREADS,
     STATE_ROWS,
     KernelConfig,
+    bf16_rest,
     chunk_prologue,
     chunk_y_macro,
     load_state,
@@ -65,16 +66,19 @@ def split_bf16(src, hi_s, lo_s):
     below enters as two bf16 halves (two gemms), so the backward does not round gradients to bf16."""
     for i, j in T.Parallel(*hi_s.shape):
         hi_s[i, j] = T.cast(src[i, j], BF16)
-        lo_s[i, j] = T.cast(src[i, j] - T.cast(hi_s[i, j], F32), BF16)
+        lo_s[i, j] = bf16_rest(src[i, j], hi_s[i, j])
 
 
 @T.macro
-def bf16_half(SRC, b, h, first, out_s, lo: bool):
-    """The hi (lo=False) or lo (lo=True) bf16 half of the tile SRC[b, h, first : first + rows, :] of a
-    (batch, H, rows, cols) fp32 tensor, as `split_bf16` makes them, into out_s."""
-    for i, j in T.Parallel(*out_s.shape):
+def split_tile_bf16(SRC, b, h, first, hi_s=None, lo_s=None):
+    """`split_bf16` of the tile SRC[b, h, first : first + rows, :] of a (batch, H, rows, cols) fp32 tensor in
+    one read, into hi_s and/or lo_s (one may be None: the halves can then take turns in one tile)."""
+    for i, j in T.Parallel(*(lo_s if hi_s is None else hi_s).shape):
         value = SRC[b, h, first + i, j]
-        out_s[i, j] = T.cast(value - T.cast(T.cast(value, BF16), F32), BF16) if lo else T.cast(value, BF16)
+        if hi_s is not None:
+            hi_s[i, j] = T.cast(value, BF16)
+        if lo_s is not None:
+            lo_s[i, j] = bf16_rest(value, T.cast(value, BF16))  # not hi_s: no read back of shared memory
 
 
 def _gate_terms(c: KernelConfig) -> _GateTerms:
@@ -407,8 +411,7 @@ def _chunk_dqkv(c: KernelConfig):
             keys(Cq, C_BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, one_s, q_s, q_lo)
             keys(Bk, B_BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, one_s, k_s, k_lo)
             values(X, MIMO_X, L, b, h, t0, x_s, mx_s, v_s)
-            bf16_half(DY, b, h, chunk * QR, dy_s, lo=False)
-            bf16_half(DY, b, h, chunk * QR, dy_lo, lo=True)
+            split_tile_bf16(DY, b, h, chunk * QR, dy_s, dy_lo)
 
             T.gemm(q_s, k_s, scores, transpose_B=True, clear_accum=True)
             T.gemm(dy_s, v_s, dp, transpose_B=True, clear_accum=True)
@@ -437,15 +440,15 @@ def _chunk_dqkv(c: KernelConfig):
 
             # kds = k dS and vds = v dSᵀ, with dS as two bf16 halves that take turns in ds_s (shared memory is
             # short) and v as hi + lo halves where MIMO makes it inexact in bf16.
-            bf16_half(DS, b * NC + chunk, h, 0, ds_s, lo=False)
+            split_tile_bf16(DS, b * NC + chunk, h, 0, hi_s=ds_s)
             T.gemm(k_s, ds_s, kds, clear_accum=True)
             T.gemm(v_s, ds_s, vds, transpose_B=True, clear_accum=True)
             if R > 1:
                 v_lo = T.alloc_shared((QR, p), BF16)
                 for row, pp in T.Parallel(QR, p):
-                    v_lo[row, pp] = T.cast(T.cast(x_s[row // R, pp], F32) * mx_s[row % R, pp] - T.cast(v_s[row, pp], F32), BF16)
+                    v_lo[row, pp] = bf16_rest(T.cast(x_s[row // R, pp], F32) * mx_s[row % R, pp], v_s[row, pp])
                 T.gemm(v_lo, ds_s, vds, transpose_B=True)
-            bf16_half(DS, b * NC + chunk, h, 0, ds_s, lo=True)
+            split_tile_bf16(DS, b * NC + chunk, h, 0, lo_s=ds_s)
             T.gemm(k_s, ds_s, kds)
             T.gemm(v_s, ds_s, vds, transpose_B=True)
 

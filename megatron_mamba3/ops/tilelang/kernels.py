@@ -62,6 +62,12 @@ def pair_indices(s, n: int, half_split: bool):
     return (s, n // 2 + s) if half_split else (2 * s, 2 * s + 1)
 
 
+def bf16_rest(value, hi):
+    """The bf16 lo half of fp32 `value` whose hi half is `hi` (its bf16 rounding): hi + lo is `value` to ~16
+    mantissa bits, which is how fp32 operands enter the bf16 matmuls."""
+    return T.cast(value - T.cast(hi, F32), BF16)
+
+
 @T.macro
 def load_state(HS, b, chunk, h, hs_s, finite: bool):
     """hs_s (n, p) bf16 = the chunk start HS[b, chunk, h]; with `finite`, its non-finite entries read as 0
@@ -133,7 +139,7 @@ def chunk_prologue(c: KernelConfig):
                 scaled = T.if_then_else(scale != 0.0, key * scale, 0.0)
                 out_s[row, index] = T.cast(scaled, BF16)
                 if lo_s is not None:
-                    lo_s[row, index] = T.cast(scaled - T.cast(out_s[row, index], F32), BF16)
+                    lo_s[row, index] = bf16_rest(scaled, out_s[row, index])
 
     @T.macro
     def values(X, MIMO_X, L, b, h, t0, x_s, mx_s, v_s, product=True):
