@@ -2,7 +2,7 @@
 
 Forward: the `chunk_prep` kernel and a few small PyTorch ops for the per-token and per-chunk terms of
 `chunk_terms`, then the three kernels of the scan.
-Backward: the four backward kernels for the per-chunk work, on the forward's chunk starts h̃_c (saved,
+Backward: the three backward kernels for the per-chunk work, on the forward's chunk starts h̃_c (saved,
 bf16), and `terms_backward` for the scalar chains (math: `chunk_grad`); gradients of every input, weight
 and the initial state.
 """
@@ -150,8 +150,8 @@ def _backward_kernels(
     non-finite value then contributes an exact 0 wherever its output gradient is 0, instead of 0 · NaN, so
     the gradients of other tokens and documents stay finite and equal to a run without it. The forward's
     chunk starts `starts_h` (b, nc, H, n, p) bf16 are read by the kernels with their non-finite entries as
-    0 (`kernels.load_state`); those are only in the documents a bad value reaches. Unlike the reference, the output gradient
-    at the outputs the forward made non-finite is not dropped.
+    0 (`kernels.load_state`); those are only in the documents a bad value reaches. Unlike the reference,
+    the output gradient at the outputs the forward made non-finite is not dropped.
 
     The forward's terms are spent once copied: their buffers (the backward's alone) take the backward's
     outputs of the same shape and dtype (∂cs, ∂wd, ∂wo into `scalars`, ∂mult into `mult`, dh̃_0 into
