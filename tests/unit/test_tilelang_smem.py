@@ -9,6 +9,7 @@ tilelang = pytest.importorskip("tilelang")
 from tilelang import tvm  # noqa: E402
 
 from megatron_mamba3.ops.tilelang import backward_kernels, kernels  # noqa: E402
+from megatron_mamba3.ops.tilelang.build import pass_configs  # noqa: E402
 from megatron_mamba3.ops.tilelang.function import TILE_ROWS  # noqa: E402
 
 SHARED_MEMORY_LIMIT = 227 * 1024  # bytes per block an H100 / H200 kernel may opt in to
@@ -16,8 +17,7 @@ SHARED_MEMORY_LIMIT = 227 * 1024  # bytes per block an H100 / H200 kernel may op
 
 def _shared_memory(make, config) -> int:
     target = tvm.target.Target({"kind": "cuda", "arch": "sm_90a"})
-    pass_configs = {tilelang.PassConfigKey.TL_DISABLE_TMA_LOWER: True, tilelang.PassConfigKey.TL_DISABLE_WARP_SPECIALIZED: True}
-    with tvm.transform.PassContext(opt_level=3, config=pass_configs), target:
+    with tvm.transform.PassContext(opt_level=3, config=pass_configs()), target:
         lowered = tilelang.lower(make(config), target=target, enable_device_compile=False)
     (function,) = lowered.device_mod.functions.values()
     return int(function.attrs.get("dyn_shared_memory_buf", 0))

@@ -1,5 +1,6 @@
 """Compiling the TileLang kernels, always through TileLang's disk cache (`~/.tilelang/cache`).
 
+    pass_configs    the TileLang pass configuration of every kernel
     compile_kernel  one kernel: `make(config)` compiled (or loaded from the cache)
     build           a config's forward or backward set in this process; the first time a config is
                     asked for, every kernel of it (forward and backward) is compiled first in parallel
@@ -34,15 +35,21 @@ def compile_count() -> int:
     return _compiled
 
 
+def pass_configs() -> dict:
+    """The TileLang pass configuration every kernel is compiled with."""
+    import tilelang
+
+    return {  # bulk copies (TMA) and warp specialisation stay off: the kernels' tiles are not laid out for them
+        tilelang.PassConfigKey.TL_DISABLE_TMA_LOWER: True,
+        tilelang.PassConfigKey.TL_DISABLE_WARP_SPECIALIZED: True,
+    }
+
+
 def compile_kernel(make, config):
     """Compile (or load from TileLang's disk cache) the kernel `make(config)`."""
     import tilelang
 
-    pass_configs = {  # bulk copies (TMA) and warp specialisation stay off: the kernels' tiles are not laid out for them
-        tilelang.PassConfigKey.TL_DISABLE_TMA_LOWER: True,
-        tilelang.PassConfigKey.TL_DISABLE_WARP_SPECIALIZED: True,
-    }
-    return tilelang.compile(make(config), out_idx=[], target="cuda", pass_configs=pass_configs)
+    return tilelang.compile(make(config), out_idx=[], target="cuda", pass_configs=pass_configs())
 
 
 def _makers():
