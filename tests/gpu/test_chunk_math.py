@@ -11,7 +11,7 @@ import torch
 from megatron_mamba3.ops.interface import Mamba3Inputs, Mamba3State, Mamba3Weights, scan_dims
 from megatron_mamba3.ops.oracle import mamba3_recurrent
 from megatron_mamba3.ops.segments import document_starts
-from megatron_mamba3.ops.tilelang.chunk_grad import TermGrads, chunked_backward, terms_backward
+from megatron_mamba3.ops.tilelang.chunk_grad import TermGrads, chunked_backward, piece_grads, terms_backward
 from megatron_mamba3.ops.tilelang.chunk_math import chunk_count, chunk_terms, chunked_parallel, final_state, token_theta
 from tests.helpers import assert_states_close, make_case, make_state, rel_err
 
@@ -118,7 +118,8 @@ def test_terms_backward_matches_autograd(R, G):
         randn(b, H, p, n), Mamba3State(randn(b, H, p, n), randn(b, R, H, n), randn(b, H, p), randn(b, H, 2)),
     )
 
-    found = terms_backward(inputs, weights, starts, state, chunk_terms(inputs, weights, starts, state, chunk), grads)
+    terms = chunk_terms(inputs, weights, starts, state, chunk)
+    found = terms_backward(inputs, weights, starts, state, terms, piece_grads(inputs, terms, grads))
     state_grads, B_last, x_last, weight_grads = _autograd_terms_backward(inputs, weights, starts, state, chunk, grads)
     expected = [*state_grads[:4], *state_grads[4:], B_last, x_last, *weight_grads]
     mine = [*found[:4], *found.state, found.B_last, found.x_last, found.B_bias]

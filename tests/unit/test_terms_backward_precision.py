@@ -17,7 +17,7 @@ from torch import Tensor
 
 from megatron_mamba3.ops.interface import Mamba3State
 from megatron_mamba3.ops.segments import document_starts
-from megatron_mamba3.ops.tilelang.chunk_grad import TermGrads, terms_backward
+from megatron_mamba3.ops.tilelang.chunk_grad import TermGrads, piece_grads, terms_backward
 from megatron_mamba3.ops.tilelang.chunk_math import chunk_count, chunk_terms
 from tests.helpers import make_case, make_state
 
@@ -81,7 +81,8 @@ def test_angle_gradients_keep_float32_precision_over_a_long_packed_sequence():
     )
 
     starts = document_starts(segment_ids)
-    found = terms_backward(inputs, weights, starts, state, chunk_terms(inputs, weights, starts, state, CHUNK), grads)
+    terms = chunk_terms(inputs, weights, starts, state, CHUNK)
+    found = terms_backward(inputs, weights, starts, state, terms, piece_grads(inputs, terms, grads))
 
     # The definitions in float64, and the same over the terms' magnitudes (dt > 0, tanh' > 0).
     dincr = _document_suffix_sums(theta_grad, final_grad, segment_ids)  # (b, l, H, S)

@@ -6,7 +6,8 @@
     chunk_dqkv      grid (nc, H, b): from one build of the chunk's queries, keys, values, scores and dP:
                     dv -> dx, D and mimo_x partials; dk -> dB (atomic over a group's heads), B_bias partials;
                     dw_j = Σ_s k_{j,s}·(dS v_{j,s}); ∂mult_c = ⟨dS_c, h̃_c⟩; dq -> dC, C_bias partials; dθ;
-                    the per-token scalar gradients ∂cs, ∂wd, ∂wo from dL = Σ_{r,s} dP ⊙ scores, dw and dinter
+                    the per-token scalar gradients ∂cs, ∂wd, ∂wo from dL = Σ_{r,s} dP ⊙ scores, dw and dinter;
+                    ∂cs and dθ summed over the chunk's document pieces (`chunk_grad.PieceGrads`)
 
 Queries, keys and values are rebuilt per head in shared memory exactly as in the forward. Sizes that vary
 (batch, length, chunks) are runtime sizes: one compiled set per `KernelConfig`.
@@ -324,11 +325,11 @@ def _chunk_dqkv(c: KernelConfig):
         DS: T.Tensor((BNC, H, n, p), F32),
         HS: T.Tensor((batch, NC, H, n, p), BF16),
         DY: T.Tensor((batch, H, LPR, p), F32),
+        MULT: T.Tensor((batch, NC, H), F32),
         B_BIAS: T.Tensor((H, R, n), F32),
         C_BIAS: T.Tensor((H, R, n), F32),
         D: T.Tensor((H,), F32),
         MIMO_X: T.Tensor((H, R, p), F32),
-        DMULT: T.Tensor((batch, NC, H), F32),
         DX: T.Tensor((batch, L, H, p), F32),
         DB: T.Tensor((batch, L, R, G, n), F64),
         DC: T.Tensor((batch, L, R, G, n), F64),
@@ -336,10 +337,12 @@ def _chunk_dqkv(c: KernelConfig):
         DC_BIAS: T.Tensor((batch, NC, H, R, n), F32),
         DMX: T.Tensor((batch, NC, H, R, p), F32),
         DD: T.Tensor((batch, H, LPR), F32),
-        DCS: T.Tensor((batch, H, LP), F32),
+        DLA: T.Tensor((batch, H, LP), F32),
         DWD: T.Tensor((batch, H, LP), F32),
         DWO: T.Tensor((batch, H, LP), F32),
-        DTH: T.Tensor((batch, LP, H, S), F32),
+        DTT: T.Tensor((batch, H, LP), F32),
+        DTD: T.Tensor((batch, LP, S), F64),
+        DTF: T.Tensor((batch, NC, H, S), F32),
     ):
         with T.Kernel(NC, H, batch, threads=CHUNK_THREADS) as (chunk, h, b):
             t0 = chunk * Q
@@ -399,6 +402,11 @@ def _chunk_dqkv(c: KernelConfig):
             below_s = T.alloc_shared((Q,), F32)
             after_s = T.alloc_shared((Q,), F32)
             ends_s = T.alloc_shared((1,), F32)
+            cs_grad_s = T.alloc_shared((Q,), F32)
+            piece_sum = T.alloc_fragment((Q,), F32)
+            angle_terms = T.alloc_fragment((Q, S), F32)
+            angle_dt = T.alloc_fragment((Q, S), F32)
+            turn_sum = T.alloc_fragment((Q,), F32)
 
             load_scalars(SEG, CS, WD, WO, b, h, t0, seg_s, cs_s, wd_s, wo_s)
             seg_before = SEG[b, T.max(t0 - 1, 0)]
@@ -489,7 +497,6 @@ def _chunk_dqkv(c: KernelConfig):
                     state_prod[row, pp] += DS[b * NC + chunk, h, block * QR + row, pp] * T.cast(hs_s[block * QR + row, pp], F32)
             T.reduce_sum(state_prod, state_rows, dim=1)
             T.reduce_sum(state_rows, dmult, dim=0)
-            DMULT[b, chunk, h] = dmult[0]
 
             # dq = (dP ⊙ L) k + inter_i h̃ dy_i (kept in registers until g_s is free); dinter_{i,r} = q_{i,r}·(h̃ dy_{i,r}).
             T.gemm(dmix_s, k_s, dq, clear_accum=True)
@@ -519,8 +526,6 @@ def _chunk_dqkv(c: KernelConfig):
 
             T.copy(dq, g_s)
             angle_grad(g_s, q_s, theta_grad)
-            for i, s in T.Parallel(Q, S):
-                DTH[b, t0 + i, h, s] = theta_grad[i, s]
             scatter(g_s, cos_s, sin_s, L, b, h, t0, chunk, DC, DC_BIAS, key_term, key_sum)
 
             # ends = Σ_m dw_m w_m; the per-token scalar gradients.
@@ -530,10 +535,39 @@ def _chunk_dqkv(c: KernelConfig):
             T.copy(ends, ends_s)
             for j in T.Parallel(Q):
                 DWO[b, h, t0 + j] = after_s[j] + dw_s[j] * end_s[j]
-                DCS[b, h, t0 + j] = (
+                cs_grad_s[j] = (
                     below_s[j] - wo_s[j] * after_s[j] + sum(dinter_s[j * R + r] for r in range(R)) * inter_s[j] - dw_s[j] * w_s[j]
                     + T.if_then_else(j == Q - 1, ends_s[0], 0.0)
                 )
+
+            # Sums over each token's piece (its document in the chunk) from the token on: ∂(AΔ)_j of ∂cs, plus
+            # ∂mult_c·mult_c in the last piece; φ_j of dθ (into turn_s, spent since the rotation), by a reverse
+            # running sum, written contracted with tanh(angles) (per token and head) and with Δ (over the heads,
+            # float64 atomics as dB), and at the chunk's first token.
+            T.clear(piece_sum)
+            for m in T.serial(Q):
+                for j in T.Parallel(Q):
+                    piece_sum[j] += T.if_then_else((m >= j) & (seg_s[m] == seg_s[j]), cs_grad_s[m], 0.0)
+            mult_carry = dmult[0] * MULT[b, chunk, h]
+            for j in T.Parallel(Q):
+                DLA[b, h, t0 + j] = piece_sum[j] + T.if_then_else(seg_s[j] == seg_s[Q - 1], mult_carry, 0.0)
+            for step in T.unroll(Q):
+                i = Q - 1 - step
+                for s in T.Parallel(S):
+                    same_piece = (i < Q - 1) & (seg_s[T.min(i + 1, Q - 1)] == seg_s[i])
+                    theta_f[s] = T.if_then_else(same_piece, theta_f[s], 0.0) + theta_grad[i, s]
+                    turn_s[i, s] = theta_f[s]
+            for i, s in T.Parallel(Q, S):
+                inside = t0 + i < L
+                angle_terms[i, s] = T.if_then_else(inside, turn_s[i, s] * T.tanh(T.cast(ANG[b, t0 + i, s], F32)), 0.0)
+                angle_dt[i, s] = T.if_then_else(inside, turn_s[i, s] * T.cast(DT[b, t0 + i, h], F32), 0.0)
+                if inside:
+                    T.atomic_add(DTD[b, t0 + i, s], angle_dt[i, s])
+            T.reduce_sum(angle_terms, turn_sum, dim=1)
+            for j in T.Parallel(Q):
+                DTT[b, h, t0 + j] = turn_sum[j]
+            for s in T.Parallel(S):
+                DTF[b, chunk, h, s] = turn_s[0, s]
 
     return chunk_dqkv
 

@@ -11,13 +11,15 @@ Given the output gradient dout and the final state's gradient, per head (notatio
                    dk_{j,s} = Σ_{i,r} dP L_ij q_{i,r} + w_j dS_c v_{j,s}
     scalars        dL, dw, dinter -> ∂cs, ∂wd, ∂wo per token; dk, dq -> dθ per token and the
                    unrotated gradients of B + B_bias and C + C_bias
-    terms          ∂cs, ∂wd, ∂wo, ∂mult, ∂θ, dh̃_0 and the final state's (k, v, θ) gradients flow to
-                   Δ, A, trap, angles and the initial state through `chunk_terms` (`terms_backward`:
+    pieces         ∂cs and ∂θ summed over each token's piece (its document within the chunk) from the
+                   token on; ∂θ's sums contracted with tanh(angles) and with Δ (`piece_grads`)
+    terms          those sums, ∂wd, ∂wo, dh̃_0 and the final state's (k, v, θ) gradients flow to Δ, A,
+                   trap, angles and the initial state through `chunk_terms` (`terms_backward`:
                    closed-form gradients, a few dozen (b, l, H)-sized PyTorch ops, no autograd)
 
 `chunked_backward` runs all of it in PyTorch (the kernels' math, tested against autograd of
 `chunked_parallel` and the fp64 oracle); the TileLang backward kernels compute the same per-chunk
-quantities and share `terms_backward`.
+quantities (the pieces inside `chunk_dqkv`) and share `terms_backward`.
 """
 
 from __future__ import annotations
@@ -66,6 +68,55 @@ class TermGrads(NamedTuple):
     final: Mamba3State
 
 
+class PieceGrads(NamedTuple):
+    """`TermGrads` as `terms_backward` takes them, with the sums along each chunk's document pieces taken
+    (what `chunk_dqkv` writes). With φ_j = Σ ∂θ_i over the tokens i ≥ j of j's piece (its document
+    within the chunk), in the compute dtype:
+
+    log_alpha:    (b, l_pad, H)     ∂(AΔ)_j = Σ ∂cs_i over the same tokens, plus ∂mult_c·mult_c in the
+                                    chunk's last piece
+    wd, wo:       (b, l_pad, H)     as in `TermGrads`
+    theta_turn:   (b, l_pad, H)     Σ_s φ_{j,s} tanh(angles_{j,s})
+    theta_dt:     (b, l_pad, S)     Σ_h φ_{j,h} Δ_{j,h}
+    theta_first:  (b, nc, H, S)     φ at each chunk's first token (its first piece's sum of ∂θ)
+    h_in, final:  as in `TermGrads`
+    """
+
+    log_alpha: Tensor
+    wd: Tensor
+    wo: Tensor
+    theta_turn: Tensor
+    theta_dt: Tensor
+    theta_first: Tensor
+    h_in: Tensor
+    final: Mamba3State
+
+
+def piece_grads(inputs: Mamba3Inputs, terms: ChunkTerms, grads: TermGrads) -> PieceGrads:
+    """The sums of `PieceGrads` from per-token `grads`, in PyTorch (`chunk_dqkv` forms them in its chunk):
+    running sums P over each chunk's Q tokens, read as P_{e_j} − P_{j−1} with e_j the last token of j's
+    piece. `terms`: seg (b, l_pad) int32 and mult (b, nc, H) of `chunk_terms` (or the kernels' launch)."""
+    b, l_pad, H = grads.cs.shape
+    nc, S = terms.mult.shape[1], grads.theta.shape[-1]
+    Q = l_pad // nc
+    dtype = grads.theta.dtype
+    seg_chunks = terms.seg.view(b, nc, Q)
+    piece_last = (torch.searchsorted(seg_chunks, seg_chunks, right=True) - 1).view(b, nc, Q, 1, 1)  # e_j
+    running = torch.cat((grads.cs[..., None], grads.theta), dim=-1).view(b, nc, Q, H, 1 + S).cumsum(dim=2)
+    sums = running.take_along_dim(piece_last, dim=2)
+    sums[:, :, 1:].sub_(running[:, :, :-1])
+    last_piece = (seg_chunks == seg_chunks[:, :, -1:])[..., None]  # (b, nc, Q, 1)
+    log_alpha = sums[..., 0] + torch.where(last_piece, (grads.mult * terms.mult)[:, :, None], 0)
+    phi = sums[..., 1:]  # (b, nc, Q, H, S)
+    turn = to_chunks(torch.tanh(inputs.angles.double()), nc, Q, dtype)  # (b, nc, Q, S)
+    return PieceGrads(
+        log_alpha.flatten(1, 2), grads.wd, grads.wo,
+        torch.einsum("bcqhs,bcqs->bcqh", phi, turn).flatten(1, 2),
+        torch.einsum("bcqhs,bcqh->bcqs", phi, to_chunks(inputs.dt, nc, Q, dtype)).flatten(1, 2),
+        phi[:, :, 0], grads.h_in, grads.final,
+    )
+
+
 class InputGrads(NamedTuple):
     """What `terms_backward` returns: gradients of Δ, A, trap (b, l, H), angles (b, l, S), the initial
     state, and of the last token's B (b, R, G, n) and x (b, H, p), B_bias and mimo_x (None for SISO); those
@@ -88,7 +139,7 @@ def terms_backward(
     starts: Tensor,
     state: Mamba3State,
     terms: ChunkTerms,
-    grads: TermGrads,
+    grads: PieceGrads,
 ) -> InputGrads:
     """Push `grads` through `chunk_terms`, the per-token θ and the final state's k/v/θ, in closed form.
 
@@ -104,7 +155,7 @@ def terms_backward(
         θ_i = [i in the first document] θ_0 + Σ_{j ≤ i, same document} incr_j, θ_final likewise after the
               last token (the reductions modulo 2π have no derivative): ∂incr_j sums ∂θ_i over the tokens
               i ≥ j of j's document, plus ∂θ_final in the last one: a segmented reverse cumsum in two
-              levels, running sums over each chunk's Q tokens (compute dtype; the whole ∂incr_j for a
+              levels, φ_j within each chunk's pieces (`PieceGrads`, compute dtype; the whole ∂incr_j for a
               token whose document ends in its chunk) and, for the chunk's last document piece, what that
               document gathers in later chunks (float64 sums of their first pieces), so that no rounding
               grows with a running sum over the whole sequence
@@ -116,7 +167,7 @@ def terms_backward(
     nc = terms.mult.shape[1]
     Q = terms.seg.shape[1] // nc
     half_split = R > 1
-    dtype = grads.theta.dtype  # the compute dtype
+    dtype = grads.theta_turn.dtype  # the compute dtype
     dt, A, trap = (as_dtype(t, dtype) for t in (inputs.dt, inputs.A, inputs.trap))
     lam = torch.sigmoid(trap)
     tokens = lambda t: t if t.shape[1] == length else t[:, :length]  # noqa: E731  (b, l_pad, ...) -> (b, l, ...)
@@ -131,36 +182,29 @@ def terms_backward(
         cross = pair_cross(dkey, key, S, half_split).sum(dim=1)
         dtheta_final = cross if dtheta_final is None else dtheta_final + cross
 
-    # Sums over the tokens i ≥ j of j's document piece in its chunk, plus a carry_c for the chunk's last piece:
-    # running sums P over each chunk's Q tokens, with carry_c added to P_{Q−1} (which no token subtracts), read
-    # as P_{e_j} − P_{j−1}, e_j the last token of j's piece. ∂cs (column 0) and ∂θ (columns 1 to S) run
-    # together, each column on its own.
-    seg_chunks = terms.seg.view(b, nc, Q)
-    piece_last = (torch.searchsorted(seg_chunks, seg_chunks, right=True) - 1).view(b, nc, Q, 1, 1)  # e_j
-    running = torch.cat((grads.cs[..., None], grads.theta), dim=-1).view(b, nc, Q, H, 1 + S).cumsum(dim=2)
-
     # ∂θ's carry_c is what the document of chunk c's last piece gathers after c, the first pieces of the
     # later chunks it reaches (∂θ_final past the last chunk): a float64 difference of running sums over
-    # (b, nc + 1, H, S) slots, exactly 0 where that document ends in c.
-    first = running.take_along_dim(piece_last[:, :, :1], dim=2)[..., 1:]  # (b, nc, 1, H, S)
+    # (b, nc + 1, H, S) slots, exactly 0 where that document ends in c. ∂incr_j = φ_j + carry_c in c's last
+    # piece, contracted here with tanh(angles) and Δ as `grads` holds φ's.
+    first = grads.theta_first
     if dtheta_final is None:
-        reaches = F.pad(first.double(), (0, 0, 0, 0, 0, 0, 1, 1))
+        reaches = F.pad(first.double(), (0, 0, 0, 0, 1, 1))
     else:
-        reaches = F.pad(torch.cat((first, dtheta_final.reshape(b, 1, 1, H, S)), dim=1).double(), (0, 0, 0, 0, 0, 0, 1, 0))
-    reaches = reaches.cumsum_(dim=1)  # Σ over the slots before k, (b, nc + 2, 1, H, S)
+        reaches = F.pad(torch.cat((first, dtheta_final[:, None]), dim=1).double(), (0, 0, 0, 0, 1, 0))
+    reaches = reaches.cumsum_(dim=1)  # Σ over the slots before k, (b, nc + 2, H, S)
+    seg_chunks = terms.seg.view(b, nc, Q)
     keys = torch.cat((seg_chunks[:, :, 0], terms.seg[:, -1:]), dim=1)  # each slot's document, (b, nc + 1)
     past = torch.searchsorted(keys, seg_chunks[:, :, -1].contiguous(), right=True)  # after the last slot reached
-    carry = reaches.take_along_dim(past.view(b, nc, 1, 1, 1), dim=1) - reaches[:, 1:-1]  # (b, nc, 1, H, S)
-    # ∂cs's carry_c = ∂mult_c mult_c (mult is 0 in chunks with a document start, the only ones with more than
-    # one piece).
-    running[:, :, -1:].add_(torch.cat(((grads.mult * terms.mult).view(b, nc, 1, H, 1), carry.to(dtype)), dim=-1))
-    sums = running.take_along_dim(piece_last, dim=2)
-    sums[:, :, 1:].sub_(running[:, :, :-1])
-    sums = tokens(sums.flatten(1, 2))  # (b, l, H, 1 + S)
-    dlog_alpha, dincr = sums[..., 0], sums[..., 1:]  # ∂(AΔ) (b, l, H), ∂incr (b, l, H, S)
-    dt_pi, turn = math.pi * dt, torch.tanh(inputs.angles.double()).to(dtype)  # (b, l, H), (b, l, S)
-    dangles = torch.ops.aten.tanh_backward(torch.einsum("blhs,blh->bls", dincr, dt_pi), turn)
-    dtheta_0 = dincr[:, 0]  # θ_0 reaches the first document (and θ_final when it is the last)
+    carry = (reaches.take_along_dim(past.view(b, nc, 1, 1), dim=1) - reaches[:, 1:-1]).to(dtype)  # (b, nc, H, S)
+    last_piece = (seg_chunks == seg_chunks[:, :, -1:])[..., None]  # (b, nc, Q, 1)
+    turn = to_chunks(torch.tanh(inputs.angles.double()), nc, Q, dtype)  # (b, nc, Q, S)
+    carried = lambda t: torch.where(last_piece, t, 0).flatten(1, 2)  # noqa: E731
+    dincr_turn = grads.theta_turn + carried(torch.einsum("bchs,bcqs->bcqh", carry, turn))  # Σ_s ∂incr tanh
+    dincr_dt = grads.theta_dt + carried(torch.einsum("bchs,bcqh->bcqs", carry, to_chunks(dt, nc, Q, dtype)))
+    dlog_alpha = tokens(grads.log_alpha)  # ∂(AΔ) (b, l, H)
+    dangles = torch.ops.aten.tanh_backward(math.pi * tokens(dincr_dt), tokens(turn.flatten(1, 2)))
+    # θ_0 reaches the first document (and θ_final when it is the last)
+    dtheta_0 = first[:, 0] + torch.where(last_piece[:, 0, 0, :, None], carry[:, 0], 0)
 
     # h̃_0: ∂(w0 v_r) = ∂h̃_0 k_prev,r,  ∂k_prev,r = w0 ∂h̃_0ᵀ v_r,  ∂w0 = Σ_r ⟨v_r, ∂h̃_0 k_prev,r⟩
     k_prev, v_prev = as_dtype(state.k_prev, dtype), as_dtype(state.v_prev, dtype)
@@ -184,7 +228,7 @@ def terms_backward(
     dgamma = dwd + dwo - dbeta  # ∂(λΔ), net of the −λΔ inside (1 − λ)Δ
     dtrap = torch.ops.aten.sigmoid_backward(dt * dgamma, lam)
     ddt = torch.addcmul(dbeta, lam, dgamma).addcmul_(A, dlog_alpha)
-    ddt = ddt.add_(torch.einsum("blhs,bls->blh", dincr, turn), alpha=math.pi)
+    ddt = ddt.add_(tokens(dincr_turn), alpha=math.pi)
 
     no_key = dkey is None
     return InputGrads(
@@ -297,7 +341,7 @@ def chunked_backward(
         cs_grad.reshape(b, nc * Q, H), wd_grad.reshape(b, nc * Q, H), wo_grad.reshape(b, nc * Q, H), dmult,
         theta_grad.reshape(b, nc * Q, H, S), dH, grad_final.to(dtype),
     )
-    rest = terms_backward(inputs, weights, starts, state, terms, term_grads)
+    rest = terms_backward(inputs, weights, starts, state, terms, piece_grads(inputs, terms, term_grads))
     dx = flat(x_grad).clone()
     dx[:, -1] += rest.x_last
     dB = group(duB).clone()

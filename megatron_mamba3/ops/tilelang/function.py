@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from megatron_mamba3.ops.interface import Mamba3Inputs, Mamba3State, Mamba3Weights, read_dims
-from megatron_mamba3.ops.tilelang.chunk_grad import TermGrads, terms_backward
+from megatron_mamba3.ops.tilelang.chunk_grad import PieceGrads, terms_backward
 from megatron_mamba3.ops.tilelang.chunk_math import as_dtype, chunk_angles, chunk_count, final_state, incoming_state
 from megatron_mamba3.ops.toolkit.finite import finite_values
 from megatron_mamba3.ops.toolkit.packing import run_packed
@@ -154,8 +154,8 @@ def _backward_kernels(
     the output gradient at the outputs the forward made non-finite is not dropped.
 
     The forward's terms are spent once copied: their buffers (the backward's alone) take the backward's
-    outputs of the same shape and dtype (∂cs, ∂wd, ∂wo into `scalars`, ∂mult into `mult`, dh̃_0 into
-    `h_in`)."""
+    outputs of the same shape and dtype (∂(AΔ), ∂wd, ∂wo into `scalars`, dθ's first-piece sums into
+    `theta_start`, dh̃_0 into `h_in`)."""
     from megatron_mamba3.ops.tilelang.backward_kernels import backward_set
 
     spent = launch
@@ -199,16 +199,20 @@ def _backward_kernels(
     head_sum = lambda: torch.zeros(b, length, c.R, c.G, c.n, device=x.device, dtype=torch.float64)  # noqa: E731
     dx, dB, dC = empty(b, length, H, p), head_sum(), head_sum()
     dB_bias, dC_bias, dmimo_x = empty(b, nc, H, c.R, c.n), empty(b, nc, H, c.R, c.n), empty(b, nc, H, c.R, p)
-    dD, dtheta, dmult = empty(b, H, rows * c.R), empty(b, rows, H, c.S), spent.mult
+    dD, dturn = empty(b, H, rows * c.R), empty(b, H, rows)
+    ddt_sum = torch.zeros(b, rows, c.S, device=x.device, dtype=torch.float64)  # float64 sums over the heads
     kernels.chunk_dqkv(
-        x, B, C, *scalar_args, ds, starts_h, dy, launch.B_bias, launch.C_bias, launch.D, launch.mimo_x,
-        dmult, dx, dB, dC, dB_bias, dC_bias, dmimo_x, dD, spent.cs, spent.wd, spent.wo, dtheta,
+        x, B, C, *scalar_args, ds, starts_h, dy, launch.mult, launch.B_bias, launch.C_bias, launch.D,
+        launch.mimo_x, dx, dB, dC, dB_bias, dC_bias, dmimo_x, dD, spent.cs, spent.wd, spent.wo, dturn, ddt_sum,
+        spent.theta_start,
     )
 
-    dcs, dwd, dwo = spent.scalars.transpose(2, 3).unbind(0)  # per token, (b, l_pad, H)
+    dlog_alpha, dwd, dwo = spent.scalars.transpose(2, 3).unbind(0)  # per token, (b, l_pad, H)
     final = Mamba3State(*(None if g is None else as_dtype(g, torch.float32) for g in grad_final))
-    term_grads = TermGrads(dcs, dwd, dwo, dmult, dtheta, dh_in.transpose(-1, -2), final)
-    rest = terms_backward(inputs, weights, starts, state, launch, term_grads)
+    pieces = PieceGrads(
+        dlog_alpha, dwd, dwo, dturn.transpose(1, 2), ddt_sum.float(), spent.theta_start, dh_in.transpose(-1, -2), final
+    )
+    rest = terms_backward(inputs, weights, starts, state, launch, pieces)
     dB, dC = dB.float(), dC.float()
     if rest.x_last is not None:
         dx.select(1, -1).add_(rest.x_last)
