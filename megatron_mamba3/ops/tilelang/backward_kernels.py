@@ -37,6 +37,9 @@ from megatron_mamba3.ops.tilelang.kernels import (
 )
 
 
+PIECE_SPAN = 8  # tokens per group in chunk_dqkv's two-level sums along document pieces
+
+
 class _GateTerms:
     """Expressions of the output gate's backward for row (i, r) = (row // R, row % R) and column pp, from
     the chunk's dout (do_s), z (z_s), mimo_z (gate_s), mimo_o (out_w_s), y (y_s) and 1/rms (inv_s)."""
@@ -310,6 +313,14 @@ def _chunk_dqkv(c: KernelConfig):
     load_scalars, rotation, keys, values, mix_weights = chunk_prologue(c)
     scatter, angle_grad = _rotation_backward(c)
 
+    def piece_total(group_sums, seg_s, i, s):
+        """φ_{i,s}: token i's running sum within its group (group_sums (Q, S)) plus the first-piece sums of the
+        later groups whose first token is in i's document."""
+        return group_sums[i, s] + sum(
+            T.if_then_else((i < first) & (seg_s[first] == seg_s[i]), group_sums[first, s], 0.0)
+            for first in range(PIECE_SPAN, Q, PIECE_SPAN)
+        )
+
     @T.prim_func
     def chunk_dqkv(
         X: T.Tensor((batch, L, H, p), BF16),
@@ -403,6 +414,10 @@ def _chunk_dqkv(c: KernelConfig):
             after_s = T.alloc_shared((Q,), F32)
             ends_s = T.alloc_shared((1,), F32)
             cs_grad_s = T.alloc_shared((Q,), F32)
+            tanh_f = T.alloc_fragment((Q, S), F32)
+            dt_f = T.alloc_fragment((Q, S), F32)
+            mult_s = T.alloc_shared((1,), F32)
+            group_run = T.alloc_fragment((Q // PIECE_SPAN, S), F32)
             piece_sum = T.alloc_fragment((Q,), F32)
             angle_terms = T.alloc_fragment((Q, S), F32)
             angle_dt = T.alloc_fragment((Q, S), F32)
@@ -416,6 +431,7 @@ def _chunk_dqkv(c: KernelConfig):
                 end_s[i] = T.if_then_else(seg_s[i] == seg_s[Q - 1], T.exp(cs_s[Q - 1] - cs_s[i]), 0.0)
                 w_s[i] = end_s[i] * wo_s[i]
             rotation(ANG, DT, THS, L, b, h, chunk, t0, seg_s, seg_before, turn_s, theta_f, cos_s, sin_s)
+            mult_s[0] = MULT[b, chunk, h]
             keys(Cq, C_BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, one_s, q_s, q_lo)
             keys(Bk, B_BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, one_s, k_s, k_lo)
             values(X, MIMO_X, L, b, h, t0, x_s, mx_s, v_s)
@@ -527,6 +543,10 @@ def _chunk_dqkv(c: KernelConfig):
             T.copy(dq, g_s)
             angle_grad(g_s, q_s, theta_grad)
             scatter(g_s, cos_s, sin_s, L, b, h, t0, chunk, DC, DC_BIAS, key_term, key_sum)
+            for i, s in T.Parallel(Q, S):  # read by the angle terms at the end; loaded here to hide the latency
+                inside = t0 + i < L
+                tanh_f[i, s] = T.if_then_else(inside, T.tanh(T.cast(ANG[b, t0 + i, s], F32)), 0.0)
+                dt_f[i, s] = T.if_then_else(inside, T.cast(DT[b, t0 + i, h], F32), 0.0)
 
             # ends = Σ_m dw_m w_m; the per-token scalar gradients.
             for m in T.Parallel(Q):
@@ -541,33 +561,33 @@ def _chunk_dqkv(c: KernelConfig):
                 )
 
             # Sums over each token's piece (its document in the chunk) from the token on: ∂(AΔ)_j of ∂cs, plus
-            # ∂mult_c·mult_c in the last piece; φ_j of dθ (into turn_s, spent since the rotation), by a reverse
-            # running sum, written contracted with tanh(angles) (per token and head) and with Δ (over the heads,
-            # float64 atomics as dB), and at the chunk's first token.
+            # ∂mult_c·mult_c in the last piece; φ_j of dθ, in two levels (running sums over groups of
+            # PIECE_SPAN tokens into turn_s, spent since the rotation; then the first-piece sums of the later
+            # groups the token's document reaches), written contracted with tanh(angles) (per token and head)
+            # and with Δ (over the heads, float64 atomics as dB), and at the chunk's first token.
             T.clear(piece_sum)
-            for m in T.serial(Q):
+            for m in T.unroll(Q):
                 for j in T.Parallel(Q):
                     piece_sum[j] += T.if_then_else((m >= j) & (seg_s[m] == seg_s[j]), cs_grad_s[m], 0.0)
-            mult_carry = dmult[0] * MULT[b, chunk, h]
             for j in T.Parallel(Q):
-                DLA[b, h, t0 + j] = piece_sum[j] + T.if_then_else(seg_s[j] == seg_s[Q - 1], mult_carry, 0.0)
-            for step in T.unroll(Q):
-                i = Q - 1 - step
-                for s in T.Parallel(S):
-                    same_piece = (i < Q - 1) & (seg_s[T.min(i + 1, Q - 1)] == seg_s[i])
-                    theta_f[s] = T.if_then_else(same_piece, theta_f[s], 0.0) + theta_grad[i, s]
-                    turn_s[i, s] = theta_f[s]
+                DLA[b, h, t0 + j] = piece_sum[j] + T.if_then_else(seg_s[j] == seg_s[Q - 1], dmult[0] * mult_s[0], 0.0)
+            for group, s in T.Parallel(Q // PIECE_SPAN, S):
+                group_run[group, s] = 0.0
+                for k in T.unroll(PIECE_SPAN):
+                    i = (group + 1) * PIECE_SPAN - 1 - k
+                    same_piece = (k > 0) & (seg_s[T.min(i + 1, Q - 1)] == seg_s[i])
+                    group_run[group, s] = T.if_then_else(same_piece, group_run[group, s], 0.0) + theta_grad[i, s]
+                    turn_s[i, s] = group_run[group, s]
             for i, s in T.Parallel(Q, S):
-                inside = t0 + i < L
-                angle_terms[i, s] = T.if_then_else(inside, turn_s[i, s] * T.tanh(T.cast(ANG[b, t0 + i, s], F32)), 0.0)
-                angle_dt[i, s] = T.if_then_else(inside, turn_s[i, s] * T.cast(DT[b, t0 + i, h], F32), 0.0)
-                if inside:
+                angle_terms[i, s] = piece_total(turn_s, seg_s, i, s) * tanh_f[i, s]
+                angle_dt[i, s] = piece_total(turn_s, seg_s, i, s) * dt_f[i, s]
+                if t0 + i < L:
                     T.atomic_add(DTD[b, t0 + i, s], angle_dt[i, s])
             T.reduce_sum(angle_terms, turn_sum, dim=1)
             for j in T.Parallel(Q):
                 DTT[b, h, t0 + j] = turn_sum[j]
             for s in T.Parallel(S):
-                DTF[b, chunk, h, s] = turn_s[0, s]
+                DTF[b, chunk, h, s] = piece_total(turn_s, seg_s, 0, s)
 
     return chunk_dqkv
 
