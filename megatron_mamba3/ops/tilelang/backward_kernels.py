@@ -543,7 +543,7 @@ def _chunk_dqkv(c: KernelConfig):
             T.copy(dq, g_s)
             angle_grad(g_s, q_s, theta_grad)
             scatter(g_s, cos_s, sin_s, L, b, h, t0, chunk, DC, DC_BIAS, key_term, key_sum)
-            for i, s in T.Parallel(Q, S):  # read by the angle terms at the end; loaded here to hide the latency
+            for i, s in T.Parallel(Q, S):  # tanh(angles) and Δ for the angle terms below
                 inside = t0 + i < L
                 tanh_f[i, s] = T.if_then_else(inside, T.tanh(T.cast(ANG[b, t0 + i, s], F32)), 0.0)
                 dt_f[i, s] = T.if_then_else(inside, T.cast(DT[b, t0 + i, h], F32), 0.0)
