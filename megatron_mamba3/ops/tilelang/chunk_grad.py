@@ -39,6 +39,7 @@ from megatron_mamba3.ops.tilelang.chunk_math import (
     chunk_states,
     chunk_terms,
     chunk_view,
+    last_document,
     to_chunks,
 )
 from megatron_mamba3.ops.toolkit.gate import gate_output
@@ -105,7 +106,7 @@ def piece_grads(inputs: Mamba3Inputs, terms: ChunkTerms, grads: TermGrads) -> Pi
     running = torch.cat((grads.cs[..., None], grads.theta), dim=-1).view(b, nc, Q, H, 1 + S).cumsum(dim=2)
     sums = running.take_along_dim(piece_last, dim=2)
     sums[:, :, 1:].sub_(running[:, :, :-1])
-    last_piece = (seg_chunks == seg_chunks[:, :, -1:])[..., None]  # (b, nc, Q, 1)
+    last_piece = last_document(seg_chunks)[..., None]  # (b, nc, Q, 1)
     log_alpha = sums[..., 0] + torch.where(last_piece, (grads.mult * terms.mult)[:, :, None], 0)
     phi = sums[..., 1:]  # (b, nc, Q, H, S)
     turn = to_chunks(torch.tanh(inputs.angles.double()), nc, Q, dtype)  # (b, nc, Q, S)
@@ -196,7 +197,7 @@ def terms_backward(
     keys = torch.cat((seg_chunks[:, :, 0], terms.seg[:, -1:]), dim=1)  # each slot's document, (b, nc + 1)
     past = torch.searchsorted(keys, seg_chunks[:, :, -1].contiguous(), right=True)  # after the last slot reached
     carry = (reaches.take_along_dim(past.view(b, nc, 1, 1), dim=1) - reaches[:, 1:-1]).to(dtype)  # (b, nc, H, S)
-    last_piece = (seg_chunks == seg_chunks[:, :, -1:])[..., None]  # (b, nc, Q, 1)
+    last_piece = last_document(seg_chunks)[..., None]  # (b, nc, Q, 1)
     turn = to_chunks(torch.tanh(inputs.angles.double()), nc, Q, dtype)  # (b, nc, Q, S)
     carried = lambda t: torch.where(last_piece, t, 0).flatten(1, 2)  # noqa: E731
     dincr_turn = grads.theta_turn + carried(torch.einsum("bchs,bcqs->bcqh", carry, turn))  # Σ_s ∂incr tanh
@@ -319,8 +320,7 @@ def chunked_backward(
     end_flow = dw * view.to_end  # ∂/∂cs_last of w_j
     cs_grad = flow.sum(dim=3) - flow.sum(dim=2) + dinter * view.inter - end_flow
     cs_grad[:, :, -1] += end_flow.sum(dim=2)
-    last_doc = terms.seg.view(b, nc, Q) == terms.seg.view(b, nc, Q)[:, :, -1:]
-    cs = terms.cs.view(b, nc, Q, H)
+    cs, last_doc = terms.cs.view(b, nc, Q, H), last_document(terms.seg.view(b, nc, Q))
     end_gap = torch.exp((cs[:, :, -1:] - cs).masked_fill(~last_doc[..., None], float("-inf")))  # exp(cs_last − cs_j)
     wo_grad = spread.sum(dim=2) + dw * end_gap
     wd_grad = torch.diagonal(dL, dim1=2, dim2=3).movedim(-1, 2)  # (b, c, Q, H)

@@ -120,8 +120,7 @@ def chunk_terms(
     angles = inputs.angles.new_zeros((b, nc * Q, S), dtype=torch.float64)
     angles[:, :length] = inputs.angles
     seg_chunks = scalars.seg.view(b, nc, Q)
-    last_doc = seg_chunks == seg_chunks[:, :, -1:]
-    dt_last = (scalars.dt[:, :-1].view(b, nc, Q, H) * last_doc[..., None]).double()
+    dt_last = (scalars.dt[:, :-1].view(b, nc, Q, H) * last_document(seg_chunks)[..., None]).double()
     totals = torch.einsum("bcjh,bcjs->bchs", dt_last, torch.tanh(angles).view(b, nc, Q, S))
     theta = chunk_angles(totals, scalars.seg, state.theta, dtype)
 
@@ -199,6 +198,11 @@ def to_chunks(t: Tensor, nc: int, chunk_size: int, dtype: torch.dtype) -> Tensor
     return F.pad(t.to(dtype), (0,) * (2 * (t.dim() - 2)) + (0, pad)).view(t.shape[0], nc, chunk_size, *t.shape[2:])
 
 
+def last_document(seg: Tensor) -> Tensor:
+    """seg (b, nc, Q) -> (b, nc, Q) bool: the tokens of each chunk's last document (its last piece)."""
+    return seg == seg[:, :, -1:]
+
+
 def _document_masks(seg: Tensor) -> tuple[Tensor, Tensor]:
     """seg (b, nc, Q) -> same_doc (b, nc, i, j) (j ≤ i in one document) and carried (b, nc, Q)
     (rows in the document the chunk's incoming state belongs to)."""
@@ -238,8 +242,7 @@ def chunk_view(inputs: Mamba3Inputs, weights: Mamba3Weights, terms: ChunkTerms, 
     decay = torch.exp(gap.masked_fill(~same_doc[..., None], -math.inf))
     diagonal = torch.eye(Q, dtype=torch.bool, device=x.device)[None, None, :, :, None]
     mix = decay * torch.where(diagonal, wd[:, :, None], wo[:, :, None])
-    last_doc = seg == seg[:, :, -1:]
-    to_end = torch.exp((cs[:, :, -1:] - cs).masked_fill(~last_doc[..., None], -math.inf)) * wo  # (b, nc, Q, H)
+    to_end = torch.exp((cs[:, :, -1:] - cs).masked_fill(~last_document(seg)[..., None], -math.inf)) * wo  # (b, nc, Q, H)
     inter = carried[..., None] * torch.exp(cs)
     return ChunkView(
         head_keys(C, w.C_bias, theta), head_keys(B, w.B_bias, theta), rank_values(x, w.mimo_x), z,
