@@ -199,18 +199,19 @@ def _backward_kernels(
     head_sum = lambda: torch.zeros(b, length, c.R, c.G, c.n, device=x.device, dtype=torch.float64)  # noqa: E731
     dx, dB, dC = empty(b, length, H, p), head_sum(), head_sum()
     dB_bias, dC_bias, dmimo_x = empty(b, nc, H, c.R, c.n), empty(b, nc, H, c.R, c.n), empty(b, nc, H, c.R, p)
-    dD, dturn = empty(b, H, rows * c.R), empty(b, H, rows)
-    ddt_sum = torch.zeros(b, rows, c.S, device=x.device, dtype=torch.float64)  # float64 sums over the heads
+    dD, theta_turn = empty(b, H, rows * c.R), empty(b, H, rows)
+    theta_dt = torch.zeros(b, rows, c.S, device=x.device, dtype=torch.float64)  # float64 sums over the heads
     kernels.chunk_dqkv(
         x, B, C, *scalar_args, ds, starts_h, dy, launch.mult, launch.B_bias, launch.C_bias, launch.D,
-        launch.mimo_x, dx, dB, dC, dB_bias, dC_bias, dmimo_x, dD, spent.cs, spent.wd, spent.wo, dturn, ddt_sum,
-        spent.theta_start,
+        launch.mimo_x, dx, dB, dC, dB_bias, dC_bias, dmimo_x, dD, spent.cs, spent.wd, spent.wo, theta_turn,
+        theta_dt, spent.theta_start,
     )
 
     dlog_alpha, dwd, dwo = spent.scalars.transpose(2, 3).unbind(0)  # per token, (b, l_pad, H)
     final = Mamba3State(*(None if g is None else as_dtype(g, torch.float32) for g in grad_final))
     pieces = PieceGrads(
-        dlog_alpha, dwd, dwo, dturn.transpose(1, 2), ddt_sum.float(), spent.theta_start, dh_in.transpose(-1, -2), final
+        dlog_alpha, dwd, dwo, theta_turn.transpose(1, 2), theta_dt.float(), spent.theta_start,
+        dh_in.transpose(-1, -2), final,
     )
     rest = terms_backward(inputs, weights, starts, state, launch, pieces)
     dB, dC = dB.float(), dC.float()
