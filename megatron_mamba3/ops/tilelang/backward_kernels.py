@@ -579,8 +579,9 @@ def _chunk_dqkv(c: KernelConfig):
                     group_run[group, s] = T.if_then_else(same_piece, group_run[group, s], 0.0) + theta_grad[i, s]
                     turn_s[i, s] = group_run[group, s]
             for i, s in T.Parallel(Q, S):
-                angle_terms[i, s] = piece_total(turn_s, seg_s, i, s) * tanh_f[i, s]
-                angle_dt[i, s] = piece_total(turn_s, seg_s, i, s) * dt_f[i, s]
+                phi = piece_total(turn_s, seg_s, i, s)
+                angle_terms[i, s] = phi * tanh_f[i, s]
+                angle_dt[i, s] = phi * dt_f[i, s]
                 if t0 + i < L:
                     T.atomic_add(DTD[b, t0 + i, s], angle_dt[i, s])
             T.reduce_sum(angle_terms, turn_sum, dim=1)
