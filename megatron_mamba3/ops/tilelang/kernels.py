@@ -117,29 +117,37 @@ def chunk_prologue(c: KernelConfig):
             cos_s[i, s] = T.cos(cos_s[i, s])
 
     @T.macro
+    def store_key(out_s, lo_s, row, index, key, scale):
+        """out_s[row, index] = scale · key as bf16 (exactly 0 where scale is); with lo_s, its bf16 rest."""
+        scaled = T.if_then_else(scale != 0.0, key * scale, 0.0)
+        out_s[row, index] = T.cast(scaled, BF16)
+        if lo_s is not None:
+            lo_s[row, index] = bf16_rest(scaled, out_s[row, index])
+
+    @T.macro
     def keys(SRC, BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, scale_s, out_s, lo_s=None):
         """out_s[(i, r), :] = scale_i · rot(θ_i, SRC[t0 + i, r, group] + BIAS[h, r]) as bf16 (exactly 0 where
         scale_i is); with lo_s, also the bf16 rest lo_s = key − out_s, so out_s + lo_s is the key to ~16 bits.
-        One thread makes both elements of a pair, reading each operand once."""
+        One thread makes both elements of a pair, reading each operand once; the rotated pairs and those
+        passed unchanged run as two loops, so neither needs a per-pair select."""
         for r, nn in T.Parallel(R, n):
             bias_s[r, nn] = BIAS[h, r, nn]
         for row, nn in T.Parallel(Q * R, n):
             raw_s[row, nn] = T.if_then_else(
                 t0 + row // R < L, SRC[b, t0 + row // R, row % R, h // (c.H // c.G), nn], T.cast(0, BF16)
             )
-        for row, s in T.Parallel(Q * R, n // 2):
+        for row, s in T.Parallel(Q * R, S):
             i, r = row // R, row % R
             a, bb = pair_indices(s, n, R > 1)
             u = T.cast(raw_s[row, a], F32) + bias_s[r, a]
             w = T.cast(raw_s[row, bb], F32) + bias_s[r, bb]
-            cos, sin = cos_s[i, T.min(s, S - 1)], sin_s[i, T.min(s, S - 1)]
-            scale = scale_s[i]
-            rotated = ((a, T.if_then_else(s < S, u * cos - w * sin, u)), (bb, T.if_then_else(s < S, w * cos + u * sin, w)))
-            for index, key in rotated:
-                scaled = T.if_then_else(scale != 0.0, key * scale, 0.0)
-                out_s[row, index] = T.cast(scaled, BF16)
-                if lo_s is not None:
-                    lo_s[row, index] = bf16_rest(scaled, out_s[row, index])
+            store_key(out_s, lo_s, row, a, u * cos_s[i, s] - w * sin_s[i, s], scale_s[i])
+            store_key(out_s, lo_s, row, bb, w * cos_s[i, s] + u * sin_s[i, s], scale_s[i])
+        if S < n // 2:
+            for row, s in T.Parallel(Q * R, n // 2 - S):
+                a, bb = pair_indices(S + s, n, R > 1)
+                for index in (a, bb):
+                    store_key(out_s, lo_s, row, index, T.cast(raw_s[row, index], F32) + bias_s[row % R, index], scale_s[row // R])
 
     @T.macro
     def values(X, MIMO_X, L, b, h, t0, x_s, mx_s, v_s, product=True):
