@@ -271,17 +271,17 @@ def _rotation_backward(c: KernelConfig):
 
     @T.macro
     def scatter(g_s, cos_s, sin_s, L, b, h, t0, chunk, SHARED_GRAD, BIAS_GRAD, term, term_sum):
-        """Rotate g_s back by −θ_i in place (one thread per pair; g_s then holds ∂loss/∂(B + bias), or C),
+        """Rotate g_s back by −θ_i in place (one thread per rotated pair, the others are left as they are; g_s
+        then holds ∂loss/∂(B + bias), or C),
         add it into SHARED_GRAD (b, L, R, G, n) (float64, atomically: a group's heads share it; a float64
         sum of H / G fp32 terms is exact, hence independent of the heads' order, unless the terms span more
         than 29 - log2(H / G) binades) and write its sum over the chunk's tokens to BIAS_GRAD[b, chunk, h]
         (R, n); term (Q, n) and term_sum (n,) are fp32 fragments."""
-        for row, s in T.Parallel(Q * R, n // 2):
+        for row, s in T.Parallel(Q * R, S):
             a, bb = pair_indices(s, n, half_split)
             ga, gb = g_s[row, a], g_s[row, bb]
-            cos, sin = cos_s[row // R, T.min(s, S - 1)], sin_s[row // R, T.min(s, S - 1)]
-            g_s[row, a] = T.if_then_else(s < S, ga * cos + gb * sin, ga)
-            g_s[row, bb] = T.if_then_else(s < S, gb * cos - ga * sin, gb)
+            g_s[row, a] = ga * cos_s[row // R, s] + gb * sin_s[row // R, s]
+            g_s[row, bb] = gb * cos_s[row // R, s] - ga * sin_s[row // R, s]
         for r in T.serial(R):
             for i, nn in T.Parallel(Q, n):
                 term[i, nn] = g_s[i * R + r, nn]
