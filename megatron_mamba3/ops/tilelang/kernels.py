@@ -161,15 +161,28 @@ def chunk_prologue(c: KernelConfig):
             for row, pp in T.Parallel(Q * R, p):
                 v_s[row, pp] = T.cast(T.cast(x_s[row // R, pp], F32) * mx_s[row % R, pp], BF16)
 
+    def decay_weight(seg_s, cs_s, wd_s, wo_s, i, j):
+        """L_ij = wd_j (i = j), exp(cs_i − cs_j) wo_j (i > j in one document); elsewhere a finite value the
+        caller discards."""
+        inside = reaches(seg_s, i, j)
+        return T.if_then_else(i == j, wd_s[j], T.exp(cs_s[i] - T.if_then_else(inside, cs_s[j], cs_s[i])) * wo_s[j])
+
     @T.macro
     def mix_weights(seg_s, cs_s, wd_s, wo_s, scores, out_s):
-        """out_s = scores ⊙ L as bf16: L_ij = wd_j (i = j), exp(cs_i − cs_j) wo_j (i > j) in one document,
-        exactly 0 elsewhere (never a product with 0, so a non-finite score cannot leak)."""
-        for row, col in T.Parallel(Q * R, Q * R):
-            i, j = row // R, col // R
-            inside = reaches(seg_s, i, j)
-            weight = T.if_then_else(i == j, wd_s[j], T.exp(cs_s[i] - T.if_then_else(inside, cs_s[j], cs_s[i])) * wo_s[j])
-            out_s[row, col] = T.cast(T.if_then_else(inside, scores[row, col] * weight, 0.0), BF16)
+        """out_s = scores ⊙ L as bf16, exactly 0 outside L's support (never a product with 0, so a
+        non-finite score cannot leak). For R > 1 a token's R x R block shares one weight: L is tabled once
+        per token pair (Q, Q) and each element reads it, instead of computing it per element."""
+        if R == 1:
+            for row, col in T.Parallel(Q, Q):
+                weight = decay_weight(seg_s, cs_s, wd_s, wo_s, row, col)
+                out_s[row, col] = T.cast(T.if_then_else(reaches(seg_s, row, col), scores[row, col] * weight, 0.0), BF16)
+        else:
+            table = T.alloc_shared((Q, Q), F32)
+            for i, j in T.Parallel(Q, Q):
+                table[i, j] = decay_weight(seg_s, cs_s, wd_s, wo_s, i, j)
+            for row, col in T.Parallel(Q * R, Q * R):
+                i, j = row // R, col // R
+                out_s[row, col] = T.cast(T.if_then_else(reaches(seg_s, i, j), scores[row, col] * table[i, j], 0.0), BF16)
 
     return load_scalars, rotation, keys, values, mix_weights
 
