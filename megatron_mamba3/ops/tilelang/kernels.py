@@ -143,11 +143,11 @@ def chunk_prologue(c: KernelConfig):
             w = T.cast(raw_s[row, bb], F32) + bias_s[r, bb]
             store_key(out_s, lo_s, row, a, u * cos_s[i, s] - w * sin_s[i, s], scale_s[i])
             store_key(out_s, lo_s, row, bb, w * cos_s[i, s] + u * sin_s[i, s], scale_s[i])
-        if S < n // 2:
-            for row, s in T.Parallel(Q * R, n // 2 - S):
-                a, bb = pair_indices(S + s, n, R > 1)
-                for index in (a, bb):
-                    store_key(out_s, lo_s, row, index, T.cast(raw_s[row, index], F32) + bias_s[row % R, index], scale_s[row // R])
+        if S < n // 2:  # the elements of the unrotated pairs: [S, n/2) and [n/2 + S, n) half-split, [2S, n) adjacent
+            first, parts, width = (S, 2, n // 2 - S) if R > 1 else (2 * S, 1, n - 2 * S)
+            for row, part, k in T.Parallel(Q * R, parts, width):
+                index = part * (n // 2) + first + k
+                store_key(out_s, lo_s, row, index, T.cast(raw_s[row, index], F32) + bias_s[row % R, index], scale_s[row // R])
 
     @T.macro
     def values(X, MIMO_X, L, b, h, t0, x_s, mx_s, v_s, product=True):
