@@ -42,7 +42,7 @@ PIECE_SPAN = 8  # tokens per group in chunk_dqkv's two-level sums along document
 
 class _GateTerms:
     """Expressions of the output gate's backward for row (i, r) = (row // R, row % R) and column pp, from
-    the chunk's dout (do_s), z (z_s), mimo_z (gate_s), mimo_o (out_w_s), y (y_s) and 1/rms (inv_s)."""
+    the chunk's dout (do_s) and z (z_s) as bf16, mimo_z (gate_s), mimo_o (out_w_s), y (y_s) and 1/rms (inv_s)."""
 
     def __init__(self, R: int):
         self.R = R
@@ -54,14 +54,14 @@ class _GateTerms:
     def d_gated(self, do_s, z_s, gate_s, out_w_s, row, pp):
         """∂loss/∂(ŷ ⊙ norm): dout · mimo_o · silu(z · mimo_z)."""
         i, r = row // self.R, row % self.R
-        return do_s[i, pp] * out_w_s[r, pp] * self.silu(z_s[i, pp] * gate_s[r, pp])
+        return T.cast(do_s[i, pp], F32) * out_w_s[r, pp] * self.silu(T.cast(z_s[i, pp], F32) * gate_s[r, pp])
 
     def d_gate_input(self, do_s, z_s, gate_s, out_w_s, y_s, inv_s, norm_s, row, pp):
         """∂loss/∂u with u = z · mimo_z: dout · mimo_o · (ŷ ⊙ norm) · silu'(u)."""
         i, r = row // self.R, row % self.R
-        u = z_s[i, pp] * gate_s[r, pp]
+        u = T.cast(z_s[i, pp], F32) * gate_s[r, pp]
         sig = T.sigmoid(u)
-        return do_s[i, pp] * out_w_s[r, pp] * y_s[row, pp] * inv_s[row] * norm_s[pp] * sig * (1.0 + u * (1.0 - sig))
+        return T.cast(do_s[i, pp], F32) * out_w_s[r, pp] * y_s[row, pp] * inv_s[row] * norm_s[pp] * sig * (1.0 + u * (1.0 - sig))
 
 
 @T.macro
@@ -124,6 +124,8 @@ def _chunk_dy(c: KernelConfig):
         DGATE: T.Tensor((batch, NC, H, 3, R, p), F32),
     ):
         with T.Kernel(NC, H, batch, threads=CHUNK_THREADS) as (chunk, h, b):
+            if c.p == 64:  # registers capped for three blocks per SM, as shared memory allows (74 KB at n = 128)
+                T.annotate_min_blocks_per_sm(3)
             t0 = chunk * Q
             seg_s = T.alloc_shared((Q,), "int32")
             cs_s = T.alloc_shared((Q,), F32)
@@ -151,8 +153,8 @@ def _chunk_dy(c: KernelConfig):
             gate_s = T.alloc_shared((R, p), F32)
             out_w_s = T.alloc_shared((R, p), F32)
             norm_s = T.alloc_shared((p,), F32)
-            do_s = T.alloc_shared((Q, p), F32)
-            z_s = T.alloc_shared((Q, p), F32)
+            do_s = T.alloc_shared((Q, p), BF16)  # bf16 as in device memory: half the shared memory of fp32
+            z_s = T.alloc_shared((Q, p), BF16)
             inv_s = T.alloc_shared((QR,), F32)
             dy_s = T.alloc_shared((QR, p), BF16)
             dy_lo = T.alloc_shared((QR, p), BF16)
@@ -173,8 +175,8 @@ def _chunk_dy(c: KernelConfig):
             for pp in T.Parallel(p):
                 norm_s[pp] = NORM[h, pp]
             for i, pp in T.Parallel(Q, p):
-                do_s[i, pp] = T.if_then_else(t0 + i < L, T.cast(DOUT[b, t0 + i, h, pp], F32), 0.0)
-                z_s[i, pp] = T.if_then_else(t0 + i < L, T.cast(Z[b, t0 + i, h, pp], F32), 0.0)
+                do_s[i, pp] = T.if_then_else(t0 + i < L, DOUT[b, t0 + i, h, pp], T.cast(0, BF16))
+                z_s[i, pp] = T.if_then_else(t0 + i < L, Z[b, t0 + i, h, pp], T.cast(0, BF16))
             if c.norm:
                 squares = T.alloc_fragment((QR, p), F32)
                 row_sum = T.alloc_fragment((QR,), F32)
@@ -218,9 +220,9 @@ def _chunk_dy(c: KernelConfig):
             T.clear(dnw)
             for i in T.serial(Q):
                 for r, pp in T.Parallel(R, p):
-                    dmz[r, pp] += gate.d_gate_input(do_s, z_s, gate_s, out_w_s, y_s, inv_s, norm_s, i * R + r, pp) * z_s[i, pp]
+                    dmz[r, pp] += gate.d_gate_input(do_s, z_s, gate_s, out_w_s, y_s, inv_s, norm_s, i * R + r, pp) * T.cast(z_s[i, pp], F32)
                     y_norm = y_s[i * R + r, pp] * inv_s[i * R + r] * norm_s[pp]
-                    dmo[r, pp] += do_s[i, pp] * y_norm * gate.silu(z_s[i, pp] * gate_s[r, pp])
+                    dmo[r, pp] += T.cast(do_s[i, pp], F32) * y_norm * gate.silu(T.cast(z_s[i, pp], F32) * gate_s[r, pp])
                     dnw[r, pp] += gate.d_gated(do_s, z_s, gate_s, out_w_s, i * R + r, pp) * y_s[i * R + r, pp] * inv_s[i * R + r]
             T.copy(dmz, DGATE[b, chunk, h, 0, :, :])
             T.copy(dmo, DGATE[b, chunk, h, 1, :, :])

@@ -207,7 +207,6 @@ def chunk_y_macro(c: KernelConfig, finite_state: bool = False):
         for i in T.Parallel(Q):
             one_s[i] = 1.0
             inter_s[i] = T.if_then_else(seg_s[i] == seg_before, T.exp(cs_s[i]), 0.0)
-        load_state(HS, b, chunk, h, hs_s, finite_state)
         rotation(ANG, DT, THS, L, b, h, chunk, t0, seg_s, seg_before, turn_s, theta_f, cos_s, sin_s)
         keys(Cq, C_BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, one_s, q_s)
         keys(Bk, B_BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, one_s, k_s)
@@ -228,6 +227,7 @@ def chunk_y_macro(c: KernelConfig, finite_state: bool = False):
 
         T.gemm(q_s, k_s, scores, transpose_B=True, clear_accum=True)
         mix_weights(seg_s, cs_s, wd_s, wo_s, scores, mix_s)
+        load_state(HS, b, chunk, h, hs_s, finite_state)  # late: hs_s then shares memory with the keys' operands
         T.gemm(mix_s, v_s, y, clear_accum=True)
         T.gemm(q_s, hs_s, y_in, clear_accum=True)
         skip = D[h]
@@ -451,6 +451,8 @@ def _chunk_output(c: KernelConfig):
             scores = T.alloc_fragment((QR, QR), F32)
             y = T.alloc_fragment((QR, p), F32)
             y_in = T.alloc_fragment((QR, p), F32)
+            if c.p == 64:  # registers capped for three blocks per SM, as shared memory allows (74 KB at n = 128)
+                T.annotate_min_blocks_per_sm(3)
 
             chunk_y(
                 X, Bk, Cq, ANG, DT, SEG, CS, WD, WO, THS, HS, B_BIAS, C_BIAS, D, MIMO_X, L, b, h, chunk,
