@@ -112,9 +112,10 @@ def chunk_prologue(c: KernelConfig):
                 previous = T.if_then_else(i == 0, seg_before, seg_s[T.max(i - 1, 0)])
                 theta_f[s] = T.if_then_else(seg_s[i] != previous, 0.0, theta_f[s]) + turn_s[i, s]
                 cos_s[i, s] = theta_f[s]  # θ for now; turn_s stays read-only (theta_f is replicated per warp)
-        for i, s in T.Parallel(Q, S):
-            sin_s[i, s] = T.sin(cos_s[i, s])
-            cos_s[i, s] = T.cos(cos_s[i, s])
+        for i, s in T.Parallel(Q, S):  # θ reduced to [−π, π], where the fast sin and cos (`build`) are accurate
+            angle = cos_s[i, s] - 2 * math.pi * T.round(cos_s[i, s] * (0.5 / math.pi))
+            sin_s[i, s] = T.sin(angle)
+            cos_s[i, s] = T.cos(angle)
 
     @T.macro
     def store_key(out_s, lo_s, row, index, key, scale):
