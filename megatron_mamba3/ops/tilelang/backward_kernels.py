@@ -31,6 +31,7 @@ from megatron_mamba3.ops.tilelang.kernels import (
     bf16_rest,
     chunk_prologue,
     chunk_y_macro,
+    gate_blocks_per_sm,
     load_state,
     pair_indices,
     reaches,
@@ -128,8 +129,7 @@ def _chunk_dy(c: KernelConfig):
         DGATE: T.Tensor((batch, NC, H, 3, R, p), F32),
     ):
         with T.Kernel(NC, H, batch, threads=CHUNK_THREADS) as (chunk, h, b):
-            if c.p == 64:  # registers capped for three blocks per SM, as shared memory allows (74 KB at n = 128)
-                T.annotate_min_blocks_per_sm(3)
+            T.annotate_min_blocks_per_sm(gate_blocks_per_sm(c))
             t0 = chunk * Q
             seg_s = T.alloc_shared((Q,), "int32")
             cs_s = T.alloc_shared((Q,), F32)

@@ -56,6 +56,12 @@ def kernel_set(config: KernelConfig) -> KernelSet:
     return KernelSet(*build(config, MAKERS, "forward"))
 
 
+def gate_blocks_per_sm(c: KernelConfig) -> int:
+    """Blocks per SM that `chunk_output` and `chunk_dy` are compiled for (registers capped to fit them): three at
+    p = 64, as their shared memory allows (74 KB at n = 128); one otherwise (no cap)."""
+    return 3 if c.p == 64 else 1
+
+
 def pair_indices(s, n: int, half_split: bool):
     """The state indices (a, b) of rotated pair s: (s, n/2 + s) half-split (MIMO), (2s, 2s + 1) adjacent
     (SISO). Rotation by θ turns (a, b) into (a cos θ − b sin θ, b cos θ + a sin θ); pairs s ≥ S pass unchanged."""
@@ -452,8 +458,7 @@ def _chunk_output(c: KernelConfig):
             scores = T.alloc_fragment((QR, QR), F32)
             y = T.alloc_fragment((QR, p), F32)
             y_in = T.alloc_fragment((QR, p), F32)
-            if c.p == 64:  # registers capped for three blocks per SM, as shared memory allows (74 KB at n = 128)
-                T.annotate_min_blocks_per_sm(3)
+            T.annotate_min_blocks_per_sm(gate_blocks_per_sm(c))
 
             chunk_y(
                 X, Bk, Cq, ANG, DT, SEG, CS, WD, WO, THS, HS, B_BIAS, C_BIAS, D, MIMO_X, L, b, h, chunk,
