@@ -39,10 +39,13 @@ from megatron_mamba3.ops.tilelang.kernels import (
 
 
 PIECE_SPAN = 8  # tokens per group in chunk_dqkv's two-level sums along document pieces
-# chunk_dqkv's threads per block, (SISO, MIMO): one block per SM either way (its shared memory); SISO's 16 warps
-# hide more latency (1.9 against 2.4 ms at b8 l2048 H32 on an H100, 128 registers with 96 bytes spilled), MIMO's
-# run slower (6.9 against 5.9 ms)
-DQKV_THREADS = (2 * CHUNK_THREADS, CHUNK_THREADS)
+
+
+def dqkv_threads(R: int) -> int:
+    """chunk_dqkv's threads per block: one block per SM either way (its shared memory); SISO's 16 warps hide
+    more latency (1.9 against 2.4 ms at b8 l2048 H32 on an H100, 128 registers with 96 bytes spilled), MIMO's
+    run slower (6.9 against 5.9 ms), so R > 1 keeps CHUNK_THREADS."""
+    return 2 * CHUNK_THREADS if R == 1 else CHUNK_THREADS
 
 
 class _GateTerms:
@@ -361,7 +364,7 @@ def _chunk_dqkv(c: KernelConfig):
         DTD: T.Tensor((batch, LP, S), F64),
         DTF: T.Tensor((batch, NC, H, S), F32),
     ):
-        with T.Kernel(NC, H, batch, threads=DQKV_THREADS[R > 1]) as (chunk, h, b):
+        with T.Kernel(NC, H, batch, threads=dqkv_threads(R)) as (chunk, h, b):
             t0 = chunk * Q
             seg_s = T.alloc_shared((Q,), "int32")
             cs_s = T.alloc_shared((Q,), F32)
