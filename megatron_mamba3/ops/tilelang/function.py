@@ -17,7 +17,7 @@ from torch import Tensor
 
 from megatron_mamba3.ops.interface import Mamba3Inputs, Mamba3State, Mamba3Weights, read_dims
 from megatron_mamba3.ops.tilelang.chunk_grad import PieceGrads, terms_backward
-from megatron_mamba3.ops.tilelang.chunk_math import as_dtype, chunk_angles, chunk_count, final_state, incoming_state
+from megatron_mamba3.ops.tilelang.chunk_math import as_dtype, chunk_count, final_state, incoming_state
 from megatron_mamba3.ops.toolkit.finite import finite_values
 from megatron_mamba3.ops.toolkit.packing import run_packed
 
@@ -40,7 +40,8 @@ def unsupported(n: int, p: int, R: int) -> str | None:
 
 class _Launch(NamedTuple):
     """What every kernel launch of one call shares: the kernels' config, the inputs contiguous in their
-    dtype, `kernel_terms` (cs, wd and wo are views of `scalars`) and the weights as fp32 (ones where absent)."""
+    dtype, `kernel_terms` (cs, wd and wo are views of `scalars`; theta_start and theta_final are filled by
+    `state_pass`) and the weights as fp32 (ones where absent)."""
 
     config: object
     x: Tensor
@@ -51,6 +52,8 @@ class _Launch(NamedTuple):
     angles: Tensor
     seg: Tensor
     mult: Tensor
+    totals: Tensor
+    theta_0: Tensor
     theta_start: Tensor
     theta_final: Tensor
     scalars: Tensor
@@ -106,11 +109,14 @@ def _chunk_starts(launch: _Launch) -> tuple[Tensor, Tensor]:
     chunk_states = torch.empty(b, nc, H, n, p, device=device, dtype=torch.float32)
     kernels.chunk_state(
         launch.x, launch.B, launch.angles, launch.dt, launch.seg, launch.cs, launch.wd, launch.wo,
-        launch.theta_start, launch.B_bias, launch.mimo_x, chunk_states,
+        launch.B_bias, launch.mimo_x, chunk_states,
     )
     starts_h = torch.empty(b, nc, H, n, p, device=device, dtype=torch.bfloat16)
     h_final = torch.empty(b, H, n, p, device=device, dtype=torch.float32)
-    kernels.state_pass(chunk_states, launch.mult, launch.h_in, starts_h, h_final)
+    kernels.state_pass(
+        chunk_states, launch.mult, launch.h_in, launch.seg, launch.totals, launch.theta_0, starts_h, h_final,
+        launch.theta_start, launch.theta_final,
+    )
     return starts_h, h_final
 
 
@@ -236,8 +242,10 @@ def _backward_kernels(
 
 def kernel_terms(config, inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state: Mamba3State):
     """`chunk_terms` in the kernels' layouts, the per-token part by the `chunk_prep` kernel: seg (b, l_pad)
-    int32, mult (b, nc, H), theta_start (b, nc, H, S), theta_final (b, H, S), scalars (3, b, H, l_pad) (cs,
-    wd, wo, also returned as its views) and h̃_0 as (b, H, n, p), all contiguous fp32 (seg int32)."""
+    int32, mult (b, nc, H), each chunk's last document's angle total (b, nc, H, S) and θ_0 (b, H, S) for
+    `state_pass`, which fills theta_start (b, nc, H, S) and theta_final (b, H, S) (empty here), scalars
+    (3, b, H, l_pad) (cs, wd, wo, also returned as its views) and h̃_0 as (b, H, n, p), all contiguous fp32
+    (seg int32)."""
     from megatron_mamba3.ops.tilelang.kernels import kernel_set
 
     b, length, H = inputs.dt.shape
@@ -249,9 +257,9 @@ def kernel_terms(config, inputs: Mamba3Inputs, weights: Mamba3Weights, starts: T
     cs, wd, wo = scalars.unbind(0)
     dt, A, trap, angles = (t.contiguous() for t in (inputs.dt, inputs.A, inputs.trap, inputs.angles))
     kernel_set(config).chunk_prep(dt, A, trap, angles, seg, cs, wd, wo, mult, totals)
-    theta = chunk_angles(totals, seg, state.theta, torch.float32)
+    theta_0 = as_dtype(state.theta, torch.float32).contiguous()
     h_in = incoming_state(inputs, weights, state, torch.float32).transpose(-1, -2).contiguous()
-    return seg, mult, theta[:, :nc].contiguous(), theta[:, nc], scalars, cs, wd, wo, h_in
+    return seg, mult, totals, theta_0, empty(b, nc, H, config.S), empty(b, H, config.S), scalars, cs, wd, wo, h_in
 
 
 class _TileLangScan(torch.autograd.Function):
