@@ -65,6 +65,11 @@ def gate_blocks_per_sm(c: KernelConfig) -> int:
     return 3 if c.p == 64 else 1
 
 
+def centred(theta):
+    """θ reduced to [−π, π] (fp32 or float64), where the fast sin and cos (`build.pass_configs`) are accurate."""
+    return theta - 2 * math.pi * T.round(theta * (0.5 / math.pi))
+
+
 def pair_indices(s, n: int, half_split: bool):
     """The state indices (a, b) of rotated pair s: (s, n/2 + s) half-split (MIMO), (2s, 2s + 1) adjacent
     (SISO). Rotation by θ turns (a, b) into (a cos θ − b sin θ, b cos θ + a sin θ); pairs s ≥ S pass unchanged."""
@@ -126,8 +131,8 @@ def chunk_prologue(c: KernelConfig):
                 previous = T.if_then_else(i == 0, seg_before, seg_s[T.max(i - 1, 0)])
                 theta_f[s] = T.if_then_else(seg_s[i] != previous, 0.0, theta_f[s]) + turn_s[i, s]
                 cos_s[i, s] = theta_f[s]  # θ for now; turn_s stays read-only (theta_f is replicated per warp)
-        for i, s in T.Parallel(Q, S):  # θ reduced to [−π, π], where the fast sin and cos (`build`) are accurate
-            angle = cos_s[i, s] - 2 * math.pi * T.round(cos_s[i, s] * (0.5 / math.pi))
+        for i, s in T.Parallel(Q, S):
+            angle = centred(cos_s[i, s])
             sin_s[i, s] = T.sin(angle)
             cos_s[i, s] = T.cos(angle)
 
@@ -451,9 +456,9 @@ def _state_pass(c: KernelConfig):
                 for k in T.unroll(pairs):  # θ carried into the chunk, then past it (chunk_angles' scan)
                     s = T.min(block * pairs + k, S - 1)
                     start = turns(theta[k])
-                    centred = T.cast(theta[k] - 2 * math.pi * T.round(theta[k] * (0.5 / math.pi)), F32)  # [−π, π]
-                    cos_t[k] = T.cos(centred)
-                    sin_t[k] = T.sin(centred)
+                    angle = T.cast(centred(theta[k]), F32)
+                    cos_t[k] = T.cos(angle)
+                    sin_t[k] = T.sin(angle)
                     if (thread == k) & (block * pairs + k < S):
                         THS[b, chunk, h, s] = T.cast(start, F32)
                     theta[k] = T.if_then_else(carried[0] != 0, theta[k], 0.0) + math.pi * T.cast(totals[0, k], F64)
