@@ -17,7 +17,7 @@ from torch import Tensor
 
 from megatron_mamba3.ops.interface import Mamba3Inputs, Mamba3State, Mamba3Weights, read_dims
 from megatron_mamba3.ops.tilelang.chunk_grad import PieceGrads, terms_backward
-from megatron_mamba3.ops.tilelang.chunk_math import as_dtype, chunk_count, final_state, incoming_state
+from megatron_mamba3.ops.tilelang.chunk_math import as_dtype, chunk_count, final_state
 from megatron_mamba3.ops.toolkit.finite import finite_values
 from megatron_mamba3.ops.toolkit.packing import run_packed
 
@@ -81,18 +81,18 @@ def _prepare(inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state
     S = inputs.angles.shape[-1]
     Q = TILE_ROWS // R
     config = KernelConfig(H, p, n, R, G, S, Q, weights.norm is not None)
-    terms = kernel_terms(config, inputs, weights, starts, state)
-    x, z, B, C, dt, angles = (getattr(inputs, field).contiguous() for field in _INPUT_FIELDS)
     ones = {}  # one read-only tensor of ones per shape, for the absent weights
 
     def f32(t, shape):
         if t is not None:
             return as_dtype(t, torch.float32).contiguous()
         if shape not in ones:
-            ones[shape] = torch.ones(shape, device=x.device)
+            ones[shape] = torch.ones(shape, device=inputs.x.device)
         return ones[shape]
 
     mimo = [f32(t, (H, R, p)) for t in (weights.mimo_x, weights.mimo_z, weights.mimo_o)]
+    terms = kernel_terms(config, inputs, mimo[0], starts, state)
+    x, z, B, C, dt, angles = (getattr(inputs, field).contiguous() for field in _INPUT_FIELDS)
     norm = f32(None if weights.norm is None else weights.norm.view(H, p), (H, p))
     B_bias, C_bias, D = f32(weights.B_bias, None), f32(weights.C_bias, None), f32(weights.D, None)
     return _Launch(config, x, z, B, C, dt, angles, *terms, B_bias, C_bias, D, *mimo, norm)
@@ -240,8 +240,9 @@ def _backward_kernels(
     return grads_inputs, grads_weights, rest.state
 
 
-def kernel_terms(config, inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state: Mamba3State):
-    """`chunk_terms` in the kernels' layouts, the per-token part by the `chunk_prep` kernel: seg (b, l_pad)
+def kernel_terms(config, inputs: Mamba3Inputs, mimo_x: Tensor, starts: Tensor, state: Mamba3State):
+    """`chunk_terms` in the kernels' layouts by the `chunk_prep` kernel (mimo_x (H, R, p) fp32, ones for
+    SISO): seg (b, l_pad)
     int32, mult (b, nc, H), each chunk's last document's angle total (b, nc, H, S) and θ_0 (b, H, S) for
     `state_pass`, which fills theta_start (b, nc, H, S) and theta_final (b, H, S) (empty here), scalars
     (3, b, H, l_pad) (cs, wd, wo, also returned as its views) and h̃_0 as (b, H, n, p), all contiguous fp32
@@ -256,9 +257,9 @@ def kernel_terms(config, inputs: Mamba3Inputs, weights: Mamba3Weights, starts: T
     scalars, mult, totals = empty(3, b, H, rows), empty(b, nc, H), empty(b, nc, H, config.S)
     cs, wd, wo = scalars.unbind(0)
     dt, A, trap, angles = (t.contiguous() for t in (inputs.dt, inputs.A, inputs.trap, inputs.angles))
-    kernel_set(config).chunk_prep(dt, A, trap, angles, seg, cs, wd, wo, mult, totals)
-    theta_0 = as_dtype(state.theta, torch.float32).contiguous()
-    h_in = incoming_state(inputs, weights, state, torch.float32).transpose(-1, -2).contiguous()
+    h, k_prev, v_prev, theta_0 = (as_dtype(t, torch.float32).contiguous() for t in state)
+    h_in = empty(b, H, config.n, config.p)
+    kernel_set(config).chunk_prep(dt, A, trap, angles, seg, h, k_prev, v_prev, mimo_x, cs, wd, wo, mult, totals, h_in)
     return seg, mult, totals, theta_0, empty(b, nc, H, config.S), empty(b, H, config.S), scalars, cs, wd, wo, h_in
 
 

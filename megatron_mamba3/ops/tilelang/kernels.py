@@ -1,7 +1,8 @@
 """The four TileLang forward kernels of the chunk-parallel scan (math in `chunk_math`).
 
     chunk_prep    grid (nc, H, b): the per-token terms cs, wd, wo (b, H, l_pad), each chunk's mult (b, nc, H)
-                  and its last document's angle total Σ_j Δ_j·tanh(angles_j) (b, nc, H, S), fp32
+                  and its last document's angle total Σ_j Δ_j·tanh(angles_j) (b, nc, H, S), fp32; the first
+                  chunk's blocks also h̃_0 (b, H, n, p), the initial state with its incoming (k, v)
     chunk_state   grid (nc, H, b): S_c = Σ_j w_j k_j v_jᵀ of each chunk, fp32 (b, nc, H, n, p), with θ counted
                   from the chunk's start
     state_pass    grid (n / 8, H, b): h̃_{c+1} = mult_c h̃_c + S_c over the chunks (S_c turned by θ carried into c,
@@ -267,7 +268,7 @@ def chunk_y_macro(c: KernelConfig, finite_state: bool = False):
 
 
 def _chunk_prep(c: KernelConfig):
-    H, S, Q = c.H, c.S, c.Q
+    H, S, Q, n, p, R = c.H, c.S, c.Q, c.n, c.p, c.R
     batch, L, LP, NC = T.dynamic("batch, L, LP, NC")
 
     @T.prim_func
@@ -277,13 +278,19 @@ def _chunk_prep(c: KernelConfig):
         TRAP: T.Tensor((batch, L, H), BF16),
         ANG: T.Tensor((batch, L, S), BF16),
         SEG: T.Tensor((batch, LP), "int32"),
+        H0: T.Tensor((batch, H, p, n), F32),
+        K_PREV: T.Tensor((batch, R, H, n), F32),
+        V_PREV: T.Tensor((batch, H, p), F32),
+        MIMO_X: T.Tensor((H, R, p), F32),
         CS: T.Tensor((batch, H, LP), F32),
         WD: T.Tensor((batch, H, LP), F32),
         WO: T.Tensor((batch, H, LP), F32),
         MULT: T.Tensor((batch, NC, H), F32),
         TOTALS: T.Tensor((batch, NC, H, S), F32),
+        H_IN: T.Tensor((batch, H, n, p), F32),
     ):
         with T.Kernel(NC, H, batch, threads=SCAN_THREADS) as (chunk, h, b):
+            T.annotate_min_blocks_per_sm(12)  # at most 40 registers: the h̃_0 loop below would take 80-96
             t0 = chunk * Q
             seg_s = T.alloc_shared((Q + 1,), "int32")  # the chunk's tokens and the next one
             dt_s = T.alloc_shared((Q + 1,), F32)
@@ -330,6 +337,14 @@ def _chunk_prep(c: KernelConfig):
                     total[s] += T.if_then_else(seg_s[i] == seg_s[Q - 1], dt_s[i] * turn_s[i, s], 0.0)
             for s in T.Parallel(S):
                 TOTALS[b, chunk, h, s] = total[s]
+
+            if chunk == 0:  # h̃_0 = h + (1 − λ_0)Δ_0 Σ_r (v_prev ⊙ mimo_x_r) k_prev,rᵀ, in the kernels' (n, p) layout
+                step = max(SCAN_THREADS // p, 1)  # rows per step: one element per thread, few registers
+                for block in T.serial(n // step):
+                    for i, pp in T.Parallel(step, p):
+                        row = block * step + i
+                        incoming = sum(V_PREV[b, h, pp] * MIMO_X[h, r, pp] * K_PREV[b, r, h, row] for r in range(R))
+                        H_IN[b, h, row, pp] = H0[b, h, pp, row] + (dt_s[0] - lam_s[0] * dt_s[0]) * incoming
 
     return chunk_prep
 
