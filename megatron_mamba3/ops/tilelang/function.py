@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from megatron_mamba3.ops.interface import Mamba3Inputs, Mamba3State, Mamba3Weights, read_dims
-from megatron_mamba3.ops.tilelang.chunk_grad import PieceGrads, terms_backward
+from megatron_mamba3.ops.tilelang.chunk_grad import BoundaryStates, PieceGrads, terms_backward
 from megatron_mamba3.ops.tilelang.chunk_math import as_dtype, chunk_count, final_state
 from megatron_mamba3.ops.toolkit.finite import finite_values
 from megatron_mamba3.ops.toolkit.packing import run_packed
@@ -145,11 +145,11 @@ def _forward_kernels(launch: _Launch, inputs: Mamba3Inputs, weights: Mamba3Weigh
 
 def _backward_kernels(
     launch: _Launch, inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state: Mamba3State,
-    grad_out: Tensor | None, grad_final: Mamba3State, starts_h: Tensor,
+    grad_out: Tensor | None, grad_final: Mamba3State, starts_h: Tensor, h_final: Tensor,
 ) -> tuple[Mamba3Inputs, Mamba3Weights, Mamba3State]:
     """Gradients of every input, weight (None where absent) and the initial state, from the backward kernels
-    (per-chunk work) and `terms_backward` (the (b, l, H)-sized scalar chains); `launch` is the forward's.
-    grad_out and each field of grad_final may be None (no gradient: zero).
+    (per-chunk work) and `terms_backward` (the (b, l, H)-sized scalar chains); `launch` is the forward's,
+    h_final its final h (b, H, p, n). grad_out and each field of grad_final may be None (no gradient: zero).
 
     The backward runs on finite copies of the inputs, the initial state's k_prev and v_prev (the only fields
     it reads) and the per-token terms (as the reference's chunked form does, `toolkit.finite`): a token's
@@ -219,7 +219,10 @@ def _backward_kernels(
         dlog_alpha, dwd, dwo, theta_turn.transpose(1, 2), theta_dt.float(), spent.theta_start,
         dh_in.transpose(-1, -2), final,
     )
-    rest = terms_backward(inputs, weights, starts, state, launch, pieces)
+    boundary = BoundaryStates(
+        launch.h_in.transpose(-1, -2), None if grad_final.h is None else finite_values(h_final)
+    )
+    rest = terms_backward(inputs, weights, starts, state, launch, pieces, boundary)
     dB, dC = dB.float(), dC.float()
     if rest.x_last is not None:
         dx.select(1, -1).add_(rest.x_last)
@@ -269,20 +272,21 @@ class _TileLangScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *leaves):
         inputs, weights, state, starts = _split(leaves)
-        ctx.save_for_backward(*(t for t in leaves if isinstance(t, Tensor)))
         ctx.present = tuple(isinstance(t, Tensor) for t in leaves)
         ctx.set_materialize_grads(False)  # an output without a gradient is None, not zeros: its chain is skipped
         ctx.launch = _prepare(inputs, weights, starts, state)  # per-token terms, reused by the backward
         out, final, ctx.starts_h = _forward_kernels(ctx.launch, inputs, weights)
+        ctx.save_for_backward(*(t for t in leaves if isinstance(t, Tensor)), final.h)
         return (out, *final)
 
     @staticmethod
     def backward(ctx, grad_out, *grad_final):
-        saved = iter(ctx.saved_tensors)
+        *saved, h_final = ctx.saved_tensors
+        saved = iter(saved)
         leaves = [next(saved) if present else None for present in ctx.present]
         inputs, weights, state, starts = _split(leaves)
         grads = _backward_kernels(
-            ctx.launch, inputs, weights, starts, state, grad_out, Mamba3State(*grad_final), ctx.starts_h
+            ctx.launch, inputs, weights, starts, state, grad_out, Mamba3State(*grad_final), ctx.starts_h, h_final
         )
         del ctx.launch, ctx.starts_h
         found = [*grads[0], *grads[1], *grads[2], None]
