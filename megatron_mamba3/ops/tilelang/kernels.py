@@ -28,6 +28,7 @@ from megatron_mamba3.ops.tilelang.build import build
 CHUNK_THREADS = 256  # two warpgroups per (chunk, head) block: 1.4x faster than 128 on an H100 (benchmarks/README.md)
 SCAN_THREADS = 128  # the state passes (a bandwidth-bound scan)
 STATE_ROWS = 8  # state rows (of n) per block in the state pass
+H0_ROWS = 32  # state rows chunk_prep turns from h's (p, n) layout at a time
 NORM_EPS = 1e-5
 NAN = float("nan")
 F32, BF16, F64 = "float32", "bfloat16", "float64"
@@ -290,7 +291,7 @@ def _chunk_prep(c: KernelConfig):
         H_IN: T.Tensor((batch, H, n, p), F32),
     ):
         with T.Kernel(NC, H, batch, threads=SCAN_THREADS) as (chunk, h, b):
-            T.annotate_min_blocks_per_sm(12)  # at most 40 registers: the h̃_0 loop below would take 80-96
+            T.annotate_min_blocks_per_sm(12)  # at most 40 registers: the h̃_0 loop below would take 48-128
             t0 = chunk * Q
             seg_s = T.alloc_shared((Q + 1,), "int32")  # the chunk's tokens and the next one
             dt_s = T.alloc_shared((Q + 1,), F32)
@@ -301,6 +302,7 @@ def _chunk_prep(c: KernelConfig):
             running = T.alloc_fragment((1,), F32)
             reset = T.alloc_fragment((1,), "int32")
             total = T.alloc_fragment((S,), F32)
+            h0_s = T.alloc_shared((p, H0_ROWS + 1), F32)  # + 1: the turned reads fall in distinct banks
 
             for i in T.Parallel(Q + 1):  # Δ = A = 0 past the end; the next token of the last one continues its document
                 seg_s[i] = T.if_then_else(t0 + i < LP, SEG[b, t0 + i], SEG[b, LP - 1])
@@ -339,12 +341,13 @@ def _chunk_prep(c: KernelConfig):
                 TOTALS[b, chunk, h, s] = total[s]
 
             if chunk == 0:  # h̃_0 = h + (1 − λ_0)Δ_0 Σ_r (v_prev ⊙ mimo_x_r) k_prev,rᵀ, in the kernels' (n, p) layout
-                step = max(SCAN_THREADS // p, 1)  # rows per step: one element per thread, few registers
-                for block in T.serial(n // step):
-                    for i, pp in T.Parallel(step, p):
-                        row = block * step + i
+                for block in T.serial(n // H0_ROWS):  # h's (p, n) layout turned through shared memory: both sides coalesced
+                    for pp, i in T.Parallel(p, H0_ROWS):
+                        h0_s[pp, i] = H0[b, h, pp, block * H0_ROWS + i]
+                    for i, pp in T.Parallel(H0_ROWS, p):
+                        row = block * H0_ROWS + i
                         incoming = sum(V_PREV[b, h, pp] * MIMO_X[h, r, pp] * K_PREV[b, r, h, row] for r in range(R))
-                        H_IN[b, h, row, pp] = H0[b, h, pp, row] + (dt_s[0] - lam_s[0] * dt_s[0]) * incoming
+                        H_IN[b, h, row, pp] = h0_s[pp, i] + (dt_s[0] - lam_s[0] * dt_s[0]) * incoming
 
     return chunk_prep
 
