@@ -1,5 +1,6 @@
-"""The `chunk_prep` kernel's terms (run on the GPU machine; skipped elsewhere) against `chunk_terms`,
-the PyTorch form of the same definitions, on the same bf16 inputs.
+"""The `chunk_prep` kernel's terms and the θ that `state_pass` scans from its angle totals (run on the GPU
+machine; skipped elsewhere) against `chunk_terms`, the PyTorch form of the same definitions, on the same
+bf16 inputs.
 
 Both compute in fp32 (the PyTorch angle totals in float64); the kernel sums the decay sequentially
 within each document piece, the PyTorch form as a difference of two running sums. Tolerances: cs, wd,
@@ -32,7 +33,7 @@ def _close(found, expected, tol):
 @pytest.mark.parametrize("R, G, norm", CONFIGS)
 @pytest.mark.parametrize("length", [200, 64 * 3])
 def test_chunk_prep_matches_chunk_terms(R, G, norm, length):
-    from megatron_mamba3.ops.tilelang.function import _prepare
+    from megatron_mamba3.ops.tilelang.function import _chunk_starts, _prepare
 
     inputs, weights = make_case(b=2, l=length, H=HEADS, p=P, R=R, G=G, n=N, norm=norm, seed=5)
     state = make_state(2, HEADS, P, R, N, N // 4, seed=6).to(torch.float32)
@@ -47,6 +48,7 @@ def test_chunk_prep_matches_chunk_terms(R, G, norm, length):
     starts = document_starts(segment_ids)
 
     launch = _prepare(inputs, weights, starts, state)
+    _chunk_starts(launch)  # state_pass fills theta_start and theta_final
     Q = launch.config.Q
     expected = chunk_terms(inputs, weights, starts, state, Q)
     per_head = lambda t: t.transpose(1, 2)  # noqa: E731  (b, l_pad, H) -> (b, H, l_pad)

@@ -40,9 +40,13 @@ def _cuda(case):
     return tuple(type(part)(*(None if t is None else t.cuda() for t in part)) for part in case)
 
 
-def _case(n, p, R, G, norm, b=2, l=LENGTH, seed=0):  # noqa: E741
-    """bf16 inputs, fp32 weights, fp32 initial state and segment ids on the GPU."""
+def _case(n, p, R, G, norm, b=2, l=LENGTH, seed=0, wide_angles=False):  # noqa: E741
+    """bf16 inputs, fp32 weights, fp32 initial state and segment ids on the GPU. With `wide_angles`, Δ ≈ 2.2
+    and tanh(angles) ≥ 0.76, so θ grows by about 5 rad per token (hundreds of radians within a chunk), with A
+    scaled down so that the decays still reach across the chunk."""
     inputs, weights = make_case(b=b, l=l, H=HEADS, p=p, R=R, G=G, n=n, norm=norm, seed=seed)
+    if wide_angles:
+        inputs = inputs._replace(dt=inputs.dt + 2.0, A=0.01 * inputs.A, angles=inputs.angles.abs() + 1.0)
     state = make_state(b, HEADS, p, R, n, n // 4, seed=seed + 1).to(torch.float32)
     inputs, weights, state = _cuda((inputs.to(torch.bfloat16), weights.to(torch.float32), state))
     segment_ids = torch.zeros(b, l, dtype=torch.int64, device="cuda")
@@ -53,9 +57,9 @@ def _case(n, p, R, G, norm, b=2, l=LENGTH, seed=0):  # noqa: E741
 
 
 @functools.cache
-def _tolerance(n, p, R, G, norm):
+def _tolerance(config, wide_angles=False):
     """`bf16_bound` of the bf16 reference's own relative error against the float64 oracle."""
-    inputs, weights, state, segment_ids = _case(n, p, R, G, norm)
+    inputs, weights, state, segment_ids = _case(*config, wide_angles=wide_angles)
     options = dict(segment_ids=segment_ids, initial_state=state)
     oracle, _ = mamba3_recurrent(
         inputs.to(torch.float64), weights.to(torch.float64), segment_ids=segment_ids, initial_state=state.to(torch.float64)
@@ -83,8 +87,20 @@ def _run(backend, leaves, weights_template, segment_ids, upcast=False):
 
 @pytest.mark.parametrize("config", CONFIGS, ids=IDS)
 def test_forward_and_gradients_match_reference(config):
-    tol = _tolerance(*config)
-    inputs, weights, state, segment_ids = _case(*config)
+    _check_against_reference(config)
+
+
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[3]], ids=[IDS[0], IDS[3]])
+def test_wide_rotation_angles_match_reference(config):
+    """θ far outside [−π, π] inside a chunk: the kernels' sin and cos (nvcc's fast approximations, on θ
+    reduced to [−π, π]) stay within the same bound."""
+    _check_against_reference(config, wide_angles=True)
+
+
+def _check_against_reference(config, wide_angles=False):
+    """Outputs, final state and every gradient of the kernels against the fp32 reference's, within `_tolerance`."""
+    tol = _tolerance(config, wide_angles)
+    inputs, weights, state, segment_ids = _case(*config, wide_angles=wide_angles)
     leaves_k, leaves_r = _leaves(inputs, weights, state), _leaves(inputs, weights, state)
     out, final = _run("tilelang", leaves_k, weights, segment_ids)
     out_ref, final_ref = _run("reference", leaves_r, weights, segment_ids, upcast=True)
@@ -106,7 +122,7 @@ def test_one_compile_for_every_length_and_auto_receipt():
     from megatron_mamba3.ops.tilelang.build import compile_count
 
     config = CONFIGS[0]
-    tol = _tolerance(*config)
+    tol = _tolerance(config)
     clear_receipts()
     counts = []
     for length in (1, 63, 64, 65, 1000):

@@ -40,8 +40,13 @@ DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64, "i
 # (SISO) and 89 / 294 (MIMO R=4 with the output norm) here. A change that adds ops must raise them and say why.
 # The backward's rose by 4 when chunk_dqkv took over the sums along document pieces (`PieceGrads`): six
 # passes over a (b, l, H, S) tensor (cat, cumsum, gathers, sub, two einsums) gave way to small ops on
-# (b, l, H), (b, l, S) and (b, nc, H, S) tensors that add the later chunks' carry.
-BOUNDS = {"siso": (70, 144), "mimo": (70, 161)}
+# (b, l, H), (b, l, S) and (b, nc, H, S) tensors that add the later chunks' carry. They rose by 3 more when
+# ∂θ_0 came from the boundary states by rotation invariance (`pair_cross` of ∂h̃_0 and h̃_0, four slices,
+# two products, a difference and a sum over p) instead of the first document's sum of ∂θ.
+# The forward's fell from 70 to 52 when state_pass took over the chunk-level θ scan (`chunk_angles`: pad,
+# casts, cat, cumsum, searchsorted, gather, sub, remainder, slices), then to 38 / 36 when chunk_prep took
+# over h̃_0 (`incoming_state`: slices, casts, sigmoid, the rank values, an einsum, the (n, p) transpose).
+BOUNDS = {"siso": (38, 147), "mimo": (36, 164)}
 
 
 def _signatures() -> dict[str, list[tuple[ast.expr, str]]]:

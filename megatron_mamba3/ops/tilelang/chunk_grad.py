@@ -93,6 +93,14 @@ class PieceGrads(NamedTuple):
     final: Mamba3State
 
 
+class BoundaryStates(NamedTuple):
+    """The forward's states that ∂θ_0 reads (compute dtype): h̃_0 and h after the last token, (b, H, p, n);
+    h_final may be None where the final h has no gradient."""
+
+    h_in: Tensor
+    h_final: Tensor | None
+
+
 def piece_grads(inputs: Mamba3Inputs, terms: ChunkTerms, grads: TermGrads) -> PieceGrads:
     """The sums of `PieceGrads` from per-token `grads`, in PyTorch (`chunk_dqkv` forms them in its chunk):
     running sums P over each chunk's Q tokens, read as P_{e_j} − P_{j−1} with e_j the last token of j's
@@ -141,12 +149,15 @@ def terms_backward(
     state: Mamba3State,
     terms: ChunkTerms,
     grads: PieceGrads,
+    boundary: BoundaryStates,
 ) -> InputGrads:
     """Push `grads` through `chunk_terms`, the per-token θ and the final state's k/v/θ, in closed form.
 
     inputs (b, l, ...), starts (b, l) bool (never at t = 0), the initial state (k_prev and v_prev are read)
     and the forward's `terms`: seg (b, l_pad) int32, mult (b, nc, H) and θ_final (b, H, S), as `chunk_terms`
-    gives them (or the kernels' launch) -> `InputGrads` (compute dtype). With j a token, c its chunk and
+    gives them (or the kernels' launch), and its `boundary` states -> `InputGrads` (compute dtype). `grads`
+    must be the gradients of one loss (∂θ_0 uses the rotation invariance that makes them consistent, below).
+    With j a token, c its chunk and
     incr_j = π·tanh(angles_j)·Δ_j (b, l, H, S):
 
         cs_j = Σ_{m ≤ j in c and j's document} A_m Δ_m,  mult_c = exp(cs_last) [no start in c]:
@@ -204,8 +215,17 @@ def terms_backward(
     dincr_dt = grads.theta_dt + carried(torch.einsum("bchs,bcqh->bcqs", carry, to_chunks(dt, nc, Q, dtype)))
     dlog_alpha = tokens(grads.log_alpha)  # ∂(AΔ) (b, l, H)
     dangles = torch.ops.aten.tanh_backward(math.pi * tokens(dincr_dt), tokens(turn.flatten(1, 2)))
-    # θ_0 reaches the first document (and θ_final when it is the last)
-    dtheta_0 = first[:, 0] + torch.where(last_piece[:, 0, 0, :, None], carry[:, 0], 0)
+    # θ_0 by rotation invariance: turning θ_0 and h̃_0 together by ε (per pair) leaves every output as it is
+    # and turns the final h, key and θ by ε where the first document reaches the end, so
+    # ∂θ_0 = [it reaches] (∂θ_final + ⟨∂k, J k⟩ + ⟨∂h, J h⟩) − ⟨∂h̃_0, J h̃_0⟩ (J: a quarter turn of each pair,
+    # `pair_cross`), with no sum of ∂θ over the first document's tokens, whose terms cancel down to it.
+    ends = dtheta_final
+    if final.h is not None:
+        turn_h = pair_cross(final.h, boundary.h_final, S, half_split).sum(dim=2)
+        ends = turn_h if ends is None else ends + turn_h
+    dtheta_0 = -pair_cross(grads.h_in, boundary.h_in, S, half_split).sum(dim=2)
+    if ends is not None:
+        dtheta_0 = dtheta_0 + torch.where((terms.seg[:, -1] == 0)[:, None, None], ends, 0)
 
     # h̃_0: ∂(w0 v_r) = ∂h̃_0 k_prev,r,  ∂k_prev,r = w0 ∂h̃_0ᵀ v_r,  ∂w0 = Σ_r ⟨v_r, ∂h̃_0 k_prev,r⟩
     k_prev, v_prev = as_dtype(state.k_prev, dtype), as_dtype(state.v_prev, dtype)
@@ -341,7 +361,8 @@ def chunked_backward(
         cs_grad.reshape(b, nc * Q, H), wd_grad.reshape(b, nc * Q, H), wo_grad.reshape(b, nc * Q, H), dmult,
         theta_grad.reshape(b, nc * Q, H, S), dH, grad_final.to(dtype),
     )
-    rest = terms_backward(inputs, weights, starts, state, terms, piece_grads(inputs, terms, term_grads))
+    boundary = BoundaryStates(terms.h_in, h_tilde[:, nc])
+    rest = terms_backward(inputs, weights, starts, state, terms, piece_grads(inputs, terms, term_grads), boundary)
     dx = flat(x_grad).clone()
     dx[:, -1] += rest.x_last
     dB = group(duB).clone()

@@ -16,8 +16,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from megatron_mamba3.ops.interface import Mamba3Inputs, Mamba3State, Mamba3Weights, read_dims
-from megatron_mamba3.ops.tilelang.chunk_grad import PieceGrads, terms_backward
-from megatron_mamba3.ops.tilelang.chunk_math import as_dtype, chunk_angles, chunk_count, final_state, incoming_state
+from megatron_mamba3.ops.tilelang.chunk_grad import BoundaryStates, PieceGrads, terms_backward
+from megatron_mamba3.ops.tilelang.chunk_math import as_dtype, chunk_count, final_state
 from megatron_mamba3.ops.toolkit.finite import finite_values
 from megatron_mamba3.ops.toolkit.packing import run_packed
 
@@ -40,7 +40,8 @@ def unsupported(n: int, p: int, R: int) -> str | None:
 
 class _Launch(NamedTuple):
     """What every kernel launch of one call shares: the kernels' config, the inputs contiguous in their
-    dtype, `kernel_terms` (cs, wd and wo are views of `scalars`) and the weights as fp32 (ones where absent)."""
+    dtype, `kernel_terms` (cs, wd and wo are views of `scalars`; theta_start and theta_final are filled by
+    `state_pass`) and the weights as fp32 (ones where absent)."""
 
     config: object
     x: Tensor
@@ -51,6 +52,8 @@ class _Launch(NamedTuple):
     angles: Tensor
     seg: Tensor
     mult: Tensor
+    totals: Tensor
+    theta_0: Tensor
     theta_start: Tensor
     theta_final: Tensor
     scalars: Tensor
@@ -78,18 +81,18 @@ def _prepare(inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state
     S = inputs.angles.shape[-1]
     Q = TILE_ROWS // R
     config = KernelConfig(H, p, n, R, G, S, Q, weights.norm is not None)
-    terms = kernel_terms(config, inputs, weights, starts, state)
-    x, z, B, C, dt, angles = (getattr(inputs, field).contiguous() for field in _INPUT_FIELDS)
     ones = {}  # one read-only tensor of ones per shape, for the absent weights
 
     def f32(t, shape):
         if t is not None:
             return as_dtype(t, torch.float32).contiguous()
         if shape not in ones:
-            ones[shape] = torch.ones(shape, device=x.device)
+            ones[shape] = torch.ones(shape, device=inputs.x.device)
         return ones[shape]
 
     mimo = [f32(t, (H, R, p)) for t in (weights.mimo_x, weights.mimo_z, weights.mimo_o)]
+    terms = kernel_terms(config, inputs, mimo[0], starts, state)
+    x, z, B, C, dt, angles = (getattr(inputs, field).contiguous() for field in _INPUT_FIELDS)
     norm = f32(None if weights.norm is None else weights.norm.view(H, p), (H, p))
     B_bias, C_bias, D = f32(weights.B_bias, None), f32(weights.C_bias, None), f32(weights.D, None)
     return _Launch(config, x, z, B, C, dt, angles, *terms, B_bias, C_bias, D, *mimo, norm)
@@ -106,11 +109,14 @@ def _chunk_starts(launch: _Launch) -> tuple[Tensor, Tensor]:
     chunk_states = torch.empty(b, nc, H, n, p, device=device, dtype=torch.float32)
     kernels.chunk_state(
         launch.x, launch.B, launch.angles, launch.dt, launch.seg, launch.cs, launch.wd, launch.wo,
-        launch.theta_start, launch.B_bias, launch.mimo_x, chunk_states,
+        launch.B_bias, launch.mimo_x, chunk_states,
     )
     starts_h = torch.empty(b, nc, H, n, p, device=device, dtype=torch.bfloat16)
     h_final = torch.empty(b, H, n, p, device=device, dtype=torch.float32)
-    kernels.state_pass(chunk_states, launch.mult, launch.h_in, starts_h, h_final)
+    kernels.state_pass(
+        chunk_states, launch.mult, launch.h_in, launch.seg, launch.totals, launch.theta_0, starts_h, h_final,
+        launch.theta_start, launch.theta_final,
+    )
     return starts_h, h_final
 
 
@@ -139,11 +145,11 @@ def _forward_kernels(launch: _Launch, inputs: Mamba3Inputs, weights: Mamba3Weigh
 
 def _backward_kernels(
     launch: _Launch, inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state: Mamba3State,
-    grad_out: Tensor | None, grad_final: Mamba3State, starts_h: Tensor,
+    grad_out: Tensor | None, grad_final: Mamba3State, starts_h: Tensor, h_final: Tensor,
 ) -> tuple[Mamba3Inputs, Mamba3Weights, Mamba3State]:
     """Gradients of every input, weight (None where absent) and the initial state, from the backward kernels
-    (per-chunk work) and `terms_backward` (the (b, l, H)-sized scalar chains); `launch` is the forward's.
-    grad_out and each field of grad_final may be None (no gradient: zero).
+    (per-chunk work) and `terms_backward` (the (b, l, H)-sized scalar chains); `launch` is the forward's,
+    h_final its final h (b, H, p, n). grad_out and each field of grad_final may be None (no gradient: zero).
 
     The backward runs on finite copies of the inputs, the initial state's k_prev and v_prev (the only fields
     it reads) and the per-token terms (as the reference's chunked form does, `toolkit.finite`): a token's
@@ -213,7 +219,10 @@ def _backward_kernels(
         dlog_alpha, dwd, dwo, theta_turn.transpose(1, 2), theta_dt.float(), spent.theta_start,
         dh_in.transpose(-1, -2), final,
     )
-    rest = terms_backward(inputs, weights, starts, state, launch, pieces)
+    boundary = BoundaryStates(
+        launch.h_in.transpose(-1, -2), None if grad_final.h is None else finite_values(h_final)
+    )
+    rest = terms_backward(inputs, weights, starts, state, launch, pieces, boundary)
     dB, dC = dB.float(), dC.float()
     if rest.x_last is not None:
         dx.select(1, -1).add_(rest.x_last)
@@ -234,10 +243,13 @@ def _backward_kernels(
     return grads_inputs, grads_weights, rest.state
 
 
-def kernel_terms(config, inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state: Mamba3State):
-    """`chunk_terms` in the kernels' layouts, the per-token part by the `chunk_prep` kernel: seg (b, l_pad)
-    int32, mult (b, nc, H), theta_start (b, nc, H, S), theta_final (b, H, S), scalars (3, b, H, l_pad) (cs,
-    wd, wo, also returned as its views) and h̃_0 as (b, H, n, p), all contiguous fp32 (seg int32)."""
+def kernel_terms(config, inputs: Mamba3Inputs, mimo_x: Tensor, starts: Tensor, state: Mamba3State):
+    """`chunk_terms` in the kernels' layouts by the `chunk_prep` kernel (mimo_x (H, R, p) fp32, ones for
+    SISO): seg (b, l_pad)
+    int32, mult (b, nc, H), each chunk's last document's angle total (b, nc, H, S) and θ_0 (b, H, S) for
+    `state_pass`, which fills theta_start (b, nc, H, S) and theta_final (b, H, S) (empty here), scalars
+    (3, b, H, l_pad) (cs, wd, wo, also returned as its views) and h̃_0 as (b, H, n, p), all contiguous fp32
+    (seg int32)."""
     from megatron_mamba3.ops.tilelang.kernels import kernel_set
 
     b, length, H = inputs.dt.shape
@@ -248,10 +260,10 @@ def kernel_terms(config, inputs: Mamba3Inputs, weights: Mamba3Weights, starts: T
     scalars, mult, totals = empty(3, b, H, rows), empty(b, nc, H), empty(b, nc, H, config.S)
     cs, wd, wo = scalars.unbind(0)
     dt, A, trap, angles = (t.contiguous() for t in (inputs.dt, inputs.A, inputs.trap, inputs.angles))
-    kernel_set(config).chunk_prep(dt, A, trap, angles, seg, cs, wd, wo, mult, totals)
-    theta = chunk_angles(totals, seg, state.theta, torch.float32)
-    h_in = incoming_state(inputs, weights, state, torch.float32).transpose(-1, -2).contiguous()
-    return seg, mult, theta[:, :nc].contiguous(), theta[:, nc], scalars, cs, wd, wo, h_in
+    h, k_prev, v_prev, theta_0 = (as_dtype(t, torch.float32).contiguous() for t in state)
+    h_in = empty(b, H, config.n, config.p)
+    kernel_set(config).chunk_prep(dt, A, trap, angles, seg, h, k_prev, v_prev, mimo_x, cs, wd, wo, mult, totals, h_in)
+    return seg, mult, totals, theta_0, empty(b, nc, H, config.S), empty(b, H, config.S), scalars, cs, wd, wo, h_in
 
 
 class _TileLangScan(torch.autograd.Function):
@@ -260,20 +272,21 @@ class _TileLangScan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, *leaves):
         inputs, weights, state, starts = _split(leaves)
-        ctx.save_for_backward(*(t for t in leaves if isinstance(t, Tensor)))
         ctx.present = tuple(isinstance(t, Tensor) for t in leaves)
         ctx.set_materialize_grads(False)  # an output without a gradient is None, not zeros: its chain is skipped
         ctx.launch = _prepare(inputs, weights, starts, state)  # per-token terms, reused by the backward
         out, final, ctx.starts_h = _forward_kernels(ctx.launch, inputs, weights)
+        ctx.save_for_backward(*(t for t in leaves if isinstance(t, Tensor)), final.h)
         return (out, *final)
 
     @staticmethod
     def backward(ctx, grad_out, *grad_final):
-        saved = iter(ctx.saved_tensors)
+        *saved, h_final = ctx.saved_tensors
+        saved = iter(saved)
         leaves = [next(saved) if present else None for present in ctx.present]
         inputs, weights, state, starts = _split(leaves)
         grads = _backward_kernels(
-            ctx.launch, inputs, weights, starts, state, grad_out, Mamba3State(*grad_final), ctx.starts_h
+            ctx.launch, inputs, weights, starts, state, grad_out, Mamba3State(*grad_final), ctx.starts_h, h_final
         )
         del ctx.launch, ctx.starts_h
         found = [*grads[0], *grads[1], *grads[2], None]

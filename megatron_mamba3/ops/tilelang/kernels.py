@@ -1,9 +1,13 @@
 """The four TileLang forward kernels of the chunk-parallel scan (math in `chunk_math`).
 
     chunk_prep    grid (nc, H, b): the per-token terms cs, wd, wo (b, H, l_pad), each chunk's mult (b, nc, H)
-                  and its last document's angle total Σ_j Δ_j·tanh(angles_j) (b, nc, H, S), fp32
-    chunk_state   grid (nc, H, b): S_c = Σ_j w_j k_j v_jᵀ of each chunk, fp32 (b, nc, H, n, p)
-    state_pass    grid (n / 8, H, b): h̃_{c+1} = mult_c h̃_c + S_c over the chunks; writes h̃_c (bf16) and h̃ after the last
+                  and its last document's angle total Σ_j Δ_j·tanh(angles_j) (b, nc, H, S), fp32; the first
+                  chunk's blocks also h̃_0 (b, H, n, p), the initial state with its incoming (k, v)
+    chunk_state   grid (nc, H, b): S_c = Σ_j w_j k_j v_jᵀ of each chunk, fp32 (b, nc, H, n, p), with θ counted
+                  from the chunk's start
+    state_pass    grid (n / 8, H, b): h̃_{c+1} = mult_c h̃_c + S_c over the chunks (S_c turned by θ carried into c,
+                  which it scans from the totals: θ_c (b, nc, H, S) and after the last chunk (b, H, S));
+                  writes h̃_c (bf16) and h̃ after the last
     chunk_output  grid (nc, H, b): intra-chunk masked matmuls + q·h̃_c + D·v, per-head norm and gate
 
 Keys and queries are built per head inside the kernels (bias, RMSNormed B/C of the head's group,
@@ -24,6 +28,7 @@ from megatron_mamba3.ops.tilelang.build import build
 CHUNK_THREADS = 256  # two warpgroups per (chunk, head) block: 1.4x faster than 128 on an H100 (benchmarks/README.md)
 SCAN_THREADS = 128  # the state passes (a bandwidth-bound scan)
 STATE_ROWS = 8  # state rows (of n) per block in the state pass
+H0_ROWS = 32  # state rows chunk_prep turns from h's (p, n) layout at a time
 NORM_EPS = 1e-5
 NAN = float("nan")
 F32, BF16, F64 = "float32", "bfloat16", "float64"
@@ -60,6 +65,11 @@ def gate_blocks_per_sm(c: KernelConfig) -> int:
     """Blocks per SM that `chunk_output` and `chunk_dy` are compiled for (registers capped to fit them): three at
     p = 64, as their shared memory allows (74 KB at n = 128); one otherwise (no cap)."""
     return 3 if c.p == 64 else 1
+
+
+def centred(theta):
+    """θ reduced to [−π, π] (fp32 or float64), where the fast sin and cos (`build.pass_configs`) are accurate."""
+    return theta - 2 * math.pi * T.round(theta * (0.5 / math.pi))
 
 
 def pair_indices(s, n: int, half_split: bool):
@@ -105,6 +115,8 @@ def chunk_prologue(c: KernelConfig):
 
     @T.macro
     def rotation(ANG, DT, THS, L, b, h, chunk, t0, seg_s, seg_before, turn_s, theta_f, cos_s, sin_s):
+        """cos_s, sin_s (Q, S) of each token's θ: θ carried into the chunk (THS; 0 where THS is None) plus the
+        increments π·tanh(angles)·Δ of its document so far, restarting at each document start."""
         for i, s in T.Parallel(Q, S):
             turn_s[i, s] = T.if_then_else(
                 t0 + i < L,
@@ -112,14 +124,17 @@ def chunk_prologue(c: KernelConfig):
                 0.0,
             )
         for s in T.Parallel(S):
-            theta_f[s] = THS[b, chunk, h, s]
+            if THS is None:
+                theta_f[s] = 0.0
+            else:
+                theta_f[s] = THS[b, chunk, h, s]
         for i in T.unroll(Q):  # unrolled: the loads of step i do not wait on step i − 1
             for s in T.Parallel(S):
                 previous = T.if_then_else(i == 0, seg_before, seg_s[T.max(i - 1, 0)])
                 theta_f[s] = T.if_then_else(seg_s[i] != previous, 0.0, theta_f[s]) + turn_s[i, s]
                 cos_s[i, s] = theta_f[s]  # θ for now; turn_s stays read-only (theta_f is replicated per warp)
-        for i, s in T.Parallel(Q, S):  # θ reduced to [−π, π], where the fast sin and cos (`build`) are accurate
-            angle = cos_s[i, s] - 2 * math.pi * T.round(cos_s[i, s] * (0.5 / math.pi))
+        for i, s in T.Parallel(Q, S):
+            angle = centred(cos_s[i, s])
             sin_s[i, s] = T.sin(angle)
             cos_s[i, s] = T.cos(angle)
 
@@ -254,7 +269,7 @@ def chunk_y_macro(c: KernelConfig, finite_state: bool = False):
 
 
 def _chunk_prep(c: KernelConfig):
-    H, S, Q = c.H, c.S, c.Q
+    H, S, Q, n, p, R = c.H, c.S, c.Q, c.n, c.p, c.R
     batch, L, LP, NC = T.dynamic("batch, L, LP, NC")
 
     @T.prim_func
@@ -264,13 +279,19 @@ def _chunk_prep(c: KernelConfig):
         TRAP: T.Tensor((batch, L, H), BF16),
         ANG: T.Tensor((batch, L, S), BF16),
         SEG: T.Tensor((batch, LP), "int32"),
+        H0: T.Tensor((batch, H, p, n), F32),
+        K_PREV: T.Tensor((batch, R, H, n), F32),
+        V_PREV: T.Tensor((batch, H, p), F32),
+        MIMO_X: T.Tensor((H, R, p), F32),
         CS: T.Tensor((batch, H, LP), F32),
         WD: T.Tensor((batch, H, LP), F32),
         WO: T.Tensor((batch, H, LP), F32),
         MULT: T.Tensor((batch, NC, H), F32),
         TOTALS: T.Tensor((batch, NC, H, S), F32),
+        H_IN: T.Tensor((batch, H, n, p), F32),
     ):
         with T.Kernel(NC, H, batch, threads=SCAN_THREADS) as (chunk, h, b):
+            T.annotate_min_blocks_per_sm(12)  # at most 40 registers: the h̃_0 loop below would take 48-128
             t0 = chunk * Q
             seg_s = T.alloc_shared((Q + 1,), "int32")  # the chunk's tokens and the next one
             dt_s = T.alloc_shared((Q + 1,), F32)
@@ -281,6 +302,7 @@ def _chunk_prep(c: KernelConfig):
             running = T.alloc_fragment((1,), F32)
             reset = T.alloc_fragment((1,), "int32")
             total = T.alloc_fragment((S,), F32)
+            h0_s = T.alloc_shared((p, H0_ROWS + 1), F32)  # + 1: the turned reads fall in distinct banks
 
             for i in T.Parallel(Q + 1):  # Δ = A = 0 past the end; the next token of the last one continues its document
                 seg_s[i] = T.if_then_else(t0 + i < LP, SEG[b, t0 + i], SEG[b, LP - 1])
@@ -318,6 +340,15 @@ def _chunk_prep(c: KernelConfig):
             for s in T.Parallel(S):
                 TOTALS[b, chunk, h, s] = total[s]
 
+            if chunk == 0:  # h̃_0 = h + (1 − λ_0)Δ_0 Σ_r (v_prev ⊙ mimo_x_r) k_prev,rᵀ, in the kernels' (n, p) layout
+                for block in T.serial(n // H0_ROWS):  # h's (p, n) layout turned through shared memory: both sides coalesced
+                    for pp, i in T.Parallel(p, H0_ROWS):
+                        h0_s[pp, i] = H0[b, h, pp, block * H0_ROWS + i]
+                    for i, pp in T.Parallel(H0_ROWS, p):
+                        row = block * H0_ROWS + i
+                        incoming = sum(V_PREV[b, h, pp] * MIMO_X[h, r, pp] * K_PREV[b, r, h, row] for r in range(R))
+                        H_IN[b, h, row, pp] = h0_s[pp, i] + (dt_s[0] - lam_s[0] * dt_s[0]) * incoming
+
     return chunk_prep
 
 
@@ -336,7 +367,6 @@ def _chunk_state(c: KernelConfig):
         CS: T.Tensor((batch, H, LP), F32),
         WD: T.Tensor((batch, H, LP), F32),
         WO: T.Tensor((batch, H, LP), F32),
-        THS: T.Tensor((batch, NC, H, S), F32),
         B_BIAS: T.Tensor((H, R, n), F32),
         MIMO_X: T.Tensor((H, R, p), F32),
         ST: T.Tensor((batch, NC, H, n, p), F32),
@@ -364,7 +394,8 @@ def _chunk_state(c: KernelConfig):
             seg_before = SEG[b, T.max(t0 - 1, 0)]
             for i in T.Parallel(Q):
                 w_s[i] = T.if_then_else(seg_s[i] == seg_s[Q - 1], T.exp(cs_s[Q - 1] - cs_s[i]) * wo_s[i], 0.0)
-            rotation(ANG, DT, THS, L, b, h, chunk, t0, seg_s, seg_before, turn_s, theta_f, cos_s, sin_s)
+            # θ from 0 at the chunk start: S_c in the frame of θ carried into the chunk (state_pass turns it)
+            rotation(ANG, DT, None, L, b, h, chunk, t0, seg_s, seg_before, turn_s, theta_f, cos_s, sin_s)
             keys(Bk, B_BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, w_s, k_s)
             values(X, MIMO_X, L, b, h, t0, x_s, mx_s, v_s)
             for row, pp in T.Parallel(Q * R, p):  # exactly 0 outside the last document, whatever the value
@@ -376,27 +407,97 @@ def _chunk_state(c: KernelConfig):
 
 
 def _state_pass(c: KernelConfig):
-    H, p, n, rows = c.H, c.p, c.n, STATE_ROWS
-    batch, NC = T.dynamic("batch, NC")
+    H, p, n, S, Q, rows = c.H, c.p, c.n, c.S, c.Q, STATE_ROWS
+    pairs = rows // 2  # rotated pairs per block: its rows are both elements of each
+    half_split = c.R > 1
+    batch, NC, LP = T.dynamic("batch, NC, LP")
+
+    def state_row(block, i):
+        """The state row of the block's row i: (s, n/2 + s) pairs half-split, (2s, 2s + 1) adjacent."""
+        if half_split:
+            return T.if_then_else(i < pairs, block * pairs + i, n // 2 + block * pairs + i - pairs)
+        return block * rows + i
+
+    def pair_slot(i):
+        """(the block's pair of row i, its partner row, whether row i is the pair's first element)."""
+        if half_split:
+            return i % pairs, (i + pairs) % rows, i < pairs
+        return i // 2, i + 1 - 2 * (i % 2), i % 2 == 0
+
+    def turns(theta):
+        """θ (float64) reduced to [0, 2π)."""
+        return theta - 2 * math.pi * T.floor(theta * (0.5 / math.pi))
 
     @T.prim_func
     def state_pass(
         ST: T.Tensor((batch, NC, H, n, p), F32),
         MULT: T.Tensor((batch, NC, H), F32),
         H_IN: T.Tensor((batch, H, n, p), F32),
+        SEG: T.Tensor((batch, LP), "int32"),
+        TOTALS: T.Tensor((batch, NC, H, S), F32),
+        THETA_0: T.Tensor((batch, H, S), F32),
         HS: T.Tensor((batch, NC, H, n, p), BF16),
         H_OUT: T.Tensor((batch, H, n, p), F32),
+        THS: T.Tensor((batch, NC, H, S), F32),
+        THETA_OUT: T.Tensor((batch, H, S), F32),
     ):
         with T.Kernel(n // rows, H, batch, threads=SCAN_THREADS) as (block, h, b):
             state = T.alloc_fragment((rows, p), F32)
             chunk_s = T.alloc_shared((rows, p), F32)
-            T.copy(H_IN[b, h, block * rows : (block + 1) * rows, :], state)
-            for chunk in T.Pipelined(NC, num_stages=2):
-                T.copy(ST[b, chunk, h, block * rows : (block + 1) * rows, :], chunk_s)
+            totals = T.alloc_local((2, pairs), F32)  # this chunk's and the next one's angle totals (loaded a chunk ahead)
+            last = T.alloc_local((2,), "int32")  # this chunk's and the next one's last document
+            theta = T.alloc_local((pairs,), F64)  # θ after the chunks so far, per pair of the block (every thread)
+            turn_s = T.alloc_shared((2, pairs), F32)  # cos, sin of θ carried into the chunk (shared: read at a per-thread pair)
+            document = T.alloc_local((1,), "int32")  # the document θ belongs to
+            carried = T.alloc_local((1,), "int32")  # the chunk's last document is that one
+            thread = T.get_thread_binding(0)
+            for i, pp in T.Parallel(rows, p):
+                state[i, pp] = H_IN[b, h, state_row(block, i), pp]
+            for k in T.unroll(pairs):
+                theta[k] = T.if_then_else(block * pairs + k < S, T.cast(THETA_0[b, h, T.min(block * pairs + k, S - 1)], F64), 0.0)
+            document[0] = 0
+            last[1] = SEG[b, Q - 1]
+            for k in T.unroll(pairs):
+                totals[1, k] = TOTALS[b, 0, h, T.min(block * pairs + k, S - 1)]
+            for chunk in T.Pipelined(NC, num_stages=2):  # the next chunk's loads overlap this one's work
                 for i, pp in T.Parallel(rows, p):
-                    HS[b, chunk, h, block * rows + i, pp] = T.cast(state[i, pp], BF16)
-                    state[i, pp] = T.if_then_else(MULT[b, chunk, h] != 0.0, state[i, pp] * MULT[b, chunk, h], 0.0) + chunk_s[i, pp]
-            T.copy(state, H_OUT[b, h, block * rows : (block + 1) * rows, :])
+                    chunk_s[i, pp] = ST[b, chunk, h, state_row(block, i), pp]
+                last[0] = last[1]
+                for k in T.unroll(pairs):
+                    totals[0, k] = totals[1, k]
+                if chunk + 1 < NC:
+                    last[1] = SEG[b, chunk * Q + 2 * Q - 1]
+                    for k in T.unroll(pairs):
+                        totals[1, k] = TOTALS[b, chunk + 1, h, T.min(block * pairs + k, S - 1)]
+                carried[0] = T.if_then_else(last[0] == document[0], 1, 0)
+                for k in T.unroll(pairs):  # θ carried into the chunk, then past it (chunk_angles' scan)
+                    s = T.min(block * pairs + k, S - 1)
+                    if thread == k:
+                        angle = T.cast(centred(theta[k]), F32)
+                        turn_s[0, k] = T.cos(angle)
+                        turn_s[1, k] = T.sin(angle)
+                        if block * pairs + k < S:
+                            THS[b, chunk, h, s] = T.cast(turns(theta[k]), F32)
+                    theta[k] = T.if_then_else(carried[0] != 0, theta[k], 0.0) + math.pi * T.cast(totals[0, k], F64)
+                document[0] = last[0]
+                for i, pp in T.Parallel(rows, p):
+                    # S_c of a chunk whose last document was carried in is in the frame of θ carried in: turn it
+                    k, partner, first = pair_slot(i)
+                    turned = T.if_then_else(
+                        first,
+                        turn_s[0, k] * chunk_s[i, pp] - turn_s[1, k] * chunk_s[partner, pp],
+                        turn_s[0, k] * chunk_s[i, pp] + turn_s[1, k] * chunk_s[partner, pp],
+                    )
+                    rotate = (carried[0] != 0) & (block * pairs + k < S)
+                    HS[b, chunk, h, state_row(block, i), pp] = T.cast(state[i, pp], BF16)
+                    state[i, pp] = T.if_then_else(MULT[b, chunk, h] != 0.0, state[i, pp] * MULT[b, chunk, h], 0.0) + T.if_then_else(
+                        rotate, turned, chunk_s[i, pp]
+                    )
+            for i, pp in T.Parallel(rows, p):
+                H_OUT[b, h, state_row(block, i), pp] = state[i, pp]
+            for k in T.unroll(pairs):
+                if (thread == k) & (block * pairs + k < S):
+                    THETA_OUT[b, h, block * pairs + k] = T.cast(turns(theta[k]), F32)
 
     return state_pass
 
