@@ -447,7 +447,7 @@ def _state_pass(c: KernelConfig):
             totals = T.alloc_local((2, pairs), F32)  # this chunk's and the next one's angle totals (loaded a chunk ahead)
             last = T.alloc_local((2,), "int32")  # this chunk's and the next one's last document
             theta = T.alloc_local((pairs,), F64)  # θ after the chunks so far, per pair of the block (every thread)
-            turn_s = T.alloc_shared((2, pairs), F32)  # cos, sin of θ carried into the chunk (shared: read at a per-thread pair)
+            cos_sin_s = T.alloc_shared((2, pairs), F32)  # cos, sin of θ carried into the chunk (shared: read at a per-thread pair)
             document = T.alloc_local((1,), "int32")  # the document θ belongs to
             carried = T.alloc_local((1,), "int32")  # the chunk's last document is that one
             thread = T.get_thread_binding(0)
@@ -474,8 +474,8 @@ def _state_pass(c: KernelConfig):
                     s = T.min(block * pairs + k, S - 1)
                     if thread == k:
                         angle = T.cast(centred(theta[k]), F32)
-                        turn_s[0, k] = T.cos(angle)
-                        turn_s[1, k] = T.sin(angle)
+                        cos_sin_s[0, k] = T.cos(angle)
+                        cos_sin_s[1, k] = T.sin(angle)
                         if block * pairs + k < S:
                             THS[b, chunk, h, s] = T.cast(turns(theta[k]), F32)
                     theta[k] = T.if_then_else(carried[0] != 0, theta[k], 0.0) + math.pi * T.cast(totals[0, k], F64)
@@ -485,8 +485,8 @@ def _state_pass(c: KernelConfig):
                     k, partner, first = pair_slot(i)
                     turned = T.if_then_else(
                         first,
-                        turn_s[0, k] * chunk_s[i, pp] - turn_s[1, k] * chunk_s[partner, pp],
-                        turn_s[0, k] * chunk_s[i, pp] + turn_s[1, k] * chunk_s[partner, pp],
+                        cos_sin_s[0, k] * chunk_s[i, pp] - cos_sin_s[1, k] * chunk_s[partner, pp],
+                        cos_sin_s[0, k] * chunk_s[i, pp] + cos_sin_s[1, k] * chunk_s[partner, pp],
                     )
                     rotate = (carried[0] != 0) & (block * pairs + k < S)
                     HS[b, chunk, h, state_row(block, i), pp] = T.cast(state[i, pp], BF16)
