@@ -245,11 +245,10 @@ def _backward_kernels(
 
 def kernel_terms(config, inputs: Mamba3Inputs, mimo_x: Tensor, starts: Tensor, state: Mamba3State):
     """`chunk_terms` in the kernels' layouts by the `chunk_prep` kernel (mimo_x (H, R, p) fp32, ones for
-    SISO): seg (b, l_pad)
-    int32, mult (b, nc, H), each chunk's last document's angle total (b, nc, H, S) and θ_0 (b, H, S) for
-    `state_pass`, which fills theta_start (b, nc, H, S) and theta_final (b, H, S) (empty here), scalars
-    (3, b, H, l_pad) (cs, wd, wo, also returned as its views) and h̃_0 as (b, H, n, p), all contiguous fp32
-    (seg int32)."""
+    SISO): seg (b, l_pad) int32, mult (b, nc, H), each chunk's last document's angle total (b, nc, H, S)
+    and θ_0 (b, H, S) for `state_pass`, which fills theta_start (b, nc, H, S) and theta_final (b, H, S)
+    (empty here), scalars (3, b, H, l_pad) (cs, wd, wo, also returned as its views) and h̃_0 as
+    (b, H, n, p), all contiguous fp32 (seg int32)."""
     from megatron_mamba3.ops.tilelang.kernels import kernel_set
 
     b, length, H = inputs.dt.shape
