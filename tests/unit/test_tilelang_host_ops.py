@@ -45,8 +45,10 @@ DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64, "i
 # two products, a difference and a sum over p) instead of the first document's sum of ∂θ.
 # The forward's fell from 70 to 52 when state_pass took over the chunk-level θ scan (`chunk_angles`: pad,
 # casts, cat, cumsum, searchsorted, gather, sub, remainder, slices), then to 38 / 36 when chunk_prep took
-# over h̃_0 (`incoming_state`: slices, casts, sigmoid, the rank values, an einsum, the (n, p) transpose).
-BOUNDS = {"siso": (38, 147), "mimo": (36, 164)}
+# over h̃_0 (`incoming_state`: slices, casts, sigmoid, the rank values, an einsum, the (n, p) transpose),
+# then to 18 / 17 when state_pass took over the final state's key and h's (p, n) layout (`final_state`:
+# the key's bias, cos, sin, products, stack, cat; h's transpose and copy).
+BOUNDS = {"siso": (18, 147), "mimo": (17, 164)}
 
 
 def _signatures() -> dict[str, list[tuple[ast.expr, str]]]:

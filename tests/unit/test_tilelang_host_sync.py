@@ -1,7 +1,7 @@
 """The TileLang forward's host-side work never reads a device value (so it never synchronises and can be
 captured in a CUDA graph): `mamba3_scan(backend="tilelang")`, from its argument checks through packing,
-the autograd Function, `_prepare` / `chunk_terms` / `token_scalars` and `final_state`, runs here on meta
-tensors with the kernel launches recorded instead of run.
+the autograd Function and `_prepare` / `kernel_terms`, runs here on meta tensors with the kernel
+launches recorded instead of run.
 
 Meta tensors hold no data, so every host synchronisation raises on them: `.item()`, `bool()` / `int()` /
 a Python `if` on a tensor, `.tolist()`, `.cpu()`, and ops whose output shape depends on values

@@ -17,7 +17,7 @@ from torch import Tensor
 
 from megatron_mamba3.ops.interface import Mamba3Inputs, Mamba3State, Mamba3Weights, read_dims
 from megatron_mamba3.ops.tilelang.chunk_grad import BoundaryStates, PieceGrads, terms_backward
-from megatron_mamba3.ops.tilelang.chunk_math import as_dtype, chunk_count, final_state
+from megatron_mamba3.ops.tilelang.chunk_math import as_dtype, chunk_count
 from megatron_mamba3.ops.toolkit.finite import finite_values
 from megatron_mamba3.ops.toolkit.packing import run_packed
 
@@ -98,8 +98,10 @@ def _prepare(inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state
     return _Launch(config, x, z, B, C, dt, angles, *terms, B_bias, C_bias, D, *mimo, norm)
 
 
-def _chunk_starts(launch: _Launch) -> tuple[Tensor, Tensor]:
-    """The state each chunk starts from, h̃_c (b, nc, H, n, p) bf16, and h̃ after the last chunk (b, H, n, p) fp32."""
+def _chunk_starts(launch: _Launch) -> tuple[Tensor, Tensor, Tensor]:
+    """The state each chunk starts from, h̃_c (b, nc, H, n, p) bf16, and the final state's h (b, H, p, n) and
+    key rot(θ_final, B_last + B_bias) (b, R, H, n), fp32 (h̃ after the last chunk is h there: the last token
+    has no successor); `state_pass` also fills the launch's theta_start and theta_final."""
     from megatron_mamba3.ops.tilelang.kernels import kernel_set
 
     kernels = kernel_set(launch.config)
@@ -112,12 +114,13 @@ def _chunk_starts(launch: _Launch) -> tuple[Tensor, Tensor]:
         launch.B_bias, launch.mimo_x, chunk_states,
     )
     starts_h = torch.empty(b, nc, H, n, p, device=device, dtype=torch.bfloat16)
-    h_final = torch.empty(b, H, n, p, device=device, dtype=torch.float32)
+    h_final = torch.empty(b, H, p, n, device=device, dtype=torch.float32)
+    k_final = torch.empty(b, launch.config.R, H, n, device=device, dtype=torch.float32)
     kernels.state_pass(
-        chunk_states, launch.mult, launch.h_in, launch.seg, launch.totals, launch.theta_0, starts_h, h_final,
-        launch.theta_start, launch.theta_final,
+        chunk_states, launch.mult, launch.h_in, launch.seg, launch.totals, launch.theta_0, launch.B, launch.B_bias,
+        starts_h, h_final, launch.theta_start, launch.theta_final, k_final,
     )
-    return starts_h, h_final
+    return starts_h, h_final, k_final
 
 
 def _chunk_args(launch: _Launch) -> tuple[Tensor, ...]:
@@ -133,14 +136,15 @@ def _forward_kernels(launch: _Launch, inputs: Mamba3Inputs, weights: Mamba3Weigh
     bf16 for the backward)."""
     from megatron_mamba3.ops.tilelang.kernels import kernel_set
 
-    starts_h, h_final = _chunk_starts(launch)
+    starts_h, h_final, k_final = _chunk_starts(launch)
     out = torch.empty_like(launch.x)
     x, B, C, *rest = _chunk_args(launch)
     kernel_set(launch.config).chunk_output(
         x, launch.z, B, C, *rest, starts_h, launch.B_bias, launch.C_bias, launch.D,
         launch.mimo_x, launch.mimo_z, launch.mimo_o, launch.norm, out,
     )
-    return out, final_state(inputs, weights, launch.theta_final, h_final.transpose(-1, -2).contiguous()), starts_h
+    final = Mamba3State(h_final, k_final, as_dtype(inputs.x[:, -1], torch.float32), launch.theta_final)
+    return out, final, starts_h
 
 
 def _backward_kernels(

@@ -407,10 +407,10 @@ def _chunk_state(c: KernelConfig):
 
 
 def _state_pass(c: KernelConfig):
-    H, p, n, S, Q, rows = c.H, c.p, c.n, c.S, c.Q, STATE_ROWS
+    H, p, n, R, G, S, Q, rows = c.H, c.p, c.n, c.R, c.G, c.S, c.Q, STATE_ROWS
     pairs = rows // 2  # rotated pairs per block: its rows are both elements of each
-    half_split = c.R > 1
-    batch, NC, LP = T.dynamic("batch, NC, LP")
+    half_split = R > 1
+    batch, L, NC, LP = T.dynamic("batch, L, NC, LP")
 
     def state_row(block, i):
         """The state row of the block's row i: (s, n/2 + s) pairs half-split, (2s, 2s + 1) adjacent."""
@@ -436,10 +436,13 @@ def _state_pass(c: KernelConfig):
         SEG: T.Tensor((batch, LP), "int32"),
         TOTALS: T.Tensor((batch, NC, H, S), F32),
         THETA_0: T.Tensor((batch, H, S), F32),
+        Bk: T.Tensor((batch, L, R, G, n), BF16),
+        B_BIAS: T.Tensor((H, R, n), F32),
         HS: T.Tensor((batch, NC, H, n, p), BF16),
-        H_OUT: T.Tensor((batch, H, n, p), F32),
+        H_OUT: T.Tensor((batch, H, p, n), F32),
         THS: T.Tensor((batch, NC, H, S), F32),
         THETA_OUT: T.Tensor((batch, H, S), F32),
+        K_OUT: T.Tensor((batch, R, H, n), F32),
     ):
         with T.Kernel(n // rows, H, batch, threads=SCAN_THREADS) as (block, h, b):
             state = T.alloc_fragment((rows, p), F32)
@@ -493,11 +496,20 @@ def _state_pass(c: KernelConfig):
                     state[i, pp] = T.if_then_else(MULT[b, chunk, h] != 0.0, state[i, pp] * MULT[b, chunk, h], 0.0) + T.if_then_else(
                         rotate, turned, chunk_s[i, pp]
                     )
-            for i, pp in T.Parallel(rows, p):
-                H_OUT[b, h, state_row(block, i), pp] = state[i, pp]
-            for k in T.unroll(pairs):
-                if (thread == k) & (block * pairs + k < S):
-                    THETA_OUT[b, h, block * pairs + k] = T.cast(turns(theta[k]), F32)
+            for i, pp in T.Parallel(rows, p):  # h after the last token, in the state's (p, n) layout
+                H_OUT[b, h, pp, state_row(block, i)] = state[i, pp]
+            for k in T.unroll(pairs):  # θ_final, and the final key rot(θ_final, B_last + B_bias[h]) of the block's pairs
+                pair = block * pairs + k
+                if thread == k:
+                    if pair < S:
+                        THETA_OUT[b, h, pair] = T.cast(turns(theta[k]), F32)
+                    angle = T.cast(centred(theta[k]), F32)
+                    first, second = pair_indices(pair, n, half_split)
+                    for r in T.unroll(R):
+                        u = T.cast(Bk[b, L - 1, r, h // (H // G), first], F32) + B_BIAS[h, r, first]
+                        w = T.cast(Bk[b, L - 1, r, h // (H // G), second], F32) + B_BIAS[h, r, second]
+                        K_OUT[b, r, h, first] = T.if_then_else(pair < S, u * T.cos(angle) - w * T.sin(angle), u)
+                        K_OUT[b, r, h, second] = T.if_then_else(pair < S, w * T.cos(angle) + u * T.sin(angle), w)
 
     return state_pass
 
