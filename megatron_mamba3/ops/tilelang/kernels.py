@@ -7,7 +7,8 @@
                   from the chunk's start
     state_pass    grid (n / 8, H, b): h̃_{c+1} = mult_c h̃_c + S_c over the chunks (S_c turned by θ carried into c,
                   which it scans from the totals: θ_c (b, nc, H, S) and after the last chunk (b, H, S));
-                  writes h̃_c (bf16) and h̃ after the last
+                  writes h̃_c (bf16) and the final state's h (b, H, p, n) and key rot(θ_final, B_last + bias)
+                  (b, R, H, n)
     chunk_output  grid (nc, H, b): intra-chunk masked matmuls + q·h̃_c + D·v, per-head norm and gate
 
 Keys and queries are built per head inside the kernels (bias, RMSNormed B/C of the head's group,
