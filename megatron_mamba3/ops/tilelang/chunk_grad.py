@@ -157,8 +157,7 @@ def terms_backward(
     and the forward's `terms`: seg (b, l_pad) int32, mult (b, nc, H) and θ_final (b, H, S), as `chunk_terms`
     gives them (or the kernels' launch), and its `boundary` states -> `InputGrads` (compute dtype). `grads`
     must be the gradients of one loss (∂θ_0 uses the rotation invariance that makes them consistent, below).
-    With j a token, c its chunk and
-    incr_j = π·tanh(angles_j)·Δ_j (b, l, H, S):
+    With j a token, c its chunk and incr_j = π·tanh(angles_j)·Δ_j (b, l, H, S):
 
         cs_j = Σ_{m ≤ j in c and j's document} A_m Δ_m,  mult_c = exp(cs_last) [no start in c]:
         ∂(AΔ)_j = Σ_{i ≥ j in c and j's document} ∂cs_i + ∂mult_c mult_c

@@ -75,8 +75,13 @@ def centred(theta):
 
 def pair_indices(s, n: int, half_split: bool):
     """The state indices (a, b) of rotated pair s: (s, n/2 + s) half-split (MIMO), (2s, 2s + 1) adjacent
-    (SISO). Rotation by θ turns (a, b) into (a cos θ − b sin θ, b cos θ + a sin θ); pairs s ≥ S pass unchanged."""
+    (SISO). Rotation by θ turns (a, b) as `rotate_pair` does; pairs s ≥ S pass unchanged."""
     return (s, n // 2 + s) if half_split else (2 * s, 2 * s + 1)
+
+
+def rotate_pair(a, b, cos, sin):
+    """A pair's elements (a, b) turned by θ: (a cos θ − b sin θ, b cos θ + a sin θ)."""
+    return a * cos - b * sin, b * cos + a * sin
 
 
 def bf16_rest(value, hi):
@@ -164,8 +169,9 @@ def chunk_prologue(c: KernelConfig):
             a, bb = pair_indices(s, n, R > 1)
             u = T.cast(raw_s[row, a], F32) + bias_s[r, a]
             w = T.cast(raw_s[row, bb], F32) + bias_s[r, bb]
-            store_key(out_s, lo_s, row, a, u * cos_s[i, s] - w * sin_s[i, s], scale_s[i])
-            store_key(out_s, lo_s, row, bb, w * cos_s[i, s] + u * sin_s[i, s], scale_s[i])
+            turned = rotate_pair(u, w, cos_s[i, s], sin_s[i, s])
+            store_key(out_s, lo_s, row, a, turned[0], scale_s[i])
+            store_key(out_s, lo_s, row, bb, turned[1], scale_s[i])
         if S < n // 2:  # the elements of the unrotated pairs: [S, n/2) and [n/2 + S, n) half-split, [2S, n) adjacent
             first, parts, width = (S, 2, n // 2 - S) if R > 1 else (2 * S, 1, n - 2 * S)
             for row, part, k in T.Parallel(Q * R, parts, width):
@@ -509,8 +515,9 @@ def _state_pass(c: KernelConfig):
                     for r in T.unroll(R):
                         u = T.cast(Bk[b, L - 1, r, h // (H // G), first], F32) + B_BIAS[h, r, first]
                         w = T.cast(Bk[b, L - 1, r, h // (H // G), second], F32) + B_BIAS[h, r, second]
-                        K_OUT[b, r, h, first] = T.if_then_else(pair < S, u * T.cos(angle) - w * T.sin(angle), u)
-                        K_OUT[b, r, h, second] = T.if_then_else(pair < S, w * T.cos(angle) + u * T.sin(angle), w)
+                        turned = rotate_pair(u, w, T.cos(angle), T.sin(angle))
+                        K_OUT[b, r, h, first] = T.if_then_else(pair < S, turned[0], u)
+                        K_OUT[b, r, h, second] = T.if_then_else(pair < S, turned[1], w)
 
     return state_pass
 
