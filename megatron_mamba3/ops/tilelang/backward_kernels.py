@@ -1,7 +1,7 @@
 """The three TileLang backward kernels of the chunk-parallel scan (math in `chunk_grad`).
 
     chunk_dy        grid (nc, H, b): recompute y, gate backward -> dy (fp32), dz, G_c = Σ inter q dyᵀ and
-                    per-chunk partial sums of the gate weights' gradients
+                    per-chunk partial sums of the gradients of the gate weights present
     state_pass_bwd  grid (n / 8, H, b): dH_c = G_c + mult_c dH_{c+1} in reverse; writes dS_c = dH_{c+1} and dH_0
     chunk_dqkv      grid (nc, H, b): from one build of the chunk's queries, keys, values, scores and dP:
                     dv -> dx, D and mimo_x partials; dk -> dB (atomic over a group's heads), B_bias partials;
@@ -103,6 +103,7 @@ def _chunk_dy(c: KernelConfig):
     batch, L, LP, NC, LPR = T.dynamic("batch, L, LP, NC, LPR")
     outputs_of = chunk_y_macro(c, finite_state=True)
     gate = _gate_terms(c)
+    MIMO = R > 1  # mimo_z and mimo_o are given exactly when R > 1
 
     @T.prim_func
     def chunk_dy(
@@ -167,9 +168,6 @@ def _chunk_dy(c: KernelConfig):
             dy_lo = T.alloc_shared((QR, p), BF16)
             dy = T.alloc_fragment((QR, p), F32)
             gc = T.alloc_fragment((n, p), F32)
-            dmz = T.alloc_fragment((R, p), F32)
-            dmo = T.alloc_fragment((R, p), F32)
-            dnw = T.alloc_fragment((R, p), F32)
 
             outputs_of(
                 X, Bk, Cq, ANG, DT, SEG, CS, WD, WO, THS, HS, B_BIAS, C_BIAS, D, MIMO_X, L, b, h, chunk,
@@ -221,19 +219,30 @@ def _chunk_dy(c: KernelConfig):
                         BF16,
                     )
 
-            # Per-chunk partial sums of the gate weights' gradients (summed over chunks on the host).
-            T.clear(dmz)
-            T.clear(dmo)
-            T.clear(dnw)
-            for i in T.serial(Q):
-                for r, pp in T.Parallel(R, p):
-                    dmz[r, pp] += gate.d_gate_input(do_s, z_s, gate_s, out_w_s, y_s, inv_s, norm_s, i * R + r, pp) * T.cast(z_s[i, pp], F32)
-                    y_norm = y_s[i * R + r, pp] * inv_s[i * R + r] * norm_s[pp]
-                    dmo[r, pp] += T.cast(do_s[i, pp], F32) * y_norm * gate.silu(T.cast(z_s[i, pp], F32) * gate_s[r, pp])
-                    dnw[r, pp] += gate.d_gated(do_s, z_s, gate_s, out_w_s, i * R + r, pp) * y_s[i * R + r, pp] * inv_s[i * R + r]
-            T.copy(dmz, DGATE[b, chunk, h, 0, :, :])
-            T.copy(dmo, DGATE[b, chunk, h, 1, :, :])
-            T.copy(dnw, DGATE[b, chunk, h, 2, :, :])
+            # Per-chunk partial sums of the gradients of the gate weights present (summed over chunks on the
+            # host): mimo_z and mimo_o for MIMO, norm with the output norm; SISO without it has none.
+            if MIMO or c.norm:
+                if MIMO:
+                    dmz = T.alloc_fragment((R, p), F32)
+                    dmo = T.alloc_fragment((R, p), F32)
+                    T.clear(dmz)
+                    T.clear(dmo)
+                if c.norm:
+                    dnw = T.alloc_fragment((R, p), F32)
+                    T.clear(dnw)
+                for i in T.serial(Q):
+                    for r, pp in T.Parallel(R, p):
+                        if MIMO:
+                            dmz[r, pp] += gate.d_gate_input(do_s, z_s, gate_s, out_w_s, y_s, inv_s, norm_s, i * R + r, pp) * T.cast(z_s[i, pp], F32)
+                            y_norm = y_s[i * R + r, pp] * inv_s[i * R + r] * norm_s[pp]
+                            dmo[r, pp] += T.cast(do_s[i, pp], F32) * y_norm * gate.silu(T.cast(z_s[i, pp], F32) * gate_s[r, pp])
+                        if c.norm:
+                            dnw[r, pp] += gate.d_gated(do_s, z_s, gate_s, out_w_s, i * R + r, pp) * y_s[i * R + r, pp] * inv_s[i * R + r]
+                if MIMO:
+                    T.copy(dmz, DGATE[b, chunk, h, 0, :, :])
+                    T.copy(dmo, DGATE[b, chunk, h, 1, :, :])
+                if c.norm:
+                    T.copy(dnw, DGATE[b, chunk, h, 2, :, :])
 
             # G_c = Σ_{i,r} inter_i q_{i,r} dy_{i,r}ᵀ (n, p).
             for row, nn in T.Parallel(QR, n):
