@@ -6,11 +6,11 @@ Run from the repository root on the GPU machine. First compiles every kernel the
 processes (TileLang's disk cache), then per shape (bf16, p=64, n=128, g=1): forward and forward+backward
 wall time (median of CUDA-event timings around whole `mamba3_scan` calls after warm-up, host included;
 the backward takes the gradients of every input and weight), their GPU time (summed duration of the
-kernels launched, from the profiler), the peak device memory of one forward+backward and the first
-call's time. The official kernels' time on the same shape comes from their timing script
-(`bench_official.py`) run in a fresh process per case (`--official PATH`, PATH holding the script, or
-`--official auto`, see `resolve_official`) or, without it, from the figures recorded on an H100 (marked
-"recorded"); the ratio is ours over theirs.
+kernels launched, from the profiler), the peak device memory of one forward+backward (beside the
+official SISO's, recorded) and the first call's time. The official kernels' time on the same shape comes
+from their timing script (`bench_official.py`) run in a fresh process per case (`--official PATH`, PATH
+holding the script, or `--official auto`, see `resolve_official`) or, without it, from the figures
+recorded on an H100 (marked "recorded"); the ratio is ours over theirs.
 
 Accuracy beside speed (`output_errors`): the forward output's relative error max |out − oracle| /
 max |oracle| (float64) against the float64 oracle `mamba3_recurrent` run on the very bf16 input values
@@ -137,14 +137,17 @@ def _peak_mib(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-# The official kernels (state-spaces/mamba e9594ce) on one H100, recorded 2026-11-25 with their own timing
-# script (triton do_bench, host included; SISO fwd+bwd b1 from issue 12's table, same script and
-# machine kind); used where --official does not measure them.
+# The official kernels (state-spaces/mamba e9594ce) on one H100 with their own timing script (triton do_bench,
+# host included; torch 2.11, triton 3.6), the lowest of the runs recorded: 2026-11-25, and 2026-11-26 for SISO
+# fwd+bwd b8, whose autotuned run took 2.27 ms where the first took 3.90 (SISO fwd b8 took 0.71 that day, b1
+# fwd 1.19 and fwd+bwd 3.08 again); used where --official does not measure them.
 OFFICIAL_RECORDED = {
     ("siso", "fwd", 8, 2048, 32): 0.60, ("siso", "fwd", 1, 8192, 8): 1.19,
     ("mimo", "fwd", 8, 2048, 32): 1.08, ("mimo", "fwd", 1, 8192, 8): 3.13,
-    ("siso", "fwdbwd", 8, 2048, 32): 3.90, ("siso", "fwdbwd", 1, 8192, 8): 3.09,
+    ("siso", "fwdbwd", 8, 2048, 32): 2.27, ("siso", "fwdbwd", 1, 8192, 8): 3.08,
 }
+# Their peak device memory of one fwd+bwd above the inputs, MiB, as `_peak_mib` takes it (2026-11-26, same runs).
+OFFICIAL_PEAK_RECORDED = {("siso", 8, 2048, 32): 1120, ("siso", 1, 8192, 8): 143}
 
 
 class Official(NamedTuple):
@@ -252,8 +255,8 @@ def main() -> None:
             errors = output_errors(inputs, weights, {"tilelang": _run("tilelang", inputs, weights, False)})
             off_fwd = official_ms(official, kind, "fwd", b, l, H, args.official_timeout)
             off_train = official_ms(official, kind, "fwdbwd", b, l, H, args.official_timeout)
-            rows.append((f"{kind} R{R} b{b} l{l} H{H}", fwd, gpu, off_fwd, train, train_gpu, off_train, peak, first,
-                         errors["tilelang"], errors["reference"]))
+            rows.append(((kind, b, l, H), f"{kind} R{R} b{b} l{l} H{H}", fwd, gpu, off_fwd, train, train_gpu, off_train,
+                         peak, first, errors["tilelang"], errors["reference"]))
             print(rows[-1], flush=True)
 
     def versus(ours, official):
@@ -264,11 +267,15 @@ def main() -> None:
           f"fwd error = max |out − oracle| / max |oracle| against the float64 oracle on the same bf16 inputs, "
           f"batch rows 0..{ACCURACY_ROWS - 1}; official: {official.note}")
     print("| shape | fwd ms | fwd GPU ms | official fwd ms | ratio | fwd+bwd ms | fwd+bwd GPU ms | official fwd+bwd ms "
-          "| ratio | fwd+bwd peak MiB | first call s | fwd error | bf16 reference error | official error |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for shape, fwd, gpu, off_fwd, train, train_gpu, off_train, peak, first, error, reference_error in rows:
+          "| ratio | fwd+bwd peak MiB | official peak MiB | first call s | fwd error | bf16 reference error "
+          "| official error |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for key, shape, fwd, gpu, off_fwd, train, train_gpu, off_train, peak, first, error, reference_error in rows:
+        off_peak = OFFICIAL_PEAK_RECORDED.get(key)
+        off_peak = "-" if off_peak is None else f"{off_peak} (recorded)"
         print(f"| {shape} | {fwd:.3f} | {gpu:.3f} | {' | '.join(versus(fwd, off_fwd))} | {train:.3f} | {train_gpu:.3f} "
-              f"| {' | '.join(versus(train, off_train))} | {peak:.0f} | {first:.1f} | {error:.2e} | {reference_error:.2e} | - |")
+              f"| {' | '.join(versus(train, off_train))} | {peak:.0f} | {off_peak} | {first:.1f} | {error:.2e} "
+              f"| {reference_error:.2e} | - |")
 
 
 if __name__ == "__main__":
