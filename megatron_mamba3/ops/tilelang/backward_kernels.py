@@ -103,7 +103,7 @@ def _chunk_dy(c: KernelConfig):
     batch, L, LP, NC, LPR = T.dynamic("batch, L, LP, NC, LPR")
     outputs_of = chunk_y_macro(c, finite_state=True)
     gate = _gate_terms(c)
-    MIMO = R > 1  # mimo_z and mimo_o are given exactly when R > 1
+    mimo = R > 1  # mimo_z and mimo_o are given exactly when R > 1
 
     @T.prim_func
     def chunk_dy(
@@ -221,8 +221,8 @@ def _chunk_dy(c: KernelConfig):
 
             # Per-chunk partial sums of the gradients of the gate weights present (summed over chunks on the
             # host): mimo_z and mimo_o for MIMO, norm with the output norm; SISO without it has none.
-            if MIMO or c.norm:
-                if MIMO:
+            if mimo or c.norm:
+                if mimo:
                     dmz = T.alloc_fragment((R, p), F32)
                     dmo = T.alloc_fragment((R, p), F32)
                     T.clear(dmz)
@@ -232,13 +232,13 @@ def _chunk_dy(c: KernelConfig):
                     T.clear(dnw)
                 for i in T.serial(Q):
                     for r, pp in T.Parallel(R, p):
-                        if MIMO:
+                        if mimo:
                             dmz[r, pp] += gate.d_gate_input(do_s, z_s, gate_s, out_w_s, y_s, inv_s, norm_s, i * R + r, pp) * T.cast(z_s[i, pp], F32)
                             y_norm = y_s[i * R + r, pp] * inv_s[i * R + r] * norm_s[pp]
                             dmo[r, pp] += T.cast(do_s[i, pp], F32) * y_norm * gate.silu(T.cast(z_s[i, pp], F32) * gate_s[r, pp])
                         if c.norm:
                             dnw[r, pp] += gate.d_gated(do_s, z_s, gate_s, out_w_s, i * R + r, pp) * y_s[i * R + r, pp] * inv_s[i * R + r]
-                if MIMO:
+                if mimo:
                     T.copy(dmz, DGATE[b, chunk, h, 0, :, :])
                     T.copy(dmo, DGATE[b, chunk, h, 1, :, :])
                 if c.norm:

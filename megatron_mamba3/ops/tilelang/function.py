@@ -192,7 +192,8 @@ def _backward_kernels(
     x, B, C, *scalar_args = _chunk_args(launch)
 
     dout = torch.zeros_like(x) if grad_out is None else as_dtype(grad_out, x.dtype).contiguous()
-    dy, dz, gate = empty(b, H, rows * c.R, p), torch.empty_like(launch.z), empty(b, nc, H, 3, c.R, p)
+    dy, dz = empty(b, H, rows * c.R, p), torch.empty_like(launch.z)
+    gate = empty(b, nc, H, 3, c.R, p)  # chunk_dy fills the slots of the gate weights present: mimo_z, mimo_o, norm
     gc = empty(b, nc, H, c.n, p)
     kernels.chunk_dy(
         x, launch.z, B, C, *scalar_args, starts_h, launch.B_bias, launch.C_bias, launch.D, launch.mimo_x,
