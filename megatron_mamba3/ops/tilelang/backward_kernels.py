@@ -1,4 +1,4 @@
-"""The three TileLang backward kernels of the chunk-parallel scan (math in `chunk_grad`).
+"""The four TileLang backward kernels of the chunk-parallel scan (math in `chunk_grad`).
 
     chunk_dy        grid (nc, H, b): recompute y, gate backward -> dy (fp32), dz, G_c = Σ inter q dyᵀ and
                     per-chunk partial sums of the gradients of the gate weights present
@@ -8,12 +8,15 @@
                     dw_j = Σ_s k_{j,s}·(dS v_{j,s}); ∂mult_c = ⟨dS_c, h̃_c⟩; dq -> dC, C_bias partials; dθ;
                     the per-token scalar gradients ∂cs, ∂wd, ∂wo from dL = Σ_{r,s} dP ⊙ scores, dw and dinter;
                     ∂cs and dθ summed over the chunk's document pieces (`chunk_grad.PieceGrads`)
+    terms_grad      grid (nc, b): the per-token chains to ∂Δ, ∂A, ∂trap and ∂angles (`chunk_grad.token_grads`),
+                    from those piece sums, each chunk's ∂θ carry and ∂w0 (bf16 out)
 
 Queries, keys and values are rebuilt per head in shared memory exactly as in the forward. Sizes that vary
 (batch, length, chunks) are runtime sizes: one compiled set per `KernelConfig`.
 """
 
 import functools
+import math
 from typing import NamedTuple
 
 import tilelang.language as T
@@ -611,16 +614,91 @@ def _chunk_dqkv(c: KernelConfig):
     return chunk_dqkv
 
 
-MAKERS = (_chunk_dy, _state_pass_bwd, _chunk_dqkv)
+def _terms_grad(c: KernelConfig):
+    H, S, Q = c.H, c.S, c.Q
+    batch, L, LP, NC = T.dynamic("batch, L, LP, NC")
+
+    @T.prim_func
+    def terms_grad(
+        DT: T.Tensor((batch, L, H), BF16),
+        A: T.Tensor((batch, L, H), BF16),
+        TRAP: T.Tensor((batch, L, H), BF16),
+        ANG: T.Tensor((batch, L, S), BF16),
+        SEG: T.Tensor((batch, LP), "int32"),
+        DLA: T.Tensor((batch, H, LP), F32),
+        DWD: T.Tensor((batch, H, LP), F32),
+        DWO: T.Tensor((batch, H, LP), F32),
+        DTT: T.Tensor((batch, H, LP), F32),
+        DTD: T.Tensor((batch, LP, S), F64),
+        CARRY: T.Tensor((batch, NC, H, S), F32),
+        DW0: T.Tensor((batch, H), F32),
+        DDT: T.Tensor((batch, L, H), BF16),
+        DA: T.Tensor((batch, L, H), BF16),
+        DTRAP: T.Tensor((batch, L, H), BF16),
+        DANG: T.Tensor((batch, L, S), BF16),
+    ):
+        with T.Kernel(NC, batch, threads=SCAN_THREADS) as (chunk, b):
+            t0 = chunk * Q
+            last_s = T.alloc_shared((Q,), "int32")  # 1 for the tokens of the chunk's last piece
+            dt_s = T.alloc_shared((Q, H), F32)
+            tanh_s = T.alloc_shared((Q, S), F32)
+            carry_s = T.alloc_shared((H, S), F32)
+            scalars_s = T.alloc_shared((4, H, Q), F32)  # ∂(AΔ), ∂wd, ∂wo, Σ_s φ tanh: read along the tokens
+            dbeta_s = T.alloc_shared((H, Q), F32)
+
+            for i in T.Parallel(Q):
+                last_s[i] = T.if_then_else(SEG[b, t0 + i] == SEG[b, t0 + Q - 1], 1, 0)
+            for i, h in T.Parallel(Q, H):
+                dt_s[i, h] = T.if_then_else(t0 + i < L, T.cast(DT[b, t0 + i, h], F32), 0.0)
+            for i, s in T.Parallel(Q, S):
+                tanh_s[i, s] = T.if_then_else(t0 + i < L, T.tanh(T.cast(ANG[b, t0 + i, s], F32)), 0.0)
+            for h, s in T.Parallel(H, S):
+                carry_s[h, s] = CARRY[b, chunk, h, s]
+            for h, i in T.Parallel(H, Q):
+                t = t0 + i
+                before = T.max(t - 1, 0)
+                scalars_s[0, h, i] = DLA[b, h, t]
+                scalars_s[1, h, i] = DWD[b, h, t]
+                scalars_s[2, h, i] = DWO[b, h, t]
+                scalars_s[3, h, i] = DTT[b, h, t]
+                # ∂β_j = ∂wo_{j−1} (∂w0 at j = 0), 0 where j starts a document
+                dbeta_s[h, i] = T.if_then_else(
+                    t == 0, DW0[b, h], T.if_then_else(SEG[b, t] != SEG[b, before], 0.0, DWO[b, h, before])
+                )
+
+            for i, h in T.Parallel(Q, H):
+                t = t0 + i
+                if t < L:
+                    carried = sum(carry_s[h, s] * tanh_s[i, s] for s in range(S))
+                    dincr_turn = scalars_s[3, h, i] + T.if_then_else(last_s[i] != 0, carried, 0.0)
+                    dla, dt, dbeta = scalars_s[0, h, i], dt_s[i, h], dbeta_s[h, i]
+                    dgamma = scalars_s[1, h, i] + scalars_s[2, h, i] - dbeta
+                    lam = T.sigmoid(T.cast(TRAP[b, t, h], F32))
+                    ddt = dbeta + lam * dgamma + T.cast(A[b, t, h], F32) * dla + math.pi * dincr_turn
+                    DDT[b, t, h] = T.cast(ddt, BF16)
+                    DA[b, t, h] = T.cast(dla * dt, BF16)
+                    DTRAP[b, t, h] = T.cast(dt * dgamma * lam * (1.0 - lam), BF16)
+            for i, s in T.Parallel(Q, S):
+                t = t0 + i
+                if t < L:
+                    carried = sum(carry_s[h, s] * dt_s[i, h] for h in range(H))
+                    dincr_dt = T.cast(DTD[b, t, s], F32) + T.if_then_else(last_s[i] != 0, carried, 0.0)
+                    DANG[b, t, s] = T.cast(math.pi * dincr_dt * (1.0 - tanh_s[i, s] * tanh_s[i, s]), BF16)
+
+    return terms_grad
+
+
+MAKERS = (_chunk_dy, _state_pass_bwd, _chunk_dqkv, _terms_grad)
 
 
 class BackwardSet(NamedTuple):
     chunk_dy: object
     state_pass_bwd: object
     chunk_dqkv: object
+    terms_grad: object
 
 
 @functools.cache
 def backward_set(config: KernelConfig) -> BackwardSet:
-    """The three backward kernels for `config`, built once per process."""
+    """The four backward kernels for `config`, built once per process."""
     return BackwardSet(*build(config, MAKERS, "backward"))

@@ -25,6 +25,7 @@ quantities (the pieces inside `chunk_dqkv`) and share `terms_backward`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -78,7 +79,7 @@ class PieceGrads(NamedTuple):
                                     chunk's last piece
     wd, wo:       (b, l_pad, H)     as in `TermGrads`
     theta_turn:   (b, l_pad, H)     Σ_s φ_{j,s} tanh(angles_{j,s})
-    theta_dt:     (b, l_pad, S)     Σ_h φ_{j,h} Δ_{j,h}
+    theta_dt:     (b, l_pad, S)     Σ_h φ_{j,h} Δ_{j,h} (float64 as chunk_dqkv sums it over the heads)
     theta_first:  (b, nc, H, S)     φ at each chunk's first token (its first piece's sum of ∂θ)
     h_in, final:  as in `TermGrads`
     """
@@ -150,13 +151,16 @@ def terms_backward(
     terms: ChunkTerms,
     grads: PieceGrads,
     boundary: BoundaryStates,
+    per_token: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]] | None = None,
 ) -> InputGrads:
     """Push `grads` through `chunk_terms`, the per-token θ and the final state's k/v/θ, in closed form.
 
     inputs (b, l, ...), starts (b, l) bool (never at t = 0), the initial state (k_prev and v_prev are read)
     and the forward's `terms`: seg (b, l_pad) int32, mult (b, nc, H) and θ_final (b, H, S), as `chunk_terms`
-    gives them (or the kernels' launch), and its `boundary` states -> `InputGrads` (compute dtype). `grads`
-    must be the gradients of one loss (∂θ_0 uses the rotation invariance that makes them consistent, below).
+    gives them (or the kernels' launch), and its `boundary` states -> `InputGrads` (compute dtype; ∂Δ, ∂A,
+    ∂trap and ∂angles in the dtype `per_token` gives). `grads` must be the gradients of one loss (∂θ_0 uses
+    the rotation invariance that makes them consistent, below). `per_token` runs the per-token chains with
+    `token_grads`' signature (None: `token_grads` itself).
     With j a token, c its chunk and incr_j = π·tanh(angles_j)·Δ_j (b, l, H, S):
 
         cs_j = Σ_{m ≤ j in c and j's document} A_m Δ_m,  mult_c = exp(cs_last) [no start in c]:
@@ -179,9 +183,6 @@ def terms_backward(
     Q = terms.seg.shape[1] // nc
     half_split = R > 1
     dtype = grads.theta_turn.dtype  # the compute dtype
-    dt, A, trap = (as_dtype(t, dtype) for t in (inputs.dt, inputs.A, inputs.trap))
-    lam = torch.sigmoid(trap)
-    tokens = lambda t: t if t.shape[1] == length else t[:, :length]  # noqa: E731  (b, l_pad, ...) -> (b, l, ...)
 
     # The final key's gradients: ∂u = rot(−θ_final) ∂k for the unrotated u, and ∂θ from each pair of u
     # (rotations keep the pairs' cross products).
@@ -196,7 +197,7 @@ def terms_backward(
     # ∂θ's carry_c is what the document of chunk c's last piece gathers after c, the first pieces of the
     # later chunks it reaches (∂θ_final past the last chunk): a float64 difference of running sums over
     # (b, nc + 1, H, S) slots, exactly 0 where that document ends in c. ∂incr_j = φ_j + carry_c in c's last
-    # piece, contracted here with tanh(angles) and Δ as `grads` holds φ's.
+    # piece, contracted with tanh(angles) and Δ as `grads` holds φ's (`token_grads`).
     first = grads.theta_first
     if dtheta_final is None:
         reaches = F.pad(first.double(), (0, 0, 0, 0, 1, 1))
@@ -207,13 +208,7 @@ def terms_backward(
     keys = torch.cat((seg_chunks[:, :, 0], terms.seg[:, -1:]), dim=1)  # each slot's document, (b, nc + 1)
     past = torch.searchsorted(keys, seg_chunks[:, :, -1].contiguous(), right=True)  # after the last slot reached
     carry = (reaches.take_along_dim(past.view(b, nc, 1, 1), dim=1) - reaches[:, 1:-1]).to(dtype)  # (b, nc, H, S)
-    last_piece = last_document(seg_chunks)[..., None]  # (b, nc, Q, 1)
-    turn = to_chunks(torch.tanh(inputs.angles.double()), nc, Q, dtype)  # (b, nc, Q, S)
-    carried = lambda t: torch.where(last_piece, t, 0).flatten(1, 2)  # noqa: E731
-    dincr_turn = grads.theta_turn + carried(torch.einsum("bchs,bcqs->bcqh", carry, turn))  # Σ_s ∂incr tanh
-    dincr_dt = grads.theta_dt + carried(torch.einsum("bchs,bcqh->bcqs", carry, to_chunks(dt, nc, Q, dtype)))
-    dlog_alpha = tokens(grads.log_alpha)  # ∂(AΔ) (b, l, H)
-    dangles = torch.ops.aten.tanh_backward(math.pi * tokens(dincr_dt), tokens(turn.flatten(1, 2)))
+
     # θ_0 by rotation invariance: turning θ_0 and h̃_0 together by ε (per pair) leaves every output as it is
     # and turns the final h, key and θ by ε where the first document reaches the end, so
     # ∂θ_0 = [it reaches] (∂θ_final + ⟨∂k, J k⟩ + ⟨∂h, J h⟩) − ⟨∂h̃_0, J h̃_0⟩ (J: a quarter turn of each pair,
@@ -230,8 +225,8 @@ def terms_backward(
     k_prev, v_prev = as_dtype(state.k_prev, dtype), as_dtype(state.v_prev, dtype)
     mimo_x = None if weights.mimo_x is None else as_dtype(weights.mimo_x, dtype)
     values = rank_values(v_prev, mimo_x)  # (b, R, H, p)
-    dt_0 = dt[:, 0]
-    w0 = torch.addcmul(dt_0, lam[:, 0], dt_0, value=-1).view(b, 1, H, 1)
+    dt_0 = as_dtype(inputs.dt[:, 0], dtype)
+    w0 = torch.addcmul(dt_0, torch.sigmoid(as_dtype(inputs.trap[:, 0], dtype)), dt_0, value=-1).view(b, 1, H, 1)
     dweighted = torch.einsum("bhpn,brhn->brhp", grads.h_in, k_prev)
     dw0 = (dweighted * values).sum(dim=(1, 3))  # (b, H)
     dvalues = dweighted * w0
@@ -242,6 +237,44 @@ def terms_backward(
         dv_prev = (dvalues * mimo_x.transpose(0, 1)).sum(dim=1)
         dmimo_x = torch.einsum("brhp,bhp->hrp", dvalues, v_prev)
 
+    ddt, dA, dtrap, dangles = (per_token or token_grads)(inputs, starts, terms.seg, grads, carry, dw0)
+    no_key = dkey is None
+    return InputGrads(
+        ddt, dA, dtrap, dangles, Mamba3State(grads.h_in, dk_prev, dv_prev, dtheta_0),
+        None if no_key else dkey.unflatten(2, (G, H // G)).sum(dim=3), final.v_prev,
+        None if no_key else dkey.sum(dim=0).transpose(0, 1), dmimo_x,
+    )
+
+
+def token_grads(
+    inputs: Mamba3Inputs, starts: Tensor, seg: Tensor, grads: PieceGrads, carry: Tensor, dw0: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The per-token chains of `terms_backward` in PyTorch (the TileLang backend runs them in its `terms_grad`
+    kernel): (∂Δ, ∂A, ∂trap (b, l, H), ∂angles (b, l, S)) in the compute dtype.
+
+    inputs (b, l, ...), starts (b, l) bool, seg (b, l_pad) int32, the piece sums `grads`, carry (b, nc, H, S):
+    what the document of each chunk's last piece gathers of ∂θ after the chunk, and ∂w0 (b, H). With λ = sigmoid(trap):
+
+        ∂incr_j = φ_j + [j in its chunk's last piece] carry_c     (contracted with tanh(angles) and with Δ)
+        ∂β_j = ∂wo_{j−1} (∂w0 at j = 0), 0 where j starts a document; ∂γ_j = ∂wd_j + ∂wo_j − ∂β_j
+        ∂Δ = ∂β + λ ∂γ + A ∂(AΔ) + π Σ_s ∂incr tanh,  ∂A = ∂(AΔ) Δ,  ∂trap = Δ ∂γ λ(1 − λ),
+        ∂angles = π Σ_h ∂incr Δ (1 − tanh²)
+    """
+    b, length, H = inputs.dt.shape
+    nc = carry.shape[1]
+    Q = seg.shape[1] // nc
+    dtype = grads.theta_turn.dtype  # the compute dtype
+    dt, A, trap = (as_dtype(t, dtype) for t in (inputs.dt, inputs.A, inputs.trap))
+    lam = torch.sigmoid(trap)
+    tokens = lambda t: t if t.shape[1] == length else t[:, :length]  # noqa: E731  (b, l_pad, ...) -> (b, l, ...)
+    last_piece = last_document(seg.view(b, nc, Q))[..., None]  # (b, nc, Q, 1)
+    turn = to_chunks(torch.tanh(inputs.angles.double()), nc, Q, dtype)  # (b, nc, Q, S)
+    carried = lambda t: torch.where(last_piece, t, 0).flatten(1, 2)  # noqa: E731
+    dincr_turn = grads.theta_turn + carried(torch.einsum("bchs,bcqs->bcqh", carry, turn))  # Σ_s ∂incr tanh
+    dincr_dt = grads.theta_dt + carried(torch.einsum("bchs,bcqh->bcqs", carry, to_chunks(dt, nc, Q, dtype)))
+    dlog_alpha = tokens(grads.log_alpha)  # ∂(AΔ) (b, l, H)
+    dangles = torch.ops.aten.tanh_backward(math.pi * tokens(dincr_dt), tokens(turn.flatten(1, 2)))
+
     # λ, Δ: ∂((1 − λ_j)Δ_j) is ∂wo_{j−1} (∂w0 at j = 0), none where j starts a document.
     dwd, dwo = tokens(grads.wd), tokens(grads.wo)
     dbeta = torch.cat((dw0[:, None], dwo[:, :-1]), dim=1).masked_fill_(starts[..., None], 0)
@@ -249,13 +282,7 @@ def terms_backward(
     dtrap = torch.ops.aten.sigmoid_backward(dt * dgamma, lam)
     ddt = torch.addcmul(dbeta, lam, dgamma).addcmul_(A, dlog_alpha)
     ddt = ddt.add_(tokens(dincr_turn), alpha=math.pi)
-
-    no_key = dkey is None
-    return InputGrads(
-        ddt, dlog_alpha * dt, dtrap, dangles, Mamba3State(grads.h_in, dk_prev, dv_prev, dtheta_0),
-        None if no_key else dkey.unflatten(2, (G, H // G)).sum(dim=3), final.v_prev,
-        None if no_key else dkey.sum(dim=0).transpose(0, 1), dmimo_x,
-    )
+    return ddt, dlog_alpha * dt, dtrap, dangles
 
 
 def pair_cross(grad: Tensor, value: Tensor, S: int, half_split: bool) -> Tensor:

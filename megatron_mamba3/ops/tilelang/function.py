@@ -3,8 +3,8 @@
 Forward: the `chunk_prep` kernel and a few small PyTorch ops for the per-token and per-chunk terms of
 `chunk_terms`, then the three kernels of the scan.
 Backward: the three backward kernels for the per-chunk work, on the forward's chunk starts h̃_c (saved,
-bf16), and `terms_backward` for the scalar chains (math: `chunk_grad`); gradients of every input, weight
-and the initial state.
+bf16), and `terms_backward` for the scalar chains (math: `chunk_grad`) with its per-token part in the
+`terms_grad` kernel; gradients of every input, weight and the initial state.
 """
 
 from __future__ import annotations
@@ -221,18 +221,17 @@ def _backward_kernels(
     dlog_alpha, dwd, dwo = spent.scalars.transpose(2, 3).unbind(0)  # per token, (b, l_pad, H)
     final = Mamba3State(*(None if g is None else as_dtype(g, torch.float32) for g in grad_final))
     pieces = PieceGrads(
-        dlog_alpha, dwd, dwo, theta_turn.transpose(1, 2), theta_dt.float(), spent.theta_start,
-        dh_in.transpose(-1, -2), final,
+        dlog_alpha, dwd, dwo, theta_turn.transpose(1, 2), theta_dt, spent.theta_start, dh_in.transpose(-1, -2), final
     )
     boundary = BoundaryStates(
         launch.h_in.transpose(-1, -2), None if grad_final.h is None else finite_values(h_final)
     )
-    rest = terms_backward(inputs, weights, starts, state, launch, pieces, boundary)
-    dB, dC = dB.float(), dC.float()
+    rest = terms_backward(inputs, weights, starts, state, launch, pieces, boundary, _terms_grad_kernel(kernels, launch))
     if rest.x_last is not None:
         dx.select(1, -1).add_(rest.x_last)
     if rest.B_last is not None:
         dB.select(1, -1).add_(rest.B_last)
+    dB, dC = as_dtype(dB, inputs.B.dtype), as_dtype(dC, inputs.C.dtype)  # straight from the float64 sums
     chunk_sum = lambda t: t.sum(dim=(0, 1))  # noqa: E731
     grads_inputs = Mamba3Inputs(dx, dz, dB, dC, rest.dt, rest.A, rest.trap, rest.angles)
     mimo = weights.mimo_x is not None
@@ -246,6 +245,24 @@ def _backward_kernels(
         chunk_sum(gate_norm).sum(dim=1).reshape(H * p) if weights.norm is not None else None,
     )
     return grads_inputs, grads_weights, rest.state
+
+
+def _terms_grad_kernel(kernels, launch: _Launch):
+    """`chunk_grad.token_grads` as the `terms_grad` kernel runs it on the backward's finite inputs: the
+    piece sums as chunk_dqkv wrote them ((b, H, l_pad) fp32 buffers, Σ_h φ Δ float64) -> bf16 gradients."""
+
+    def per_token(inputs: Mamba3Inputs, starts: Tensor, seg: Tensor, grads: PieceGrads, carry: Tensor, dw0: Tensor):
+        del starts  # the kernel reads the document starts from seg
+        ddt, dA, dtrap = (torch.empty_like(launch.dt) for _ in range(3))
+        dangles = torch.empty_like(launch.angles)
+        per_head = (g.transpose(1, 2) for g in (grads.log_alpha, grads.wd, grads.wo, grads.theta_turn))
+        kernels.terms_grad(
+            launch.dt, inputs.A.contiguous(), inputs.trap.contiguous(), launch.angles, seg, *per_head,
+            grads.theta_dt, carry, dw0, ddt, dA, dtrap, dangles,
+        )
+        return ddt, dA, dtrap, dangles
+
+    return per_token
 
 
 def kernel_terms(config, inputs: Mamba3Inputs, mimo_x: Tensor, starts: Tensor, state: Mamba3State):
