@@ -1,4 +1,4 @@
-"""The four TileLang backward kernels of the chunk-parallel scan (math in `chunk_grad`).
+"""The five TileLang backward kernels of the chunk-parallel scan (math in `chunk_grad`).
 
     chunk_dy        grid (nc, H, b): recompute y, gate backward -> dy (fp32), dz, G_c = Σ inter q dyᵀ and
                     per-chunk partial sums of the gradients of the gate weights present
@@ -10,6 +10,8 @@
                     ∂cs and dθ summed over the chunk's document pieces (`chunk_grad.PieceGrads`)
     terms_grad      grid (nc, b): the per-token chains to ∂Δ, ∂A, ∂trap and ∂angles (`chunk_grad.token_grads`),
                     from those piece sums, each chunk's ∂θ carry and ∂w0 (bf16 out)
+    initial_grad    grid (H, b): the initial state's part (`chunk_grad.initial_state_grads`): ∂k_prev, ∂v_prev,
+                    ∂w0, per-row ∂mimo_x and h̃_0's term of ∂θ_0 from ∂h̃_0
 
 Queries, keys and values are rebuilt per head in shared memory exactly as in the forward. Sizes that vary
 (batch, length, chunks) are runtime sizes: one compiled set per `KernelConfig`.
@@ -688,7 +690,78 @@ def _terms_grad(c: KernelConfig):
     return terms_grad
 
 
-MAKERS = (_chunk_dy, _state_pass_bwd, _chunk_dqkv, _terms_grad)
+def _initial_grad(c: KernelConfig):
+    H, p, n, R, S = c.H, c.p, c.n, c.R, c.S
+    batch, L = T.dynamic("batch, L")
+
+    @T.prim_func
+    def initial_grad(
+        DH0: T.Tensor((batch, H, n, p), F32),
+        H_IN: T.Tensor((batch, H, n, p), F32),
+        K_PREV: T.Tensor((batch, R, H, n), F32),
+        V_PREV: T.Tensor((batch, H, p), F32),
+        MIMO_X: T.Tensor((H, R, p), F32),
+        DT: T.Tensor((batch, L, H), BF16),
+        TRAP: T.Tensor((batch, L, H), BF16),
+        DK_PREV: T.Tensor((batch, R, H, n), F32),
+        DV_PREV: T.Tensor((batch, H, p), F32),
+        DMIMO_X: T.Tensor((batch, H, R, p), F32),
+        DW0: T.Tensor((batch, H), F32),
+        DTHETA0: T.Tensor((batch, H, S), F32),
+    ):
+        with T.Kernel(H, batch, threads=SCAN_THREADS) as (h, b):
+            dh_s = T.alloc_shared((n, p + 1), F32)  # + 1: the reads down a column fall in distinct banks
+            k_s = T.alloc_shared((R, n), F32)
+            values_s = T.alloc_shared((R, p), F32)
+            dweighted = T.alloc_fragment((R, p), F32)  # ∂(w0 v_r) / w0 = ∂h̃_0 k_prev,r
+            dkey = T.alloc_fragment((R, n), F32)
+            dtheta = T.alloc_fragment((S,), F32)
+            products = T.alloc_fragment((R, p), F32)
+            rank_sums = T.alloc_fragment((R,), F32)
+            dvalues_s = T.alloc_shared((R, p), F32)  # ∂v_prev's terms per rank, before the sum over ranks
+            rank_s = T.alloc_shared((R,), F32)  # ∂w0's terms per rank
+
+            for i, pp in T.Parallel(n, p):
+                dh_s[i, pp] = DH0[b, h, i, pp]
+            for r, i in T.Parallel(R, n):
+                k_s[r, i] = K_PREV[b, r, h, i]
+            for r, pp in T.Parallel(R, p):
+                values_s[r, pp] = V_PREV[b, h, pp] * MIMO_X[h, r, pp]
+            dt_0 = T.cast(DT[b, 0, h], F32)
+            w0 = dt_0 - T.sigmoid(T.cast(TRAP[b, 0, h], F32)) * dt_0
+
+            T.clear(dweighted)
+            T.clear(dkey)
+            T.clear(dtheta)
+            for i in T.serial(n):
+                for r, pp in T.Parallel(R, p):
+                    dweighted[r, pp] += dh_s[i, pp] * k_s[r, i]
+            for pp in T.serial(p):
+                for r, i in T.Parallel(R, n):
+                    dkey[r, i] += dh_s[i, pp] * values_s[r, pp]
+                for s in T.Parallel(S):  # h̃_0's term of ∂θ_0: −⟨∂h̃_0, J h̃_0⟩ over each rotated pair
+                    first, second = pair_indices(s, n, R > 1)
+                    dtheta[s] += dh_s[first, pp] * H_IN[b, h, second, pp] - dh_s[second, pp] * H_IN[b, h, first, pp]
+
+            for r, pp in T.Parallel(R, p):
+                products[r, pp] = dweighted[r, pp] * values_s[r, pp]
+                DMIMO_X[b, h, r, pp] = w0 * dweighted[r, pp] * V_PREV[b, h, pp]
+                dvalues_s[r, pp] = dweighted[r, pp] * MIMO_X[h, r, pp]
+            for pp in T.Parallel(p):
+                DV_PREV[b, h, pp] = w0 * sum(dvalues_s[r, pp] for r in range(R))
+            for r, i in T.Parallel(R, n):
+                DK_PREV[b, r, h, i] = w0 * dkey[r, i]
+            for s in T.Parallel(S):
+                DTHETA0[b, h, s] = dtheta[s]
+            T.reduce_sum(products, rank_sums, dim=1)
+            for r in T.Parallel(R):
+                rank_s[r] = rank_sums[r]
+            DW0[b, h] = sum(rank_s[r] for r in range(R))
+
+    return initial_grad
+
+
+MAKERS = (_chunk_dy, _state_pass_bwd, _chunk_dqkv, _terms_grad, _initial_grad)
 
 
 class BackwardSet(NamedTuple):
@@ -696,9 +769,10 @@ class BackwardSet(NamedTuple):
     state_pass_bwd: object
     chunk_dqkv: object
     terms_grad: object
+    initial_grad: object
 
 
 @functools.cache
 def backward_set(config: KernelConfig) -> BackwardSet:
-    """The four backward kernels for `config`, built once per process."""
+    """The five backward kernels for `config`, built once per process."""
     return BackwardSet(*build(config, MAKERS, "backward"))

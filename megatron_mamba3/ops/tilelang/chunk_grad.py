@@ -143,6 +143,14 @@ class InputGrads(NamedTuple):
     mimo_x: Tensor | None
 
 
+class TermParts(NamedTuple):
+    """The parts of `terms_backward` a backend may run in its own kernels, with the signatures of
+    `initial_state_grads` and `token_grads`."""
+
+    initial_state: Callable[..., tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]]
+    per_token: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]]
+
+
 def terms_backward(
     inputs: Mamba3Inputs,
     weights: Mamba3Weights,
@@ -151,16 +159,16 @@ def terms_backward(
     terms: ChunkTerms,
     grads: PieceGrads,
     boundary: BoundaryStates,
-    per_token: Callable[..., tuple[Tensor, Tensor, Tensor, Tensor]] | None = None,
+    parts: TermParts | None = None,
 ) -> InputGrads:
     """Push `grads` through `chunk_terms`, the per-token θ and the final state's k/v/θ, in closed form.
 
     inputs (b, l, ...), starts (b, l) bool (never at t = 0), the initial state (k_prev and v_prev are read)
     and the forward's `terms`: seg (b, l_pad) int32, mult (b, nc, H) and θ_final (b, H, S), as `chunk_terms`
     gives them (or the kernels' launch), and its `boundary` states -> `InputGrads` (compute dtype; ∂Δ, ∂A,
-    ∂trap and ∂angles in the dtype `per_token` gives). `grads` must be the gradients of one loss (∂θ_0 uses
-    the rotation invariance that makes them consistent, below). `per_token` runs the per-token chains with
-    `token_grads`' signature (None: `token_grads` itself).
+    ∂trap and ∂angles in the dtype `parts.per_token` gives). `grads` must be the gradients of one loss (∂θ_0
+    uses the rotation invariance that makes them consistent, below). `parts` runs the initial state's and
+    the per-token parts (None: `initial_state_grads` and `token_grads`, in PyTorch).
     With j a token, c its chunk and incr_j = π·tanh(angles_j)·Δ_j (b, l, H, S):
 
         cs_j = Σ_{m ≤ j in c and j's document} A_m Δ_m,  mult_c = exp(cs_last) [no start in c]:
@@ -176,8 +184,8 @@ def terms_backward(
               grows with a running sum over the whole sequence
         final state: k_prev = rot(θ_final, B_last + B_bias per head), v_prev = x_last
     """
-    b, length, H = inputs.dt.shape
-    R, G, n = inputs.B.shape[2:]
+    b, _, H = inputs.dt.shape
+    R, G = inputs.B.shape[2:4]
     S = inputs.angles.shape[-1]
     nc = terms.mult.shape[1]
     Q = terms.seg.shape[1] // nc
@@ -217,33 +225,48 @@ def terms_backward(
     if final.h is not None:
         turn_h = pair_cross(final.h, boundary.h_final, S, half_split).sum(dim=2)
         ends = turn_h if ends is None else ends + turn_h
-    dtheta_0 = -pair_cross(grads.h_in, boundary.h_in, S, half_split).sum(dim=2)
+    parts = parts or TermParts(initial_state_grads, token_grads)
+    dk_prev, dv_prev, dmimo_x, dw0, dtheta_0 = parts.initial_state(inputs, weights, state, grads.h_in, boundary.h_in)
     if ends is not None:
         dtheta_0 = dtheta_0 + torch.where((terms.seg[:, -1] == 0)[:, None, None], ends, 0)
 
-    # h̃_0: ∂(w0 v_r) = ∂h̃_0 k_prev,r,  ∂k_prev,r = w0 ∂h̃_0ᵀ v_r,  ∂w0 = Σ_r ⟨v_r, ∂h̃_0 k_prev,r⟩
-    k_prev, v_prev = as_dtype(state.k_prev, dtype), as_dtype(state.v_prev, dtype)
-    mimo_x = None if weights.mimo_x is None else as_dtype(weights.mimo_x, dtype)
-    values = rank_values(v_prev, mimo_x)  # (b, R, H, p)
-    dt_0 = as_dtype(inputs.dt[:, 0], dtype)
-    w0 = torch.addcmul(dt_0, torch.sigmoid(as_dtype(inputs.trap[:, 0], dtype)), dt_0, value=-1).view(b, 1, H, 1)
-    dweighted = torch.einsum("bhpn,brhn->brhp", grads.h_in, k_prev)
-    dw0 = (dweighted * values).sum(dim=(1, 3))  # (b, H)
-    dvalues = dweighted * w0
-    dk_prev = torch.einsum("bhpn,brhp->brhn", grads.h_in, values * w0)
-    if mimo_x is None:
-        dv_prev, dmimo_x = dvalues[:, 0], None
-    else:
-        dv_prev = (dvalues * mimo_x.transpose(0, 1)).sum(dim=1)
-        dmimo_x = torch.einsum("brhp,bhp->hrp", dvalues, v_prev)
-
-    ddt, dA, dtrap, dangles = (per_token or token_grads)(inputs, starts, terms.seg, grads, carry, dw0)
+    ddt, dA, dtrap, dangles = parts.per_token(inputs, starts, terms.seg, grads, carry, dw0)
     no_key = dkey is None
     return InputGrads(
         ddt, dA, dtrap, dangles, Mamba3State(grads.h_in, dk_prev, dv_prev, dtheta_0),
         None if no_key else dkey.unflatten(2, (G, H // G)).sum(dim=3), final.v_prev,
         None if no_key else dkey.sum(dim=0).transpose(0, 1), dmimo_x,
     )
+
+
+def initial_state_grads(
+    inputs: Mamba3Inputs, weights: Mamba3Weights, state: Mamba3State, dh_in: Tensor, h_in: Tensor
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor, Tensor]:
+    """The initial state's part of `terms_backward` in PyTorch (the TileLang backend runs it in its
+    `initial_grad` kernel): (∂k_prev (b, R, H, n), ∂v_prev (b, H, p), ∂mimo_x (H, R, p) or None for SISO,
+    ∂w0 (b, H), h̃_0's term of ∂θ_0 (b, H, S)) in the dtype of dh_in, from ∂h̃_0 = dh_in and h̃_0 = h_in
+    (b, H, p, n). With w0 = (1 − λ_0)Δ_0 and v_r = v_prev ⊙ mimo_x_r:
+
+        ∂(w0 v_r) = ∂h̃_0 k_prev,r,  ∂k_prev,r = w0 ∂h̃_0ᵀ v_r,  ∂w0 = Σ_r ⟨v_r, ∂h̃_0 k_prev,r⟩,
+        h̃_0's term of ∂θ_0 = −⟨∂h̃_0, J h̃_0⟩ (`pair_cross`; `terms_backward` adds the final state's)
+    """
+    b, _, H = inputs.dt.shape
+    R, S = inputs.B.shape[2], inputs.angles.shape[-1]
+    dtype = dh_in.dtype
+    dtheta_0 = -pair_cross(dh_in, h_in, S, R > 1).sum(dim=2)
+    k_prev, v_prev = as_dtype(state.k_prev, dtype), as_dtype(state.v_prev, dtype)
+    mimo_x = None if weights.mimo_x is None else as_dtype(weights.mimo_x, dtype)
+    values = rank_values(v_prev, mimo_x)  # (b, R, H, p)
+    dt_0 = as_dtype(inputs.dt[:, 0], dtype)
+    w0 = torch.addcmul(dt_0, torch.sigmoid(as_dtype(inputs.trap[:, 0], dtype)), dt_0, value=-1).view(b, 1, H, 1)
+    dweighted = torch.einsum("bhpn,brhn->brhp", dh_in, k_prev)
+    dw0 = (dweighted * values).sum(dim=(1, 3))  # (b, H)
+    dvalues = dweighted * w0
+    dk_prev = torch.einsum("bhpn,brhp->brhn", dh_in, values * w0)
+    if mimo_x is None:
+        return dk_prev, dvalues[:, 0], None, dw0, dtheta_0
+    dv_prev = (dvalues * mimo_x.transpose(0, 1)).sum(dim=1)
+    return dk_prev, dv_prev, torch.einsum("brhp,bhp->hrp", dvalues, v_prev), dw0, dtheta_0
 
 
 def token_grads(
@@ -253,7 +276,8 @@ def token_grads(
     kernel): (∂Δ, ∂A, ∂trap (b, l, H), ∂angles (b, l, S)) in the compute dtype.
 
     inputs (b, l, ...), starts (b, l) bool, seg (b, l_pad) int32, the piece sums `grads`, carry (b, nc, H, S):
-    what the document of each chunk's last piece gathers of ∂θ after the chunk, and ∂w0 (b, H). With λ = sigmoid(trap):
+    what the document of each chunk's last piece gathers of ∂θ after the chunk, and ∂w0 (b, H). With
+    λ = sigmoid(trap):
 
         ∂incr_j = φ_j + [j in its chunk's last piece] carry_c     (contracted with tanh(angles) and with Δ)
         ∂β_j = ∂wo_{j−1} (∂w0 at j = 0), 0 where j starts a document; ∂γ_j = ∂wd_j + ∂wo_j − ∂β_j

@@ -3,8 +3,8 @@
 Forward: the `chunk_prep` kernel and a few small PyTorch ops for the per-token and per-chunk terms of
 `chunk_terms`, then the three kernels of the scan.
 Backward: the three backward kernels for the per-chunk work, on the forward's chunk starts h̃_c (saved,
-bf16), and `terms_backward` for the scalar chains (math: `chunk_grad`) with its per-token part in the
-`terms_grad` kernel; gradients of every input, weight and the initial state.
+bf16), and `terms_backward` for the scalar chains (math: `chunk_grad`) with its initial-state and per-token
+parts in the `initial_grad` and `terms_grad` kernels; gradients of every input, weight and the initial state.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from megatron_mamba3.ops.interface import Mamba3Inputs, Mamba3State, Mamba3Weights, read_dims
-from megatron_mamba3.ops.tilelang.chunk_grad import BoundaryStates, PieceGrads, terms_backward
+from megatron_mamba3.ops.tilelang.chunk_grad import BoundaryStates, PieceGrads, TermParts, terms_backward
 from megatron_mamba3.ops.tilelang.chunk_math import as_dtype, chunk_count
 from megatron_mamba3.ops.toolkit.finite import finite_values
 from megatron_mamba3.ops.toolkit.packing import run_packed
@@ -226,7 +226,8 @@ def _backward_kernels(
     boundary = BoundaryStates(
         launch.h_in.transpose(-1, -2), None if grad_final.h is None else finite_values(h_final)
     )
-    rest = terms_backward(inputs, weights, starts, state, launch, pieces, boundary, _terms_grad_kernel(kernels, launch))
+    parts = TermParts(_initial_grad_kernel(kernels, launch), _terms_grad_kernel(kernels, launch))
+    rest = terms_backward(inputs, weights, starts, state, launch, pieces, boundary, parts)
     if rest.x_last is not None:
         dx.select(1, -1).add_(rest.x_last)
     if rest.B_last is not None:
@@ -245,6 +246,26 @@ def _backward_kernels(
         chunk_sum(gate_norm).sum(dim=1).reshape(H * p) if weights.norm is not None else None,
     )
     return grads_inputs, grads_weights, rest.state
+
+
+def _initial_grad_kernel(kernels, launch: _Launch):
+    """`chunk_grad.initial_state_grads` as the `initial_grad` kernel runs it on the backward's finite inputs
+    and state; ∂h̃_0 and h̃_0 come as (b, H, p, n) views of the kernels' (b, H, n, p) buffers."""
+
+    def initial_state(inputs: Mamba3Inputs, weights: Mamba3Weights, state: Mamba3State, dh_in: Tensor, h_in: Tensor):
+        b, H, p, n = dh_in.shape
+        R, S = launch.config.R, launch.config.S
+        empty = lambda *shape: torch.empty(shape, device=dh_in.device, dtype=torch.float32)  # noqa: E731
+        dk_prev, dv_prev, dmimo_x = empty(b, R, H, n), empty(b, H, p), empty(b, H, R, p)
+        dw0, dtheta_0 = empty(b, H), empty(b, H, S)
+        k_prev, v_prev = (as_dtype(t, torch.float32).contiguous() for t in (state.k_prev, state.v_prev))
+        kernels.initial_grad(
+            dh_in.transpose(-1, -2), h_in.transpose(-1, -2), k_prev, v_prev, launch.mimo_x, launch.dt,
+            inputs.trap.contiguous(), dk_prev, dv_prev, dmimo_x, dw0, dtheta_0,
+        )
+        return dk_prev, dv_prev, None if weights.mimo_x is None else dmimo_x.sum(dim=0), dw0, dtheta_0
+
+    return initial_state
 
 
 def _terms_grad_kernel(kernels, launch: _Launch):
