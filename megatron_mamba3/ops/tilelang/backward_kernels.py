@@ -364,7 +364,7 @@ def _chunk_dqkv(c: KernelConfig):
         C_BIAS: T.Tensor((H, R, n), F32),
         D: T.Tensor((H,), F32),
         MIMO_X: T.Tensor((H, R, p), F32),
-        DX: T.Tensor((batch, L, H, p), F32),
+        DX: T.Tensor((batch, L, H, p), BF16),
         DB: T.Tensor((batch, L, R, G, n), F64),
         DC: T.Tensor((batch, L, R, G, n), F64),
         DB_BIAS: T.Tensor((batch, NC, H, R, n), F32),
@@ -512,13 +512,13 @@ def _chunk_dqkv(c: KernelConfig):
             if R == 1:
                 for i, pp in T.Parallel(Q, p):
                     if t0 + i < L:
-                        DX[b, t0 + i, h, pp] = dv[i, pp] * mx_s[0, pp]
+                        DX[b, t0 + i, h, pp] = T.cast(dv[i, pp] * mx_s[0, pp], BF16)
             else:  # dx and ∂mimo_x sum over a token's R rows: through shared memory
                 dv_s = T.alloc_shared((QR, p), F32)
                 T.copy(dv, dv_s)
                 for i, pp in T.Parallel(Q, p):
                     if t0 + i < L:
-                        DX[b, t0 + i, h, pp] = sum(dv_s[i * R + r, pp] * mx_s[r, pp] for r in range(R))
+                        DX[b, t0 + i, h, pp] = T.cast(sum(dv_s[i * R + r, pp] * mx_s[r, pp] for r in range(R)), BF16)
                 T.clear(dmx)
                 for i in T.serial(Q):
                     for r, pp in T.Parallel(R, p):

@@ -208,7 +208,7 @@ def _backward_kernels(
 
     # dB, dC: float64 sums over a group's heads (atomic adds; see backward_kernels.scatter).
     head_sum = lambda: torch.zeros(b, length, c.R, c.G, c.n, device=x.device, dtype=torch.float64)  # noqa: E731
-    dx, dB, dC = empty(b, length, H, p), head_sum(), head_sum()
+    dx, dB, dC = torch.empty_like(x), head_sum(), head_sum()  # dx in x's dtype: the kernel rounds it once
     dB_bias, dC_bias, dmimo_x = empty(b, nc, H, c.R, c.n), empty(b, nc, H, c.R, c.n), empty(b, nc, H, c.R, p)
     dD, theta_turn = empty(b, H, rows * c.R), empty(b, H, rows)
     theta_dt = torch.zeros(b, rows, c.S, device=x.device, dtype=torch.float64)  # float64 sums over the heads
