@@ -644,9 +644,10 @@ def _terms_grad(c: KernelConfig):
             last_s = T.alloc_shared((Q,), "int32")  # 1 for the tokens of the chunk's last piece
             dt_s = T.alloc_shared((Q, H), F32)
             tanh_s = T.alloc_shared((Q, S), F32)
-            carry_s = T.alloc_shared((H, S), F32)
-            scalars_s = T.alloc_shared((4, H, Q), F32)  # ∂(AΔ), ∂wd, ∂wo, Σ_s φ tanh: read along the tokens
-            dbeta_s = T.alloc_shared((H, Q), F32)
+            # (+ 1: the per-(token, head) loop reads these down a column, whose entries then fall in distinct banks)
+            carry_s = T.alloc_shared((H, S + 1), F32)
+            scalars_s = T.alloc_shared((4, H, Q + 1), F32)  # ∂(AΔ), ∂wd, ∂wo, Σ_s φ tanh: written along the tokens
+            dbeta_s = T.alloc_shared((H, Q + 1), F32)
 
             for i in T.Parallel(Q):
                 last_s[i] = T.if_then_else(SEG[b, t0 + i] == SEG[b, t0 + Q - 1], 1, 0)
