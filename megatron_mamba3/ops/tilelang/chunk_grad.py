@@ -15,11 +15,13 @@ Given the output gradient dout and the final state's gradient, per head (notatio
                    token on; ∂θ's sums contracted with tanh(angles) and with Δ (`piece_grads`)
     terms          those sums, ∂wd, ∂wo, dh̃_0 and the final state's (k, v, θ) gradients flow to Δ, A,
                    trap, angles and the initial state through `chunk_terms` (`terms_backward`:
-                   closed-form gradients, a few dozen (b, l, H)-sized PyTorch ops, no autograd)
+                   closed-form gradients, no autograd; its initial-state and per-token parts are
+                   `initial_state_grads` and `token_grads`)
 
 `chunked_backward` runs all of it in PyTorch (the kernels' math, tested against autograd of
 `chunked_parallel` and the fp64 oracle); the TileLang backward kernels compute the same per-chunk
-quantities (the pieces inside `chunk_dqkv`) and share `terms_backward`.
+quantities (the pieces inside `chunk_dqkv`) and share `terms_backward`, with its two parts in their own
+kernels (`TermParts`).
 """
 
 from __future__ import annotations
@@ -79,7 +81,7 @@ class PieceGrads(NamedTuple):
                                     chunk's last piece
     wd, wo:       (b, l_pad, H)     as in `TermGrads`
     theta_turn:   (b, l_pad, H)     Σ_s φ_{j,s} tanh(angles_{j,s})
-    theta_dt:     (b, l_pad, S)     Σ_h φ_{j,h} Δ_{j,h} (float64 as chunk_dqkv sums it over the heads)
+    theta_dt:     (b, l_pad, S)     Σ_h φ_{j,h} Δ_{j,h} (float64 where chunk_dqkv sums it over the heads)
     theta_first:  (b, nc, H, S)     φ at each chunk's first token (its first piece's sum of ∂θ)
     h_in, final:  as in `TermGrads`
     """
