@@ -11,6 +11,7 @@ from megatron_mamba3.config import Mamba3Config
 from megatron_mamba3.module import Mamba3
 from megatron_mamba3.ops import (
     Mamba3Inputs,
+    Mamba3Prep,
     Mamba3State,
     Mamba3Weights,
     mamba3_decode,
@@ -38,6 +39,7 @@ __all__ = [
     "Mamba3Mixer",
     "Mamba3MixerSubmodules",
     "Mamba3Inputs",
+    "Mamba3Prep",
     "Mamba3State",
     "Mamba3Weights",
     "Receipt",

@@ -36,6 +36,7 @@ from megatron_mamba3.ops.interface import (
     Mamba3Inputs,
     Mamba3State,
     Mamba3Weights,
+    check_prep,
     check_state,
     compute_dtype,
     scan_dims,
@@ -43,6 +44,7 @@ from megatron_mamba3.ops.interface import (
 from megatron_mamba3.ops.scan import mamba3_scan
 from megatron_mamba3.ops.segments import document_starts, segment_ids_from_cu_seqlens
 from megatron_mamba3.ops.toolkit.heads import state_with_incoming
+from megatron_mamba3.ops.toolkit.prep import apply_prep
 from megatron_mamba3.ops.toolkit.rotary import rotate
 
 
@@ -176,15 +178,19 @@ def context_parallel_scan(
     every rank. Returns this rank's outputs and the state after the whole sequence (the same on
     every rank; give its gradient on one rank only, as the total loss is the sum over ranks).
     Gradients are exact: the summaries' all-gather has the adjoint of `SummaryGather`.
-    scan: `mamba3_scan`'s other arguments (chunk_size, backend, variant, layer), passed to both of
-    its scans; a `cu_seqlens` other than None raises `ValueError` (documents come as segment_ids).
+    scan: `mamba3_scan`'s other arguments (prep, chunk_size, backend, variant, layer): the prep is applied
+    once in PyTorch (`apply_prep`), the others are passed to both of its scans; a `cu_seqlens` other than None raises `ValueError` (documents come as segment_ids).
     """
+    prep = scan.pop("prep", None)
     if scan.pop("cu_seqlens", None) is not None:
         raise ValueError(
             "context_parallel_scan takes packed documents as segment_ids numbered over the whole sequence "
             "(see local_segment_ids), not cu_seqlens"
         )
     dims = scan_dims(inputs, weights)
+    if prep is not None:  # the summaries below read the prepped Δ and A: prep once, here
+        check_prep(prep, dims)
+        inputs = apply_prep(inputs, prep)
     if dims.l % 2:
         raise ValueError(f"context parallel scan needs an even local length (two pieces), got l={dims.l}")
     b, piece = dims.b, dims.l // 2

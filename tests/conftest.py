@@ -1,6 +1,6 @@
 """On a machine with CUDA and TileLang: first compile, in parallel processes (into TileLang's disk
 cache), every TileLang kernel config that a collected test module lists in `TILELANG_KERNELS`
-((H, p, n, R, G, S, Q, norm) tuples: tests/gpu, tests/conformance), so the tests load ~35 kernels
+((H, p, n, R, G, S, Q, norm[, A_floor]) tuples: tests/gpu, tests/conformance), so the tests load ~35 kernels
 instead of compiling them one after another. Elsewhere this does nothing."""
 
 import importlib.util
@@ -18,7 +18,7 @@ def prebuilt_kernels(request):
     from megatron_mamba3.ops.tilelang.kernels import KernelConfig
 
     modules = {getattr(item, "module", None) for item in request.session.items}
-    configs = sorted({KernelConfig(*config) for module in modules for config in getattr(module, "TILELANG_KERNELS", ())})
+    configs = sorted({KernelConfig(*config) for module in modules for config in getattr(module, "TILELANG_KERNELS", ())}, key=repr)
     if configs:
         start = time.perf_counter()
         count = prebuild(configs)

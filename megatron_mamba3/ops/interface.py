@@ -64,6 +64,23 @@ class Mamba3Weights(NamedTuple):
         return Mamba3Weights(*(None if t is None else t.to(dtype) for t in self))
 
 
+class Mamba3Prep(NamedTuple):
+    """The per-token prep from raw in_proj pieces to the scan's inputs (`toolkit.prep.apply_prep`):
+    Δ = softplus(dt + dt_bias), A = `decay_rate`(A, A_floor), B and C RMSNormed (eps 1e-5) and scaled by
+    B_norm / C_norm. Given to `mamba3_scan`, it marks its inputs' dt, A, B and C as raw (same shapes);
+    a backend that fuses the prep into its kernels runs it there, the others get the inputs prepped.
+
+    dt_bias:        (H,)
+    B_norm, C_norm: (n,)
+    A_floor:        float > 0
+    """
+
+    dt_bias: Tensor
+    B_norm: Tensor
+    C_norm: Tensor
+    A_floor: float
+
+
 class Mamba3State(NamedTuple):
     """Recurrent state per sequence (docs/packing_and_state.md, State), fp32 (fp64 in fp64 runs).
 
@@ -181,6 +198,18 @@ def scan_dims(inputs: Mamba3Inputs, weights: Mamba3Weights, *, per_token: bool =
     if weights.norm is not None:
         _check_shape("norm", weights.norm, (H * p,))
     return dims
+
+
+def check_prep(prep: Mamba3Prep, dims: ScanDims) -> None:
+    """Check a `Mamba3Prep` against the scan sizes; `TypeError` unless it is one with floating-point
+    tensors, `ValueError` naming a bad shape or A_floor."""
+    if not isinstance(prep, Mamba3Prep):
+        raise TypeError(f"prep must be a Mamba3Prep(dt_bias, B_norm, C_norm, A_floor), got {type(prep).__name__}")
+    for name, expected in (("dt_bias", (dims.H,)), ("B_norm", (dims.n,)), ("C_norm", (dims.n,))):
+        check_floating(f"prep.{name}", getattr(prep, name))
+        _check_shape(f"prep.{name}", getattr(prep, name), expected)
+    if isinstance(prep.A_floor, bool) or not isinstance(prep.A_floor, (int, float)) or not prep.A_floor > 0:
+        raise ValueError(f"prep.A_floor={prep.A_floor!r} must be a number > 0")
 
 
 def check_state(state: Mamba3State, batch: int, dims: ScanDims, name: str = "initial_state") -> None:

@@ -36,7 +36,8 @@ logger = logging.getLogger(__name__)
 
 class ScanFn(Protocol):
     """A backend's scan: the signature of `mamba3_scan` without the selection arguments, called with
-    arguments `mamba3_scan` has checked. Returns (gated output (b, l, H, p), final state)."""
+    arguments `mamba3_scan` has checked. Returns (gated output (b, l, H, p), final state). Only the scan
+    of a backend with `fuses_prep` is ever passed `prep=` (a `Mamba3Prep`, with raw inputs)."""
 
     def __call__(
         self,
@@ -72,7 +73,8 @@ class ScanVariant:
 class Backend:
     """A backend: its variants, the default one, `why_not(inputs)` (None when it can run the scan
     of these `Mamba3Inputs`: device, dtype and sizes; else the reason), `compile_count()` (kernels
-    or graphs compiled so far) and its decode step, if it has one."""
+    or graphs compiled so far), its decode step, if it has one, and whether its scans take `prep=`
+    and run the prep in their kernels (`fuses_prep`; otherwise `mamba3_scan` applies it first)."""
 
     name: str
     variants: Mapping[str, ScanVariant]
@@ -80,6 +82,7 @@ class Backend:
     why_not: Callable[[Mamba3Inputs], str | None]
     compile_count: Callable[[], int] = lambda: 0
     decode: DecodeFn | None = None
+    fuses_prep: bool = False
 
 
 _MODULES = {

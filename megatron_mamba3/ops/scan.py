@@ -7,14 +7,17 @@ from torch import Tensor
 
 from megatron_mamba3.ops.interface import (
     Mamba3Inputs,
+    Mamba3Prep,
     Mamba3State,
     Mamba3Weights,
     check_chunk_size,
+    check_prep,
     check_state,
     scan_dims,
 )
 from megatron_mamba3.ops.registry import select_decoder, select_variant
 from megatron_mamba3.ops.segments import check_cu_seqlens
+from megatron_mamba3.ops.toolkit.prep import apply_prep
 from megatron_mamba3.receipt_log import Receipt, record
 
 
@@ -26,6 +29,7 @@ def mamba3_scan(
     inputs: Mamba3Inputs,
     weights: Mamba3Weights,
     *,
+    prep: Mamba3Prep | None = None,
     segment_ids: Tensor | None = None,
     cu_seqlens: Tensor | None = None,
     initial_state: Mamba3State | None = None,
@@ -40,6 +44,8 @@ def mamba3_scan(
     with per-row states (the initial state continues each row's first document; the final state is
     the state after its last token), or `cu_seqlens` (N + 1,) with b = 1 and per-document states
     (N, ...). Without either, each row is one sequence.
+    `prep` (a `Mamba3Prep`): the inputs' dt, A, B and C are raw in_proj pieces, to be prepped (softplus,
+    decay rate, RMSNorm) inside the kernels of a backend that fuses it, else by `apply_prep` first.
     `chunk_size` (an int in [1, 1024]) is the chunk length of the reference and XLA scans; it never
     changes the result beyond rounding.
     `backend`/`variant` pick the implementation (default: `MEGATRON_MAMBA3_BACKEND` or "auto", see
@@ -60,10 +66,17 @@ def mamba3_scan(
         states = cu_seqlens.numel() - 1
     if initial_state is not None:
         check_state(initial_state, states, dims)
+    if prep is not None:
+        check_prep(prep, dims)
     chosen, implementation = select_variant(backend, variant, inputs)
+    fused = {}
+    if prep is not None and chosen.fuses_prep:
+        fused = {"prep": prep}
+    elif prep is not None:
+        inputs = apply_prep(inputs, prep)
     out, state = implementation.fn(
         inputs, weights,
-        segment_ids=segment_ids, cu_seqlens=cu_seqlens, initial_state=initial_state, chunk_size=chunk_size,
+        segment_ids=segment_ids, cu_seqlens=cu_seqlens, initial_state=initial_state, chunk_size=chunk_size, **fused,
     )
     dtype = str(inputs.x.dtype).removeprefix("torch.")
     record(Receipt(layer, "forward", chosen.name, implementation.name, dtype, _shapes(inputs), chosen.compile_count()))

@@ -8,8 +8,8 @@ import math
 import torch
 
 from megatron_mamba3.ops import Mamba3Inputs, Mamba3State, Mamba3Weights
-from megatron_mamba3.ops.layer import decay_rate
 from megatron_mamba3.ops.toolkit.gate import rms_norm
+from megatron_mamba3.ops.toolkit.prep import decay_rate
 
 
 def make_case(

@@ -14,10 +14,12 @@ import pytest
 import torch
 
 from megatron_mamba3.ops import Mamba3Inputs, Mamba3State, Mamba3Weights, mamba3_scan
+from megatron_mamba3.ops.interface import Mamba3Prep
 from megatron_mamba3.ops.oracle import mamba3_recurrent
 from megatron_mamba3.ops.reference import mamba3_chunked
-from megatron_mamba3.receipt_log import clear_receipts, receipts
 from megatron_mamba3.ops.tilelang.function import TILE_ROWS
+from megatron_mamba3.ops.toolkit.prep import apply_prep
+from megatron_mamba3.receipt_log import clear_receipts, receipts
 from tests.helpers import ERROR_MULTIPLE, TILELANG_GPU, bf16_bound, make_case, make_state, rel_err
 
 pytestmark = TILELANG_GPU
@@ -32,8 +34,13 @@ CONFIGS = [  # (n, p, R, G, norm)
     (64, 64, 4, 1, False),
 ]
 IDS = [f"n{n}-p{p}-R{R}-G{G}{'-norm' if norm else ''}" for n, p, R, G, norm in CONFIGS]
-# The kernel configs (H, p, n, R, G, S, Q, norm) these tests use, compiled first (tests/conftest.py).
-TILELANG_KERNELS = [(HEADS, p, n, R, G, n // 4, TILE_ROWS // R, norm) for n, p, R, G, norm in CONFIGS]
+PREP_CONFIGS = [CONFIGS[0], CONFIGS[1], CONFIGS[3]]
+PREP_IDS = [IDS[0], IDS[1], IDS[3]]
+A_FLOOR = 0.5  # large, so that the floor clamps some tokens' A (f(u) = 1 / (1 − u) < 0.5 below u = −1)
+# The kernel configs (H, p, n, R, G, S, Q, norm, A_floor) these tests use, compiled first (tests/conftest.py).
+TILELANG_KERNELS = [(HEADS, p, n, R, G, n // 4, TILE_ROWS // R, norm, None) for n, p, R, G, norm in CONFIGS] + [
+    (HEADS, p, n, R, G, n // 4, TILE_ROWS // R, norm, A_FLOOR) for n, p, R, G, norm in PREP_CONFIGS
+]
 
 
 def _cuda(case):
@@ -113,6 +120,67 @@ def _check_against_reference(config, wide_angles=False):
     torch.autograd.backward((out, *final), (grad_out, *grad_state))
     torch.autograd.backward((out_ref, *final_ref), (grad_out.float(), *grad_state))
     for index, (a, e) in enumerate(zip(leaves_k, leaves_r)):
+        errors[f"grad[{index}]"] = rel_err(a.grad, e.grad)
+    print(config, f"tol={tol:.2e}", {k: f"{v / tol * ERROR_MULTIPLE:.2f}x" for k, v in errors.items()})
+    assert all(error <= tol for error in errors.values()), errors
+
+
+def _raw_case(config):
+    """`_case` with raw dt, A, B and C (before the prep) and the prep's dt_bias, B_norm, C_norm (fp32)."""
+    inputs, weights, state, segment_ids = _case(*config)
+    generator = torch.Generator(device="cuda").manual_seed(5)
+    randn = lambda *shape: torch.randn(shape, device="cuda", generator=generator)  # noqa: E731
+    b, l, H = inputs.dt.shape  # noqa: E741
+    n = inputs.B.shape[-1]
+    raw = inputs._replace(
+        dt=randn(b, l, H) - 1.5, A=randn(b, l, H), B=2 * randn(*inputs.B.shape), C=2 * randn(*inputs.C.shape)
+    ).to(torch.bfloat16)
+    return raw, weights, state, segment_ids, (0.5 * randn(H), 1 + 0.2 * randn(n), 1 + 0.2 * randn(n))
+
+
+def _bf16_valued(t):
+    """t rounded to bf16 values, kept in its dtype; autograd passes its gradient straight through."""
+    return t + (t.to(torch.bfloat16).to(t.dtype) - t).detach()
+
+
+@pytest.mark.parametrize("config", PREP_CONFIGS, ids=PREP_IDS)
+def test_prep_in_the_kernels_matches_reference(config):
+    """With a `Mamba3Prep` (raw dt, A, B, C) the kernels run the prep (Δ = softplus, the decay rate with its
+    floor, B/C RMSNorm) and its backward. Against the fp32 reference on the same raw values with the prep in
+    PyTorch and Δ, B and C rounded to bf16 values where the kernels round them (chunk_prep's outputs, which
+    the other kernels read; A stays fp32): outputs, final state and the gradients of the raw inputs, weights,
+    state and the prep's weights, within ERROR_MULTIPLE times the bf16 reference's own error."""
+    raw, weights, state, segment_ids, prep_weights = _raw_case(config)
+    prep64 = Mamba3Prep(*(t.double() for t in prep_weights), A_FLOOR)
+    oracle, _ = mamba3_recurrent(
+        apply_prep(raw.to(torch.float64), prep64), weights.to(torch.float64), segment_ids=segment_ids,
+        initial_state=state.to(torch.float64),
+    )
+    prepped = apply_prep(raw.to(torch.float32), Mamba3Prep(*prep_weights, A_FLOOR)).to(torch.bfloat16)
+    own, _ = mamba3_chunked(prepped, weights, chunk_size=16, segment_ids=segment_ids, initial_state=state)
+    tol = bf16_bound(rel_err(own, oracle))
+
+    results, leaves = [], []
+    for backend in ("tilelang", "reference"):
+        run_leaves = _leaves(raw, weights, state) + [t.detach().clone().requires_grad_() for t in prep_weights]
+        inputs, run_weights, run_state = _rebuild(run_leaves[:-3], weights)
+        prep = Mamba3Prep(*run_leaves[-3:], A_FLOOR)
+        options = dict(segment_ids=segment_ids, initial_state=run_state, backend=backend)
+        if backend == "reference":
+            inputs = apply_prep(inputs.to(torch.float32), prep)
+            inputs, prep = inputs._replace(dt=_bf16_valued(inputs.dt), B=_bf16_valued(inputs.B), C=_bf16_valued(inputs.C)), None
+        results.append(mamba3_scan(inputs, run_weights, prep=prep, **options))
+        leaves.append(run_leaves)
+    (out, final), (out_ref, final_ref) = results
+    assert out.dtype == torch.bfloat16
+    errors = {"out": rel_err(out, out_ref)}
+    errors.update({f"state.{name}": rel_err(a, e) for name, a, e in zip(Mamba3State._fields, final, final_ref)})
+    generator = torch.Generator(device="cuda").manual_seed(3)
+    grad_out = torch.randn(out.shape, device="cuda", generator=generator).to(out.dtype)
+    grad_state = [torch.randn(t.shape, device="cuda", generator=generator) for t in final_ref]
+    torch.autograd.backward((out, *final), (grad_out, *grad_state))
+    torch.autograd.backward((out_ref, *final_ref), (grad_out.float(), *grad_state))
+    for index, (a, e) in enumerate(zip(*leaves)):
         errors[f"grad[{index}]"] = rel_err(a.grad, e.grad)
     print(config, f"tol={tol:.2e}", {k: f"{v / tol * ERROR_MULTIPLE:.2f}x" for k, v in errors.items()})
     assert all(error <= tol for error in errors.values()), errors

@@ -1,6 +1,7 @@
 """The layer entry point, backend selection, receipts, parameter init and the layer's input validation
 (the scan's bad arguments on every backend: tests/conformance/test_bad_inputs.py)."""
 
+import dataclasses
 import logging
 import math
 import re
@@ -11,11 +12,11 @@ import torch.nn.functional as F
 
 from megatron_mamba3 import Mamba3Config, clear_receipts, init_layer_params, mamba3_layer, mamba3_scan, receipts
 from megatron_mamba3.in_proj import InProjLayout
-from megatron_mamba3.ops.layer import decay_rate
 from megatron_mamba3.ops import registry
-from megatron_mamba3.ops.interface import Mamba3State, scan_dims
+from megatron_mamba3.ops.interface import Mamba3Prep, Mamba3State, scan_dims
 from megatron_mamba3.ops.registry import BACKEND_ENV
 from megatron_mamba3.ops.scan import mamba3_decode
+from megatron_mamba3.ops.toolkit.prep import apply_prep, decay_rate
 from tests.helpers import make_case, rel_err
 
 
@@ -90,6 +91,62 @@ def test_backend_selection(monkeypatch):
     out, _ = mamba3_scan(inputs, weights, chunk_size=2)
     reference, _ = mamba3_scan(inputs, weights, backend="auto", variant="recurrent")
     assert rel_err(out, reference) < 1e-10
+
+
+def _raw_case(seed):
+    """A fp64 case with raw dt, A, B, C (before the prep) and its `Mamba3Prep`."""
+    inputs, weights = make_case(b=2, l=9, seed=seed)
+    generator = torch.Generator().manual_seed(seed)
+    randn = lambda *shape: torch.randn(shape, generator=generator, dtype=torch.float64)  # noqa: E731
+    raw = inputs._replace(
+        dt=randn(*inputs.dt.shape) - 1, A=randn(*inputs.A.shape), B=2 * randn(*inputs.B.shape), C=2 * randn(*inputs.C.shape)
+    )
+    H, n = inputs.dt.shape[-1], inputs.B.shape[-1]
+    return raw, weights, Mamba3Prep(randn(H), 1 + 0.1 * randn(n), 1 + 0.1 * randn(n), 0.5)
+
+
+@pytest.mark.parametrize("fuses", [False, True])
+def test_prep_runs_inside_a_backend_that_fuses_it_and_before_the_others(monkeypatch, fuses):
+    """`mamba3_scan(..., prep=)` gives a fusing backend the raw inputs and the prep, every other backend the
+    inputs `apply_prep` makes; the result is the scan of the prepped inputs either way."""
+    raw, weights, prep = _raw_case(41)
+    reference = registry.load_backend("reference")
+    seen = []
+
+    def scan(inputs, weights, prep=None, **options):
+        seen.append((inputs, prep))
+        prepped = inputs if prep is None else apply_prep(inputs, prep)
+        return reference.variants["chunked"].fn(prepped, weights, **options)
+
+    variant = registry.ScanVariant("reference", "chunked", scan)
+    backend = dataclasses.replace(reference, variants={"chunked": variant}, fuses_prep=fuses)
+    monkeypatch.setattr(registry, "load_backend", lambda name: backend)
+    out, final = mamba3_scan(raw, weights, prep=prep, backend="reference")
+
+    (inputs, given), = seen
+    assert (given is prep) == fuses and (given is None) != fuses
+    expected_inputs = raw if fuses else apply_prep(raw, prep)
+    assert all(torch.equal(a, e) for a, e in zip(inputs, expected_inputs))
+    expected, expected_final = reference.variants["chunked"].fn(apply_prep(raw, prep), weights, segment_ids=None,
+                                                               cu_seqlens=None, initial_state=None, chunk_size=64)
+    assert torch.equal(out, expected) and all(torch.equal(a, e) for a, e in zip(final, expected_final))
+
+
+@pytest.mark.parametrize(
+    "change,error",
+    [
+        (dict(dt_bias=torch.zeros(3)), "prep.dt_bias has shape \\(3,\\), expected \\(4,\\)"),
+        (dict(B_norm=torch.zeros(5)), "prep.B_norm has shape \\(5,\\), expected \\(16,\\)"),
+        (dict(A_floor=0.0), "prep.A_floor=0.0 must be a number > 0"),
+        (dict(A_floor=True), "prep.A_floor=True must be a number > 0"),
+    ],
+)
+def test_bad_prep_raises_naming_the_bad_value(change, error):
+    raw, weights, prep = _raw_case(42)
+    with pytest.raises(ValueError, match=error):
+        mamba3_scan(raw, weights, prep=prep._replace(**change))
+    with pytest.raises(TypeError, match="prep must be a Mamba3Prep"):
+        mamba3_scan(raw, weights, prep=tuple(prep))
 
 
 def test_auto_falls_back_to_reference_and_says_why(monkeypatch, caplog):

@@ -7,16 +7,24 @@ import pytest
 
 from megatron_mamba3.ops.tilelang import build
 
-CONFIG = (32, 64, 128, 4, 1, 32, 16, True)  # H, p, n, R, G, S, Q, norm as a KernelConfig holds them
+CONFIG = (32, 64, 128, 4, 1, 32, 16, True, 1e-4)  # H, p, n, R, G, S, Q, norm, A_floor as a KernelConfig holds them
 
 
 def test_job_command_line_round_trips():
     argv = build.job_argv("megatron_mamba3.ops.tilelang.kernels", "_chunk_state", CONFIG)
     assert argv[1:3] == ["-m", "megatron_mamba3.ops.tilelang.build"]
-    assert build.parse_job(argv[3:]) == ("megatron_mamba3.ops.tilelang.kernels", "_chunk_state", (32, 64, 128, 4, 1, 32, 16, 1))
+    assert build.parse_job(argv[3:]) == ("megatron_mamba3.ops.tilelang.kernels", "_chunk_state", CONFIG)
 
 
-@pytest.mark.parametrize("argv", [["os", "_chunk_state", *map(str, range(8))], ["megatron_mamba3.ops.tilelang.kernels", "x", "1"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["os", "_chunk_state", repr(CONFIG)],
+        ["megatron_mamba3.ops.tilelang.kernels", "x", "1"],
+        ["megatron_mamba3.ops.tilelang.kernels", "x", "(1,"],
+        ["megatron_mamba3.ops.tilelang.kernels", "x", *map(str, CONFIG)],
+    ],
+)
 def test_job_rejects_what_is_not_a_kernel_job(argv):
     with pytest.raises(ValueError, match="not a kernel job"):
         build.parse_job(argv)

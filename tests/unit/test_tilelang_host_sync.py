@@ -23,6 +23,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from megatron_mamba3.ops import mamba3_scan
+from megatron_mamba3.ops.interface import Mamba3Prep
 from megatron_mamba3.ops.tilelang import backend as tilelang_backend
 from tests.helpers import make_case, make_state
 
@@ -45,7 +46,7 @@ def _kernel_module(launches: list) -> types.ModuleType:
     """Stand-in for `megatron_mamba3.ops.tilelang.kernels`: its `KernelConfig` fields, and kernels that
     record (name, tensor arguments) instead of launching."""
     module = types.ModuleType("megatron_mamba3.ops.tilelang.kernels")
-    module.KernelConfig = namedtuple("KernelConfig", "H p n R G S Q norm")
+    module.KernelConfig = namedtuple("KernelConfig", "H p n R G S Q norm A_floor", defaults=(None,))
 
     def launcher(name):
         return lambda *args: launches.append((name, [a for a in args if isinstance(a, torch.Tensor)]))
@@ -59,7 +60,7 @@ def _meta(tensors, dtype):
 
 
 @pytest.mark.parametrize("R,norm", [(1, False), (4, True)], ids=["siso", "mimo"])
-@pytest.mark.parametrize("packing", ["plain", "segment_ids"])
+@pytest.mark.parametrize("packing", ["plain", "segment_ids", "segment_ids+prep"])
 def test_forward_host_work_reads_no_device_value(monkeypatch, packing, R, norm):
     launches = []
     monkeypatch.setitem(sys.modules, "megatron_mamba3.ops.tilelang.kernels", _kernel_module(launches))
@@ -72,6 +73,9 @@ def test_forward_host_work_reads_no_device_value(monkeypatch, packing, R, norm):
     if packing == "segment_ids":  # values play no part on meta: only their shape and dtype reach the code
         state = _meta(make_state(B, H, P, R, N, N // 4), torch.float32)
         options = dict(segment_ids=torch.empty(B, L, dtype=torch.int64, device="meta"), initial_state=state)
+    if packing.endswith("+prep"):  # raw dt, A, B, C: chunk_prep runs the prep
+        meta = lambda *shape: torch.empty(shape, device="meta")  # noqa: E731
+        options["prep"] = Mamba3Prep(meta(H), meta(N), meta(N), 1e-4)
 
     with _MetaOnly():
         out, final = mamba3_scan(inputs, weights, backend="tilelang", **options)

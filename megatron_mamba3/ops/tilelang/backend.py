@@ -1,4 +1,5 @@
-"""The TileLang backend (CUDA, H100/H200): chunk-parallel forward kernels, bf16 inputs, fp32 state.
+"""The TileLang backend (CUDA, H100/H200): chunk-parallel kernels, bf16 inputs, fp32 state; it runs the
+layer's prep (`Mamba3Prep`) in its kernels.
 
 Importing this module needs neither TileLang nor CUDA; `why_not` says what is missing.
 """
@@ -35,4 +36,5 @@ BACKEND = Backend(
     default_variant="chunked",
     why_not=why_not,
     compile_count=compile_count,
+    fuses_prep=True,
 )

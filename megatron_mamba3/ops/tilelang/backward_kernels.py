@@ -30,12 +30,16 @@ from megatron_mamba3.ops.tilelang.kernels import (
     F32,
     F64,
     NORM_EPS,
+    PREP_ROWS,
     SCAN_THREADS,
+    SOFTPLUS_THRESHOLD,
     STATE_ROWS,
     KernelConfig,
     bf16_rest,
     chunk_prologue,
     chunk_y_macro,
+    decay_rate,
+    decay_slope,
     gate_blocks_per_sm,
     load_state,
     pair_indices,
@@ -619,6 +623,7 @@ def _chunk_dqkv(c: KernelConfig):
 def _terms_grad(c: KernelConfig):
     H, S, Q = c.H, c.S, c.Q
     batch, L, LP, NC = T.dynamic("batch, L, LP, NC")
+    prep = c.A_floor is not None
 
     @T.prim_func
     def terms_grad(
@@ -634,10 +639,13 @@ def _terms_grad(c: KernelConfig):
         DTD: T.Tensor((batch, LP, S), F64),
         CARRY: T.Tensor((batch, NC, H, S), F32),
         DW0: T.Tensor((batch, H), F32),
+        DT_RAW: T.Tensor((batch, L, H), BF16),
+        DT_BIAS: T.Tensor((H,), F32),
         DDT: T.Tensor((batch, L, H), BF16),
         DA: T.Tensor((batch, L, H), BF16),
         DTRAP: T.Tensor((batch, L, H), BF16),
         DANG: T.Tensor((batch, L, S), BF16),
+        DBIAS: T.Tensor((batch, NC, H), F32),
     ):
         with T.Kernel(NC, batch, threads=SCAN_THREADS) as (chunk, b):
             t0 = chunk * Q
@@ -648,6 +656,7 @@ def _terms_grad(c: KernelConfig):
             carry_s = T.alloc_shared((H, S + 1), F32)
             scalars_s = T.alloc_shared((4, H, Q + 1), F32)  # ∂(AΔ), ∂wd, ∂wo, Σ_s φ tanh: written along the tokens
             dbeta_s = T.alloc_shared((H, Q + 1), F32)
+            draw_s = T.alloc_shared((H, Q + 1), F32)  # with the prep: ∂(dt + dt_bias) per token, for ∂dt_bias
 
             for i in T.Parallel(Q):
                 last_s[i] = T.if_then_else(SEG[b, t0 + i] == SEG[b, t0 + Q - 1], 1, 0)
@@ -677,18 +686,80 @@ def _terms_grad(c: KernelConfig):
                     dla, dt, dbeta = scalars_s[0, h, i], dt_s[i, h], dbeta_s[h, i]
                     dgamma = scalars_s[1, h, i] + scalars_s[2, h, i] - dbeta
                     lam = T.sigmoid(T.cast(TRAP[b, t, h], F32))
-                    ddt = dbeta + lam * dgamma + T.cast(A[b, t, h], F32) * dla + math.pi * dincr_turn
-                    DDT[b, t, h] = T.cast(ddt, BF16)
-                    DA[b, t, h] = T.cast(dla * dt, BF16)
+                    a_in = T.cast(A[b, t, h], F32)  # A, or with the prep the raw u of A = decay_rate(u)
+                    ddt = dbeta + lam * dgamma + (decay_rate(a_in, c.A_floor) if prep else a_in) * dla + math.pi * dincr_turn
                     DTRAP[b, t, h] = T.cast(dt * dgamma * lam * (1.0 - lam), BF16)
+                    if prep:  # through Δ = softplus(dt + dt_bias) and A = decay_rate(u)
+                        u = T.cast(DT_RAW[b, t, h], F32) + DT_BIAS[h]
+                        draw_s[h, i] = ddt * T.if_then_else(u > SOFTPLUS_THRESHOLD, 1.0, T.sigmoid(u))
+                        DDT[b, t, h] = T.cast(draw_s[h, i], BF16)
+                        DA[b, t, h] = T.cast(dla * dt * decay_slope(a_in, c.A_floor), BF16)
+                    else:
+                        DDT[b, t, h] = T.cast(ddt, BF16)
+                        DA[b, t, h] = T.cast(dla * dt, BF16)
             for i, s in T.Parallel(Q, S):
                 t = t0 + i
                 if t < L:
                     carried = sum(carry_s[h, s] * dt_s[i, h] for h in range(H))
                     dincr_dt = T.cast(DTD[b, t, s], F32) + T.if_then_else(last_s[i] != 0, carried, 0.0)
                     DANG[b, t, s] = T.cast(math.pi * dincr_dt * (1.0 - tanh_s[i, s] * tanh_s[i, s]), BF16)
+            if prep:
+                for h in T.Parallel(H):
+                    DBIAS[b, chunk, h] = sum(T.if_then_else(t0 + i < L, draw_s[h, i], 0.0) for i in range(Q))
 
     return terms_grad
+
+
+def _norm_grad(c: KernelConfig):
+    R, G, n, Q = c.R, c.G, c.n, c.Q
+    batch, L, NC = T.dynamic("batch, L, NC")
+    rows = Q * R * G  # the chunk's rows (i, r, g), contiguous in (b, l, R, G, n)
+
+    @T.prim_func
+    def norm_grad(
+        DN: T.Tensor((batch, L, R, G, n), F64),
+        RAW: T.Tensor((batch, L, R, G, n), BF16),
+        WEIGHT: T.Tensor((n,), F32),
+        DRAW: T.Tensor((batch, L, R, G, n), BF16),
+        DWEIGHT: T.Tensor((batch, NC, n), F32),
+    ):
+        with T.Kernel(NC, batch, threads=SCAN_THREADS) as (chunk, b):
+            t0 = chunk * Q
+            raw = T.alloc_fragment((PREP_ROWS, n), F32)
+            grad = T.alloc_fragment((PREP_ROWS, n), F32)
+            terms = T.alloc_fragment((PREP_ROWS, n), F32)
+            sums = T.alloc_fragment((PREP_ROWS,), F32)
+            inv_s = T.alloc_shared((PREP_ROWS,), F32)
+            weighted = T.alloc_fragment((PREP_ROWS, n), F32)  # Σ over the chunk's rows of ∂ŷ ⊙ x̂, by row slot
+            weight_sum = T.alloc_fragment((n,), F32)
+            T.clear(weighted)
+            for part in T.serial(rows // PREP_ROWS):
+                for k, nn in T.Parallel(PREP_ROWS, n):
+                    row = part * PREP_ROWS + k
+                    t, r, g = t0 + row // (R * G), row // G % R, row % G
+                    value = RAW[b, T.min(t, L - 1), r, g, nn]
+                    raw[k, nn] = T.cast(value, F32)
+                    grad[k, nn] = T.if_then_else(t < L, T.cast(DN[b, T.min(t, L - 1), r, g, nn], F32), 0.0)
+                    terms[k, nn] = raw[k, nn] * raw[k, nn]
+                T.reduce_sum(terms, sums, dim=1)
+                for k in T.Parallel(PREP_ROWS):
+                    inv_s[k] = T.rsqrt(sums[k] / n + NORM_EPS)
+                for k, nn in T.Parallel(PREP_ROWS, n):
+                    raw[k, nn] = raw[k, nn] * inv_s[k]  # x̂
+                    weighted[k, nn] += grad[k, nn] * raw[k, nn]
+                    grad[k, nn] = grad[k, nn] * WEIGHT[nn]  # ∂x̂
+                    terms[k, nn] = grad[k, nn] * raw[k, nn]
+                T.reduce_sum(terms, sums, dim=1)
+                for k, nn in T.Parallel(PREP_ROWS, n):
+                    row = part * PREP_ROWS + k
+                    t, r, g = t0 + row // (R * G), row // G % R, row % G
+                    if t < L:
+                        DRAW[b, t, r, g, nn] = T.cast(inv_s[k] * (grad[k, nn] - raw[k, nn] * sums[k] / n), BF16)
+            T.reduce_sum(weighted, weight_sum, dim=0)
+            for nn in T.Parallel(n):
+                DWEIGHT[b, chunk, nn] = weight_sum[nn]
+
+    return norm_grad
 
 
 def _initial_grad(c: KernelConfig):
@@ -762,7 +833,7 @@ def _initial_grad(c: KernelConfig):
     return initial_grad
 
 
-MAKERS = (_chunk_dy, _state_pass_bwd, _chunk_dqkv, _terms_grad, _initial_grad)
+MAKERS = (_chunk_dy, _state_pass_bwd, _chunk_dqkv, _terms_grad, _initial_grad, _norm_grad)
 
 
 class BackwardSet(NamedTuple):
@@ -771,9 +842,10 @@ class BackwardSet(NamedTuple):
     chunk_dqkv: object
     terms_grad: object
     initial_grad: object
+    norm_grad: object
 
 
 @functools.cache
 def backward_set(config: KernelConfig) -> BackwardSet:
-    """The five backward kernels for `config`, built once per process."""
+    """The backward kernels for `config`, built once per process."""
     return BackwardSet(*build(config, MAKERS, "backward"))

@@ -7,7 +7,7 @@
                     fresh processes (`prebuild`), so the set loads instead of compiling one after another
     prebuild        many configs at once, one process per kernel (up to the CPU count at a time)
 
-The processes are `python -m megatron_mamba3.ops.tilelang.build MODULE MAKER H p n R G S Q norm`, so
+The processes are `python -m megatron_mamba3.ops.tilelang.build MODULE MAKER '(H, p, n, R, G, S, Q, norm, A_floor)'`, so
 no caller needs an `if __name__ == "__main__"` guard (as multiprocessing's spawn would). A failed
 process is logged and the kernel is compiled in this process instead, where its error is raised.
 Importing this module needs neither TileLang nor CUDA.
@@ -15,6 +15,7 @@ Importing this module needs neither TileLang nor CUDA.
 
 from __future__ import annotations
 
+import ast
 import concurrent.futures
 import importlib
 import logging
@@ -64,15 +65,21 @@ def _makers():
 
 def job_argv(module: str, maker: str, config) -> list[str]:
     """The command line of the process that compiles `maker` of `module` for `config` (a KernelConfig)."""
-    return [sys.executable, "-m", __name__, module, maker, *(str(int(v)) for v in config)]
+    return [sys.executable, "-m", __name__, module, maker, repr(tuple(config))]
 
 
 def parse_job(argv: list[str]):
-    """Inverse of `job_argv` (without the interpreter and `-m`): (module, maker name, config fields as ints)."""
+    """Inverse of `job_argv` (without the interpreter and `-m`): (module, maker name, config fields)."""
     module, maker, *fields = argv
-    if module not in _MAKER_MODULES or len(fields) != 8:
+    config = None
+    if module in _MAKER_MODULES and len(fields) == 1:
+        try:
+            config = ast.literal_eval(fields[0])
+        except (ValueError, SyntaxError):
+            pass
+    if not isinstance(config, tuple):
         raise ValueError(f"not a kernel job: {argv}")
-    return module, maker, tuple(int(v) for v in fields)
+    return module, maker, config
 
 
 def prebuild(configs) -> int:
@@ -112,4 +119,4 @@ def build(config, makers, names: str):
 if __name__ == "__main__":
     module_name, maker_name, fields = parse_job(sys.argv[1:])
     module = importlib.import_module(module_name)
-    compile_kernel(getattr(module, maker_name), module.KernelConfig(*fields[:7], bool(fields[7])))
+    compile_kernel(getattr(module, maker_name), module.KernelConfig(*fields))

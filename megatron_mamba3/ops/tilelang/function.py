@@ -1,21 +1,24 @@
 """`tilelang_scan`: the TileLang kernels behind an autograd Function, with packing via `run_packed`.
 
 Forward: the `chunk_prep` kernel and a few small PyTorch ops for the per-token and per-chunk terms of
-`chunk_terms`, then the three kernels of the scan.
+`chunk_terms` (with a `Mamba3Prep`, also the prep: Δ = softplus, A's decay rate, B/C RMSNorm), then the
+three kernels of the scan.
 Backward: the three backward kernels for the per-chunk work, on the forward's chunk starts h̃_c (saved,
 bf16), and `terms_backward` for the scalar chains (math: `chunk_grad`) with its initial-state and per-token
-parts in the `initial_grad` and `terms_grad` kernels; gradients of every input, weight and the initial state.
+parts in the `initial_grad` and `terms_grad` kernels (which also runs the prep's Δ and A chains; `norm_grad`
+runs B/C's RMSNorm); gradients of every input, weight, the prep's weights and the initial state.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from megatron_mamba3.ops.interface import Mamba3Inputs, Mamba3State, Mamba3Weights, read_dims
+from megatron_mamba3.ops.interface import Mamba3Inputs, Mamba3Prep, Mamba3State, Mamba3Weights, read_dims
 from megatron_mamba3.ops.tilelang.chunk_grad import BoundaryStates, PieceGrads, TermParts, terms_backward
 from megatron_mamba3.ops.tilelang.chunk_math import as_dtype, chunk_count
 from megatron_mamba3.ops.toolkit.finite import finite_values
@@ -41,7 +44,8 @@ def unsupported(n: int, p: int, R: int) -> str | None:
 class _Launch(NamedTuple):
     """What every kernel launch of one call shares: the kernels' config, the inputs contiguous in their
     dtype, `kernel_terms` (cs, wd and wo are views of `scalars`; theta_start and theta_final are filled by
-    `state_pass`) and the weights as fp32 (ones where absent)."""
+    `state_pass`), the weights as fp32 (ones where absent) and the prep's dt_bias, B_norm, C_norm fp32 (stand-ins
+    of their shapes without the prep, never read)."""
 
     config: object
     x: Tensor
@@ -68,19 +72,25 @@ class _Launch(NamedTuple):
     mimo_z: Tensor
     mimo_o: Tensor
     norm: Tensor
+    dt_bias: Tensor
+    B_norm: Tensor
+    C_norm: Tensor
 
 
-_INPUT_FIELDS = ("x", "z", "B", "C", "dt", "angles")  # the launch's inputs, made contiguous
+_INPUT_FIELDS = ("x", "z", "B", "C", "dt", "angles")  # the launch's inputs
 
 
-def _prepare(inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state: Mamba3State) -> _Launch:
+def _prepare(
+    inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state: Mamba3State, prep: Mamba3Prep | None
+) -> _Launch:
+    """The launch of one call: with `prep` (raw dt, A, B, C in), its Δ, B and C are chunk_prep's outputs."""
     from megatron_mamba3.ops.tilelang.kernels import KernelConfig
 
     H, p = inputs.x.shape[2:]
     R, G, n = inputs.B.shape[2:]
     S = inputs.angles.shape[-1]
     Q = TILE_ROWS // R
-    config = KernelConfig(H, p, n, R, G, S, Q, weights.norm is not None)
+    config = KernelConfig(H, p, n, R, G, S, Q, weights.norm is not None, None if prep is None else float(prep.A_floor))
     ones = {}  # one read-only tensor of ones per shape, for the absent weights
 
     def f32(t, shape):
@@ -90,12 +100,15 @@ def _prepare(inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state
             ones[shape] = torch.ones(shape, device=inputs.x.device)
         return ones[shape]
 
+    inputs = Mamba3Inputs(*(t.contiguous() for t in inputs))
     mimo = [f32(t, (H, R, p)) for t in (weights.mimo_x, weights.mimo_z, weights.mimo_o)]
-    terms = kernel_terms(config, inputs, mimo[0], starts, state)
-    x, z, B, C, dt, angles = (getattr(inputs, field).contiguous() for field in _INPUT_FIELDS)
     norm = f32(None if weights.norm is None else weights.norm.view(H, p), (H, p))
     B_bias, C_bias, D = f32(weights.B_bias, None), f32(weights.C_bias, None), f32(weights.D, None)
-    return _Launch(config, x, z, B, C, dt, angles, *terms, B_bias, C_bias, D, *mimo, norm)
+    # Without the prep, chunk_prep and terms_grad take tensors of its weights' shapes that they never read.
+    prep_weights = (D, *(f32(None, (n,)),) * 2) if prep is None else tuple(f32(t, None) for t in prep[:3])
+    terms, inputs = kernel_terms(config, inputs, mimo[0], starts, state, prep_weights)
+    x, z, B, C, dt, angles = (getattr(inputs, field) for field in _INPUT_FIELDS)
+    return _Launch(config, x, z, B, C, dt, angles, *terms, B_bias, C_bias, D, *mimo, norm, *prep_weights)
 
 
 def _chunk_starts(launch: _Launch) -> tuple[Tensor, Tensor, Tensor]:
@@ -169,6 +182,10 @@ def _backward_kernels(
     from megatron_mamba3.ops.tilelang.backward_kernels import backward_set
 
     spent = launch
+    prepped = launch.config.A_floor is not None
+    raw = inputs
+    if prepped:  # the kernels read chunk_prep's Δ, B and C; terms_grad the raw A (as u) and dt
+        inputs = inputs._replace(dt=launch.dt, B=launch.B, C=launch.C)
     inputs = Mamba3Inputs(*(finite_values(t) for t in inputs))
     state = state._replace(k_prev=finite_values(state.k_prev), v_prev=finite_values(state.v_prev))
     scalars = finite_values(launch.scalars)
@@ -228,13 +245,21 @@ def _backward_kernels(
     boundary = BoundaryStates(
         launch.h_in.transpose(-1, -2), None if grad_final.h is None else finite_values(h_final)
     )
-    parts = TermParts(_initial_grad_kernel(kernels, launch), _terms_grad_kernel(kernels, launch))
+    dbias = empty(b, nc, H) if prepped else launch.mult  # terms_grad's per-chunk sums of ∂dt_bias (prep only)
+    per_token = _terms_grad_kernel(kernels, launch, raw.dt.contiguous() if prepped else launch.dt, dbias)
+    parts = TermParts(_initial_grad_kernel(kernels, launch), per_token)
     rest = terms_backward(inputs, weights, starts, state, launch, pieces, boundary, parts)
     if rest.x_last is not None:
         dx.select(1, -1).add_(rest.x_last)
     if rest.B_last is not None:
         dB.select(1, -1).add_(rest.B_last)
-    dB, dC = as_dtype(dB, inputs.B.dtype), as_dtype(dC, inputs.C.dtype)  # straight from the float64 sums
+    grads_prep = None
+    if prepped:  # through the RMSNorms of B and C to the raw rows and the norm weights
+        dB, dB_norm = _norm_grad(kernels, dB, raw.B, launch.B_norm, nc)
+        dC, dC_norm = _norm_grad(kernels, dC, raw.C, launch.C_norm, nc)
+        grads_prep = (dbias.sum(dim=(0, 1)), dB_norm, dC_norm)
+    else:
+        dB, dC = as_dtype(dB, inputs.B.dtype), as_dtype(dC, inputs.C.dtype)  # straight from the float64 sums
     chunk_sum = lambda t: t.sum(dim=(0, 1))  # noqa: E731
     grads_inputs = Mamba3Inputs(dx, dz, dB, dC, rest.dt, rest.A, rest.trap, rest.angles)
     mimo = weights.mimo_x is not None
@@ -247,7 +272,16 @@ def _backward_kernels(
         chunk_sum(gate_o) if mimo else None,
         chunk_sum(gate_norm).sum(dim=1).reshape(H * p) if weights.norm is not None else None,
     )
-    return grads_inputs, grads_weights, rest.state
+    return grads_inputs, grads_weights, rest.state, grads_prep
+
+
+def _norm_grad(kernels, grad: Tensor, raw: Tensor, weight: Tensor, nc: int) -> tuple[Tensor, Tensor]:
+    """RMSNorm's backward by the `norm_grad` kernel: the float64 sums of ∂(normed B or C) (b, l, R, G, n) and
+    the raw rows (bf16) -> (∂raw rows in their dtype, ∂weight (n,) fp32 from per-chunk partial sums)."""
+    draw = torch.empty(grad.shape, device=grad.device, dtype=raw.dtype)
+    dweight = torch.empty(grad.shape[0], nc, grad.shape[-1], device=grad.device, dtype=torch.float32)
+    kernels.norm_grad(grad, raw.contiguous(), weight, draw, dweight)
+    return draw, dweight.sum(dim=(0, 1))
 
 
 def _initial_grad_kernel(kernels, launch: _Launch):
@@ -270,9 +304,12 @@ def _initial_grad_kernel(kernels, launch: _Launch):
     return initial_state
 
 
-def _terms_grad_kernel(kernels, launch: _Launch):
+def _terms_grad_kernel(kernels, launch: _Launch, dt_raw: Tensor, dbias: Tensor):
     """`chunk_grad.token_grads` as the `terms_grad` kernel runs it on the backward's finite inputs: the
-    piece sums as chunk_dqkv wrote them ((b, H, l_pad) fp32 buffers, Σ_h φ Δ float64) -> bf16 gradients."""
+    piece sums as chunk_dqkv wrote them ((b, H, l_pad) fp32 buffers, Σ_h φ Δ float64) -> bf16 gradients.
+    With the prep, inputs.A is the raw u of A = decay_rate(u), dt_raw (b, l, H) the raw dt, and the
+    gradients are those of the raw dt and u, with dbias (b, nc, H) filled with ∂dt_bias's per-chunk sums
+    (without the prep, neither is read)."""
 
     def per_token(inputs: Mamba3Inputs, starts: Tensor, seg: Tensor, grads: PieceGrads, carry: Tensor, dw0: Tensor):
         del starts  # the kernel reads the document starts from seg
@@ -281,18 +318,22 @@ def _terms_grad_kernel(kernels, launch: _Launch):
         per_head = (g.transpose(1, 2) for g in (grads.log_alpha, grads.wd, grads.wo, grads.theta_turn))
         kernels.terms_grad(
             launch.dt, inputs.A.contiguous(), inputs.trap.contiguous(), launch.angles, seg, *per_head,
-            grads.theta_dt, carry, dw0, ddt, dA, dtrap, dangles,
+            grads.theta_dt, carry, dw0, dt_raw, launch.dt_bias, ddt, dA, dtrap, dangles, dbias,
         )
         return ddt, dA, dtrap, dangles
 
     return per_token
 
 
-def kernel_terms(config, inputs: Mamba3Inputs, mimo_x: Tensor, starts: Tensor, state: Mamba3State):
-    """`chunk_terms` in the kernels' layouts by the `chunk_prep` kernel (mimo_x (H, R, p) fp32, ones for
-    SISO): seg (b, l_pad) int32, mult (b, nc, H), each chunk's last document's angle total (b, nc, H, S)
-    and θ_0 (b, H, S) for `state_pass`, which fills theta_start (b, nc, H, S) and theta_final (b, H, S)
-    (empty here), scalars (3, b, H, l_pad) (cs, wd, wo, also returned as its views) and h̃_0 as
+def kernel_terms(
+    config, inputs: Mamba3Inputs, mimo_x: Tensor, starts: Tensor, state: Mamba3State, prep_weights: tuple[Tensor, ...]
+) -> tuple[tuple[Tensor, ...], Mamba3Inputs]:
+    """`chunk_terms` in the kernels' layouts by the `chunk_prep` kernel (contiguous inputs, mimo_x (H, R, p)
+    fp32, ones for SISO; prep_weights: dt_bias (H,), B_norm and C_norm (n,) fp32, read with the prep only):
+    (terms, the inputs the other kernels read: with the prep, Δ, B and C are chunk_prep's bf16 outputs).
+    The terms: seg (b, l_pad) int32, mult (b, nc, H), each chunk's last document's angle total
+    (b, nc, H, S) and θ_0 (b, H, S) for `state_pass`, which fills theta_start (b, nc, H, S) and theta_final
+    (b, H, S) (empty here), scalars (3, b, H, l_pad) (cs, wd, wo, also returned as its views) and h̃_0 as
     (b, H, n, p), all contiguous fp32 (seg int32)."""
     from megatron_mamba3.ops.tilelang.kernels import kernel_set
 
@@ -303,22 +344,29 @@ def kernel_terms(config, inputs: Mamba3Inputs, mimo_x: Tensor, starts: Tensor, s
     empty = lambda *shape: torch.empty(shape, device=inputs.x.device, dtype=torch.float32)  # noqa: E731
     scalars, mult, totals = empty(3, b, H, rows), empty(b, nc, H), empty(b, nc, H, config.S)
     cs, wd, wo = scalars.unbind(0)
-    dt, A, trap, angles = (t.contiguous() for t in (inputs.dt, inputs.A, inputs.trap, inputs.angles))
     h, k_prev, v_prev, theta_0 = (as_dtype(t, torch.float32).contiguous() for t in state)
     h_in = empty(b, H, config.n, config.p)
-    kernel_set(config).chunk_prep(dt, A, trap, angles, seg, h, k_prev, v_prev, mimo_x, cs, wd, wo, mult, totals, h_in)
-    return seg, mult, totals, theta_0, empty(b, nc, H, config.S), empty(b, H, config.S), scalars, cs, wd, wo, h_in
+    prepped = inputs  # without the prep, chunk_prep writes none of its outputs Δ, B and C: the inputs stand in
+    if config.A_floor is not None:
+        prepped = inputs._replace(dt=torch.empty_like(inputs.dt), B=torch.empty_like(inputs.B), C=torch.empty_like(inputs.C))
+    kernel_set(config).chunk_prep(
+        inputs.dt, inputs.A, inputs.trap, inputs.angles, seg, h, k_prev, v_prev, mimo_x, prep_weights[0], inputs.B,
+        inputs.C, *prep_weights[1:], cs, wd, wo, mult, totals, h_in, prepped.dt, prepped.B, prepped.C,
+    )
+    terms = (seg, mult, totals, theta_0, empty(b, nc, H, config.S), empty(b, H, config.S), scalars, cs, wd, wo, h_in)
+    return terms, prepped
 
 
 class _TileLangScan(torch.autograd.Function):
-    """Leaves: 8 inputs, 7 weights (None where absent), 4 state tensors, then starts (b, l) bool."""
+    """Arguments: the prep's A floor (None: no prep), then the leaves: 8 inputs, 7 weights (None where absent),
+    4 state tensors, the prep's dt_bias, B_norm, C_norm (None without it), then starts (b, l) bool."""
 
     @staticmethod
-    def forward(ctx, *leaves):
-        inputs, weights, state, starts = _split(leaves)
+    def forward(ctx, A_floor, *leaves):
+        inputs, weights, state, prep, starts = _split(leaves, A_floor)
         ctx.present = tuple(isinstance(t, Tensor) for t in leaves)
         ctx.set_materialize_grads(False)  # an output without a gradient is None, not zeros: its chain is skipped
-        ctx.launch = _prepare(inputs, weights, starts, state)  # per-token terms, reused by the backward
+        ctx.launch = _prepare(inputs, weights, starts, state, prep)  # per-token terms, reused by the backward
         out, final, ctx.starts_h = _forward_kernels(ctx.launch, inputs, weights)
         ctx.save_for_backward(*(t for t in leaves if isinstance(t, Tensor)), final.h)
         return (out, *final)
@@ -328,28 +376,31 @@ class _TileLangScan(torch.autograd.Function):
         *saved, h_final = ctx.saved_tensors
         saved = iter(saved)
         leaves = [next(saved) if present else None for present in ctx.present]
-        inputs, weights, state, starts = _split(leaves)
+        inputs, weights, state, _, starts = _split(leaves, None)
         grads = _backward_kernels(
             ctx.launch, inputs, weights, starts, state, grad_out, Mamba3State(*grad_final), ctx.starts_h, h_final
         )
         del ctx.launch, ctx.starts_h
-        found = [*grads[0], *grads[1], *grads[2], None]
-        return tuple(
-            None if leaf is None or not ctx.needs_input_grad[index] else as_dtype(grad, leaf.dtype)
+        found = [*grads[0], *grads[1], *grads[2], *(grads[3] or (None,) * 3), None]
+        return (None, *(
+            None if leaf is None or not ctx.needs_input_grad[index + 1] else as_dtype(grad, leaf.dtype)
             for index, (leaf, grad) in enumerate(zip(leaves, found))
-        )
+        ))
 
 
-def _split(leaves):
-    inputs = Mamba3Inputs(*leaves[:8])
-    weights = Mamba3Weights(*leaves[8:15])
-    return inputs, weights, Mamba3State(*leaves[15:19]), leaves[19]
+def _split(leaves, A_floor):
+    """(inputs, weights, state, the prep or None, starts) from `_TileLangScan`'s leaves."""
+    prep = None if A_floor is None else Mamba3Prep(*leaves[19:22], A_floor)
+    return Mamba3Inputs(*leaves[:8]), Mamba3Weights(*leaves[8:15]), Mamba3State(*leaves[15:19]), prep, leaves[22]
 
 
-def _rows(inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state: Mamba3State):
+def _rows(inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state: Mamba3State, *, prep: Mamba3Prep | None):
     dtype = inputs.x.dtype
     inputs = Mamba3Inputs(*(t.to(dtype) for t in inputs))
-    out, *final = _TileLangScan.apply(*inputs, *weights, *state, starts)
+    prep_leaves, A_floor = (None,) * 3, None
+    if prep is not None:
+        prep_leaves, A_floor = prep[:3], prep.A_floor
+    out, *final = _TileLangScan.apply(A_floor, *inputs, *weights, *state, *prep_leaves, starts)
     return out, Mamba3State(*final)
 
 
@@ -361,15 +412,18 @@ def tilelang_scan(
     cu_seqlens: Tensor | None = None,
     initial_state: Mamba3State | None = None,
     chunk_size: int = 64,
+    prep: Mamba3Prep | None = None,
 ) -> tuple[Tensor, Mamba3State]:
     """The scan on the TileLang kernels: (b, l, ...) bf16 CUDA inputs -> (out (b, l, H, p), final state).
 
     Same contract as `mamba3_chunked`, arguments as `mamba3_scan` checks them and the backend's
     `why_not` accepts them. `chunk_size` is accepted for the common signature; the kernels use their
     own tile (64 / R tokens, so Q·R = 64 rows), which never changes the math. `segment_ids` run
-    inside the kernels; `cu_seqlens` documents run one call each.
+    inside the kernels; `cu_seqlens` documents run one call each. With `prep`, dt, A, B and C are raw
+    and the kernels run the prep (chunk_prep forward; terms_grad and norm_grad backward).
     """
     del chunk_size
     return run_packed(
-        _rows, inputs, weights, read_dims(inputs), segment_ids=segment_ids, cu_seqlens=cu_seqlens, initial_state=initial_state
+        functools.partial(_rows, prep=prep), inputs, weights, read_dims(inputs),
+        segment_ids=segment_ids, cu_seqlens=cu_seqlens, initial_state=initial_state,
     )

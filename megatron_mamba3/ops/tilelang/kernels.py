@@ -2,7 +2,10 @@
 
     chunk_prep    grid (nc, H, b): the per-token terms cs, wd, wo (b, H, l_pad), each chunk's mult (b, nc, H)
                   and its last document's angle total Σ_j Δ_j·tanh(angles_j) (b, nc, H, S), fp32; the first
-                  chunk's blocks also h̃_0 (b, H, n, p), the initial state with its incoming (k, v)
+                  chunk's blocks also h̃_0 (b, H, n, p), the initial state with its incoming (k, v). With the
+                  prep (`KernelConfig.A_floor`), it takes raw dt, A, B and C: Δ = softplus(dt + dt_bias) (b, l, H)
+                  and the RMSNormed B, C (by each group's first head) come out in bf16 for the other kernels,
+                  A = decay_rate(A) stays inside
     chunk_state   grid (nc, H, b): S_c = Σ_j w_j k_j v_jᵀ of each chunk, fp32 (b, nc, H, n, p), with θ counted
                   from the chunk's start
     state_pass    grid (n / 8, H, b): h̃_{c+1} = mult_c h̃_c + S_c over the chunks (S_c turned by θ carried into c,
@@ -31,13 +34,16 @@ SCAN_THREADS = 128  # the state passes (a bandwidth-bound scan)
 STATE_ROWS = 8  # state rows (of n) per block in the state pass
 H0_ROWS = 32  # state rows chunk_prep turns from h's (p, n) layout at a time
 NORM_EPS = 1e-5
+SOFTPLUS_THRESHOLD = 20.0  # torch's: softplus(u) = u above it
+PREP_ROWS = 8  # B/C rows chunk_prep RMSNorms at a time
 NAN = float("nan")
 F32, BF16, F64 = "float32", "bfloat16", "float64"
 
 
 class KernelConfig(NamedTuple):
     """Static sizes of one compiled kernel set: H heads, p head dim, n state, R ranks, G groups,
-    S rotated pairs, Q tokens per chunk, whether the per-head output norm is applied."""
+    S rotated pairs, Q tokens per chunk, whether the per-head output norm is applied, and the prep's A
+    floor where the kernels run the prep (`interface.Mamba3Prep`: raw dt, A, B, C in), else None."""
 
     H: int
     p: int
@@ -47,6 +53,7 @@ class KernelConfig(NamedTuple):
     S: int
     Q: int
     norm: bool
+    A_floor: float | None = None
 
 
 class KernelSet(NamedTuple):
@@ -82,6 +89,26 @@ def pair_indices(s, n: int, half_split: bool):
 def rotate_pair(a, b, cos, sin):
     """A pair's elements (a, b) turned by θ: (a cos θ − b sin θ, b cos θ + a sin θ)."""
     return a * cos - b * sin, b * cos + a * sin
+
+
+def softplus(u):
+    """log(1 + eᵘ) as torch's (u itself above 20), fp32."""
+    return T.if_then_else(u > SOFTPLUS_THRESHOLD, u, T.log1p(T.exp(u)))
+
+
+def _decay_f(u):
+    return T.if_then_else(u >= 0.0, 1.0 + u, 1.0 / (1.0 - u))
+
+
+def decay_rate(u, floor: float):
+    """A = −max(f(u), floor), f(u) = 1 + u for u ≥ 0 and 1 / (1 − u) below (`toolkit.prep.decay_rate`)."""
+    return -T.max(_decay_f(u), floor)
+
+
+def decay_slope(u, floor: float):
+    """dA/du of `decay_rate`: −f'(u) (1 above 0, f² below) where f(u) ≥ floor, as torch's clamp passes it; else 0."""
+    f = _decay_f(u)
+    return T.if_then_else(f >= floor, -T.if_then_else(u >= 0.0, 1.0, f * f), 0.0)
 
 
 def bf16_rest(value, hi):
@@ -276,8 +303,28 @@ def chunk_y_macro(c: KernelConfig, finite_state: bool = False):
 
 
 def _chunk_prep(c: KernelConfig):
-    H, S, Q, n, p, R = c.H, c.S, c.Q, c.n, c.p, c.R
+    H, S, Q, n, p, R, G = c.H, c.S, c.Q, c.n, c.p, c.R, c.G
     batch, L, LP, NC = T.dynamic("batch, L, LP, NC")
+    prep, heads = c.A_floor is not None, H // G
+
+    @T.macro
+    def norm_rows(SRC, WEIGHT, DST, L, b, t0, g):
+        """DST = SRC's rows (i, r) of group g for the chunk's tokens, RMSNormed and scaled by WEIGHT (n,), bf16."""
+        rows_f = T.alloc_fragment((PREP_ROWS, n), F32)
+        squares = T.alloc_fragment((PREP_ROWS, n), F32)
+        sums = T.alloc_fragment((PREP_ROWS,), F32)
+        for part in T.serial(Q * R // PREP_ROWS):
+            for k, nn in T.Parallel(PREP_ROWS, n):
+                row = part * PREP_ROWS + k
+                value = SRC[b, T.min(t0 + row // R, L - 1), row % R, g, nn]
+                rows_f[k, nn] = T.cast(value, F32)
+                squares[k, nn] = rows_f[k, nn] * rows_f[k, nn]
+            T.reduce_sum(squares, sums, dim=1)
+            for k, nn in T.Parallel(PREP_ROWS, n):
+                row = part * PREP_ROWS + k
+                if t0 + row // R < L:
+                    normed = rows_f[k, nn] * T.rsqrt(sums[k] / n + NORM_EPS) * WEIGHT[nn]
+                    DST[b, t0 + row // R, row % R, g, nn] = T.cast(normed, BF16)
 
     @T.prim_func
     def chunk_prep(
@@ -290,12 +337,20 @@ def _chunk_prep(c: KernelConfig):
         K_PREV: T.Tensor((batch, R, H, n), F32),
         V_PREV: T.Tensor((batch, H, p), F32),
         MIMO_X: T.Tensor((H, R, p), F32),
+        DT_BIAS: T.Tensor((H,), F32),
+        Bk: T.Tensor((batch, L, R, G, n), BF16),
+        Cq: T.Tensor((batch, L, R, G, n), BF16),
+        B_NORM: T.Tensor((n,), F32),
+        C_NORM: T.Tensor((n,), F32),
         CS: T.Tensor((batch, H, LP), F32),
         WD: T.Tensor((batch, H, LP), F32),
         WO: T.Tensor((batch, H, LP), F32),
         MULT: T.Tensor((batch, NC, H), F32),
         TOTALS: T.Tensor((batch, NC, H, S), F32),
         H_IN: T.Tensor((batch, H, n, p), F32),
+        DT_OUT: T.Tensor((batch, L, H), BF16),
+        B_OUT: T.Tensor((batch, L, R, G, n), BF16),
+        C_OUT: T.Tensor((batch, L, R, G, n), BF16),
     ):
         with T.Kernel(NC, H, batch, threads=SCAN_THREADS) as (chunk, h, b):
             T.annotate_min_blocks_per_sm(12)  # at most 40 registers: the h̃_0 loop below would take 48-128
@@ -313,10 +368,23 @@ def _chunk_prep(c: KernelConfig):
 
             for i in T.Parallel(Q + 1):  # Δ = A = 0 past the end; the next token of the last one continues its document
                 seg_s[i] = T.if_then_else(t0 + i < LP, SEG[b, t0 + i], SEG[b, LP - 1])
-                dt_s[i] = T.if_then_else(t0 + i < L, T.cast(DT[b, t0 + i, h], F32), 0.0)
+                dt_in = T.cast(DT[b, t0 + i, h], F32)
+                if prep:  # Δ rounded to bf16 as DT_OUT holds it for the other kernels
+                    dt_in = T.cast(T.cast(softplus(dt_in + DT_BIAS[h]), BF16), F32)
+                dt_s[i] = T.if_then_else(t0 + i < L, dt_in, 0.0)
                 lam_s[i] = T.if_then_else(t0 + i < L, T.sigmoid(T.cast(TRAP[b, t0 + i, h], F32)), 0.0)
             for i in T.Parallel(Q):
-                decay_s[i] = T.if_then_else(t0 + i < L, T.cast(A[b, t0 + i, h], F32), 0.0) * dt_s[i]
+                rate = T.cast(A[b, t0 + i, h], F32)
+                if prep:
+                    rate = decay_rate(rate, c.A_floor)
+                decay_s[i] = T.if_then_else(t0 + i < L, rate, 0.0) * dt_s[i]
+            if prep:
+                for i in T.Parallel(Q):
+                    if t0 + i < L:
+                        DT_OUT[b, t0 + i, h] = T.cast(dt_s[i], BF16)
+                if h % heads == 0:  # the group's first head RMSNorms its B and C rows
+                    norm_rows(Bk, B_NORM, B_OUT, L, b, t0, h // heads)
+                    norm_rows(Cq, C_NORM, C_OUT, L, b, t0, h // heads)
             for i, s in T.Parallel(Q, S):
                 turn_s[i, s] = T.if_then_else(t0 + i < L, T.tanh(T.cast(ANG[b, t0 + i, s], F32)), 0.0)
 
