@@ -1,5 +1,5 @@
 """The TileLang kernels fit Hopper's shared memory at the largest supported sizes (n = p = 128 with every
-pair rotated, rope_fraction 1.0), for each rank: lowered on the CPU (no device compile), their dynamic
+pair rotated, rope_fraction 1.0, and the layer's prep), for each rank: lowered on the CPU (no device compile), their dynamic
 shared memory read from the lowered kernel. A kernel over the limit would fail at its first launch."""
 
 import pytest
@@ -26,7 +26,7 @@ def _shared_memory(make, config) -> int:
 @pytest.mark.parametrize("R", [1, 2, 4])
 def test_largest_config_fits_shared_memory(R):
     n = p = 128
-    config = kernels.KernelConfig(H=8, p=p, n=n, R=R, G=1, S=n // 2, Q=TILE_ROWS // R, norm=True)
+    config = kernels.KernelConfig(H=8, p=p, n=n, R=R, G=1, S=n // 2, Q=TILE_ROWS // R, norm=True, A_floor=1e-4)
     used = {make.__name__: _shared_memory(make, config) for make in (*kernels.MAKERS, *backward_kernels.MAKERS)}
     over = {name: size for name, size in used.items() if size > SHARED_MEMORY_LIMIT}
     assert not over, f"{config}: over {SHARED_MEMORY_LIMIT} bytes of shared memory: {over} (all: {used})"
