@@ -524,6 +524,7 @@ def _state_pass(c: KernelConfig):
             chunk_s = T.alloc_shared((rows, p), F32)
             totals = T.alloc_local((2, pairs), F32)  # this chunk's and the next one's angle totals (loaded a chunk ahead)
             last = T.alloc_local((2,), "int32")  # this chunk's and the next one's last document
+            mults = T.alloc_local((2,), F32)  # this chunk's and the next one's mult
             theta = T.alloc_local((pairs,), F64)  # θ after the chunks so far, per pair of the block (every thread)
             cos_sin_s = T.alloc_shared((2, pairs), F32)  # cos, sin of θ carried into the chunk (shared: read at a per-thread pair)
             document = T.alloc_local((1,), "int32")  # the document θ belongs to
@@ -535,16 +536,19 @@ def _state_pass(c: KernelConfig):
                 theta[k] = T.if_then_else(block * pairs + k < S, T.cast(THETA_0[b, h, T.min(block * pairs + k, S - 1)], F64), 0.0)
             document[0] = 0
             last[1] = SEG[b, Q - 1]
+            mults[1] = MULT[b, 0, h]
             for k in T.unroll(pairs):
                 totals[1, k] = TOTALS[b, 0, h, T.min(block * pairs + k, S - 1)]
             for chunk in T.Pipelined(NC, num_stages=2):  # the next chunk's loads overlap this one's work
                 for i, pp in T.Parallel(rows, p):
                     chunk_s[i, pp] = ST[b, chunk, h, state_row(block, i), pp]
                 last[0] = last[1]
+                mults[0] = mults[1]
                 for k in T.unroll(pairs):
                     totals[0, k] = totals[1, k]
                 if chunk + 1 < NC:
                     last[1] = SEG[b, chunk * Q + 2 * Q - 1]
+                    mults[1] = MULT[b, chunk + 1, h]
                     for k in T.unroll(pairs):
                         totals[1, k] = TOTALS[b, chunk + 1, h, T.min(block * pairs + k, S - 1)]
                 carried[0] = T.if_then_else(last[0] == document[0], 1, 0)
@@ -568,7 +572,7 @@ def _state_pass(c: KernelConfig):
                     )
                     rotate = (carried[0] != 0) & (block * pairs + k < S)
                     HS[b, chunk, h, state_row(block, i), pp] = T.cast(state[i, pp], BF16)
-                    state[i, pp] = T.if_then_else(MULT[b, chunk, h] != 0.0, state[i, pp] * MULT[b, chunk, h], 0.0) + T.if_then_else(
+                    state[i, pp] = T.if_then_else(mults[0] != 0.0, state[i, pp] * mults[0], 0.0) + T.if_then_else(
                         rotate, turned, chunk_s[i, pp]
                     )
             for i, pp in T.Parallel(rows, p):  # h after the last token, in the state's (p, n) layout
