@@ -1,7 +1,7 @@
 """The TileLang forward in a CUDA graph (run on the GPU machine; skipped elsewhere): `mamba3_scan(
 backend="tilelang")` captured once on bf16 inputs, then replayed after new inputs (new values, weights,
-initial state and document boundaries) are copied into the captured tensors, equals an eager call on
-the new inputs bit for bit.
+initial state, document boundaries and the prep's weights) are copied into the captured tensors, equals
+an eager call on the new inputs bit for bit; with and without the layer's prep in the kernels.
 
 Bit-exact, not within a tolerance: replay launches the same kernels with the same grids, shapes,
 strides and values as the eager call, and each is deterministic on one GPU (the forward kernels use
@@ -15,7 +15,7 @@ first, so such an op is named. The host-side half, on CPU: tests/unit/test_tilel
 import pytest
 import torch
 
-from megatron_mamba3.ops import mamba3_scan
+from megatron_mamba3.ops import Mamba3Prep, mamba3_scan
 from megatron_mamba3.ops.tilelang.function import TILE_ROWS
 from tests.helpers import TILELANG_GPU, make_case, make_state
 
@@ -23,35 +23,44 @@ pytestmark = TILELANG_GPU
 
 BATCH, LENGTH, HEADS = 2, 200, 4
 CONFIGS = [(128, 64, 1, 1, False), (128, 64, 4, 1, True)]  # (n, p, R, G, norm): SISO and MIMO R=4
-# The kernel configs (H, p, n, R, G, S, Q, norm) used here, compiled first (tests/conftest.py).
-TILELANG_KERNELS = [(HEADS, p, n, R, G, n // 4, TILE_ROWS // R, norm) for n, p, R, G, norm in CONFIGS]
+A_FLOOR = 0.5  # the prep's (for the "+prep" packing), as tests/gpu/test_tilelang_kernels.py's
+# The kernel configs (H, p, n, R, G, S, Q, norm, A_floor) used here, compiled first (tests/conftest.py).
+TILELANG_KERNELS = [
+    (HEADS, p, n, R, G, n // 4, TILE_ROWS // R, norm, floor) for n, p, R, G, norm in CONFIGS for floor in (None, A_FLOOR)
+]
 CAPTURED_STARTS = [(0, 37), (0, 150), (1, 195)]  # (row, token) where a document starts
 REPLAYED_STARTS = [(0, 64), (0, 100), (1, 5), (1, 128)]  # other boundaries, two on chunk boundaries
 OUTPUTS = ("out", "h", "k_prev", "v_prev", "theta")
 
 
 def _case(n, p, R, G, norm, seed, starts):
-    """(inputs bf16, weights fp32, initial state fp32, segment ids int64), all on the GPU."""
+    """(inputs bf16, weights fp32, initial state fp32, segment ids int64, the prep's dt_bias, B_norm, C_norm
+    fp32), all on the GPU; with the prep, the inputs' dt, A, B and C are taken as raw."""
     inputs, weights = make_case(b=BATCH, l=LENGTH, H=HEADS, p=p, R=R, G=G, n=n, norm=norm, seed=seed)
     state = make_state(BATCH, HEADS, p, R, n, n // 4, seed=seed + 1)
     segment_ids = torch.zeros(BATCH, LENGTH, dtype=torch.int64)
     for row, token in starts:
         segment_ids[row, token:] += 1
+    generator = torch.Generator().manual_seed(seed + 2)
+    prep = tuple(torch.randn(size, generator=generator) + 1 for size in (HEADS, n, n))
     cuda = lambda part, dtype: type(part)(*(None if t is None else t.to("cuda", dtype) for t in part))  # noqa: E731
-    return cuda(inputs, torch.bfloat16), cuda(weights, torch.float32), cuda(state, torch.float32), segment_ids.cuda()
+    cases = cuda(inputs, torch.bfloat16), cuda(weights, torch.float32), cuda(state, torch.float32)
+    return (*cases, segment_ids.cuda(), tuple(t.cuda() for t in prep))
 
 
 def _tensors(case):
-    inputs, weights, state, segment_ids = case
-    return [t for t in (*inputs, *weights, *state, segment_ids) if t is not None]
+    inputs, weights, state, segment_ids, prep = case
+    return [t for t in (*inputs, *weights, *state, segment_ids, *prep) if t is not None]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=["siso", "mimo-r4-norm"])
-@pytest.mark.parametrize("packing", ["plain", "segment_ids"])
+@pytest.mark.parametrize("packing", ["plain", "segment_ids", "segment_ids+prep"])
 def test_graph_replay_equals_eager(packing, config):
     def forward(case):
-        inputs, weights, state, segment_ids = case
-        options = dict(segment_ids=segment_ids, initial_state=state) if packing == "segment_ids" else {}
+        inputs, weights, state, segment_ids, prep = case
+        options = dict(segment_ids=segment_ids, initial_state=state) if packing != "plain" else {}
+        if packing.endswith("+prep"):  # the layer's prep in chunk_prep
+            options["prep"] = Mamba3Prep(*prep, A_FLOOR)
         out, final = mamba3_scan(inputs, weights, backend="tilelang", **options)
         return (out, *final)
 
