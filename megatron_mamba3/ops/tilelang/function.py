@@ -395,8 +395,7 @@ def _split(leaves, A_floor):
 
 
 def _rows(inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state: Mamba3State, *, prep: Mamba3Prep | None):
-    dtype = inputs.x.dtype
-    inputs = Mamba3Inputs(*(t.to(dtype) for t in inputs))
+    inputs = Mamba3Inputs(*(as_dtype(t, inputs.x.dtype) for t in inputs))
     prep_leaves, A_floor = (None,) * 3, None
     if prep is not None:
         prep_leaves, A_floor = prep[:3], prep.A_floor
