@@ -179,7 +179,8 @@ def context_parallel_scan(
     every rank; give its gradient on one rank only, as the total loss is the sum over ranks).
     Gradients are exact: the summaries' all-gather has the adjoint of `SummaryGather`.
     scan: `mamba3_scan`'s other arguments (prep, chunk_size, backend, variant, layer): the prep is applied
-    once in PyTorch (`apply_prep`), the others are passed to both of its scans; a `cu_seqlens` other than None raises `ValueError` (documents come as segment_ids).
+    once in PyTorch (`apply_prep`), the others are passed to both of its scans; a `cu_seqlens` other than
+    None raises `ValueError` (documents come as segment_ids).
     """
     prep = scan.pop("prep", None)
     if scan.pop("cu_seqlens", None) is not None:

@@ -12,13 +12,7 @@ from torch import Tensor
 
 from megatron_mamba3.config import Mamba3Config
 from megatron_mamba3.in_proj import InProjLayout
-from megatron_mamba3.ops.interface import (
-    Mamba3Inputs,
-    Mamba3Prep,
-    Mamba3State,
-    Mamba3Weights,
-    check_floating,
-)
+from megatron_mamba3.ops.interface import Mamba3Inputs, Mamba3Prep, Mamba3State, Mamba3Weights, check_floating
 from megatron_mamba3.ops.scan import mamba3_scan
 from megatron_mamba3.ops.toolkit.prep import apply_prep
 

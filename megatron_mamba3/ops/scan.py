@@ -69,11 +69,12 @@ def mamba3_scan(
     if prep is not None:
         check_prep(prep, dims)
     chosen, implementation = select_variant(backend, variant, inputs)
-    fused = {}
-    if prep is not None and chosen.fuses_prep:
-        fused = {"prep": prep}
-    elif prep is not None:
-        inputs = apply_prep(inputs, prep)
+    fused = {}  # the prep, for a backend that runs it in its kernels
+    if prep is not None:
+        if chosen.fuses_prep:
+            fused["prep"] = prep
+        else:
+            inputs = apply_prep(inputs, prep)
     out, state = implementation.fn(
         inputs, weights,
         segment_ids=segment_ids, cu_seqlens=cu_seqlens, initial_state=initial_state, chunk_size=chunk_size, **fused,

@@ -123,7 +123,9 @@ def _top_level_ops(run) -> collections.Counter:
     return collections.Counter(e.name for e in prof.events() if is_aten(e) and not is_aten(e.cpu_parent))
 
 
-@pytest.mark.parametrize("kind,R,norm,prep", [("siso", 1, False, False), ("mimo", 4, True, False), ("siso", 1, False, True), ("mimo", 4, True, True)])
+@pytest.mark.parametrize(
+    "kind,R,norm,prep", [("siso", 1, False, False), ("mimo", 4, True, False), ("siso", 1, False, True), ("mimo", 4, True, True)]
+)
 def test_host_ops_are_bounded_and_launches_match_the_kernel_signatures(monkeypatch, kind, R, norm, prep):
     Q = function.TILE_ROWS // R
     nc = math.ceil(L / Q)
@@ -142,15 +144,14 @@ def test_host_ops_are_bounded_and_launches_match_the_kernel_signatures(monkeypat
     A_floor = 1e-4 if prep else None
 
     results = []
-    run = lambda: results.extend(function._TileLangScan.apply(A_floor, *inputs, *weights, *state, *prep_weights, starts))  # noqa: E731
-    forward_ops = _top_level_ops(run)
+    leaves = (*inputs, *weights, *state, *prep_weights, starts)
+    forward_ops = _top_level_ops(lambda: results.extend(function._TileLangScan.apply(A_floor, *leaves)))
     backward_ops = _top_level_ops(lambda: results[0].float().sum().backward())
 
     assert launches == ["chunk_prep", "chunk_state", "state_pass", "chunk_output"] + [
         "chunk_dy", "state_pass_bwd", "chunk_dqkv", "initial_grad", "terms_grad"  # on the forward's saved chunk starts
     ] + ["norm_grad"] * 2 * prep
-    leaves = (*inputs, *(w for w in (*weights, *prep_weights) if w is not None))
-    assert all(t.grad is not None for t in leaves)
+    assert all(t.grad is not None for t in (*inputs, *(w for w in (*weights, *prep_weights) if w is not None)))
     forward_bound, backward_bound = BOUNDS[kind, prep]
     assert sum(forward_ops.values()) <= forward_bound, forward_ops.most_common()
     assert sum(backward_ops.values()) <= backward_bound, backward_ops.most_common()

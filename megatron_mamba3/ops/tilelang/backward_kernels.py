@@ -1,4 +1,4 @@
-"""The five TileLang backward kernels of the chunk-parallel scan (math in `chunk_grad`).
+"""The TileLang backward kernels of the chunk-parallel scan (math in `chunk_grad`).
 
     chunk_dy        grid (nc, H, b): recompute y, gate backward -> dy (fp32), dz, G_c = Σ inter q dyᵀ and
                     per-chunk partial sums of the gradients of the gate weights present
@@ -9,9 +9,12 @@
                     the per-token scalar gradients ∂cs, ∂wd, ∂wo from dL = Σ_{r,s} dP ⊙ scores, dw and dinter;
                     ∂cs and dθ summed over the chunk's document pieces (`chunk_grad.PieceGrads`)
     terms_grad      grid (nc, b): the per-token chains to ∂Δ, ∂A, ∂trap and ∂angles (`chunk_grad.token_grads`),
-                    from those piece sums, each chunk's ∂θ carry and ∂w0 (bf16 out)
+                    from those piece sums, each chunk's ∂θ carry and ∂w0 (bf16 out); with the prep, on through
+                    softplus and the decay rate to the raw dt and A, and per-chunk sums of ∂dt_bias
     initial_grad    grid (H, b): the initial state's part (`chunk_grad.initial_state_grads`): ∂k_prev, ∂v_prev,
                     ∂w0, per-row ∂mimo_x and h̃_0's term of ∂θ_0 from ∂h̃_0
+    norm_grad       grid (nc, b), with the prep only: RMSNorm's backward from chunk_dqkv's float64 ∂B (or ∂C)
+                    sums to the raw rows (bf16) and per-chunk sums of the norm weight's gradient
 
 Queries, keys and values are rebuilt per head in shared memory exactly as in the forward. Sizes that vary
 (batch, length, chunks) are runtime sizes: one compiled set per `KernelConfig`.
