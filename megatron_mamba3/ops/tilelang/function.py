@@ -253,14 +253,14 @@ def _backward_kernels(
         dx.select(1, -1).add_(rest.x_last)
     if rest.B_last is not None:
         dB.select(1, -1).add_(rest.B_last)
+    chunk_sum = lambda t: t.sum(dim=(0, 1))  # noqa: E731  (the per-chunk partial sums (b, nc, ...) of a weight's gradient)
     grads_prep = None
     if prepped:  # through the RMSNorms of B and C to the raw rows and the norm weights
         dB, dB_norm = _norm_grad(kernels, dB, raw.B, launch.B_norm, nc)
         dC, dC_norm = _norm_grad(kernels, dC, raw.C, launch.C_norm, nc)
-        grads_prep = (dbias.sum(dim=(0, 1)), dB_norm, dC_norm)
+        grads_prep = (chunk_sum(dbias), dB_norm, dC_norm)
     else:
         dB, dC = as_dtype(dB, inputs.B.dtype), as_dtype(dC, inputs.C.dtype)  # straight from the float64 sums
-    chunk_sum = lambda t: t.sum(dim=(0, 1))  # noqa: E731
     grads_inputs = Mamba3Inputs(dx, dz, dB, dC, rest.dt, rest.A, rest.trap, rest.angles)
     mimo = weights.mimo_x is not None
     gate_z, gate_o, gate_norm = gate.unbind(3) if mimo or weights.norm is not None else (None,) * 3
