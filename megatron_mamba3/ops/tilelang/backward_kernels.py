@@ -25,6 +25,7 @@ import math
 from typing import NamedTuple
 
 import tilelang.language as T
+from tilelang.layout import make_full_bank_swizzled_layout as bank_swizzled
 
 from megatron_mamba3.ops.tilelang.build import build
 from megatron_mamba3.ops.tilelang.kernels import (
@@ -167,6 +168,7 @@ def _chunk_dy(c: KernelConfig):
             hs_s = T.alloc_shared((n, p), BF16)
             mix_s = T.alloc_shared((QR, QR), BF16)
             y_s = T.alloc_shared((QR, p), F32)
+            T.annotate_layout({y_s: bank_swizzled(y_s)})
             scores = T.alloc_fragment((QR, QR), F32)
             y = T.alloc_fragment((QR, p), F32)
             y_in = T.alloc_fragment((QR, p), F32)
@@ -416,6 +418,7 @@ def _chunk_dqkv(c: KernelConfig):
             mix_s = T.alloc_shared((QR, QR), BF16)
             dmix_s = T.alloc_shared((QR, QR), BF16)
             g_s = T.alloc_shared((QR, n), F32)
+            T.annotate_layout({g_s: bank_swizzled(g_s)})
             row_s = T.alloc_shared((QR,), F32)
             dinter_s = T.alloc_shared((QR,), F32)
             theta_grad = T.alloc_shared((Q, S), F32)
@@ -472,6 +475,7 @@ def _chunk_dqkv(c: KernelConfig):
             T.gemm(dy_lo, v_s, dp, transpose_B=True)
             if R > 1:  # dL below sums a token's R x R block of scores: through shared memory
                 pr_s = T.alloc_shared((QR, QR), F32)
+                T.annotate_layout({pr_s: bank_swizzled(pr_s)})
                 for row, col in T.Parallel(QR, QR):
                     pr_s[row, col] = dp[row, col] * scores[row, col]
             mix_weights(seg_s, cs_s, wd_s, wo_s, scores, mix_s)
@@ -522,6 +526,7 @@ def _chunk_dqkv(c: KernelConfig):
                         DX[b, t0 + i, h, pp] = T.cast(dv[i, pp] * mx_s[0, pp], BF16)
             else:  # dx and ∂mimo_x sum over a token's R rows: through shared memory
                 dv_s = T.alloc_shared((QR, p), F32)
+                T.annotate_layout({dv_s: bank_swizzled(dv_s)})
                 T.copy(dv, dv_s)
                 for i, pp in T.Parallel(Q, p):
                     if t0 + i < L:

@@ -26,6 +26,7 @@ import math
 from typing import NamedTuple
 
 import tilelang.language as T
+from tilelang.layout import make_full_bank_swizzled_layout as bank_swizzled
 
 from megatron_mamba3.ops.tilelang.build import build
 
@@ -36,6 +37,7 @@ H0_ROWS = 32  # state rows chunk_prep turns from h's (p, n) layout at a time
 NORM_EPS = 1e-5
 SOFTPLUS_THRESHOLD = 20.0  # torch's: softplus(u) = u above it
 PREP_ROWS = 8  # B/C rows chunk_prep RMSNorms at a time
+ROTATION_SPAN = 8  # tokens per group of θ's two-level running sums (`chunk_prologue`); divides every Q
 NAN = float("nan")
 F32, BF16, F64 = "float32", "bfloat16", "float64"
 
@@ -156,18 +158,30 @@ def chunk_prologue(c: KernelConfig):
                 math.pi * T.tanh(T.cast(ANG[b, t0 + i, s], F32)) * T.cast(DT[b, t0 + i, h], F32),
                 0.0,
             )
+        # θ's running sums in two levels, so no chain of Q dependent shared-memory round trips: within each group
+        # of ROTATION_SPAN tokens (into cos_s), then the θ each group takes over from the one before (into turn_s,
+        # whose increments are spent by then), one step per group.
+        for i, s in T.Parallel(Q, S):
+            first = i // ROTATION_SPAN * ROTATION_SPAN
+            cos_s[i, s] = sum(
+                T.if_then_else((first + k <= i) & (seg_s[first + k] == seg_s[i]), turn_s[first + k, s], 0.0)
+                for k in range(ROTATION_SPAN)
+            )
         for s in T.Parallel(S):
             if THS is None:
                 theta_f[s] = 0.0
             else:
                 theta_f[s] = THS[b, chunk, h, s]
-        for i in T.unroll(Q):  # unrolled: the loads of step i do not wait on step i − 1
+        for group in T.unroll(Q // ROTATION_SPAN):  # theta_f: θ at the previous group's end (replicated per warp)
             for s in T.Parallel(S):
-                previous = T.if_then_else(i == 0, seg_before, seg_s[T.max(i - 1, 0)])
-                theta_f[s] = T.if_then_else(seg_s[i] != previous, 0.0, theta_f[s]) + turn_s[i, s]
-                cos_s[i, s] = theta_f[s]  # θ for now; turn_s stays read-only (theta_f is replicated per warp)
+                first, last = group * ROTATION_SPAN, (group + 1) * ROTATION_SPAN - 1
+                previous = seg_before if group == 0 else seg_s[first - 1]
+                carried = T.if_then_else(seg_s[first] == previous, theta_f[s], 0.0)
+                turn_s[group, s] = carried
+                theta_f[s] = cos_s[last, s] + T.if_then_else(seg_s[last] == seg_s[first], carried, 0.0)
         for i, s in T.Parallel(Q, S):
-            angle = centred(cos_s[i, s])
+            first = i // ROTATION_SPAN * ROTATION_SPAN
+            angle = centred(cos_s[i, s] + T.if_then_else(seg_s[i] == seg_s[first], turn_s[i // ROTATION_SPAN, s], 0.0))
             sin_s[i, s] = T.sin(angle)
             cos_s[i, s] = T.cos(angle)
 
@@ -271,15 +285,22 @@ def chunk_y_macro(c: KernelConfig, finite_state: bool = False):
         bad_s = T.alloc_shared((QR, p), BF16)
         inside_s = T.alloc_shared((QR, QR), BF16)
         poison = T.alloc_fragment((QR, p), F32)
-        any_bad = T.alloc_shared((1,), "int32")
-        any_bad[0] = 0
+        bad_f = T.alloc_fragment((QR, p), F32)
+        v_f = T.alloc_fragment((QR, p), F32)
+        bad_rows = T.alloc_fragment((QR,), F32)
+        bad_any = T.alloc_fragment((1,), F32)
+        any_bad = T.alloc_shared((1,), F32)
         for row, pp in T.Parallel(QR, p):  # a non-finite value enters the matmul as 0 and is tracked apart
             value = T.cast(x_s[row // R, pp], F32) * mx_s[row % R, pp]
-            finite = T.isfinite(value)
-            bad_s[row, pp] = T.if_then_else(finite, T.cast(0, BF16), T.cast(1, BF16))
-            v_s[row, pp] = T.if_then_else(finite, T.cast(value, BF16), T.cast(0, BF16))
-            if not finite:
-                any_bad[0] = 1
+            finite = T.abs(value) < T.infinity(F32)  # isfinite, in a form TileLang vectorizes
+            bad_f[row, pp] = T.if_then_else(finite, 0.0, 1.0)
+            v_f[row, pp] = T.if_then_else(finite, value, 0.0)
+        T.copy(bad_f, bad_s)
+        T.copy(v_f, v_s)
+        # whether any value is non-finite, as a reduction: a flag stored from the loop above would keep it scalar
+        T.reduce_max(bad_f, bad_rows, dim=1)
+        T.reduce_max(bad_rows, bad_any, dim=0)
+        T.copy(bad_any, any_bad)
 
         T.gemm(q_s, k_s, scores, transpose_B=True, clear_accum=True)
         mix_weights(seg_s, cs_s, wd_s, wo_s, scores, mix_s)
@@ -290,7 +311,7 @@ def chunk_y_macro(c: KernelConfig, finite_state: bool = False):
         for row, pp in T.Parallel(QR, p):
             carried = T.if_then_else(inter_s[row // R] != 0.0, inter_s[row // R] * y_in[row, pp], 0.0)
             y[row, pp] = y[row, pp] + carried + skip * T.cast(x_s[row // R, pp], F32) * mx_s[row % R, pp]
-        if any_bad[0] != 0:  # rows (i, r) whose document holds a non-finite value at j ≤ i
+        if any_bad[0] != 0.0:  # rows (i, r) whose document holds a non-finite value at j ≤ i
             for row, col in T.Parallel(QR, QR):
                 i, j = row // R, col // R
                 inside_s[row, col] = T.if_then_else(reaches(seg_s, i, j), T.cast(1, BF16), T.cast(0, BF16))
@@ -648,6 +669,7 @@ def _chunk_output(c: KernelConfig):
             out_w_s = T.alloc_shared((R, p), F32)
             norm_s = T.alloc_shared((p,), F32)
             y_s = T.alloc_shared((QR, p), F32)
+            T.annotate_layout({y_s: bank_swizzled(y_s)})
             scores = T.alloc_fragment((QR, QR), F32)
             y = T.alloc_fragment((QR, p), F32)
             y_in = T.alloc_fragment((QR, p), F32)
