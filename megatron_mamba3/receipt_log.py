@@ -18,7 +18,9 @@ _calls: dict["Receipt", int] = {}
 class Receipt:
     """One kind of call: `layer` (the caller's name or None), `step_kind` ("forward" or "decode"),
     the `backend` and `variant` that ran, the input `dtype`, the input `shapes` as (name, shape)
-    pairs, and `compile_count`, the kernels compiled for the call (0 for the reference)."""
+    pairs, `compile_count`, the kernels compiled for the call (0 for the reference), and `fused_prep`:
+    whether the backend ran the layer's prep (softplus, decay rate, B/C RMSNorm) inside its kernels
+    (False where `apply_prep` ran it in PyTorch first, or where the inputs came prepped)."""
 
     layer: str | None
     step_kind: str
@@ -27,6 +29,7 @@ class Receipt:
     dtype: str
     shapes: tuple[tuple[str, tuple[int, ...]], ...]
     compile_count: int = 0
+    fused_prep: bool = False
 
 
 def record(receipt: Receipt) -> None:

@@ -80,7 +80,9 @@ def mamba3_scan(
         segment_ids=segment_ids, cu_seqlens=cu_seqlens, initial_state=initial_state, chunk_size=chunk_size, **fused,
     )
     dtype = str(inputs.x.dtype).removeprefix("torch.")
-    record(Receipt(layer, "forward", chosen.name, implementation.name, dtype, _shapes(inputs), chosen.compile_count()))
+    record(Receipt(
+        layer, "forward", chosen.name, implementation.name, dtype, _shapes(inputs), chosen.compile_count(), bool(fused)
+    ))
     return out, state
 
 

@@ -71,6 +71,7 @@ def test_receipts_record_what_ran():
         ("layer1", "reference", "recurrent", "forward", "float64"),
     ]
     assert list(recorded.values()) == [2, 1]
+    assert not any(r.fused_prep for r in recorded)  # inputs that came prepped
     assert dict(next(iter(recorded)).shapes)["B"] == (1, 9, 1, 2, 16)
     clear_receipts()
     assert receipts() == {}
@@ -121,8 +122,10 @@ def test_prep_runs_inside_a_backend_that_fuses_it_and_before_the_others(monkeypa
     variant = registry.ScanVariant("reference", "chunked", scan)
     backend = dataclasses.replace(reference, variants={"chunked": variant}, fuses_prep=fuses)
     monkeypatch.setattr(registry, "load_backend", lambda name: backend)
+    clear_receipts()
     out, final = mamba3_scan(raw, weights, prep=prep, backend="reference")
 
+    assert [receipt.fused_prep for receipt in receipts()] == [fuses]  # the receipt says where the prep ran
     (inputs, given), = seen
     assert (given is prep) == fuses and (given is None) != fuses
     expected_inputs = raw if fuses else apply_prep(raw, prep)
