@@ -1,4 +1,4 @@
-"""TileLang kernels against the official Mamba-3 kernels on one CUDA GPU: one table.
+"""TileLang kernels against the official Mamba-3 kernels on one CUDA GPU: two tables.
 
     python -m benchmarks.bench_kernels [--shapes siso mimo] [--official PATH|auto] [--repeats 20]
 
@@ -10,7 +10,8 @@ kernels launched, from the profiler), the peak device memory of one forward+back
 official SISO's, recorded) and the first call's time. The official kernels' time on the same shape comes
 from their timing script (`bench_official.py`) run in a fresh process per case (`--official PATH`, PATH
 holding the script, or `--official auto`, see `resolve_official`) or, without it, from the figures
-recorded on an H100 (marked "recorded"); the ratio is ours over theirs.
+recorded on an H100 (marked "recorded"); the ratio is ours over theirs. The second table splits each
+shape's forward+backward GPU time by kernel (`kernel_kind`), PyTorch's own kernels in one column.
 
 Accuracy beside speed (`output_errors`): the forward output's relative error max |out − oracle| /
 max |oracle| (float64) against the float64 oracle `mamba3_recurrent` run on the very bf16 input values
@@ -50,6 +51,7 @@ P, N, G = 64, 128, 1
 # for one row of H32, SISO; 4 ms for MIMO R4), so the accuracy columns take one row, every head and token.
 ACCURACY_ROWS = 1
 REFERENCE_CHUNK = 16  # the reference's chunk when it measures the bf16 error, as in tests/gpu and tests/conformance
+PYTORCH = "PyTorch"  # the per-kernel table's column for device time outside the TileLang kernels
 OFFICIAL_SCRIPT = "bench_official.py"
 OFFICIAL_COPY = Path(__file__).resolve().parents[2] / "shared" / "official-mamba3"  # ../shared from the repo root
 
@@ -68,8 +70,16 @@ def _time_ms(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def _gpu_ms(fn, repeats: int = 5) -> float:
-    """Device time per call: the summed duration of every kernel the call launched (no host gaps)."""
+def kernel_kind(name: str, kernels: frozenset[str]) -> str:
+    """The column a profiled device kernel goes to: one of `kernels` (TileLang names a kernel "<prim_func>_kernel"),
+    else "PyTorch" (PyTorch's own kernels and copies around the launches)."""
+    base = name.split("(")[0].strip().removesuffix("_kernel")
+    return base if base in kernels else PYTORCH
+
+
+def _kernel_ms(fn, kernels: frozenset[str], repeats: int = 5) -> dict[str, float]:
+    """Device ms per call of each kernel kind (`kernel_kind`) the call launched: summed kernel durations, no
+    host gaps."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -78,7 +88,22 @@ def _gpu_ms(fn, repeats: int = 5) -> float:
         for _ in range(repeats):
             fn()
         torch.cuda.synchronize()
-    return sum(event.self_device_time_total for event in prof.key_averages()) / repeats / 1e3
+    split: dict[str, float] = {}
+    for event in prof.key_averages():
+        if event.self_device_time_total > 0:
+            kind = kernel_kind(event.key, kernels)
+            split[kind] = split.get(kind, 0.0) + event.self_device_time_total / repeats / 1e3
+    return split
+
+
+def kernel_table(rows: list[tuple[str, dict[str, float]]], kernels: tuple[str, ...]) -> list[str]:
+    """Markdown lines: one row per shape, device ms of each of `kernels` (in that order; "-" where a shape
+    launched none), then PyTorch's and the total."""
+    lines = [f"| shape | {' | '.join(kernels)} | {PYTORCH} | total |", "|---" * (len(kernels) + 3) + "|"]
+    for shape, split in rows:
+        cells = [f"{split[name]:.3f}" if name in split else "-" for name in (*kernels, PYTORCH)]
+        lines.append(f"| {shape} | {' | '.join(cells)} | {sum(split.values()):.3f} |")
+    return lines
 
 
 def copy_bandwidth() -> float:
@@ -225,9 +250,13 @@ def main() -> None:
         official = resolve_official(args.official)
     except ValueError as error:
         parser.error(str(error))
+    from megatron_mamba3.ops.tilelang import backward_kernels, kernels
     from megatron_mamba3.ops.tilelang.build import prebuild
     from megatron_mamba3.ops.tilelang.function import TILE_ROWS
     from megatron_mamba3.ops.tilelang.kernels import KernelConfig
+
+    kernel_names = tuple(make.__name__.lstrip("_") for make in (*kernels.MAKERS, *backward_kernels.MAKERS))
+    known = frozenset(kernel_names)
 
     device = torch.cuda.get_device_name()
     bandwidth = copy_bandwidth()
@@ -238,7 +267,7 @@ def main() -> None:
     start = time.perf_counter()
     count = prebuild(sorted(configs))
     print(f"compiled {count} kernels in parallel in {time.perf_counter() - start:.0f} s", flush=True)
-    rows = []
+    rows, splits = [], []
     for kind in args.shapes:
         R = 1 if kind == "siso" else 4
         for b, l, H in SHAPES[kind]:  # noqa: E741
@@ -248,9 +277,11 @@ def main() -> None:
             torch.cuda.synchronize()
             first = time.perf_counter() - start
             fwd = _time_ms(lambda: _run("tilelang", inputs, weights, False), args.repeats)
-            gpu = _gpu_ms(lambda: _run("tilelang", inputs, weights, False))
+            gpu = sum(_kernel_ms(lambda: _run("tilelang", inputs, weights, False), known).values())
             train = _time_ms(lambda: _run("tilelang", inputs, weights, True), max(3, args.repeats // 4))
-            train_gpu = _gpu_ms(lambda: _run("tilelang", inputs, weights, True), 3)
+            split = _kernel_ms(lambda: _run("tilelang", inputs, weights, True), known)
+            train_gpu = sum(split.values())
+            splits.append((f"{kind} R{R} b{b} l{l} H{H}", split))
             peak = _peak_mib(lambda: _run("tilelang", inputs, weights, True))
             errors = output_errors(inputs, weights, {"tilelang": _run("tilelang", inputs, weights, False)})
             off_fwd = official_ms(official, kind, "fwd", b, l, H, args.official_timeout)
@@ -276,6 +307,8 @@ def main() -> None:
         print(f"| {shape} | {fwd:.3f} | {gpu:.3f} | {' | '.join(versus(fwd, off_fwd))} | {train:.3f} | {train_gpu:.3f} "
               f"| {' | '.join(versus(train, off_train))} | {peak:.0f} | {off_peak} | {first:.1f} | {error:.2e} "
               f"| {reference_error:.2e} | - |")
+    print(f"\nDevice ms of one forward+backward per kernel (profiler, mean of 5 calls; {PYTORCH}: every other kernel)")
+    print("\n".join(kernel_table(splits, kernel_names)))
 
 
 if __name__ == "__main__":

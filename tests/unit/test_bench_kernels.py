@@ -8,7 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from benchmarks.bench_kernels import OFFICIAL_RECORDED, OFFICIAL_SCRIPT, Official, official_ms, output_errors, resolve_official
+from benchmarks.bench_kernels import (
+    OFFICIAL_RECORDED, OFFICIAL_SCRIPT, Official, kernel_kind, kernel_table, official_ms, output_errors, resolve_official,
+)
 from megatron_mamba3.ops import mamba3_scan
 from tests.helpers import make_case
 
@@ -128,3 +130,22 @@ def test_official_ms_runs_the_script_in_place_or_detached(tmp_path):
     recorded = Official(None, False, "")
     assert official_ms(recorded, "siso", "fwd", 8, 2048, 32, 60) == (OFFICIAL_RECORDED["siso", "fwd", 8, 2048, 32], "recorded")
     assert official_ms(recorded, "siso", "fwd", 3, 64, 2, 60) == (None, "-")
+
+
+def test_kernel_split_names_the_tilelang_kernels_and_lumps_the_rest():
+    kernels = frozenset({"state_pass", "state_pass_bwd", "chunk_dqkv"})
+    assert kernel_kind("state_pass_kernel", kernels) == "state_pass"
+    assert kernel_kind("state_pass_bwd_kernel", kernels) == "state_pass_bwd"  # not state_pass's
+    assert kernel_kind("void at::native::vectorized_elementwise_kernel<4, ...>", kernels) == "PyTorch"
+    assert kernel_kind("chunk_dqkv", kernels) == "chunk_dqkv"
+    assert kernel_kind("chunk_dqkv_kernel(float*, int)", kernels) == "chunk_dqkv"  # a signature in the name
+    lines = kernel_table(
+        [("siso b8", {"chunk_dqkv": 1.5, "PyTorch": 0.25}), ("mimo b8", {"state_pass": 0.5, "chunk_dqkv": 2.0})],
+        ("state_pass", "chunk_dqkv"),
+    )
+    assert lines == [
+        "| shape | state_pass | chunk_dqkv | PyTorch | total |",
+        "|---|---|---|---|---|",
+        "| siso b8 | - | 1.500 | 0.250 | 1.750 |",
+        "| mimo b8 | 0.500 | 2.000 | - | 2.500 |",
+    ]
