@@ -36,7 +36,6 @@ from megatron_mamba3.ops.tilelang.kernels import (
     NORM_EPS,
     PREP_ROWS,
     SCAN_THREADS,
-    SOFTPLUS_THRESHOLD,
     STATE_ROWS,
     KernelConfig,
     bf16_rest,
@@ -48,6 +47,7 @@ from megatron_mamba3.ops.tilelang.kernels import (
     load_state,
     pair_indices,
     reaches,
+    softplus_slope,
 )
 
 
@@ -699,7 +699,7 @@ def _terms_grad(c: KernelConfig):
                     DTRAP[b, t, h] = T.cast(dt * dgamma * lam * (1.0 - lam), BF16)
                     if prep:  # through Δ = softplus(dt + dt_bias) and A = decay_rate(u)
                         u = T.cast(DT_RAW[b, t, h], F32) + DT_BIAS[h]
-                        draw_s[h, i] = ddt * T.if_then_else(u > SOFTPLUS_THRESHOLD, 1.0, T.sigmoid(u))
+                        draw_s[h, i] = ddt * softplus_slope(u)
                         DDT[b, t, h] = T.cast(draw_s[h, i], BF16)
                         DA[b, t, h] = T.cast(dla * dt * decay_slope(a_in, c.A_floor), BF16)
                     else:
@@ -723,6 +723,11 @@ def _norm_grad(c: KernelConfig):
     batch, L, NC = T.dynamic("batch, L, NC")
     rows = Q * R * G  # the chunk's rows (i, r, g), contiguous in (b, l, R, G, n)
 
+    def place(t0, part, k):
+        """(token, rank, group) of slot k of the chunk's rows `part`."""
+        row = part * PREP_ROWS + k
+        return t0 + row // (R * G), row // G % R, row % G
+
     @T.prim_func
     def norm_grad(
         DN: T.Tensor((batch, L, R, G, n), F64),
@@ -743,8 +748,7 @@ def _norm_grad(c: KernelConfig):
             T.clear(weighted)
             for part in T.serial(rows // PREP_ROWS):
                 for k, nn in T.Parallel(PREP_ROWS, n):
-                    row = part * PREP_ROWS + k
-                    t, r, g = t0 + row // (R * G), row // G % R, row % G
+                    t, r, g = place(t0, part, k)
                     value = RAW[b, T.min(t, L - 1), r, g, nn]
                     raw[k, nn] = T.cast(value, F32)
                     grad[k, nn] = T.if_then_else(t < L, T.cast(DN[b, T.min(t, L - 1), r, g, nn], F32), 0.0)
@@ -759,8 +763,7 @@ def _norm_grad(c: KernelConfig):
                     terms[k, nn] = grad[k, nn] * raw[k, nn]
                 T.reduce_sum(terms, sums, dim=1)
                 for k, nn in T.Parallel(PREP_ROWS, n):
-                    row = part * PREP_ROWS + k
-                    t, r, g = t0 + row // (R * G), row // G % R, row % G
+                    t, r, g = place(t0, part, k)
                     if t < L:
                         DRAW[b, t, r, g, nn] = T.cast(inv_s[k] * (grad[k, nn] - raw[k, nn] * sums[k] / n), BF16)
             T.reduce_sum(weighted, weight_sum, dim=0)

@@ -98,6 +98,11 @@ def softplus(u):
     return T.if_then_else(u > SOFTPLUS_THRESHOLD, u, T.log1p(T.exp(u)))
 
 
+def softplus_slope(u):
+    """d softplus / du as torch's backward takes it: sigmoid(u), 1 above the threshold."""
+    return T.if_then_else(u > SOFTPLUS_THRESHOLD, 1.0, T.sigmoid(u))
+
+
 def _decay_f(u):
     return T.if_then_else(u >= 0.0, 1.0 + u, 1.0 / (1.0 - u))
 
