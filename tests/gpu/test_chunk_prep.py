@@ -52,7 +52,7 @@ def test_chunk_prep_matches_chunk_terms(R, G, norm, length):
     segment_ids[1, length - 5 :] = 7  # in the last (partial) chunk
     starts = document_starts(segment_ids)
 
-    launch = _prepare(inputs, weights, starts, state, None)
+    launch = _prepare(inputs, weights, starts, None, state, None)
     _chunk_starts(launch)  # state_pass fills theta_start and theta_final
     Q = launch.config.Q
     expected = chunk_terms(inputs, weights, starts, state, Q)
@@ -93,7 +93,7 @@ def test_chunk_prep_runs_the_prep(R, G, norm):
     starts = torch.zeros(2, length, dtype=torch.bool, device="cuda")
     starts[0, 37] = True
 
-    launch = _prepare(raw, weights, starts, state, prep)
+    launch = _prepare(raw, weights, starts, None, state, prep)
     expected = apply_prep(raw.to(torch.float32), prep)
     for name in ("dt", "B", "C"):
         found, value = getattr(launch, name), getattr(expected, name)

@@ -58,7 +58,13 @@ DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64, "i
 # and the backward adds the two `norm_grad` launches' outputs and weight sums, ∂dt_bias's buffer and sum and
 # the prep weights' gradients (96 / 109). The PyTorch prep it replaces (`apply_prep`: softplus, the decay rate,
 # two RMSNorms and their casts) issues 32 ops forward on the SISO inputs here and about 80 in autograd's backward.
-BOUNDS = {("siso", False): (19, 87), ("mimo", False): (18, 100), ("siso", True): (21, 96), ("mimo", True): (20, 109)}
+BOUNDS = {("siso", False): (20, 87), ("mimo", False): (19, 100), ("siso", True): (22, 96), ("mimo", True): (21, 109)}
+# `cu_seqlens` documents in one call (b = 1): the forward adds the 27 ops of `chunk_layout.packed_layout`, which
+# builds the padded layout on the device, in place of the unpacked layout's pad, cumsum and stand-in; the backward
+# is the unpacked one's. (Before, `run_packed` made one call per document: N times the counts above.)
+# The unpacked forward's counts rose by 1 for that stand-in, a (1, 1, 2) int32 the kernels take and never read.
+CU_SEQLENS = [0, 0, 50, 51, 51, 120, L]
+PACKED_BOUNDS = {"siso": (47, 87), "mimo": (46, 100)}
 
 
 def _signatures() -> dict[str, list[tuple[ast.expr, str]]]:
@@ -105,7 +111,7 @@ def _kernel_modules(config_dims: dict, launches: list) -> tuple[types.ModuleType
         return types.SimpleNamespace(**{name: launcher(name) for name in SIGNATURES})
 
     forward = types.ModuleType("megatron_mamba3.ops.tilelang.kernels")
-    forward.KernelConfig = namedtuple("KernelConfig", "H p n R G S Q norm A_floor", defaults=(None,))
+    forward.KernelConfig = namedtuple("KernelConfig", "H p n R G S Q norm A_floor packed", defaults=(None, False))
     forward.kernel_set = kernel_set
     backward = types.ModuleType("megatron_mamba3.ops.tilelang.backward_kernels")
     backward.backward_set = kernel_set
@@ -129,22 +135,29 @@ def _top_level_ops(run) -> collections.Counter:
 def test_host_ops_are_bounded_and_launches_match_the_kernel_signatures(monkeypatch, kind, R, norm, prep):
     Q = function.TILE_ROWS // R
     nc = math.ceil(L / Q)
+    # per-row states; the unpacked layout's span and docs are a (1, 1, 2) stand-in the kernels never read
+    config_dims = dict(batch=B, L=L, LP=nc * Q, NC=nc, NS=B, SB=1, SNC=1, DB=1, ND=1)
+    _check_launches_and_host_ops(monkeypatch, kind, R, norm, prep, B, config_dims, starts=True)
+
+
+def _check_launches_and_host_ops(monkeypatch, kind, R, norm, prep, B, config_dims, starts):
     launches = _Launches()
-    config_dims = dict(batch=B, L=L, LP=nc * Q, NC=nc)
     forward, backward = _kernel_modules(config_dims, launches)
     monkeypatch.setitem(sys.modules, forward.__name__, forward)
     monkeypatch.setitem(sys.modules, backward.__name__, backward)
     inputs, weights = make_case(b=B, l=L, H=H, p=P, R=R, G=1, n=N, S=S, norm=norm)
     inputs = type(inputs)(*(t.to(torch.bfloat16).requires_grad_() for t in inputs))
     weights = type(weights)(*(None if t is None else t.float().requires_grad_() for t in weights))
-    state = Mamba3State(*(t.float() for t in make_state(B, H, P, R, N, S)))
-    starts = torch.zeros(B, L, dtype=torch.bool)
-    starts[0, 70] = True
+    state = Mamba3State(*(t.float() for t in make_state(config_dims["NS"], H, P, R, N, S)))
+    packing = (None, torch.tensor(CU_SEQLENS))
+    if starts:
+        packing = (torch.zeros(B, L, dtype=torch.bool), None)
+        packing[0][0, 70] = True
     prep_weights = [torch.randn(*shape).requires_grad_() for shape in ((H,), (N,), (N,))] if prep else [None] * 3
     A_floor = 1e-4 if prep else None
 
     results = []
-    leaves = (*inputs, *weights, *state, *prep_weights, starts)
+    leaves = (*inputs, *weights, *state, *prep_weights, *packing)
     forward_ops = _top_level_ops(lambda: results.extend(function._TileLangScan.apply(A_floor, *leaves)))
     backward_ops = _top_level_ops(lambda: results[0].float().sum().backward())
 
@@ -152,6 +165,17 @@ def test_host_ops_are_bounded_and_launches_match_the_kernel_signatures(monkeypat
         "chunk_dy", "state_pass_bwd", "chunk_dqkv", "initial_grad", "terms_grad"  # on the forward's saved chunk starts
     ] + ["norm_grad"] * 2 * prep
     assert all(t.grad is not None for t in (*inputs, *(w for w in (*weights, *prep_weights) if w is not None)))
-    forward_bound, backward_bound = BOUNDS[kind, prep]
+    forward_bound, backward_bound = BOUNDS[kind, prep] if starts else PACKED_BOUNDS[kind]
     assert sum(forward_ops.values()) <= forward_bound, forward_ops.most_common()
     assert sum(backward_ops.values()) <= backward_bound, backward_ops.most_common()
+
+
+@pytest.mark.parametrize("kind,R,norm", [("siso", 1, False), ("mimo", 4, True)])
+def test_packed_documents_launch_each_kernel_once(monkeypatch, kind, R, norm):
+    """`cu_seqlens` documents (an empty one included) in one launch of each kernel, with one state per document
+    and `chunk_layout`'s padded chunks: the bound ⌈L / Q⌉ + N."""
+    Q = function.TILE_ROWS // R
+    documents = len(CU_SEQLENS) - 1
+    nc = math.ceil(L / Q) + documents
+    config_dims = dict(batch=1, L=L, LP=nc * Q, NC=nc, NS=documents, SB=1, SNC=nc, DB=1, ND=documents)
+    _check_launches_and_host_ops(monkeypatch, kind, R, norm, False, 1, config_dims, starts=False)

@@ -7,9 +7,9 @@ Meta tensors hold no data, so every host synchronisation raises on them: `.item(
 a Python `if` on a tensor, `.tolist()`, `.cpu()`, and ops whose output shape depends on values
 (`nonzero`, boolean-mask indexing, `torch.unique`, `masked_select`). `_MetaOnly` also fails on any host
 tensor in an op (one copied to the device is a pageable copy, which CUDA graph capture refuses).
-Needs neither CUDA nor TileLang: the kernel module is replaced by `_kernel_module`. `cu_seqlens` is not
-covered: its documents run one call each, from offsets read on the host. The GPU counterpart,
-tests/gpu/test_cuda_graph.py, captures the real forward in a CUDA graph.
+Needs neither CUDA nor TileLang: the kernel module is replaced by `_kernel_module`. `cu_seqlens` documents
+run in the same one launch per kernel, their layout built on the device (`chunk_layout`). The GPU
+counterpart, tests/gpu/test_cuda_graph.py, captures the real forward in a CUDA graph.
 """
 
 import dataclasses
@@ -28,6 +28,7 @@ from megatron_mamba3.ops.tilelang import backend as tilelang_backend
 from tests.helpers import make_case, make_state
 
 B, L, H, P, N = 2, 200, 4, 64, 128
+DOCUMENTS = 5
 FORWARD_KERNELS = ["chunk_prep", "chunk_state", "state_pass", "chunk_output"]
 
 
@@ -46,7 +47,7 @@ def _kernel_module(launches: list) -> types.ModuleType:
     """Stand-in for `megatron_mamba3.ops.tilelang.kernels`: its `KernelConfig` fields, and kernels that
     record (name, tensor arguments) instead of launching."""
     module = types.ModuleType("megatron_mamba3.ops.tilelang.kernels")
-    module.KernelConfig = namedtuple("KernelConfig", "H p n R G S Q norm A_floor", defaults=(None,))
+    module.KernelConfig = namedtuple("KernelConfig", "H p n R G S Q norm A_floor packed", defaults=(None, False))
 
     def launcher(name):
         return lambda *args: launches.append((name, [a for a in args if isinstance(a, torch.Tensor)]))
@@ -60,7 +61,7 @@ def _meta(tensors, dtype):
 
 
 @pytest.mark.parametrize("R,norm", [(1, False), (4, True)], ids=["siso", "mimo"])
-@pytest.mark.parametrize("packing", ["plain", "segment_ids", "segment_ids+prep"])
+@pytest.mark.parametrize("packing", ["plain", "segment_ids", "segment_ids+prep", "cu_seqlens", "cu_seqlens+initial_state"])
 def test_forward_host_work_reads_no_device_value(monkeypatch, packing, R, norm):
     launches = []
     monkeypatch.setitem(sys.modules, "megatron_mamba3.ops.tilelang.kernels", _kernel_module(launches))
@@ -73,6 +74,12 @@ def test_forward_host_work_reads_no_device_value(monkeypatch, packing, R, norm):
     if packing == "segment_ids":  # values play no part on meta: only their shape and dtype reach the code
         state = _meta(make_state(B, H, P, R, N, N // 4), torch.float32)
         options = dict(segment_ids=torch.empty(B, L, dtype=torch.int64, device="meta"), initial_state=state)
+    states = B
+    if packing.startswith("cu_seqlens"):  # one row of DOCUMENTS documents
+        states, inputs = DOCUMENTS, type(inputs)(*(t[:1] for t in inputs))
+        options = dict(cu_seqlens=torch.empty(DOCUMENTS + 1, dtype=torch.int32, device="meta"))
+        if packing.endswith("+initial_state"):
+            options["initial_state"] = _meta(make_state(DOCUMENTS, H, P, R, N, N // 4), torch.float32)
     if packing.endswith("+prep"):  # raw dt, A, B, C: chunk_prep runs the prep
         meta = lambda *shape: torch.empty(shape, device="meta")  # noqa: E731
         options["prep"] = Mamba3Prep(meta(H), meta(N), meta(N), 1e-4)
@@ -82,5 +89,5 @@ def test_forward_host_work_reads_no_device_value(monkeypatch, packing, R, norm):
 
     assert [name for name, _ in launches] == FORWARD_KERNELS  # one launch each, whatever the documents
     assert all(t.device.type == "meta" for _, args in launches for t in args)
-    assert out.shape == (B, L, H, P) and out.dtype == torch.bfloat16
-    assert [tuple(t.shape) for t in final] == [(B, H, P, N), (B, R, H, N), (B, H, P), (B, H, N // 4)]
+    assert out.shape == (inputs.x.shape[0], L, H, P) and out.dtype == torch.bfloat16
+    assert [tuple(t.shape) for t in final] == [(states, H, P, N), (states, R, H, N), (states, H, P), (states, H, N // 4)]

@@ -1,6 +1,7 @@
 """The TileLang kernels fit Hopper's shared memory at the largest supported sizes (n = p = 128 with every
-pair rotated, rope_fraction 1.0, and the layer's prep), for each rank: lowered on the CPU (no device compile), their dynamic
-shared memory read from the lowered kernel. A kernel over the limit would fail at its first launch."""
+pair rotated, rope_fraction 1.0, and the layer's prep), for each rank, unpacked and with `cu_seqlens`
+documents: lowered on the CPU (no device compile), their dynamic shared memory read from the lowered
+kernel. A kernel over the limit would fail at its first launch (and one that does not lower, here)."""
 
 import pytest
 
@@ -23,10 +24,13 @@ def _shared_memory(make, config) -> int:
     return int(function.attrs.get("dyn_shared_memory_buf", 0))
 
 
+@pytest.mark.parametrize("packed", [False, True], ids=["rows", "cu_seqlens"])
 @pytest.mark.parametrize("R", [1, 2, 4])
-def test_largest_config_fits_shared_memory(R):
+def test_largest_config_fits_shared_memory(R, packed):
     n = p = 128
-    config = kernels.KernelConfig(H=8, p=p, n=n, R=R, G=1, S=n // 2, Q=TILE_ROWS // R, norm=True, A_floor=1e-4)
+    config = kernels.KernelConfig(
+        H=8, p=p, n=n, R=R, G=1, S=n // 2, Q=TILE_ROWS // R, norm=True, A_floor=1e-4, packed=packed
+    )
     used = {make.__name__: _shared_memory(make, config) for make in (*kernels.MAKERS, *backward_kernels.MAKERS)}
     over = {name: size for name, size in used.items() if size > SHARED_MEMORY_LIMIT}
     assert not over, f"{config}: over {SHARED_MEMORY_LIMIT} bytes of shared memory: {over} (all: {used})"

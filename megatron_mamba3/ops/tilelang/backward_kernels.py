@@ -2,7 +2,8 @@
 
     chunk_dy        grid (nc, H, b): recompute y, gate backward -> dy (fp32), dz, G_c = Σ inter q dyᵀ and
                     per-chunk partial sums of the gradients of the gate weights present
-    state_pass_bwd  grid (n / 8, H, b): dH_c = G_c + mult_c dH_{c+1} in reverse; writes dS_c = dH_{c+1} and dH_0
+    state_pass_bwd  grid (n / 8, H, b): dH_c = G_c + mult_c dH_{c+1} in reverse, from each row's (packed: each
+                    document's) ∂h_final at its last chunk; writes dS_c = dH_{c+1} and dH_0 of each
     chunk_dqkv      grid (nc, H, b): from one build of the chunk's queries, keys, values, scores and dP:
                     dv -> dx, D and mimo_x partials; dk -> dB (atomic over a group's heads), B_bias partials;
                     dw_j = Σ_s k_{j,s}·(dS v_{j,s}); ∂mult_c = ⟨dS_c, h̃_c⟩; dq -> dC, C_bias partials; dθ;
@@ -11,7 +12,7 @@
     terms_grad      grid (nc, b): the per-token chains to ∂Δ, ∂A, ∂trap and ∂angles (`chunk_grad.token_grads`),
                     from those piece sums, each chunk's ∂θ carry and ∂w0 (bf16 out); with the prep, on through
                     softplus and the decay rate to the raw dt and A, and per-chunk sums of ∂dt_bias
-    initial_grad    grid (H, b): the initial state's part (`chunk_grad.initial_state_grads`): ∂k_prev, ∂v_prev,
+    initial_grad    grid (H, states): the initial state's part (`chunk_grad.initial_state_grads`): ∂k_prev, ∂v_prev,
                     ∂w0, per-row ∂mimo_x and h̃_0's term of ∂θ_0 from ∂h̃_0
     norm_grad       grid (nc, b), with the prep only: RMSNorm's backward from chunk_dqkv's float64 ∂B (or ∂C)
                     sums to the raw rows (bf16) and per-chunk sums of the norm weight's gradient
@@ -43,11 +44,18 @@ from megatron_mamba3.ops.tilelang.kernels import (
     chunk_y_macro,
     decay_rate,
     decay_slope,
+    ends_state,
     gate_blocks_per_sm,
     load_state,
     pair_indices,
     reaches,
+    segment_before,
     softplus_slope,
+    span_first,
+    span_last,
+    starts_state,
+    state_index,
+    states_dim,
 )
 
 
@@ -113,7 +121,7 @@ def _gate_terms(c: KernelConfig) -> _GateTerms:
 def _chunk_dy(c: KernelConfig):
     H, p, n, R, G, S, Q = c.H, c.p, c.n, c.R, c.G, c.S, c.Q
     QR = Q * R
-    batch, L, LP, NC, LPR = T.dynamic("batch, L, LP, NC, LPR")
+    batch, L, LP, NC, LPR, SB, SNC = T.dynamic("batch, L, LP, NC, LPR, SB, SNC")
     outputs_of = chunk_y_macro(c, finite_state=True)
     gate = _gate_terms(c)
     mimo = R > 1  # mimo_z and mimo_o are given exactly when R > 1
@@ -127,6 +135,7 @@ def _chunk_dy(c: KernelConfig):
         ANG: T.Tensor((batch, L, S), BF16),
         DT: T.Tensor((batch, L, H), BF16),
         SEG: T.Tensor((batch, LP), "int32"),
+        SPAN: T.Tensor((SB, SNC, 2), "int32"),
         CS: T.Tensor((batch, H, LP), F32),
         WD: T.Tensor((batch, H, LP), F32),
         WO: T.Tensor((batch, H, LP), F32),
@@ -147,7 +156,8 @@ def _chunk_dy(c: KernelConfig):
     ):
         with T.Kernel(NC, H, batch, threads=CHUNK_THREADS) as (chunk, h, b):
             T.annotate_min_blocks_per_sm(gate_blocks_per_sm(c))
-            t0 = chunk * Q
+            first = span_first(c, SPAN, b, chunk)
+            last = span_last(c, SPAN, b, chunk, L)
             seg_s = T.alloc_shared((Q,), "int32")
             cs_s = T.alloc_shared((Q,), F32)
             wd_s = T.alloc_shared((Q,), F32)
@@ -184,7 +194,7 @@ def _chunk_dy(c: KernelConfig):
             gc = T.alloc_fragment((n, p), F32)
 
             outputs_of(
-                X, Bk, Cq, ANG, DT, SEG, CS, WD, WO, THS, HS, B_BIAS, C_BIAS, D, MIMO_X, L, b, h, chunk,
+                X, Bk, Cq, ANG, DT, SEG, CS, WD, WO, THS, HS, B_BIAS, C_BIAS, D, MIMO_X, first, last, b, h, chunk,
                 seg_s, cs_s, wd_s, wo_s, one_s, inter_s, turn_s, cos_s, sin_s, theta_f, raw_s, bias_s,
                 q_s, k_s, x_s, mx_s, v_s, hs_s, mix_s, scores, y, y_in, y_s,
             )
@@ -194,8 +204,8 @@ def _chunk_dy(c: KernelConfig):
             for pp in T.Parallel(p):
                 norm_s[pp] = NORM[h, pp]
             for i, pp in T.Parallel(Q, p):
-                do_s[i, pp] = T.if_then_else(t0 + i < L, DOUT[b, t0 + i, h, pp], T.cast(0, BF16))
-                z_s[i, pp] = T.if_then_else(t0 + i < L, Z[b, t0 + i, h, pp], T.cast(0, BF16))
+                do_s[i, pp] = T.if_then_else(first + i <= last, DOUT[b, first + i, h, pp], T.cast(0, BF16))
+                z_s[i, pp] = T.if_then_else(first + i <= last, Z[b, first + i, h, pp], T.cast(0, BF16))
             if c.norm:
                 squares = T.alloc_fragment((QR, p), F32)
                 row_sum = T.alloc_fragment((QR,), F32)
@@ -224,8 +234,8 @@ def _chunk_dy(c: KernelConfig):
 
             # dz = Σ_r ∂loss/∂(z·mimo_z_r) · mimo_z_r.
             for i, pp in T.Parallel(Q, p):
-                if t0 + i < L:
-                    DZ[b, t0 + i, h, pp] = T.cast(
+                if first + i <= last:
+                    DZ[b, first + i, h, pp] = T.cast(
                         sum(
                             gate.d_gate_input(do_s, z_s, gate_s, out_w_s, y_s, inv_s, norm_s, i * R + r, pp) * gate_s[r, pp]
                             for r in range(R)
@@ -270,28 +280,39 @@ def _chunk_dy(c: KernelConfig):
 
 
 def _state_pass_bwd(c: KernelConfig):
-    H, p, n, rows = c.H, c.p, c.n, STATE_ROWS
-    batch, NC = T.dynamic("batch, NC")
+    H, p, n, Q, rows = c.H, c.p, c.n, c.Q, STATE_ROWS
+    batch, NC, LP = T.dynamic("batch, NC, LP")
+    NS = states_dim(c, batch)
 
     @T.prim_func
     def state_pass_bwd(
         GC: T.Tensor((batch, NC, H, n, p), F32),
         MULT: T.Tensor((batch, NC, H), F32),
-        DH_FINAL: T.Tensor((batch, H, n, p), F32),
+        SEG: T.Tensor((batch, LP), "int32"),
+        DH_FINAL: T.Tensor((NS, H, n, p), F32),
         DS: T.Tensor((batch, NC, H, n, p), F32),
-        DH0: T.Tensor((batch, H, n, p), F32),
+        DH0: T.Tensor((NS, H, n, p), F32),
     ):
         with T.Kernel(n // rows, H, batch, threads=SCAN_THREADS) as (block, h, b):
             grad = T.alloc_fragment((rows, p), F32)
             g_s = T.alloc_shared((rows, p), F32)
-            T.copy(DH_FINAL[b, h, block * rows : (block + 1) * rows, :], grad)
+            if c.packed:  # each document's ∂h_final at its last chunk, in the loop
+                T.clear(grad)
+            else:
+                T.copy(DH_FINAL[b, h, block * rows : (block + 1) * rows, :], grad)
             for step in T.Pipelined(NC, num_stages=2):
-                T.copy(GC[b, NC - 1 - step, h, block * rows : (block + 1) * rows, :], g_s)
-                mult = MULT[b, NC - 1 - step, h]
+                chunk = NC - 1 - step
+                T.copy(GC[b, chunk, h, block * rows : (block + 1) * rows, :], g_s)
+                mult = MULT[b, chunk, h]
+                if c.packed:
+                    if ends_state(c, SEG, b, chunk, NC):  # a document's last chunk: its ∂h_final
+                        if chunk < NC - 1:  # after the document that follows: its ∂h̃_0 (the first one's after the loop)
+                            T.copy(grad, DH0[SEG[b, chunk * Q + Q], h, block * rows : (block + 1) * rows, :])
+                        T.copy(DH_FINAL[SEG[b, chunk * Q], h, block * rows : (block + 1) * rows, :], grad)
                 for i, pp in T.Parallel(rows, p):
-                    DS[b, NC - 1 - step, h, block * rows + i, pp] = grad[i, pp]
+                    DS[b, chunk, h, block * rows + i, pp] = grad[i, pp]
                     grad[i, pp] = T.if_then_else(mult != 0.0, grad[i, pp] * mult, 0.0) + g_s[i, pp]
-            T.copy(grad, DH0[b, h, block * rows : (block + 1) * rows, :])
+            T.copy(grad, DH0[state_index(c, SEG, b, 0), h, block * rows : (block + 1) * rows, :])
 
     return state_pass_bwd
 
@@ -302,7 +323,7 @@ def _rotation_backward(c: KernelConfig):
     half_split = R > 1
 
     @T.macro
-    def scatter(g_s, cos_s, sin_s, L, b, h, t0, chunk, SHARED_GRAD, BIAS_GRAD, term, term_sum):
+    def scatter(g_s, cos_s, sin_s, first, last, b, h, chunk, SHARED_GRAD, BIAS_GRAD, term, term_sum):
         """Rotate g_s back by −θ_i in place (one thread per rotated pair, the others are left as they are; g_s
         then holds ∂loss/∂(B + bias), or C),
         add it into SHARED_GRAD (b, L, R, G, n) (float64, atomically: a group's heads share it; a float64
@@ -317,8 +338,8 @@ def _rotation_backward(c: KernelConfig):
         for r in T.serial(R):
             for i, nn in T.Parallel(Q, n):
                 term[i, nn] = g_s[i * R + r, nn]
-                if t0 + i < L:
-                    T.atomic_add(SHARED_GRAD[b, t0 + i, r, h // (H // G), nn], term[i, nn])
+                if first + i <= last:
+                    T.atomic_add(SHARED_GRAD[b, first + i, r, h // (H // G), nn], term[i, nn])
             T.reduce_sum(term, term_sum, dim=0)
             for nn in T.Parallel(n):
                 BIAS_GRAD[b, chunk, h, r, nn] = term_sum[nn]
@@ -341,7 +362,7 @@ def _rotation_backward(c: KernelConfig):
 def _chunk_dqkv(c: KernelConfig):
     H, p, n, R, G, S, Q = c.H, c.p, c.n, c.R, c.G, c.S, c.Q
     QR = Q * R
-    batch, L, LP, NC, LPR, BNC = T.dynamic("batch, L, LP, NC, LPR, BNC")
+    batch, L, LP, NC, LPR, BNC, SB, SNC = T.dynamic("batch, L, LP, NC, LPR, BNC, SB, SNC")
     load_scalars, rotation, keys, values, mix_weights = chunk_prologue(c)
     scatter, angle_grad = _rotation_backward(c)
 
@@ -361,6 +382,7 @@ def _chunk_dqkv(c: KernelConfig):
         ANG: T.Tensor((batch, L, S), BF16),
         DT: T.Tensor((batch, L, H), BF16),
         SEG: T.Tensor((batch, LP), "int32"),
+        SPAN: T.Tensor((SB, SNC, 2), "int32"),
         CS: T.Tensor((batch, H, LP), F32),
         WD: T.Tensor((batch, H, LP), F32),
         WO: T.Tensor((batch, H, LP), F32),
@@ -389,6 +411,8 @@ def _chunk_dqkv(c: KernelConfig):
     ):
         with T.Kernel(NC, H, batch, threads=dqkv_threads(R)) as (chunk, h, b):
             t0 = chunk * Q
+            first = span_first(c, SPAN, b, chunk)
+            last = span_last(c, SPAN, b, chunk, L)
             seg_s = T.alloc_shared((Q,), "int32")
             cs_s = T.alloc_shared((Q,), F32)
             wd_s = T.alloc_shared((Q,), F32)
@@ -457,17 +481,17 @@ def _chunk_dqkv(c: KernelConfig):
             turn_sum = T.alloc_fragment((Q,), F32)
 
             load_scalars(SEG, CS, WD, WO, b, h, t0, seg_s, cs_s, wd_s, wo_s)
-            seg_before = SEG[b, T.max(t0 - 1, 0)]
+            seg_before = segment_before(c, SEG, b, t0)
             for i in T.Parallel(Q):
                 one_s[i] = 1.0
                 inter_s[i] = T.if_then_else(seg_s[i] == seg_before, T.exp(cs_s[i]), 0.0)
                 end_s[i] = T.if_then_else(seg_s[i] == seg_s[Q - 1], T.exp(cs_s[Q - 1] - cs_s[i]), 0.0)
                 w_s[i] = end_s[i] * wo_s[i]
-            rotation(ANG, DT, THS, L, b, h, chunk, t0, seg_s, seg_before, turn_s, theta_f, cos_s, sin_s)
+            rotation(ANG, DT, THS, first, last, b, h, chunk, seg_s, seg_before, turn_s, theta_f, cos_s, sin_s)
             mult_s[0] = MULT[b, chunk, h]
-            keys(Cq, C_BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, one_s, q_s, q_lo)
-            keys(Bk, B_BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, one_s, k_s, k_lo)
-            values(X, MIMO_X, L, b, h, t0, x_s, mx_s, v_s)
+            keys(Cq, C_BIAS, first, last, b, h, raw_s, bias_s, cos_s, sin_s, one_s, q_s, q_lo)
+            keys(Bk, B_BIAS, first, last, b, h, raw_s, bias_s, cos_s, sin_s, one_s, k_s, k_lo)
+            values(X, MIMO_X, first, last, b, h, x_s, mx_s, v_s)
             split_tile_bf16(DY, b, h, chunk * QR, dy_s, dy_lo)
 
             T.gemm(q_s, k_s, scores, transpose_B=True, clear_accum=True)
@@ -522,15 +546,15 @@ def _chunk_dqkv(c: KernelConfig):
             T.copy(row_f, DD[b, h, chunk * QR : (chunk + 1) * QR])
             if R == 1:
                 for i, pp in T.Parallel(Q, p):
-                    if t0 + i < L:
-                        DX[b, t0 + i, h, pp] = T.cast(dv[i, pp] * mx_s[0, pp], BF16)
+                    if first + i <= last:
+                        DX[b, first + i, h, pp] = T.cast(dv[i, pp] * mx_s[0, pp], BF16)
             else:  # dx and ∂mimo_x sum over a token's R rows: through shared memory
                 dv_s = T.alloc_shared((QR, p), F32)
                 T.annotate_layout({dv_s: bank_swizzled(dv_s)})
                 T.copy(dv, dv_s)
                 for i, pp in T.Parallel(Q, p):
-                    if t0 + i < L:
-                        DX[b, t0 + i, h, pp] = T.cast(sum(dv_s[i * R + r, pp] * mx_s[r, pp] for r in range(R)), BF16)
+                    if first + i <= last:
+                        DX[b, first + i, h, pp] = T.cast(sum(dv_s[i * R + r, pp] * mx_s[r, pp] for r in range(R)), BF16)
                 T.clear(dmx)
                 for i in T.serial(Q):
                     for r, pp in T.Parallel(R, p):
@@ -573,15 +597,15 @@ def _chunk_dqkv(c: KernelConfig):
             T.copy(dk, g_s)
             T.clear(theta_grad)
             angle_grad(g_s, k_s, theta_grad)
-            scatter(g_s, cos_s, sin_s, L, b, h, t0, chunk, DB, DB_BIAS, key_term, key_sum)
+            scatter(g_s, cos_s, sin_s, first, last, b, h, chunk, DB, DB_BIAS, key_term, key_sum)
 
             T.copy(dq, g_s)
             angle_grad(g_s, q_s, theta_grad)
-            scatter(g_s, cos_s, sin_s, L, b, h, t0, chunk, DC, DC_BIAS, key_term, key_sum)
+            scatter(g_s, cos_s, sin_s, first, last, b, h, chunk, DC, DC_BIAS, key_term, key_sum)
             for i, s in T.Parallel(Q, S):  # tanh(angles) and Δ for the angle terms below
-                inside = t0 + i < L
-                tanh_f[i, s] = T.if_then_else(inside, T.tanh(T.cast(ANG[b, t0 + i, s], F32)), 0.0)
-                dt_f[i, s] = T.if_then_else(inside, T.cast(DT[b, t0 + i, h], F32), 0.0)
+                inside = first + i <= last
+                tanh_f[i, s] = T.if_then_else(inside, T.tanh(T.cast(ANG[b, first + i, s], F32)), 0.0)
+                dt_f[i, s] = T.if_then_else(inside, T.cast(DT[b, first + i, h], F32), 0.0)
 
             # ends = Σ_m dw_m w_m; the per-token scalar gradients.
             for m in T.Parallel(Q):
@@ -617,7 +641,7 @@ def _chunk_dqkv(c: KernelConfig):
                 phi = piece_total(turn_s, seg_s, i, s)
                 angle_terms[i, s] = phi * tanh_f[i, s]
                 angle_dt[i, s] = phi * dt_f[i, s]
-                if t0 + i < L:
+                if first + i <= last:
                     T.atomic_add(DTD[b, t0 + i, s], angle_dt[i, s])
             T.reduce_sum(angle_terms, turn_sum, dim=1)
             for j in T.Parallel(Q):
@@ -630,7 +654,8 @@ def _chunk_dqkv(c: KernelConfig):
 
 def _terms_grad(c: KernelConfig):
     H, S, Q = c.H, c.S, c.Q
-    batch, L, LP, NC = T.dynamic("batch, L, LP, NC")
+    batch, L, LP, NC, SB, SNC = T.dynamic("batch, L, LP, NC, SB, SNC")
+    NS = states_dim(c, batch)
     prep = c.A_floor is not None
 
     @T.prim_func
@@ -640,13 +665,14 @@ def _terms_grad(c: KernelConfig):
         TRAP: T.Tensor((batch, L, H), BF16),
         ANG: T.Tensor((batch, L, S), BF16),
         SEG: T.Tensor((batch, LP), "int32"),
+        SPAN: T.Tensor((SB, SNC, 2), "int32"),
         DLA: T.Tensor((batch, H, LP), F32),
         DWD: T.Tensor((batch, H, LP), F32),
         DWO: T.Tensor((batch, H, LP), F32),
         DTT: T.Tensor((batch, H, LP), F32),
         DTD: T.Tensor((batch, LP, S), F64),
         CARRY: T.Tensor((batch, NC, H, S), F32),
-        DW0: T.Tensor((batch, H), F32),
+        DW0: T.Tensor((NS, H), F32),
         DT_RAW: T.Tensor((batch, L, H), BF16),
         DT_BIAS: T.Tensor((H,), F32),
         DDT: T.Tensor((batch, L, H), BF16),
@@ -656,7 +682,11 @@ def _terms_grad(c: KernelConfig):
         DBIAS: T.Tensor((batch, NC, H), F32),
     ):
         with T.Kernel(NC, batch, threads=SCAN_THREADS) as (chunk, b):
-            t0 = chunk * Q
+            t0 = chunk * Q  # the chunk's per-token terms; its tokens are first + i up to `last`
+            first = span_first(c, SPAN, b, chunk)
+            last = span_last(c, SPAN, b, chunk, L)
+            opens = starts_state(c, SEG, b, chunk)  # its first token opens the row (packed: its document)
+            st = state_index(c, SEG, b, t0)
             last_s = T.alloc_shared((Q,), "int32")  # 1 for the tokens of the chunk's last piece
             dt_s = T.alloc_shared((Q, H), F32)
             tanh_s = T.alloc_shared((Q, S), F32)
@@ -669,9 +699,9 @@ def _terms_grad(c: KernelConfig):
             for i in T.Parallel(Q):
                 last_s[i] = T.if_then_else(SEG[b, t0 + i] == SEG[b, t0 + Q - 1], 1, 0)
             for i, h in T.Parallel(Q, H):
-                dt_s[i, h] = T.if_then_else(t0 + i < L, T.cast(DT[b, t0 + i, h], F32), 0.0)
+                dt_s[i, h] = T.if_then_else(first + i <= last, T.cast(DT[b, first + i, h], F32), 0.0)
             for i, s in T.Parallel(Q, S):
-                tanh_s[i, s] = T.if_then_else(t0 + i < L, T.tanh(T.cast(ANG[b, t0 + i, s], F32)), 0.0)
+                tanh_s[i, s] = T.if_then_else(first + i <= last, T.tanh(T.cast(ANG[b, first + i, s], F32)), 0.0)
             for h, s in T.Parallel(H, S):
                 carry_s[h, s] = CARRY[b, chunk, h, s]
             for h, i in T.Parallel(H, Q):
@@ -681,14 +711,14 @@ def _terms_grad(c: KernelConfig):
                 scalars_s[1, h, i] = DWD[b, h, t]
                 scalars_s[2, h, i] = DWO[b, h, t]
                 scalars_s[3, h, i] = DTT[b, h, t]
-                # ∂β_j = ∂wo_{j−1} (∂w0 at j = 0), 0 where j starts a document
+                # ∂β_j = ∂wo_{j−1} (∂w0 at a row's or a packed document's first token), 0 where j starts a document
                 dbeta_s[h, i] = T.if_then_else(
-                    t == 0, DW0[b, h], T.if_then_else(SEG[b, t] != SEG[b, before], 0.0, DWO[b, h, before])
+                    (i == 0) & opens, DW0[st, h], T.if_then_else(SEG[b, t] != SEG[b, before], 0.0, DWO[b, h, before])
                 )
 
             for i, h in T.Parallel(Q, H):
-                t = t0 + i
-                if t < L:
+                t = first + i
+                if t <= last:
                     carried = sum(carry_s[h, s] * tanh_s[i, s] for s in range(S))
                     dincr_turn = scalars_s[3, h, i] + T.if_then_else(last_s[i] != 0, carried, 0.0)
                     dla, dt, dbeta = scalars_s[0, h, i], dt_s[i, h], dbeta_s[h, i]
@@ -706,38 +736,39 @@ def _terms_grad(c: KernelConfig):
                         DDT[b, t, h] = T.cast(ddt, BF16)
                         DA[b, t, h] = T.cast(dla * dt, BF16)
             for i, s in T.Parallel(Q, S):
-                t = t0 + i
-                if t < L:
+                if first + i <= last:
                     carried = sum(carry_s[h, s] * dt_s[i, h] for h in range(H))
-                    dincr_dt = T.cast(DTD[b, t, s], F32) + T.if_then_else(last_s[i] != 0, carried, 0.0)
-                    DANG[b, t, s] = T.cast(math.pi * dincr_dt * (1.0 - tanh_s[i, s] * tanh_s[i, s]), BF16)
+                    dincr_dt = T.cast(DTD[b, t0 + i, s], F32) + T.if_then_else(last_s[i] != 0, carried, 0.0)
+                    DANG[b, first + i, s] = T.cast(math.pi * dincr_dt * (1.0 - tanh_s[i, s] * tanh_s[i, s]), BF16)
             if prep:
                 for h in T.Parallel(H):
-                    DBIAS[b, chunk, h] = sum(T.if_then_else(t0 + i < L, draw_s[h, i], 0.0) for i in range(Q))
+                    DBIAS[b, chunk, h] = sum(T.if_then_else(first + i <= last, draw_s[h, i], 0.0) for i in range(Q))
 
     return terms_grad
 
 
 def _norm_grad(c: KernelConfig):
     R, G, n, Q = c.R, c.G, c.n, c.Q
-    batch, L, NC = T.dynamic("batch, L, NC")
+    batch, L, NC, SB, SNC = T.dynamic("batch, L, NC, SB, SNC")
     rows = Q * R * G  # the chunk's rows (i, r, g), contiguous in (b, l, R, G, n)
 
-    def place(t0, part, k):
-        """(token, rank, group) of slot k of the chunk's rows `part`."""
+    def place(first, part, k):
+        """(token, rank, group) of slot k of the chunk's rows `part`, the chunk's first token `first`."""
         row = part * PREP_ROWS + k
-        return t0 + row // (R * G), row // G % R, row % G
+        return first + row // (R * G), row // G % R, row % G
 
     @T.prim_func
     def norm_grad(
         DN: T.Tensor((batch, L, R, G, n), F64),
         RAW: T.Tensor((batch, L, R, G, n), BF16),
+        SPAN: T.Tensor((SB, SNC, 2), "int32"),
         WEIGHT: T.Tensor((n,), F32),
         DRAW: T.Tensor((batch, L, R, G, n), BF16),
         DWEIGHT: T.Tensor((batch, NC, n), F32),
     ):
         with T.Kernel(NC, batch, threads=SCAN_THREADS) as (chunk, b):
-            t0 = chunk * Q
+            first = span_first(c, SPAN, b, chunk)
+            last = span_last(c, SPAN, b, chunk, L)
             raw = T.alloc_fragment((PREP_ROWS, n), F32)
             grad = T.alloc_fragment((PREP_ROWS, n), F32)
             terms = T.alloc_fragment((PREP_ROWS, n), F32)
@@ -748,10 +779,10 @@ def _norm_grad(c: KernelConfig):
             T.clear(weighted)
             for part in T.serial(rows // PREP_ROWS):
                 for k, nn in T.Parallel(PREP_ROWS, n):
-                    t, r, g = place(t0, part, k)
+                    t, r, g = place(first, part, k)
                     value = RAW[b, T.min(t, L - 1), r, g, nn]
                     raw[k, nn] = T.cast(value, F32)
-                    grad[k, nn] = T.if_then_else(t < L, T.cast(DN[b, T.min(t, L - 1), r, g, nn], F32), 0.0)
+                    grad[k, nn] = T.if_then_else(t <= last, T.cast(DN[b, T.min(t, L - 1), r, g, nn], F32), 0.0)
                     terms[k, nn] = raw[k, nn] * raw[k, nn]
                 T.reduce_sum(terms, sums, dim=1)
                 for k in T.Parallel(PREP_ROWS):
@@ -763,8 +794,8 @@ def _norm_grad(c: KernelConfig):
                     terms[k, nn] = grad[k, nn] * raw[k, nn]
                 T.reduce_sum(terms, sums, dim=1)
                 for k, nn in T.Parallel(PREP_ROWS, n):
-                    t, r, g = place(t0, part, k)
-                    if t < L:
+                    t, r, g = place(first, part, k)
+                    if t <= last:
                         DRAW[b, t, r, g, nn] = T.cast(inv_s[k] * (grad[k, nn] - raw[k, nn] * sums[k] / n), BF16)
             T.reduce_sum(weighted, weight_sum, dim=0)
             for nn in T.Parallel(n):
@@ -775,24 +806,27 @@ def _norm_grad(c: KernelConfig):
 
 def _initial_grad(c: KernelConfig):
     H, p, n, R, S = c.H, c.p, c.n, c.R, c.S
-    batch, L = T.dynamic("batch, L")
+    batch, L, DB, ND = T.dynamic("batch, L, DB, ND")
+    NS = states_dim(c, batch)
 
     @T.prim_func
     def initial_grad(
-        DH0: T.Tensor((batch, H, n, p), F32),
-        H_IN: T.Tensor((batch, H, n, p), F32),
-        K_PREV: T.Tensor((batch, R, H, n), F32),
-        V_PREV: T.Tensor((batch, H, p), F32),
+        DH0: T.Tensor((NS, H, n, p), F32),
+        H_IN: T.Tensor((NS, H, n, p), F32),
+        K_PREV: T.Tensor((NS, R, H, n), F32),
+        V_PREV: T.Tensor((NS, H, p), F32),
         MIMO_X: T.Tensor((H, R, p), F32),
         DT: T.Tensor((batch, L, H), BF16),
         TRAP: T.Tensor((batch, L, H), BF16),
-        DK_PREV: T.Tensor((batch, R, H, n), F32),
-        DV_PREV: T.Tensor((batch, H, p), F32),
-        DMIMO_X: T.Tensor((batch, H, R, p), F32),
-        DW0: T.Tensor((batch, H), F32),
-        DTHETA0: T.Tensor((batch, H, S), F32),
+        DOCS: T.Tensor((DB, ND, 2), "int32"),
+        DK_PREV: T.Tensor((NS, R, H, n), F32),
+        DV_PREV: T.Tensor((NS, H, p), F32),
+        DMIMO_X: T.Tensor((NS, H, R, p), F32),
+        DW0: T.Tensor((NS, H), F32),
+        DTHETA0: T.Tensor((NS, H, S), F32),
     ):
-        with T.Kernel(H, batch, threads=SCAN_THREADS) as (h, b):
+        # grid (H, states): state b is row b's, or packed document b's, whose [first, last] tokens DOCS[0, b] holds
+        with T.Kernel(H, NS, threads=SCAN_THREADS) as (h, b):
             dh_s = T.alloc_shared((n, p + 1), F32)  # + 1: the reads down a column fall in distinct banks
             k_s = T.alloc_shared((R, n), F32)
             values_s = T.alloc_shared((R, p), F32)
@@ -810,8 +844,12 @@ def _initial_grad(c: KernelConfig):
                 k_s[r, i] = K_PREV[b, r, h, i]
             for r, pp in T.Parallel(R, p):
                 values_s[r, pp] = V_PREV[b, h, pp] * MIMO_X[h, r, pp]
-            dt_0 = T.cast(DT[b, 0, h], F32)
-            w0 = dt_0 - T.sigmoid(T.cast(TRAP[b, 0, h], F32)) * dt_0
+            if c.packed:  # Δ_0 = 0 for an empty document
+                dt_0 = T.if_then_else(DOCS[0, b, 0] <= DOCS[0, b, 1], T.cast(DT[0, DOCS[0, b, 0], h], F32), 0.0)
+                w0 = dt_0 - T.sigmoid(T.cast(TRAP[0, T.min(DOCS[0, b, 0], L - 1), h], F32)) * dt_0
+            else:
+                dt_0 = T.cast(DT[b, 0, h], F32)
+                w0 = dt_0 - T.sigmoid(T.cast(TRAP[b, 0, h], F32)) * dt_0
 
             T.clear(dweighted)
             T.clear(dkey)

@@ -162,6 +162,7 @@ def terms_backward(
     grads: PieceGrads,
     boundary: BoundaryStates,
     parts: TermParts | None = None,
+    last_tokens: Tensor | None = None,
 ) -> InputGrads:
     """Push `grads` through `chunk_terms`, the per-token θ and the final state's k/v/θ, in closed form.
 
@@ -170,7 +171,10 @@ def terms_backward(
     gives them (or the kernels' launch), and its `boundary` states -> `InputGrads` (compute dtype; ∂Δ, ∂A,
     ∂trap and ∂angles in the dtype `parts.per_token` gives). `grads` must be the gradients of one loss (∂θ_0
     uses the rotation invariance that makes them consistent, below). `parts` runs the initial state's and
-    the per-token parts (None: `initial_state_grads` and `token_grads`, in PyTorch).
+    the per-token parts (None: `initial_state_grads` and `token_grads`, in PyTorch). With `last_tokens` (N,),
+    the kernels' `cu_seqlens` layout (`chunk_layout`, b = 1): N documents that each start at a chunk boundary
+    from their own initial state and end at their last token with their own final state; `terms.seg` holds
+    each chunk's document, and the state gradients, B_last and x_last are per document.
     With j a token, c its chunk and incr_j = π·tanh(angles_j)·Δ_j (b, l, H, S):
 
         cs_j = Σ_{m ≤ j in c and j's document} A_m Δ_m,  mult_c = exp(cs_last) [no start in c]:
@@ -193,13 +197,15 @@ def terms_backward(
     Q = terms.seg.shape[1] // nc
     half_split = R > 1
     dtype = grads.theta_turn.dtype  # the compute dtype
+    packed = last_tokens is not None
 
     # The final key's gradients: ∂u = rot(−θ_final) ∂k for the unrotated u, and ∂θ from each pair of u
     # (rotations keep the pairs' cross products).
     final, dkey = grads.final, None
     dtheta_final = final.theta
     if final.k_prev is not None:
-        key = head_inputs(as_dtype(inputs.B[:, -1], dtype), as_dtype(weights.B_bias, dtype))  # (b, R, H, n)
+        last_B = inputs.B[0, last_tokens] if packed else inputs.B[:, -1]  # (states, R, G, n)
+        key = head_inputs(as_dtype(last_B, dtype), as_dtype(weights.B_bias, dtype))  # (states, R, H, n)
         dkey = rotate(final.k_prev, -as_dtype(terms.theta_final[:, None], dtype), half_split)
         cross = pair_cross(dkey, key, S, half_split).sum(dim=1)
         dtheta_final = cross if dtheta_final is None else dtheta_final + cross
@@ -207,9 +213,10 @@ def terms_backward(
     # ∂θ's carry_c is what the document of chunk c's last piece gathers after c, the first pieces of the
     # later chunks it reaches (∂θ_final past the last chunk): a float64 difference of running sums over
     # (b, nc + 1, H, S) slots, exactly 0 where that document ends in c. ∂incr_j = φ_j + carry_c in c's last
-    # piece, contracted with tanh(angles) and Δ as `grads` holds φ's (`token_grads`).
+    # piece, contracted with tanh(angles) and Δ as `grads` holds φ's (`token_grads`). Packed, every chunk's
+    # document reaches its own end: ∂θ_final of that document joins every carry of it instead.
     first = grads.theta_first
-    if dtheta_final is None:
+    if dtheta_final is None or packed:
         reaches = F.pad(first.double(), (0, 0, 0, 0, 1, 1))
     else:
         reaches = F.pad(torch.cat((first, dtheta_final[:, None]), dim=1).double(), (0, 0, 0, 0, 1, 0))
@@ -218,6 +225,8 @@ def terms_backward(
     keys = torch.cat((seg_chunks[:, :, 0], terms.seg[:, -1:]), dim=1)  # each slot's document, (b, nc + 1)
     past = torch.searchsorted(keys, seg_chunks[:, :, -1].contiguous(), right=True)  # after the last slot reached
     carry = (reaches.take_along_dim(past.view(b, nc, 1, 1), dim=1) - reaches[:, 1:-1]).to(dtype)  # (b, nc, H, S)
+    if packed and dtheta_final is not None:
+        carry = carry + dtheta_final[seg_chunks[:, :, 0].long()]
 
     # θ_0 by rotation invariance: turning θ_0 and h̃_0 together by ε (per pair) leaves every output as it is
     # and turns the final h, key and θ by ε where the first document reaches the end, so
@@ -229,8 +238,8 @@ def terms_backward(
         ends = turn_h if ends is None else ends + turn_h
     parts = parts or TermParts(initial_state_grads, token_grads)
     dk_prev, dv_prev, dmimo_x, dw0, dtheta_0 = parts.initial_state(inputs, weights, state, grads.h_in, boundary.h_in)
-    if ends is not None:
-        dtheta_0 = dtheta_0 + torch.where((terms.seg[:, -1] == 0)[:, None, None], ends, 0)
+    if ends is not None:  # packed, every document reaches its end
+        dtheta_0 = dtheta_0 + (ends if packed else torch.where((terms.seg[:, -1] == 0)[:, None, None], ends, 0))
 
     ddt, dA, dtrap, dangles = parts.per_token(inputs, starts, terms.seg, grads, carry, dw0)
     no_key = dkey is None

@@ -1,4 +1,6 @@
-"""`tilelang_scan`: the TileLang kernels behind an autograd Function, with packing via `run_packed`.
+"""`tilelang_scan`: the TileLang kernels behind an autograd Function, one call for any packing: rows with
+`segment_ids` (`run_packed` turns them into document starts), or `cu_seqlens` documents laid out by
+`chunk_layout` with one initial and final state each.
 
 Forward: the `chunk_prep` kernel and a few small PyTorch ops for the per-token and per-chunk terms of
 `chunk_terms` (with a `Mamba3Prep`, also the prep: Δ = softplus, A's decay rate, B/C RMSNorm), then the
@@ -15,12 +17,19 @@ import functools
 from typing import NamedTuple
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from megatron_mamba3.ops.interface import Mamba3Inputs, Mamba3Prep, Mamba3State, Mamba3Weights, read_dims
+from megatron_mamba3.ops.interface import (
+    Mamba3Inputs,
+    Mamba3Prep,
+    Mamba3State,
+    Mamba3Weights,
+    compute_dtype,
+    read_dims,
+)
 from megatron_mamba3.ops.tilelang.chunk_grad import BoundaryStates, PieceGrads, TermParts, terms_backward
-from megatron_mamba3.ops.tilelang.chunk_math import as_dtype, chunk_count
+from megatron_mamba3.ops.tilelang.chunk_layout import ChunkLayout, packed_layout, unpacked_layout
+from megatron_mamba3.ops.tilelang.chunk_math import as_dtype
 from megatron_mamba3.ops.toolkit.finite import finite_values
 from megatron_mamba3.ops.toolkit.packing import run_packed
 
@@ -42,12 +51,14 @@ def unsupported(n: int, p: int, R: int) -> str | None:
 
 
 class _Launch(NamedTuple):
-    """What every kernel launch of one call shares: the kernels' config, the inputs contiguous in their
-    dtype, `kernel_terms` (cs, wd and wo are views of `scalars`; theta_start and theta_final are filled by
-    `state_pass`), the weights as fp32 (ones where absent) and the prep's dt_bias, B_norm, C_norm fp32 (stand-ins
-    of their shapes without the prep, never read)."""
+    """What every kernel launch of one call shares: the kernels' config, the chunk layout, the inputs
+    contiguous in their dtype, `kernel_terms` (cs, wd and wo are views of `scalars`; theta_start and theta_final
+    are filled by `state_pass`), the weights as fp32 (ones where absent) and the prep's dt_bias, B_norm, C_norm
+    fp32 (stand-ins of their shapes without the prep, never read). States (h_in, theta_0, theta_final) are per
+    row, or per document with `cu_seqlens`."""
 
     config: object
+    layout: ChunkLayout
     x: Tensor
     z: Tensor
     B: Tensor
@@ -55,6 +66,7 @@ class _Launch(NamedTuple):
     dt: Tensor
     angles: Tensor
     seg: Tensor
+    span: Tensor
     mult: Tensor
     totals: Tensor
     theta_0: Tensor
@@ -81,16 +93,22 @@ _INPUT_FIELDS = ("x", "z", "B", "C", "dt", "angles")  # the launch's inputs
 
 
 def _prepare(
-    inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state: Mamba3State, prep: Mamba3Prep | None
+    inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor | None, cu_seqlens: Tensor | None,
+    state: Mamba3State, prep: Mamba3Prep | None,
 ) -> _Launch:
-    """The launch of one call: with `prep` (raw dt, A, B, C in), its Δ, B and C are chunk_prep's outputs."""
+    """The launch of one call: rows with document `starts` (b, l) bool, or `cu_seqlens` documents (with one
+    state each); with `prep` (raw dt, A, B, C in), its Δ, B and C are chunk_prep's outputs."""
     from megatron_mamba3.ops.tilelang.kernels import KernelConfig
 
-    H, p = inputs.x.shape[2:]
+    length, H, p = inputs.x.shape[1:]
     R, G, n = inputs.B.shape[2:]
     S = inputs.angles.shape[-1]
     Q = TILE_ROWS // R
-    config = KernelConfig(H, p, n, R, G, S, Q, weights.norm is not None, None if prep is None else float(prep.A_floor))
+    packed = cu_seqlens is not None
+    layout = packed_layout(cu_seqlens, length, Q) if packed else unpacked_layout(starts, Q)
+    config = KernelConfig(
+        H, p, n, R, G, S, Q, weights.norm is not None, None if prep is None else float(prep.A_floor), packed
+    )
     ones = {}  # one read-only tensor of ones per shape, for the absent weights
 
     def f32(t, shape):
@@ -106,15 +124,15 @@ def _prepare(
     B_bias, C_bias, D = f32(weights.B_bias, None), f32(weights.C_bias, None), f32(weights.D, None)
     # Without the prep, chunk_prep and terms_grad take tensors of its weights' shapes that they never read.
     prep_weights = (D, *(f32(None, (n,)),) * 2) if prep is None else tuple(f32(t, None) for t in prep[:3])
-    terms, inputs = kernel_terms(config, inputs, mimo[0], starts, state, prep_weights)
+    terms, inputs = kernel_terms(config, inputs, mimo[0], layout, state, prep_weights)
     x, z, B, C, dt, angles = (getattr(inputs, field) for field in _INPUT_FIELDS)
-    return _Launch(config, x, z, B, C, dt, angles, *terms, B_bias, C_bias, D, *mimo, norm, *prep_weights)
+    return _Launch(config, layout, x, z, B, C, dt, angles, *terms, B_bias, C_bias, D, *mimo, norm, *prep_weights)
 
 
 def _chunk_starts(launch: _Launch) -> tuple[Tensor, Tensor, Tensor]:
-    """The state each chunk starts from, h̃_c (b, nc, H, n, p) bf16, and the final state's h (b, H, p, n) and
-    key rot(θ_final, B_last + B_bias) (b, R, H, n), fp32 (h̃ after the last chunk is h there: the last token
-    has no successor); `state_pass` also fills the launch's theta_start and theta_final."""
+    """The state each chunk starts from, h̃_c (b, nc, H, n, p) bf16, and the final states' h (states, H, p, n)
+    and key rot(θ_final, B_last + B_bias) (states, R, H, n), fp32 (h̃ after a row's or document's last chunk is h
+    there: its last token has no successor); `state_pass` also fills the launch's theta_start and theta_final."""
     from megatron_mamba3.ops.tilelang.kernels import kernel_set
 
     kernels = kernel_set(launch.config)
@@ -123,25 +141,39 @@ def _chunk_starts(launch: _Launch) -> tuple[Tensor, Tensor, Tensor]:
     device = launch.x.device
     chunk_states = torch.empty(b, nc, H, n, p, device=device, dtype=torch.float32)
     kernels.chunk_state(
-        launch.x, launch.B, launch.angles, launch.dt, launch.seg, launch.cs, launch.wd, launch.wo,
+        launch.x, launch.B, launch.angles, launch.dt, launch.seg, launch.span, launch.cs, launch.wd, launch.wo,
         launch.B_bias, launch.mimo_x, chunk_states,
     )
     starts_h = torch.empty(b, nc, H, n, p, device=device, dtype=torch.bfloat16)
-    h_final = torch.empty(b, H, p, n, device=device, dtype=torch.float32)
-    k_final = torch.empty(b, launch.config.R, H, n, device=device, dtype=torch.float32)
+    states = launch.h_in.shape[0]
+    h_final = torch.empty(states, H, p, n, device=device, dtype=torch.float32)
+    k_final = torch.empty(states, launch.config.R, H, n, device=device, dtype=torch.float32)
     kernels.state_pass(
-        chunk_states, launch.mult, launch.h_in, launch.seg, launch.totals, launch.theta_0, launch.B, launch.B_bias,
-        starts_h, h_final, launch.theta_start, launch.theta_final, k_final,
+        chunk_states, launch.mult, launch.h_in, launch.seg, launch.span, launch.totals, launch.theta_0, launch.B,
+        launch.B_bias, starts_h, h_final, launch.theta_start, launch.theta_final, k_final,
     )
     return starts_h, h_final, k_final
 
 
 def _chunk_args(launch: _Launch) -> tuple[Tensor, ...]:
-    """The per-chunk kernels' leading arguments: x, B, C, angles, Δ, seg, cs, wd, wo, θ_start."""
+    """The per-chunk kernels' leading arguments: x, B, C, angles, Δ, seg, span, cs, wd, wo, θ_start."""
     return (
-        launch.x, launch.B, launch.C, launch.angles, launch.dt, launch.seg, launch.cs, launch.wd, launch.wo,
-        launch.theta_start,
+        launch.x, launch.B, launch.C, launch.angles, launch.dt, launch.seg, launch.span, launch.cs, launch.wd,
+        launch.wo, launch.theta_start,
     )
+
+
+def _last_tokens(layout: ChunkLayout, t: Tensor) -> Tensor:
+    """Each state's last token of t (b, l, ...): (b, ...) per row, or (N, ...) per `cu_seqlens` document."""
+    return t[:, -1] if layout.last_tokens is None else t[0, layout.last_tokens]
+
+
+def _add_at_last_tokens(layout: ChunkLayout, t: Tensor, rows: Tensor) -> None:
+    """t (b, l, ...) += rows (states, ...) at each state's last token (`_last_tokens`), in t's dtype."""
+    if layout.last_tokens is None:
+        t.select(1, -1).add_(rows)
+    else:
+        t[0].index_add_(0, layout.last_tokens, as_dtype(rows, t.dtype))
 
 
 def _forward_kernels(launch: _Launch, inputs: Mamba3Inputs, weights: Mamba3Weights):
@@ -156,7 +188,7 @@ def _forward_kernels(launch: _Launch, inputs: Mamba3Inputs, weights: Mamba3Weigh
         x, launch.z, B, C, *rest, starts_h, launch.B_bias, launch.C_bias, launch.D,
         launch.mimo_x, launch.mimo_z, launch.mimo_o, launch.norm, out,
     )
-    final = Mamba3State(h_final, k_final, as_dtype(inputs.x[:, -1], torch.float32), launch.theta_final)
+    final = Mamba3State(h_final, k_final, as_dtype(_last_tokens(launch.layout, inputs.x), torch.float32), launch.theta_final)
     return out, final, starts_h
 
 
@@ -222,7 +254,7 @@ def _backward_kernels(
         dh_final = torch.zeros_like(dh_in)
     else:
         dh_final = as_dtype(grad_final.h, torch.float32).transpose(-1, -2).contiguous()
-    kernels.state_pass_bwd(gc, launch.mult, dh_final, ds.view(b, nc, H, c.n, p), dh_in)
+    kernels.state_pass_bwd(gc, launch.mult, launch.seg, dh_final, ds.view(b, nc, H, c.n, p), dh_in)
     del gc  # read by state_pass_bwd alone: its b·nc·H·n·p fp32 go back before chunk_dqkv's outputs (peak memory)
 
     # dB, dC: float64 sums over a group's heads (atomic adds; see backward_kernels.scatter).
@@ -248,16 +280,17 @@ def _backward_kernels(
     dbias = empty(b, nc, H) if prepped else launch.mult  # terms_grad's per-chunk sums of ∂dt_bias (prep only)
     per_token = _terms_grad_kernel(kernels, launch, raw.dt.contiguous() if prepped else launch.dt, dbias)
     parts = TermParts(_initial_grad_kernel(kernels, launch), per_token)
-    rest = terms_backward(inputs, weights, starts, state, launch, pieces, boundary, parts)
+    last_tokens = launch.layout.last_tokens
+    rest = terms_backward(inputs, weights, starts, state, launch, pieces, boundary, parts, last_tokens=last_tokens)
     if rest.x_last is not None:
-        dx.select(1, -1).add_(rest.x_last)
+        _add_at_last_tokens(launch.layout, dx, rest.x_last)
     if rest.B_last is not None:
-        dB.select(1, -1).add_(rest.B_last)
+        _add_at_last_tokens(launch.layout, dB, rest.B_last)
     chunk_sum = lambda t: t.sum(dim=(0, 1))  # noqa: E731  (the per-chunk partial sums (b, nc, ...) of a weight's gradient)
     grads_prep = None
     if prepped:  # through the RMSNorms of B and C to the raw rows and the norm weights
-        dB, dB_norm = _norm_grad(kernels, dB, raw.B, launch.B_norm, nc)
-        dC, dC_norm = _norm_grad(kernels, dC, raw.C, launch.C_norm, nc)
+        dB, dB_norm = _norm_grad(kernels, dB, raw.B, launch.span, launch.B_norm, nc)
+        dC, dC_norm = _norm_grad(kernels, dC, raw.C, launch.span, launch.C_norm, nc)
         grads_prep = (chunk_sum(dbias), dB_norm, dC_norm)
     else:
         dB, dC = as_dtype(dB, inputs.B.dtype), as_dtype(dC, inputs.C.dtype)  # straight from the float64 sums
@@ -275,18 +308,19 @@ def _backward_kernels(
     return grads_inputs, grads_weights, rest.state, grads_prep
 
 
-def _norm_grad(kernels, grad: Tensor, raw: Tensor, weight: Tensor, nc: int) -> tuple[Tensor, Tensor]:
+def _norm_grad(kernels, grad: Tensor, raw: Tensor, span: Tensor, weight: Tensor, nc: int) -> tuple[Tensor, Tensor]:
     """RMSNorm's backward by the `norm_grad` kernel: the float64 sums of ∂(normed B or C) (b, l, R, G, n) and
     the raw rows (bf16) -> (∂raw rows in their dtype, ∂weight (n,) fp32 from per-chunk partial sums)."""
     draw = torch.empty(grad.shape, device=grad.device, dtype=raw.dtype)
     dweight = torch.empty(grad.shape[0], nc, grad.shape[-1], device=grad.device, dtype=torch.float32)
-    kernels.norm_grad(grad, raw.contiguous(), weight, draw, dweight)
+    kernels.norm_grad(grad, raw.contiguous(), span, weight, draw, dweight)
     return draw, dweight.sum(dim=(0, 1))
 
 
 def _initial_grad_kernel(kernels, launch: _Launch):
     """`chunk_grad.initial_state_grads` as the `initial_grad` kernel runs it on the backward's finite inputs
-    and state; ∂h̃_0 and h̃_0 come as (b, H, p, n) views of the kernels' (b, H, n, p) buffers."""
+    and state, one per row or `cu_seqlens` document; ∂h̃_0 and h̃_0 come as (states, H, p, n) views of the
+    kernels' (states, H, n, p) buffers."""
 
     def initial_state(inputs: Mamba3Inputs, weights: Mamba3Weights, state: Mamba3State, dh_in: Tensor, h_in: Tensor):
         b, H, p, n = dh_in.shape
@@ -297,7 +331,7 @@ def _initial_grad_kernel(kernels, launch: _Launch):
         k_prev, v_prev = (as_dtype(t, torch.float32).contiguous() for t in (state.k_prev, state.v_prev))
         kernels.initial_grad(
             dh_in.transpose(-1, -2), h_in.transpose(-1, -2), k_prev, v_prev, launch.mimo_x, launch.dt,
-            inputs.trap.contiguous(), dk_prev, dv_prev, dmimo_x, dw0, dtheta_0,
+            inputs.trap.contiguous(), launch.layout.docs, dk_prev, dv_prev, dmimo_x, dw0, dtheta_0,
         )
         return dk_prev, dv_prev, None if weights.mimo_x is None else dmimo_x.sum(dim=0), dw0, dtheta_0
 
@@ -317,7 +351,7 @@ def _terms_grad_kernel(kernels, launch: _Launch, dt_raw: Tensor, dbias: Tensor):
         dangles = torch.empty_like(launch.angles)
         per_head = (g.transpose(1, 2) for g in (grads.log_alpha, grads.wd, grads.wo, grads.theta_turn))
         kernels.terms_grad(
-            launch.dt, inputs.A.contiguous(), inputs.trap.contiguous(), launch.angles, seg, *per_head,
+            launch.dt, inputs.A.contiguous(), inputs.trap.contiguous(), launch.angles, seg, launch.span, *per_head,
             grads.theta_dt, carry, dw0, dt_raw, launch.dt_bias, ddt, dA, dtrap, dangles, dbias,
         )
         return ddt, dA, dtrap, dangles
@@ -326,47 +360,54 @@ def _terms_grad_kernel(kernels, launch: _Launch, dt_raw: Tensor, dbias: Tensor):
 
 
 def kernel_terms(
-    config, inputs: Mamba3Inputs, mimo_x: Tensor, starts: Tensor, state: Mamba3State, prep_weights: tuple[Tensor, ...]
+    config, inputs: Mamba3Inputs, mimo_x: Tensor, layout: ChunkLayout, state: Mamba3State,
+    prep_weights: tuple[Tensor, ...],
 ) -> tuple[tuple[Tensor, ...], Mamba3Inputs]:
     """`chunk_terms` in the kernels' layouts by the `chunk_prep` kernel (contiguous inputs, mimo_x (H, R, p)
-    fp32, ones for SISO; prep_weights: dt_bias (H,), B_norm and C_norm (n,) fp32, read with the prep only):
-    (terms, the inputs the other kernels read: with the prep, Δ, B and C are chunk_prep's bf16 outputs).
-    The terms: seg (b, l_pad) int32, mult (b, nc, H), each chunk's last document's angle total
-    (b, nc, H, S) and θ_0 (b, H, S) for `state_pass`, which fills theta_start (b, nc, H, S) and theta_final
-    (b, H, S) (empty here), scalars (3, b, H, l_pad) (cs, wd, wo, also returned as its views) and h̃_0 as
-    (b, H, n, p), all contiguous fp32 (seg int32)."""
+    fp32, ones for SISO; the initial states, one per row or `cu_seqlens` document; prep_weights: dt_bias (H,),
+    B_norm and C_norm (n,) fp32, read with the prep only): (terms, the inputs the other kernels read: with the
+    prep, Δ, B and C are chunk_prep's bf16 outputs). The terms: the layout's seg (b, l_pad) int32 and span,
+    mult (b, nc, H), each chunk's last document's angle total (b, nc, H, S) and θ_0 (states, H, S) for
+    `state_pass`, which fills theta_start (b, nc, H, S) and theta_final (states, H, S) (empty here), scalars
+    (3, b, H, l_pad) (cs, wd, wo, also returned as its views) and h̃_0 as (states, H, n, p), all contiguous
+    fp32 (seg int32)."""
     from megatron_mamba3.ops.tilelang.kernels import kernel_set
 
-    b, length, H = inputs.dt.shape
-    nc = chunk_count(length, config.Q)
-    rows = nc * config.Q
-    seg = (starts if rows == length else F.pad(starts, (0, rows - length))).cumsum(dim=1, dtype=torch.int32)
+    b, _, H = inputs.dt.shape
+    seg = layout.seg
+    rows = seg.shape[1]
+    nc, states = rows // config.Q, state.h.shape[0]
     empty = lambda *shape: torch.empty(shape, device=inputs.x.device, dtype=torch.float32)  # noqa: E731
     scalars, mult, totals = empty(3, b, H, rows), empty(b, nc, H), empty(b, nc, H, config.S)
     cs, wd, wo = scalars.unbind(0)
     h, k_prev, v_prev, theta_0 = (as_dtype(t, torch.float32).contiguous() for t in state)
-    h_in = empty(b, H, config.n, config.p)
+    h_in = empty(states, H, config.n, config.p)
     prepped = inputs  # without the prep, chunk_prep writes none of its outputs Δ, B and C: the inputs stand in
     if config.A_floor is not None:
         prepped = inputs._replace(dt=torch.empty_like(inputs.dt), B=torch.empty_like(inputs.B), C=torch.empty_like(inputs.C))
     kernel_set(config).chunk_prep(
-        inputs.dt, inputs.A, inputs.trap, inputs.angles, seg, h, k_prev, v_prev, mimo_x, prep_weights[0], inputs.B,
-        inputs.C, *prep_weights[1:], cs, wd, wo, mult, totals, h_in, prepped.dt, prepped.B, prepped.C,
+        inputs.dt, inputs.A, inputs.trap, inputs.angles, seg, layout.span, h, k_prev, v_prev, mimo_x,
+        prep_weights[0], inputs.B, inputs.C, *prep_weights[1:], cs, wd, wo, mult, totals, h_in, prepped.dt,
+        prepped.B, prepped.C,
     )
-    terms = (seg, mult, totals, theta_0, empty(b, nc, H, config.S), empty(b, H, config.S), scalars, cs, wd, wo, h_in)
+    terms = (
+        seg, layout.span, mult, totals, theta_0, empty(b, nc, H, config.S), empty(states, H, config.S), scalars,
+        cs, wd, wo, h_in,
+    )
     return terms, prepped
 
 
 class _TileLangScan(torch.autograd.Function):
     """Arguments: the prep's A floor (None: no prep), then the leaves: 8 inputs, 7 weights (None where absent),
-    4 state tensors, the prep's dt_bias, B_norm, C_norm (None without it), then starts (b, l) bool."""
+    4 state tensors (one per row, or per `cu_seqlens` document), the prep's dt_bias, B_norm, C_norm (None
+    without it), then starts (b, l) bool and cu_seqlens (N + 1,) (one of them None)."""
 
     @staticmethod
     def forward(ctx, A_floor, *leaves):
-        inputs, weights, state, prep, starts = _split(leaves, A_floor)
+        inputs, weights, state, prep, starts, cu_seqlens = _split(leaves, A_floor)
         ctx.present = tuple(isinstance(t, Tensor) for t in leaves)
         ctx.set_materialize_grads(False)  # an output without a gradient is None, not zeros: its chain is skipped
-        ctx.launch = _prepare(inputs, weights, starts, state, prep)  # per-token terms, reused by the backward
+        ctx.launch = _prepare(inputs, weights, starts, cu_seqlens, state, prep)  # reused by the backward
         out, final, ctx.starts_h = _forward_kernels(ctx.launch, inputs, weights)
         ctx.save_for_backward(*(t for t in leaves if isinstance(t, Tensor)), final.h)
         return (out, *final)
@@ -376,12 +417,12 @@ class _TileLangScan(torch.autograd.Function):
         *saved, h_final = ctx.saved_tensors
         saved = iter(saved)
         leaves = [next(saved) if present else None for present in ctx.present]
-        inputs, weights, state, _, starts = _split(leaves, None)
+        inputs, weights, state, _, starts, _ = _split(leaves, None)
         grads = _backward_kernels(
             ctx.launch, inputs, weights, starts, state, grad_out, Mamba3State(*grad_final), ctx.starts_h, h_final
         )
         del ctx.launch, ctx.starts_h
-        found = [*grads[0], *grads[1], *grads[2], *(grads[3] or (None,) * 3), None]
+        found = [*grads[0], *grads[1], *grads[2], *(grads[3] or (None,) * 3), None, None]
         return (None, *(
             None if leaf is None or not ctx.needs_input_grad[index + 1] else as_dtype(grad, leaf.dtype)
             for index, (leaf, grad) in enumerate(zip(leaves, found))
@@ -389,18 +430,44 @@ class _TileLangScan(torch.autograd.Function):
 
 
 def _split(leaves, A_floor):
-    """(inputs, weights, state, the prep or None, starts) from `_TileLangScan`'s leaves."""
+    """(inputs, weights, state, the prep or None, starts, cu_seqlens) from `_TileLangScan`'s leaves."""
     prep = None if A_floor is None else Mamba3Prep(*leaves[19:22], A_floor)
-    return Mamba3Inputs(*leaves[:8]), Mamba3Weights(*leaves[8:15]), Mamba3State(*leaves[15:19]), prep, leaves[22]
+    inputs, weights, state = Mamba3Inputs(*leaves[:8]), Mamba3Weights(*leaves[8:15]), Mamba3State(*leaves[15:19])
+    return inputs, weights, state, prep, leaves[22], leaves[23]
 
 
-def _rows(inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor, state: Mamba3State, *, prep: Mamba3Prep | None):
+def _rows(
+    inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor | None, state: Mamba3State, *,
+    prep: Mamba3Prep | None, cu_seqlens: Tensor | None = None,
+):
     inputs = Mamba3Inputs(*(as_dtype(t, inputs.x.dtype) for t in inputs))
     prep_leaves, A_floor = (None,) * 3, None
     if prep is not None:
         prep_leaves, A_floor = prep[:3], prep.A_floor
-    out, *final = _TileLangScan.apply(A_floor, *inputs, *weights, *state, *prep_leaves, starts)
+    out, *final = _TileLangScan.apply(A_floor, *inputs, *weights, *state, *prep_leaves, starts, cu_seqlens)
     return out, Mamba3State(*final)
+
+
+def _packed_documents(
+    inputs: Mamba3Inputs, weights: Mamba3Weights, cu_seqlens: Tensor, initial_state: Mamba3State | None,
+    prep: Mamba3Prep | None,
+) -> tuple[Tensor, Mamba3State]:
+    """`cu_seqlens` documents (b = 1, l > 0) in one call of the kernels, each from its initial state (zeros
+    where None) -> (out, the documents' final states). An empty document's final state is its initial state
+    (where the kernels' last token does not exist)."""
+    dims = read_dims(inputs)
+    documents = cu_seqlens.numel() - 1
+    state = initial_state
+    if state is None:
+        state = Mamba3State.zeros(documents, dims, compute_dtype(inputs.x.dtype), inputs.x.device)
+    cu_seqlens = cu_seqlens.to(inputs.x.device)
+    out, final = _rows(inputs, weights, None, state, prep=prep, cu_seqlens=cu_seqlens)
+    empty = cu_seqlens[1:] == cu_seqlens[:-1]
+    final = Mamba3State(*(
+        torch.where(empty.view(-1, *(1,) * (got.dim() - 1)), as_dtype(kept, got.dtype), got)
+        for got, kept in zip(final, state)
+    ))
+    return out, final
 
 
 def tilelang_scan(
@@ -417,11 +484,13 @@ def tilelang_scan(
 
     Same contract as `mamba3_chunked`, arguments as `mamba3_scan` checks them and the backend's
     `why_not` accepts them. `chunk_size` is accepted for the common signature; the kernels use their
-    own tile (64 / R tokens, so Q·R = 64 rows), which never changes the math. `segment_ids` run
-    inside the kernels; `cu_seqlens` documents run one call each. With `prep`, dt, A, B and C are raw
-    and the kernels run the prep (chunk_prep forward; terms_grad and norm_grad backward).
+    own tile (64 / R tokens, so Q·R = 64 rows), which never changes the math. `segment_ids` and
+    `cu_seqlens` documents run inside the kernels, in one call (`chunk_layout`). With `prep`, dt, A, B
+    and C are raw and the kernels run the prep (chunk_prep forward; terms_grad and norm_grad backward).
     """
     del chunk_size
+    if cu_seqlens is not None and inputs.x.shape[1] > 0:
+        return _packed_documents(inputs, weights, cu_seqlens, initial_state, prep)
     return run_packed(
         functools.partial(_rows, prep=prep), inputs, weights, read_dims(inputs),
         segment_ids=segment_ids, cu_seqlens=cu_seqlens, initial_state=initial_state,

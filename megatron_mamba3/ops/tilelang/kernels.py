@@ -1,23 +1,27 @@
 """The four TileLang forward kernels of the chunk-parallel scan (math in `chunk_math`).
 
     chunk_prep    grid (nc, H, b): the per-token terms cs, wd, wo (b, H, l_pad), each chunk's mult (b, nc, H)
-                  and its last document's angle total Σ_j Δ_j·tanh(angles_j) (b, nc, H, S), fp32; the first
-                  chunk's blocks also h̃_0 (b, H, n, p), the initial state with its incoming (k, v). With the
+                  and its last document's angle total Σ_j Δ_j·tanh(angles_j) (b, nc, H, S), fp32; a row's (packed:
+                  a document's) first chunk's blocks also its h̃_0 (states, H, n, p), the initial state with its
+                  incoming (k, v). With the
                   prep (`KernelConfig.A_floor`), it takes raw dt, A, B and C: Δ = softplus(dt + dt_bias) (b, l, H)
                   and the RMSNormed B, C (by each group's first head) come out in bf16 for the other kernels,
                   A = decay_rate(A) stays inside
     chunk_state   grid (nc, H, b): S_c = Σ_j w_j k_j v_jᵀ of each chunk, fp32 (b, nc, H, n, p), with θ counted
                   from the chunk's start
     state_pass    grid (n / 8, H, b): h̃_{c+1} = mult_c h̃_c + S_c over the chunks (S_c turned by θ carried into c,
-                  which it scans from the totals: θ_c (b, nc, H, S) and after the last chunk (b, H, S));
-                  writes h̃_c (bf16) and the final state's h (b, H, p, n) and key rot(θ_final, B_last + bias)
-                  (b, R, H, n)
+                  which it scans from the totals: θ_c (b, nc, H, S) and after the last chunk (states, H, S));
+                  writes h̃_c (bf16) and the final states' h (states, H, p, n) and key rot(θ_final, B_last + bias)
+                  (states, R, H, n); packed, each document starts from its own h̃_0 and θ_0
     chunk_output  grid (nc, H, b): intra-chunk masked matmuls + q·h̃_c + D·v, per-head norm and gate
 
 Keys and queries are built per head inside the kernels (bias, RMSNormed B/C of the head's group,
 rotation by θ) and values per rank (x ⊙ mimo_x), so no per-head copy of B/C and no rank-expanded
 value ever reaches device memory. Batch, length and chunk count are runtime sizes (`T.dynamic`):
-one compiled set per `KernelConfig`, whatever the length. Importing this module needs TileLang.
+one compiled set per `KernelConfig`, whatever the length. States (initial and final) are one per row,
+or with `KernelConfig.packed` one per `cu_seqlens` document, whose chunks `chunk_layout` lays out (chunk c
+holds the tokens SPAN[c] names; the per-token terms sit at c·Q + i either way). Importing this module
+needs TileLang.
 """
 
 
@@ -44,8 +48,9 @@ F32, BF16, F64 = "float32", "bfloat16", "float64"
 
 class KernelConfig(NamedTuple):
     """Static sizes of one compiled kernel set: H heads, p head dim, n state, R ranks, G groups,
-    S rotated pairs, Q tokens per chunk, whether the per-head output norm is applied, and the prep's A
-    floor where the kernels run the prep (`interface.Mamba3Prep`: raw dt, A, B, C in), else None."""
+    S rotated pairs, Q tokens per chunk, whether the per-head output norm is applied, the prep's A floor
+    where the kernels run the prep (`interface.Mamba3Prep`: raw dt, A, B, C in), else None, and whether the
+    chunks hold `cu_seqlens` documents laid out to start at chunk boundaries (`chunk_layout`)."""
 
     H: int
     p: int
@@ -56,6 +61,7 @@ class KernelConfig(NamedTuple):
     Q: int
     norm: bool
     A_floor: float | None = None
+    packed: bool = False
 
 
 class KernelSet(NamedTuple):
@@ -141,6 +147,49 @@ def reaches(seg_s, i, j):
     return (seg_s[i] == seg_s[j]) & (j <= i)
 
 
+def states_dim(c: KernelConfig, batch):
+    """The leading size of the initial and final states: the batch, or packed (`cu_seqlens`) the documents."""
+    return T.dynamic("NS") if c.packed else batch
+
+
+def span_first(c: KernelConfig, SPAN, b, chunk):
+    """The token (an index into the inputs' l) of a chunk's row 0: chunk·Q, or SPAN[b, chunk, 0] packed. The
+    chunk's per-token terms sit at chunk·Q either way: `chunk_layout`'s padded positions."""
+    return SPAN[b, chunk, 0] if c.packed else chunk * c.Q
+
+
+def span_last(c: KernelConfig, SPAN, b, chunk, L):
+    """The last token of the chunk's document (row i holds a token where first + i ≤ last): L − 1, or
+    SPAN[b, chunk, 1] packed."""
+    return SPAN[b, chunk, 1] if c.packed else L - 1
+
+
+def segment_before(c: KernelConfig, SEG, b, t0):
+    """The document of the token before the chunk at padded position t0, as the chunk's carried-in state
+    belongs to it: the previous token's (the row's first at t0 = 0); packed, the chunk's own, since a
+    `cu_seqlens` document starts at a chunk start from its own initial state."""
+    return SEG[b, t0] if c.packed else SEG[b, T.max(t0 - 1, 0)]
+
+
+def state_index(c: KernelConfig, SEG, b, t0):
+    """The initial and final state a chunk's document reads and writes: its row b, or packed its document."""
+    return SEG[b, t0] if c.packed else b
+
+
+def starts_state(c: KernelConfig, SEG, b, chunk):
+    """Whether the chunk is the first of a row (packed: of a document), which starts from its initial state."""
+    if c.packed:
+        return (chunk == 0) | (SEG[b, T.max(chunk * c.Q - 1, 0)] != SEG[b, chunk * c.Q])
+    return chunk == 0
+
+
+def ends_state(c: KernelConfig, SEG, b, chunk, NC):
+    """Whether the chunk is the last of a row (packed: of a document), after which its final state is read."""
+    if c.packed:
+        return (chunk == NC - 1) | (SEG[b, T.min(chunk + 1, NC - 1) * c.Q] != SEG[b, chunk * c.Q])
+    return chunk == NC - 1
+
+
 def chunk_prologue(c: KernelConfig):
     """Macros shared by the per-chunk kernels: per-token scalars, θ, and rotated keys/queries."""
     Q, S, R, n, p = c.Q, c.S, c.R, c.n, c.p
@@ -154,13 +203,14 @@ def chunk_prologue(c: KernelConfig):
             wo_s[i] = WO[b, h, t0 + i]
 
     @T.macro
-    def rotation(ANG, DT, THS, L, b, h, chunk, t0, seg_s, seg_before, turn_s, theta_f, cos_s, sin_s):
+    def rotation(ANG, DT, THS, first, last, b, h, chunk, seg_s, seg_before, turn_s, theta_f, cos_s, sin_s):
         """cos_s, sin_s (Q, S) of each token's θ: θ carried into the chunk (THS; 0 where THS is None) plus the
-        increments π·tanh(angles)·Δ of its document so far, restarting at each document start."""
+        increments π·tanh(angles)·Δ of its document so far, restarting at each document start; row i holds
+        token first + i where that is at most `last` (`span_first`, `span_last`)."""
         for i, s in T.Parallel(Q, S):
             turn_s[i, s] = T.if_then_else(
-                t0 + i < L,
-                math.pi * T.tanh(T.cast(ANG[b, t0 + i, s], F32)) * T.cast(DT[b, t0 + i, h], F32),
+                first + i <= last,
+                math.pi * T.tanh(T.cast(ANG[b, first + i, s], F32)) * T.cast(DT[b, first + i, h], F32),
                 0.0,
             )
         # θ's running sums in two levels, so no chain of Q dependent shared-memory round trips: within each group
@@ -199,8 +249,8 @@ def chunk_prologue(c: KernelConfig):
             lo_s[row, index] = bf16_rest(scaled, out_s[row, index])
 
     @T.macro
-    def keys(SRC, BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, scale_s, out_s, lo_s=None):
-        """out_s[(i, r), :] = scale_i · rot(θ_i, SRC[t0 + i, r, group] + BIAS[h, r]) as bf16 (exactly 0 where
+    def keys(SRC, BIAS, first, last, b, h, raw_s, bias_s, cos_s, sin_s, scale_s, out_s, lo_s=None):
+        """out_s[(i, r), :] = scale_i · rot(θ_i, SRC[first + i, r, group] + BIAS[h, r]) as bf16 (exactly 0 where
         scale_i is); with lo_s, also the bf16 rest lo_s = key − out_s, so out_s + lo_s is the key to ~16 bits.
         One thread makes both elements of a pair, reading each operand once; the rotated pairs and those
         passed unchanged run as two loops, so neither needs a per-pair select."""
@@ -208,7 +258,7 @@ def chunk_prologue(c: KernelConfig):
             bias_s[r, nn] = BIAS[h, r, nn]
         for row, nn in T.Parallel(Q * R, n):
             raw_s[row, nn] = T.if_then_else(
-                t0 + row // R < L, SRC[b, t0 + row // R, row % R, h // (c.H // c.G), nn], T.cast(0, BF16)
+                first + row // R <= last, SRC[b, first + row // R, row % R, h // (c.H // c.G), nn], T.cast(0, BF16)
             )
         for row, s in T.Parallel(Q * R, S):
             i, r = row // R, row % R
@@ -225,11 +275,11 @@ def chunk_prologue(c: KernelConfig):
                 store_key(out_s, lo_s, row, index, T.cast(raw_s[row, index], F32) + bias_s[row % R, index], scale_s[row // R])
 
     @T.macro
-    def values(X, MIMO_X, L, b, h, t0, x_s, mx_s, v_s, product=True):
-        """x_s = the chunk's x (bf16, zero past L), mx_s = mimo_x[h]; with `product`, v_s[(i, r), :] =
+    def values(X, MIMO_X, first, last, b, h, x_s, mx_s, v_s, product=True):
+        """x_s = the chunk's x (bf16, zero past `last`), mx_s = mimo_x[h]; with `product`, v_s[(i, r), :] =
         x_i ⊙ mimo_x[h, r] (bf16)."""
         for i, pp in T.Parallel(Q, p):
-            x_s[i, pp] = T.if_then_else(t0 + i < L, X[b, t0 + i, h, pp], T.cast(0, BF16))
+            x_s[i, pp] = T.if_then_else(first + i <= last, X[b, first + i, h, pp], T.cast(0, BF16))
         for r, pp in T.Parallel(R, p):
             mx_s[r, pp] = MIMO_X[h, r, pp]
         if product:
@@ -272,20 +322,20 @@ def chunk_y_macro(c: KernelConfig, finite_state: bool = False):
 
     @T.macro
     def chunk_y(
-        X, Bk, Cq, ANG, DT, SEG, CS, WD, WO, THS, HS, B_BIAS, C_BIAS, D, MIMO_X, L, b, h, chunk,
+        X, Bk, Cq, ANG, DT, SEG, CS, WD, WO, THS, HS, B_BIAS, C_BIAS, D, MIMO_X, first, last, b, h, chunk,
         seg_s, cs_s, wd_s, wo_s, one_s, inter_s, turn_s, cos_s, sin_s, theta_f, raw_s, bias_s,
         q_s, k_s, x_s, mx_s, v_s, hs_s, mix_s, scores, y, y_in, y_s,
     ):
         t0 = chunk * Q
         load_scalars(SEG, CS, WD, WO, b, h, t0, seg_s, cs_s, wd_s, wo_s)
-        seg_before = SEG[b, T.max(t0 - 1, 0)]
+        seg_before = segment_before(c, SEG, b, t0)
         for i in T.Parallel(Q):
             one_s[i] = 1.0
             inter_s[i] = T.if_then_else(seg_s[i] == seg_before, T.exp(cs_s[i]), 0.0)
-        rotation(ANG, DT, THS, L, b, h, chunk, t0, seg_s, seg_before, turn_s, theta_f, cos_s, sin_s)
-        keys(Cq, C_BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, one_s, q_s)
-        keys(Bk, B_BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, one_s, k_s)
-        values(X, MIMO_X, L, b, h, t0, x_s, mx_s, v_s, product=False)  # v_s comes from the finite check below
+        rotation(ANG, DT, THS, first, last, b, h, chunk, seg_s, seg_before, turn_s, theta_f, cos_s, sin_s)
+        keys(Cq, C_BIAS, first, last, b, h, raw_s, bias_s, cos_s, sin_s, one_s, q_s)
+        keys(Bk, B_BIAS, first, last, b, h, raw_s, bias_s, cos_s, sin_s, one_s, k_s)
+        values(X, MIMO_X, first, last, b, h, x_s, mx_s, v_s, product=False)  # v_s comes from the finite check below
 
         bad_s = T.alloc_shared((QR, p), BF16)
         inside_s = T.alloc_shared((QR, QR), BF16)
@@ -330,11 +380,12 @@ def chunk_y_macro(c: KernelConfig, finite_state: bool = False):
 
 def _chunk_prep(c: KernelConfig):
     H, S, Q, n, p, R, G = c.H, c.S, c.Q, c.n, c.p, c.R, c.G
-    batch, L, LP, NC = T.dynamic("batch, L, LP, NC")
+    batch, L, LP, NC, SB, SNC = T.dynamic("batch, L, LP, NC, SB, SNC")
+    NS = states_dim(c, batch)
     prep, heads = c.A_floor is not None, H // G
 
     @T.macro
-    def norm_rows(SRC, WEIGHT, DST, L, b, t0, g):
+    def norm_rows(SRC, WEIGHT, DST, L, b, first, last, g):
         """DST = SRC's rows (i, r) of group g for the chunk's tokens, RMSNormed and scaled by WEIGHT (n,), bf16."""
         rows_f = T.alloc_fragment((PREP_ROWS, n), F32)
         squares = T.alloc_fragment((PREP_ROWS, n), F32)
@@ -342,15 +393,15 @@ def _chunk_prep(c: KernelConfig):
         for part in T.serial(Q * R // PREP_ROWS):
             for k, nn in T.Parallel(PREP_ROWS, n):
                 row = part * PREP_ROWS + k
-                value = SRC[b, T.min(t0 + row // R, L - 1), row % R, g, nn]
+                value = SRC[b, T.min(first + row // R, L - 1), row % R, g, nn]
                 rows_f[k, nn] = T.cast(value, F32)
                 squares[k, nn] = rows_f[k, nn] * rows_f[k, nn]
             T.reduce_sum(squares, sums, dim=1)
             for k, nn in T.Parallel(PREP_ROWS, n):
                 row = part * PREP_ROWS + k
-                if t0 + row // R < L:
+                if first + row // R <= last:
                     normed = rows_f[k, nn] * T.rsqrt(sums[k] / n + NORM_EPS) * WEIGHT[nn]
-                    DST[b, t0 + row // R, row % R, g, nn] = T.cast(normed, BF16)
+                    DST[b, first + row // R, row % R, g, nn] = T.cast(normed, BF16)
 
     @T.prim_func
     def chunk_prep(
@@ -359,9 +410,10 @@ def _chunk_prep(c: KernelConfig):
         TRAP: T.Tensor((batch, L, H), BF16),
         ANG: T.Tensor((batch, L, S), BF16),
         SEG: T.Tensor((batch, LP), "int32"),
-        H0: T.Tensor((batch, H, p, n), F32),
-        K_PREV: T.Tensor((batch, R, H, n), F32),
-        V_PREV: T.Tensor((batch, H, p), F32),
+        SPAN: T.Tensor((SB, SNC, 2), "int32"),
+        H0: T.Tensor((NS, H, p, n), F32),
+        K_PREV: T.Tensor((NS, R, H, n), F32),
+        V_PREV: T.Tensor((NS, H, p), F32),
         MIMO_X: T.Tensor((H, R, p), F32),
         DT_BIAS: T.Tensor((H,), F32),
         Bk: T.Tensor((batch, L, R, G, n), BF16),
@@ -373,7 +425,7 @@ def _chunk_prep(c: KernelConfig):
         WO: T.Tensor((batch, H, LP), F32),
         MULT: T.Tensor((batch, NC, H), F32),
         TOTALS: T.Tensor((batch, NC, H, S), F32),
-        H_IN: T.Tensor((batch, H, n, p), F32),
+        H_IN: T.Tensor((NS, H, n, p), F32),
         DT_OUT: T.Tensor((batch, L, H), BF16),
         B_OUT: T.Tensor((batch, L, R, G, n), BF16),
         C_OUT: T.Tensor((batch, L, R, G, n), BF16),
@@ -381,6 +433,8 @@ def _chunk_prep(c: KernelConfig):
         with T.Kernel(NC, H, batch, threads=SCAN_THREADS) as (chunk, h, b):
             T.annotate_min_blocks_per_sm(12)  # at most 40 registers: the h̃_0 loop below would take 48-128
             t0 = chunk * Q
+            first = span_first(c, SPAN, b, chunk)
+            last = span_last(c, SPAN, b, chunk, L)
             seg_s = T.alloc_shared((Q + 1,), "int32")  # the chunk's tokens and the next one
             dt_s = T.alloc_shared((Q + 1,), F32)
             lam_s = T.alloc_shared((Q + 1,), F32)
@@ -392,30 +446,31 @@ def _chunk_prep(c: KernelConfig):
             total = T.alloc_fragment((S,), F32)
             h0_s = T.alloc_shared((p, H0_ROWS + 1), F32)  # + 1: the turned reads fall in distinct banks
 
-            for i in T.Parallel(Q + 1):  # Δ = A = 0 past the end; the next token of the last one continues its document
+            # Δ = A = 0 past the document's end; the next token of the last one continues its document
+            for i in T.Parallel(Q + 1):
                 seg_s[i] = T.if_then_else(t0 + i < LP, SEG[b, t0 + i], SEG[b, LP - 1])
-                dt_in = T.cast(DT[b, t0 + i, h], F32)
+                dt_in = T.cast(DT[b, first + i, h], F32)
                 if prep:  # Δ rounded to bf16 as DT_OUT holds it for the other kernels
                     dt_in = T.cast(T.cast(softplus(dt_in + DT_BIAS[h]), BF16), F32)
-                dt_s[i] = T.if_then_else(t0 + i < L, dt_in, 0.0)
-                lam_s[i] = T.if_then_else(t0 + i < L, T.sigmoid(T.cast(TRAP[b, t0 + i, h], F32)), 0.0)
+                dt_s[i] = T.if_then_else(first + i <= last, dt_in, 0.0)
+                lam_s[i] = T.if_then_else(first + i <= last, T.sigmoid(T.cast(TRAP[b, first + i, h], F32)), 0.0)
             for i in T.Parallel(Q):
-                rate = T.cast(A[b, t0 + i, h], F32)
+                rate = T.cast(A[b, first + i, h], F32)
                 if prep:
                     rate = decay_rate(rate, c.A_floor)
-                decay_s[i] = T.if_then_else(t0 + i < L, rate, 0.0) * dt_s[i]
+                decay_s[i] = T.if_then_else(first + i <= last, rate, 0.0) * dt_s[i]
             if prep:
                 for i in T.Parallel(Q):
-                    if t0 + i < L:
-                        DT_OUT[b, t0 + i, h] = T.cast(dt_s[i], BF16)
+                    if first + i <= last:
+                        DT_OUT[b, first + i, h] = T.cast(dt_s[i], BF16)
                 if h % heads == 0:  # the group's first head RMSNorms its B and C rows
-                    norm_rows(Bk, B_NORM, B_OUT, L, b, t0, h // heads)
-                    norm_rows(Cq, C_NORM, C_OUT, L, b, t0, h // heads)
+                    norm_rows(Bk, B_NORM, B_OUT, L, b, first, last, h // heads)
+                    norm_rows(Cq, C_NORM, C_OUT, L, b, first, last, h // heads)
             for i, s in T.Parallel(Q, S):
-                turn_s[i, s] = T.if_then_else(t0 + i < L, T.tanh(T.cast(ANG[b, t0 + i, s], F32)), 0.0)
+                turn_s[i, s] = T.if_then_else(first + i <= last, T.tanh(T.cast(ANG[b, first + i, s], F32)), 0.0)
 
             # cs: a running sum of A·Δ that restarts at the chunk start and at each document start.
-            seg_before = SEG[b, T.max(t0 - 1, 0)]
+            seg_before = segment_before(c, SEG, b, t0)
             running[0] = 0.0
             reset[0] = T.if_then_else((chunk > 0) & (seg_s[0] != seg_before), 1, 0)
             for i in T.serial(Q):
@@ -441,21 +496,24 @@ def _chunk_prep(c: KernelConfig):
             for s in T.Parallel(S):
                 TOTALS[b, chunk, h, s] = total[s]
 
-            if chunk == 0:  # h̃_0 = h + (1 − λ_0)Δ_0 Σ_r (v_prev ⊙ mimo_x_r) k_prev,rᵀ, in the kernels' (n, p) layout
+            # A row's (packed: a document's) first chunk: h̃_0 = h + (1 − λ_0)Δ_0 Σ_r (v_prev ⊙ mimo_x_r) k_prev,rᵀ
+            # of its initial state, in the kernels' (n, p) layout
+            if starts_state(c, SEG, b, chunk):
+                st = state_index(c, SEG, b, t0)
                 for block in T.serial(n // H0_ROWS):  # h's (p, n) layout turned through shared memory: both sides coalesced
                     for pp, i in T.Parallel(p, H0_ROWS):
-                        h0_s[pp, i] = H0[b, h, pp, block * H0_ROWS + i]
+                        h0_s[pp, i] = H0[st, h, pp, block * H0_ROWS + i]
                     for i, pp in T.Parallel(H0_ROWS, p):
                         row = block * H0_ROWS + i
-                        incoming = sum(V_PREV[b, h, pp] * MIMO_X[h, r, pp] * K_PREV[b, r, h, row] for r in range(R))
-                        H_IN[b, h, row, pp] = h0_s[pp, i] + (dt_s[0] - lam_s[0] * dt_s[0]) * incoming
+                        incoming = sum(V_PREV[st, h, pp] * MIMO_X[h, r, pp] * K_PREV[st, r, h, row] for r in range(R))
+                        H_IN[st, h, row, pp] = h0_s[pp, i] + (dt_s[0] - lam_s[0] * dt_s[0]) * incoming
 
     return chunk_prep
 
 
 def _chunk_state(c: KernelConfig):
     H, p, n, R, G, S, Q = c.H, c.p, c.n, c.R, c.G, c.S, c.Q
-    batch, L, LP, NC = T.dynamic("batch, L, LP, NC")
+    batch, L, LP, NC, SB, SNC = T.dynamic("batch, L, LP, NC, SB, SNC")
     load_scalars, rotation, keys, values, mix_weights = chunk_prologue(c)
 
     @T.prim_func
@@ -465,6 +523,7 @@ def _chunk_state(c: KernelConfig):
         ANG: T.Tensor((batch, L, S), BF16),
         DT: T.Tensor((batch, L, H), BF16),
         SEG: T.Tensor((batch, LP), "int32"),
+        SPAN: T.Tensor((SB, SNC, 2), "int32"),
         CS: T.Tensor((batch, H, LP), F32),
         WD: T.Tensor((batch, H, LP), F32),
         WO: T.Tensor((batch, H, LP), F32),
@@ -474,6 +533,8 @@ def _chunk_state(c: KernelConfig):
     ):
         with T.Kernel(NC, H, batch, threads=CHUNK_THREADS) as (chunk, h, b):
             t0 = chunk * Q
+            first = span_first(c, SPAN, b, chunk)
+            last = span_last(c, SPAN, b, chunk, L)
             seg_s = T.alloc_shared((Q,), "int32")
             cs_s = T.alloc_shared((Q,), F32)
             wd_s = T.alloc_shared((Q,), F32)
@@ -492,13 +553,13 @@ def _chunk_state(c: KernelConfig):
             acc = T.alloc_fragment((n, p), F32)
 
             load_scalars(SEG, CS, WD, WO, b, h, t0, seg_s, cs_s, wd_s, wo_s)
-            seg_before = SEG[b, T.max(t0 - 1, 0)]
+            seg_before = segment_before(c, SEG, b, t0)
             for i in T.Parallel(Q):
                 w_s[i] = T.if_then_else(seg_s[i] == seg_s[Q - 1], T.exp(cs_s[Q - 1] - cs_s[i]) * wo_s[i], 0.0)
             # θ from 0 at the chunk start: S_c in the frame of θ carried into the chunk (state_pass turns it)
-            rotation(ANG, DT, None, L, b, h, chunk, t0, seg_s, seg_before, turn_s, theta_f, cos_s, sin_s)
-            keys(Bk, B_BIAS, L, b, h, t0, raw_s, bias_s, cos_s, sin_s, w_s, k_s)
-            values(X, MIMO_X, L, b, h, t0, x_s, mx_s, v_s)
+            rotation(ANG, DT, None, first, last, b, h, chunk, seg_s, seg_before, turn_s, theta_f, cos_s, sin_s)
+            keys(Bk, B_BIAS, first, last, b, h, raw_s, bias_s, cos_s, sin_s, w_s, k_s)
+            values(X, MIMO_X, first, last, b, h, x_s, mx_s, v_s)
             for row, pp in T.Parallel(Q * R, p):  # exactly 0 outside the last document, whatever the value
                 v_s[row, pp] = T.if_then_else(w_s[row // R] != 0.0, v_s[row, pp], T.cast(0, BF16))
             T.gemm(k_s, v_s, acc, transpose_A=True, clear_accum=True)
@@ -511,7 +572,8 @@ def _state_pass(c: KernelConfig):
     H, p, n, R, G, S, Q, rows = c.H, c.p, c.n, c.R, c.G, c.S, c.Q, STATE_ROWS
     pairs = rows // 2  # rotated pairs per block: its rows are both elements of each
     half_split = R > 1
-    batch, L, NC, LP = T.dynamic("batch, L, NC, LP")
+    batch, L, NC, LP, SB, SNC = T.dynamic("batch, L, NC, LP, SB, SNC")
+    NS = states_dim(c, batch)
 
     def state_row(block, i):
         """The state row of the block's row i: (s, n/2 + s) pairs half-split, (2s, 2s + 1) adjacent."""
@@ -529,21 +591,43 @@ def _state_pass(c: KernelConfig):
         """θ (float64) reduced to [0, 2π)."""
         return theta - 2 * math.pi * T.floor(theta * (0.5 / math.pi))
 
+    @T.macro
+    def write_final(Bk, B_BIAS, H_OUT, THETA_OUT, K_OUT, b, h, block, thread, st, token, state, theta):
+        """Final state st from the block's rows of h (state) and its pairs' θ: h in the state's (p, n) layout,
+        θ_final, and the final key rot(θ_final, B_token + B_bias[h]) with `token` the document's last (an empty
+        document's reads token 0 or its predecessor's: the caller keeps its initial state instead)."""
+        for i, pp in T.Parallel(rows, p):
+            H_OUT[st, h, pp, state_row(block, i)] = state[i, pp]
+        for k in T.unroll(pairs):
+            pair = block * pairs + k
+            if thread == k:
+                if pair < S:
+                    THETA_OUT[st, h, pair] = T.cast(turns(theta[k]), F32)
+                angle = T.cast(centred(theta[k]), F32)
+                first, second = pair_indices(pair, n, half_split)
+                for r in T.unroll(R):
+                    u = T.cast(Bk[b, T.max(token, 0), r, h // (H // G), first], F32) + B_BIAS[h, r, first]
+                    w = T.cast(Bk[b, T.max(token, 0), r, h // (H // G), second], F32) + B_BIAS[h, r, second]
+                    turned = rotate_pair(u, w, T.cos(angle), T.sin(angle))
+                    K_OUT[st, r, h, first] = T.if_then_else(pair < S, turned[0], u)
+                    K_OUT[st, r, h, second] = T.if_then_else(pair < S, turned[1], w)
+
     @T.prim_func
     def state_pass(
         ST: T.Tensor((batch, NC, H, n, p), F32),
         MULT: T.Tensor((batch, NC, H), F32),
-        H_IN: T.Tensor((batch, H, n, p), F32),
+        H_IN: T.Tensor((NS, H, n, p), F32),
         SEG: T.Tensor((batch, LP), "int32"),
+        SPAN: T.Tensor((SB, SNC, 2), "int32"),
         TOTALS: T.Tensor((batch, NC, H, S), F32),
-        THETA_0: T.Tensor((batch, H, S), F32),
+        THETA_0: T.Tensor((NS, H, S), F32),
         Bk: T.Tensor((batch, L, R, G, n), BF16),
         B_BIAS: T.Tensor((H, R, n), F32),
         HS: T.Tensor((batch, NC, H, n, p), BF16),
-        H_OUT: T.Tensor((batch, H, p, n), F32),
+        H_OUT: T.Tensor((NS, H, p, n), F32),
         THS: T.Tensor((batch, NC, H, S), F32),
-        THETA_OUT: T.Tensor((batch, H, S), F32),
-        K_OUT: T.Tensor((batch, R, H, n), F32),
+        THETA_OUT: T.Tensor((NS, H, S), F32),
+        K_OUT: T.Tensor((NS, R, H, n), F32),
     ):
         with T.Kernel(n // rows, H, batch, threads=SCAN_THREADS) as (block, h, b):
             state = T.alloc_fragment((rows, p), F32)
@@ -556,10 +640,17 @@ def _state_pass(c: KernelConfig):
             document = T.alloc_local((1,), "int32")  # the document θ belongs to
             carried = T.alloc_local((1,), "int32")  # the chunk's last document is that one
             thread = T.get_thread_binding(0)
+            # the row's initial h̃_0 and θ_0 (packed, each document's at its first chunk, in the loop: a load there
+            # costs the unpacked rows their pipelining, 0.69 -> 0.86 ms at MIMO R4 b8 l2048 H32)
             for i, pp in T.Parallel(rows, p):
-                state[i, pp] = H_IN[b, h, state_row(block, i), pp]
+                state[i, pp] = 0.0 if c.packed else H_IN[b, h, state_row(block, i), pp]
             for k in T.unroll(pairs):
-                theta[k] = T.if_then_else(block * pairs + k < S, T.cast(THETA_0[b, h, T.min(block * pairs + k, S - 1)], F64), 0.0)
+                if c.packed:
+                    theta[k] = 0.0
+                else:
+                    theta[k] = T.if_then_else(
+                        block * pairs + k < S, T.cast(THETA_0[b, h, T.min(block * pairs + k, S - 1)], F64), 0.0
+                    )
             document[0] = 0
             last[1] = SEG[b, Q - 1]
             mults[1] = MULT[b, 0, h]
@@ -577,6 +668,21 @@ def _state_pass(c: KernelConfig):
                     mults[1] = MULT[b, chunk + 1, h]
                     for k in T.unroll(pairs):
                         totals[1, k] = TOTALS[b, chunk + 1, h, T.min(block * pairs + k, S - 1)]
+                if c.packed:
+                    if starts_state(c, SEG, b, chunk):  # a document's first chunk, after the one before
+                        if chunk > 0:  # the final state of the document before (the last one's after the loop)
+                            write_final(
+                                Bk, B_BIAS, H_OUT, THETA_OUT, K_OUT, b, h, block, thread, SEG[b, chunk * Q - 1],
+                                SPAN[b, chunk - 1, 1], state, theta,
+                            )
+                        st = SEG[b, chunk * Q]
+                        for i, pp in T.Parallel(rows, p):
+                            state[i, pp] = H_IN[st, h, state_row(block, i), pp]
+                        for k in T.unroll(pairs):
+                            theta[k] = T.if_then_else(
+                                block * pairs + k < S, T.cast(THETA_0[st, h, T.min(block * pairs + k, S - 1)], F64), 0.0
+                            )
+                        document[0] = st
                 carried[0] = T.if_then_else(last[0] == document[0], 1, 0)
                 for k in T.unroll(pairs):  # θ carried into the chunk, then past it (chunk_angles' scan)
                     s = T.min(block * pairs + k, S - 1)
@@ -601,21 +707,10 @@ def _state_pass(c: KernelConfig):
                     state[i, pp] = T.if_then_else(mults[0] != 0.0, state[i, pp] * mults[0], 0.0) + T.if_then_else(
                         rotate, turned, chunk_s[i, pp]
                     )
-            for i, pp in T.Parallel(rows, p):  # h after the last token, in the state's (p, n) layout
-                H_OUT[b, h, pp, state_row(block, i)] = state[i, pp]
-            for k in T.unroll(pairs):  # θ_final, and the final key rot(θ_final, B_last + B_bias[h]) of the block's pairs
-                pair = block * pairs + k
-                if thread == k:
-                    if pair < S:
-                        THETA_OUT[b, h, pair] = T.cast(turns(theta[k]), F32)
-                    angle = T.cast(centred(theta[k]), F32)
-                    first, second = pair_indices(pair, n, half_split)
-                    for r in T.unroll(R):
-                        u = T.cast(Bk[b, L - 1, r, h // (H // G), first], F32) + B_BIAS[h, r, first]
-                        w = T.cast(Bk[b, L - 1, r, h // (H // G), second], F32) + B_BIAS[h, r, second]
-                        turned = rotate_pair(u, w, T.cos(angle), T.sin(angle))
-                        K_OUT[b, r, h, first] = T.if_then_else(pair < S, turned[0], u)
-                        K_OUT[b, r, h, second] = T.if_then_else(pair < S, turned[1], w)
+            write_final(  # the row's (packed: the last document's) final state
+                Bk, B_BIAS, H_OUT, THETA_OUT, K_OUT, b, h, block, thread, state_index(c, SEG, b, (NC - 1) * Q),
+                span_last(c, SPAN, b, NC - 1, L), state, theta,
+            )
 
     return state_pass
 
@@ -623,7 +718,7 @@ def _state_pass(c: KernelConfig):
 def _chunk_output(c: KernelConfig):
     H, p, n, R, G, S, Q = c.H, c.p, c.n, c.R, c.G, c.S, c.Q
     QR = Q * R
-    batch, L, LP, NC = T.dynamic("batch, L, LP, NC")
+    batch, L, LP, NC, SB, SNC = T.dynamic("batch, L, LP, NC, SB, SNC")
     chunk_y = chunk_y_macro(c)
 
     @T.prim_func
@@ -635,6 +730,7 @@ def _chunk_output(c: KernelConfig):
         ANG: T.Tensor((batch, L, S), BF16),
         DT: T.Tensor((batch, L, H), BF16),
         SEG: T.Tensor((batch, LP), "int32"),
+        SPAN: T.Tensor((SB, SNC, 2), "int32"),
         CS: T.Tensor((batch, H, LP), F32),
         WD: T.Tensor((batch, H, LP), F32),
         WO: T.Tensor((batch, H, LP), F32),
@@ -650,7 +746,8 @@ def _chunk_output(c: KernelConfig):
         OUT: T.Tensor((batch, L, H, p), BF16),
     ):
         with T.Kernel(NC, H, batch, threads=CHUNK_THREADS) as (chunk, h, b):
-            t0 = chunk * Q
+            first = span_first(c, SPAN, b, chunk)
+            last = span_last(c, SPAN, b, chunk, L)
             seg_s = T.alloc_shared((Q,), "int32")
             cs_s = T.alloc_shared((Q,), F32)
             wd_s = T.alloc_shared((Q,), F32)
@@ -681,7 +778,7 @@ def _chunk_output(c: KernelConfig):
             T.annotate_min_blocks_per_sm(gate_blocks_per_sm(c))
 
             chunk_y(
-                X, Bk, Cq, ANG, DT, SEG, CS, WD, WO, THS, HS, B_BIAS, C_BIAS, D, MIMO_X, L, b, h, chunk,
+                X, Bk, Cq, ANG, DT, SEG, CS, WD, WO, THS, HS, B_BIAS, C_BIAS, D, MIMO_X, first, last, b, h, chunk,
                 seg_s, cs_s, wd_s, wo_s, one_s, inter_s, turn_s, cos_s, sin_s, theta_f, raw_s, bias_s,
                 q_s, k_s, x_s, mx_s, v_s, hs_s, mix_s, scores, y, y_in, y_s,
             )
@@ -703,11 +800,11 @@ def _chunk_output(c: KernelConfig):
                 for row, pp in T.Parallel(QR, p):
                     y_s[row, pp] = y_s[row, pp] * inv_rms[row] * norm_s[pp]
             for i, pp in T.Parallel(Q, p):
-                if t0 + i < L:
-                    zz = T.cast(Z[b, t0 + i, h, pp], F32)
+                if first + i <= last:
+                    zz = T.cast(Z[b, first + i, h, pp], F32)
                     gated = [zz * gate_s[r, pp] for r in range(R)]
                     total = sum(out_w_s[r, pp] * y_s[i * R + r, pp] * gated[r] * T.sigmoid(gated[r]) for r in range(R))
-                    OUT[b, t0 + i, h, pp] = T.cast(total, BF16)
+                    OUT[b, first + i, h, pp] = T.cast(total, BF16)
 
     return chunk_output
 
