@@ -1,6 +1,7 @@
 """The CPU parts of benchmarks/bench_kernels.py: its accuracy columns (`output_errors`, errors against
 the float64 oracle) and where `--official` finds the official kernels (`resolve_official`,
-`official_ms`). The timing itself needs a CUDA GPU and is a benchmark, not a test."""
+`official_ms`); and bench_packed.py's cases and table. The timing itself needs a CUDA GPU and is a
+benchmark, not a test."""
 
 import sys
 from pathlib import Path
@@ -149,3 +150,15 @@ def test_kernel_split_names_the_tilelang_kernels_and_lumps_the_rest():
         "| siso b8 | - | 1.500 | 0.250 | 1.750 |",
         "| mimo b8 | 0.500 | 2.000 | - | 2.500 |",
     ]
+
+
+def test_bench_packed_cases_fill_their_rows_and_print_a_row_each():
+    """benchmarks/bench_packed.py: every case's documents cover its length exactly (one with an empty document,
+    as `cu_seqlens` allows), and the table prints one row per case."""
+    from benchmarks.bench_packed import CASES, offsets, table
+
+    for kind, R, length, H, lengths in CASES:
+        assert offsets(lengths)[-1] == length and offsets(lengths)[0] == 0, (kind, length, lengths)
+    assert any(0 in lengths for *_, lengths in CASES)
+    lines = table([("siso", 8192, 8, 6, 1.0, 2.0, 3.0, 4.0, 0.0)])
+    assert lines[2] == "| siso l8192 H8 | 6 | 1.000 | 2.000 | 3.000 | 4.000 | 0.00e+00 |"
