@@ -44,7 +44,6 @@ from megatron_mamba3.ops.tilelang.kernels import (
     chunk_y_macro,
     decay_rate,
     decay_slope,
-    ends_state,
     gate_blocks_per_sm,
     load_state,
     pair_indices,
@@ -304,8 +303,8 @@ def _state_pass_bwd(c: KernelConfig):
                 chunk = NC - 1 - step
                 T.copy(GC[b, chunk, h, block * rows : (block + 1) * rows, :], g_s)
                 mult = MULT[b, chunk, h]
-                if c.packed:
-                    if ends_state(c, SEG, b, chunk, NC):  # a document's last chunk: its ∂h_final
+                if c.packed:  # a document's last chunk: its ∂h_final
+                    if (chunk == NC - 1) | (SEG[b, T.min(chunk + 1, NC - 1) * Q] != SEG[b, chunk * Q]):
                         if chunk < NC - 1:  # after the document that follows: its ∂h̃_0 (the first one's after the loop)
                             T.copy(grad, DH0[SEG[b, chunk * Q + Q], h, block * rows : (block + 1) * rows, :])
                         T.copy(DH_FINAL[SEG[b, chunk * Q], h, block * rows : (block + 1) * rows, :], grad)

@@ -3,8 +3,8 @@
     chunk_prep    grid (nc, H, b): the per-token terms cs, wd, wo (b, H, l_pad), each chunk's mult (b, nc, H)
                   and its last document's angle total Σ_j Δ_j·tanh(angles_j) (b, nc, H, S), fp32; a row's (packed:
                   a document's) first chunk's blocks also its h̃_0 (states, H, n, p), the initial state with its
-                  incoming (k, v). With the
-                  prep (`KernelConfig.A_floor`), it takes raw dt, A, B and C: Δ = softplus(dt + dt_bias) (b, l, H)
+                  incoming (k, v). With the prep (`KernelConfig.A_floor`), it takes raw dt, A, B and C:
+                  Δ = softplus(dt + dt_bias) (b, l, H)
                   and the RMSNormed B, C (by each group's first head) come out in bf16 for the other kernels,
                   A = decay_rate(A) stays inside
     chunk_state   grid (nc, H, b): S_c = Σ_j w_j k_j v_jᵀ of each chunk, fp32 (b, nc, H, n, p), with θ counted
@@ -181,13 +181,6 @@ def starts_state(c: KernelConfig, SEG, b, chunk):
     if c.packed:
         return (chunk == 0) | (SEG[b, T.max(chunk * c.Q - 1, 0)] != SEG[b, chunk * c.Q])
     return chunk == 0
-
-
-def ends_state(c: KernelConfig, SEG, b, chunk, NC):
-    """Whether the chunk is the last of a row (packed: of a document), after which its final state is read."""
-    if c.packed:
-        return (chunk == NC - 1) | (SEG[b, T.min(chunk + 1, NC - 1) * c.Q] != SEG[b, chunk * c.Q])
-    return chunk == NC - 1
 
 
 def chunk_prologue(c: KernelConfig):
