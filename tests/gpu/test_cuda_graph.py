@@ -1,7 +1,8 @@
 """The TileLang forward in a CUDA graph (run on the GPU machine; skipped elsewhere): `mamba3_scan(
 backend="tilelang")` captured once on bf16 inputs, then replayed after new inputs (new values, weights,
 initial state, document boundaries and the prep's weights) are copied into the captured tensors, equals
-an eager call on the new inputs bit for bit; with and without the layer's prep in the kernels.
+an eager call on the new inputs bit for bit; with and without the layer's prep in the kernels, and for
+`cu_seqlens` documents with their initial states (new offsets of as many documents).
 
 Bit-exact, not within a tolerance: replay launches the same kernels with the same grids, shapes,
 strides and values as the eager call, and each is deterministic on one GPU (the forward kernels use
@@ -15,7 +16,7 @@ first, so such an op is named. The host-side half, on CPU: tests/unit/test_tilel
 import pytest
 import torch
 
-from megatron_mamba3.ops import Mamba3Prep, mamba3_scan
+from megatron_mamba3.ops import Mamba3Inputs, Mamba3Prep, mamba3_scan
 from megatron_mamba3.ops.tilelang.function import TILE_ROWS
 from tests.helpers import TILELANG_GPU, make_case, make_state
 
@@ -24,20 +25,24 @@ pytestmark = TILELANG_GPU
 BATCH, LENGTH, HEADS = 2, 200, 4
 CONFIGS = [(128, 64, 1, 1, False), (128, 64, 4, 1, True)]  # (n, p, R, G, norm): SISO and MIMO R=4
 A_FLOOR = 0.5  # the prep's (for the "+prep" packing), as tests/gpu/test_tilelang_kernels.py's
-# The kernel configs (H, p, n, R, G, S, Q, norm, A_floor) used here, compiled first (tests/conftest.py).
+# The kernel configs (H, p, n, R, G, S, Q, norm, A_floor, packed) used here, compiled first (tests/conftest.py).
 TILELANG_KERNELS = [
-    (HEADS, p, n, R, G, n // 4, TILE_ROWS // R, norm, floor) for n, p, R, G, norm in CONFIGS for floor in (None, A_FLOOR)
-]
+    (HEADS, p, n, R, G, n // 4, TILE_ROWS // R, norm, floor, False) for n, p, R, G, norm in CONFIGS for floor in (None, A_FLOOR)
+] + [(HEADS, p, n, R, G, n // 4, TILE_ROWS // R, norm, None, True) for n, p, R, G, norm in CONFIGS]
 CAPTURED_STARTS = [(0, 37), (0, 150), (1, 195)]  # (row, token) where a document starts
 REPLAYED_STARTS = [(0, 64), (0, 100), (1, 5), (1, 128)]  # other boundaries, two on chunk boundaries
+CAPTURED_OFFSETS = [0, 37, 150, LENGTH]  # cu_seqlens documents of row 0
+REPLAYED_OFFSETS = [0, 0, 128, LENGTH]  # an empty document, one starting on a chunk boundary
 OUTPUTS = ("out", "h", "k_prev", "v_prev", "theta")
 
 
-def _case(n, p, R, G, norm, seed, starts):
+def _case(n, p, R, G, norm, seed, starts, offsets):
     """(inputs bf16, weights fp32, initial state fp32, segment ids int64, the prep's dt_bias, B_norm, C_norm
-    fp32), all on the GPU; with the prep, the inputs' dt, A, B and C are taken as raw."""
+    fp32, cu_seqlens int32, the documents' initial states fp32), all on the GPU; with the prep, the inputs'
+    dt, A, B and C are taken as raw."""
     inputs, weights = make_case(b=BATCH, l=LENGTH, H=HEADS, p=p, R=R, G=G, n=n, norm=norm, seed=seed)
     state = make_state(BATCH, HEADS, p, R, n, n // 4, seed=seed + 1)
+    documents = make_state(len(offsets) - 1, HEADS, p, R, n, n // 4, seed=seed + 3)
     segment_ids = torch.zeros(BATCH, LENGTH, dtype=torch.int64)
     for row, token in starts:
         segment_ids[row, token:] += 1
@@ -45,27 +50,31 @@ def _case(n, p, R, G, norm, seed, starts):
     prep = tuple(torch.randn(size, generator=generator) + 1 for size in (HEADS, n, n))
     cuda = lambda part, dtype: type(part)(*(None if t is None else t.to("cuda", dtype) for t in part))  # noqa: E731
     cases = cuda(inputs, torch.bfloat16), cuda(weights, torch.float32), cuda(state, torch.float32)
-    return (*cases, segment_ids.cuda(), tuple(t.cuda() for t in prep))
+    cu_seqlens = torch.tensor(offsets, dtype=torch.int32, device="cuda")
+    return (*cases, segment_ids.cuda(), tuple(t.cuda() for t in prep), cu_seqlens, cuda(documents, torch.float32))
 
 
 def _tensors(case):
-    inputs, weights, state, segment_ids, prep = case
-    return [t for t in (*inputs, *weights, *state, segment_ids, *prep) if t is not None]
+    inputs, weights, state, segment_ids, prep, cu_seqlens, documents = case
+    return [t for t in (*inputs, *weights, *state, segment_ids, *prep, cu_seqlens, *documents) if t is not None]
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=["siso", "mimo-r4-norm"])
-@pytest.mark.parametrize("packing", ["plain", "segment_ids", "segment_ids+prep"])
+@pytest.mark.parametrize("packing", ["plain", "segment_ids", "segment_ids+prep", "cu_seqlens+initial_state"])
 def test_graph_replay_equals_eager(packing, config):
     def forward(case):
-        inputs, weights, state, segment_ids, prep = case
+        inputs, weights, state, segment_ids, prep, cu_seqlens, documents = case
         options = dict(segment_ids=segment_ids, initial_state=state) if packing != "plain" else {}
         if packing.endswith("+prep"):  # the layer's prep in chunk_prep
             options["prep"] = Mamba3Prep(*prep, A_FLOOR)
+        if packing.startswith("cu_seqlens"):  # row 0's documents (views of the captured tensors)
+            inputs = Mamba3Inputs(*(t[:1] for t in inputs))
+            options = dict(cu_seqlens=cu_seqlens, initial_state=documents)
         out, final = mamba3_scan(inputs, weights, backend="tilelang", **options)
         return (out, *final)
 
-    static = _case(*config, seed=0, starts=CAPTURED_STARTS)
-    replayed = _case(*config, seed=10, starts=REPLAYED_STARTS)
+    static = _case(*config, seed=0, starts=CAPTURED_STARTS, offsets=CAPTURED_OFFSETS)
+    replayed = _case(*config, seed=10, starts=REPLAYED_STARTS, offsets=REPLAYED_OFFSETS)
     side = torch.cuda.Stream()  # warm-up and capture on one stream, as torch's CUDA graph docs ask
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
