@@ -66,7 +66,6 @@ class _Launch(NamedTuple):
     dt: Tensor
     angles: Tensor
     seg: Tensor
-    span: Tensor
     mult: Tensor
     totals: Tensor
     theta_0: Tensor
@@ -141,7 +140,7 @@ def _chunk_starts(launch: _Launch) -> tuple[Tensor, Tensor, Tensor]:
     device = launch.x.device
     chunk_states = torch.empty(b, nc, H, n, p, device=device, dtype=torch.float32)
     kernels.chunk_state(
-        launch.x, launch.B, launch.angles, launch.dt, launch.seg, launch.span, launch.cs, launch.wd, launch.wo,
+        launch.x, launch.B, launch.angles, launch.dt, launch.seg, launch.layout.span, launch.cs, launch.wd, launch.wo,
         launch.B_bias, launch.mimo_x, chunk_states,
     )
     starts_h = torch.empty(b, nc, H, n, p, device=device, dtype=torch.bfloat16)
@@ -149,7 +148,7 @@ def _chunk_starts(launch: _Launch) -> tuple[Tensor, Tensor, Tensor]:
     h_final = torch.empty(states, H, p, n, device=device, dtype=torch.float32)
     k_final = torch.empty(states, launch.config.R, H, n, device=device, dtype=torch.float32)
     kernels.state_pass(
-        chunk_states, launch.mult, launch.h_in, launch.seg, launch.span, launch.totals, launch.theta_0, launch.B,
+        chunk_states, launch.mult, launch.h_in, launch.seg, launch.layout.span, launch.totals, launch.theta_0, launch.B,
         launch.B_bias, starts_h, h_final, launch.theta_start, launch.theta_final, k_final,
     )
     return starts_h, h_final, k_final
@@ -158,7 +157,7 @@ def _chunk_starts(launch: _Launch) -> tuple[Tensor, Tensor, Tensor]:
 def _chunk_args(launch: _Launch) -> tuple[Tensor, ...]:
     """The per-chunk kernels' leading arguments: x, B, C, angles, Δ, seg, span, cs, wd, wo, θ_start."""
     return (
-        launch.x, launch.B, launch.C, launch.angles, launch.dt, launch.seg, launch.span, launch.cs, launch.wd,
+        launch.x, launch.B, launch.C, launch.angles, launch.dt, launch.seg, launch.layout.span, launch.cs, launch.wd,
         launch.wo, launch.theta_start,
     )
 
@@ -188,7 +187,8 @@ def _forward_kernels(launch: _Launch, inputs: Mamba3Inputs, weights: Mamba3Weigh
         x, launch.z, B, C, *rest, starts_h, launch.B_bias, launch.C_bias, launch.D,
         launch.mimo_x, launch.mimo_z, launch.mimo_o, launch.norm, out,
     )
-    final = Mamba3State(h_final, k_final, as_dtype(_last_tokens(launch.layout, inputs.x), torch.float32), launch.theta_final)
+    v_final = as_dtype(_last_tokens(launch.layout, inputs.x), torch.float32)
+    final = Mamba3State(h_final, k_final, v_final, launch.theta_final)
     return out, final, starts_h
 
 
@@ -289,8 +289,8 @@ def _backward_kernels(
     chunk_sum = lambda t: t.sum(dim=(0, 1))  # noqa: E731  (the per-chunk partial sums (b, nc, ...) of a weight's gradient)
     grads_prep = None
     if prepped:  # through the RMSNorms of B and C to the raw rows and the norm weights
-        dB, dB_norm = _norm_grad(kernels, dB, raw.B, launch.span, launch.B_norm, nc)
-        dC, dC_norm = _norm_grad(kernels, dC, raw.C, launch.span, launch.C_norm, nc)
+        dB, dB_norm = _norm_grad(kernels, dB, raw.B, launch.layout.span, launch.B_norm, nc)
+        dC, dC_norm = _norm_grad(kernels, dC, raw.C, launch.layout.span, launch.C_norm, nc)
         grads_prep = (chunk_sum(dbias), dB_norm, dC_norm)
     else:
         dB, dC = as_dtype(dB, inputs.B.dtype), as_dtype(dC, inputs.C.dtype)  # straight from the float64 sums
@@ -351,7 +351,8 @@ def _terms_grad_kernel(kernels, launch: _Launch, dt_raw: Tensor, dbias: Tensor):
         dangles = torch.empty_like(launch.angles)
         per_head = (g.transpose(1, 2) for g in (grads.log_alpha, grads.wd, grads.wo, grads.theta_turn))
         kernels.terms_grad(
-            launch.dt, inputs.A.contiguous(), inputs.trap.contiguous(), launch.angles, seg, launch.span, *per_head,
+            launch.dt, inputs.A.contiguous(), inputs.trap.contiguous(), launch.angles, seg, launch.layout.span,
+            *per_head,
             grads.theta_dt, carry, dw0, dt_raw, launch.dt_bias, ddt, dA, dtrap, dangles, dbias,
         )
         return ddt, dA, dtrap, dangles
@@ -366,7 +367,7 @@ def kernel_terms(
     """`chunk_terms` in the kernels' layouts by the `chunk_prep` kernel (contiguous inputs, mimo_x (H, R, p)
     fp32, ones for SISO; the initial states, one per row or `cu_seqlens` document; prep_weights: dt_bias (H,),
     B_norm and C_norm (n,) fp32, read with the prep only): (terms, the inputs the other kernels read: with the
-    prep, Δ, B and C are chunk_prep's bf16 outputs). The terms: the layout's seg (b, l_pad) int32 and span,
+    prep, Δ, B and C are chunk_prep's bf16 outputs). The terms: the layout's seg (b, l_pad) int32,
     mult (b, nc, H), each chunk's last document's angle total (b, nc, H, S) and θ_0 (states, H, S) for
     `state_pass`, which fills theta_start (b, nc, H, S) and theta_final (states, H, S) (empty here), scalars
     (3, b, H, l_pad) (cs, wd, wo, also returned as its views) and h̃_0 as (states, H, n, p), all contiguous
@@ -390,10 +391,8 @@ def kernel_terms(
         prep_weights[0], inputs.B, inputs.C, *prep_weights[1:], cs, wd, wo, mult, totals, h_in, prepped.dt,
         prepped.B, prepped.C,
     )
-    terms = (
-        seg, layout.span, mult, totals, theta_0, empty(b, nc, H, config.S), empty(states, H, config.S), scalars,
-        cs, wd, wo, h_in,
-    )
+    theta_start, theta_final = empty(b, nc, H, config.S), empty(states, H, config.S)
+    terms = (seg, mult, totals, theta_0, theta_start, theta_final, scalars, cs, wd, wo, h_in)
     return terms, prepped
 
 
