@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from megatron_mamba3.ops.interface import Mamba3Inputs, Mamba3State, Mamba3Weights, compute_dtype
+from megatron_mamba3.ops.tilelang.chunk_layout import last_token_rows
 from megatron_mamba3.ops.tilelang.chunk_math import (
     ChunkTerms,
     as_dtype,
@@ -204,7 +205,7 @@ def terms_backward(
     final, dkey = grads.final, None
     dtheta_final = final.theta
     if final.k_prev is not None:
-        last_B = inputs.B[0, last_tokens] if packed else inputs.B[:, -1]  # (states, R, G, n)
+        last_B = last_token_rows(inputs.B, last_tokens)  # (states, R, G, n)
         key = head_inputs(as_dtype(last_B, dtype), as_dtype(weights.B_bias, dtype))  # (states, R, H, n)
         dkey = rotate(final.k_prev, -as_dtype(terms.theta_final[:, None], dtype), half_split)
         cross = pair_cross(dkey, key, S, half_split).sum(dim=1)

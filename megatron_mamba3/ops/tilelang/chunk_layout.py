@@ -34,6 +34,12 @@ class ChunkLayout(NamedTuple):
     last_tokens: Tensor | None
 
 
+def last_token_rows(t: Tensor, last_tokens: Tensor | None) -> Tensor:
+    """Each state's last token of t (b, l, ...): (b, ...) per row (`last_tokens` None), or (N, ...) per
+    `cu_seqlens` document (`ChunkLayout.last_tokens`)."""
+    return t[:, -1] if last_tokens is None else t[0, last_tokens]
+
+
 def unpacked_layout(starts: Tensor, Q: int) -> ChunkLayout:
     """Rows with document starts (b, l) bool (never at t = 0) in chunks of Q tokens."""
     b, length = starts.shape

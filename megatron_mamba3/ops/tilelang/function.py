@@ -28,7 +28,7 @@ from megatron_mamba3.ops.interface import (
     read_dims,
 )
 from megatron_mamba3.ops.tilelang.chunk_grad import BoundaryStates, PieceGrads, TermParts, terms_backward
-from megatron_mamba3.ops.tilelang.chunk_layout import ChunkLayout, packed_layout, unpacked_layout
+from megatron_mamba3.ops.tilelang.chunk_layout import ChunkLayout, last_token_rows, packed_layout, unpacked_layout
 from megatron_mamba3.ops.tilelang.chunk_math import as_dtype
 from megatron_mamba3.ops.toolkit.finite import finite_values
 from megatron_mamba3.ops.toolkit.packing import run_packed
@@ -162,13 +162,8 @@ def _chunk_args(launch: _Launch) -> tuple[Tensor, ...]:
     )
 
 
-def _last_tokens(layout: ChunkLayout, t: Tensor) -> Tensor:
-    """Each state's last token of t (b, l, ...): (b, ...) per row, or (N, ...) per `cu_seqlens` document."""
-    return t[:, -1] if layout.last_tokens is None else t[0, layout.last_tokens]
-
-
 def _add_at_last_tokens(layout: ChunkLayout, t: Tensor, rows: Tensor) -> None:
-    """t (b, l, ...) += rows (states, ...) at each state's last token (`_last_tokens`), in t's dtype."""
+    """t (b, l, ...) += rows (states, ...) at each state's last token (`last_token_rows`), in t's dtype."""
     if layout.last_tokens is None:
         t.select(1, -1).add_(rows)
     else:
@@ -187,7 +182,7 @@ def _forward_kernels(launch: _Launch, inputs: Mamba3Inputs, weights: Mamba3Weigh
         x, launch.z, B, C, *rest, starts_h, launch.B_bias, launch.C_bias, launch.D,
         launch.mimo_x, launch.mimo_z, launch.mimo_o, launch.norm, out,
     )
-    v_final = as_dtype(_last_tokens(launch.layout, inputs.x), torch.float32)
+    v_final = as_dtype(last_token_rows(inputs.x, launch.layout.last_tokens), torch.float32)
     final = Mamba3State(h_final, k_final, v_final, launch.theta_final)
     return out, final, starts_h
 
