@@ -585,6 +585,16 @@ def _state_pass(c: KernelConfig):
         return theta - 2 * math.pi * T.floor(theta * (0.5 / math.pi))
 
     @T.macro
+    def load_initial(H_IN, THETA_0, h, block, st, state, theta):
+        """state, theta = the block's rows of h̃_0 and its pairs' θ_0 (float64; 0 past S) of initial state st."""
+        for i, pp in T.Parallel(rows, p):
+            state[i, pp] = H_IN[st, h, state_row(block, i), pp]
+        for k in T.unroll(pairs):
+            theta[k] = T.if_then_else(
+                block * pairs + k < S, T.cast(THETA_0[st, h, T.min(block * pairs + k, S - 1)], F64), 0.0
+            )
+
+    @T.macro
     def write_final(Bk, B_BIAS, H_OUT, THETA_OUT, K_OUT, b, h, block, thread, st, token, state, theta):
         """Final state st from the block's rows of h (state) and its pairs' θ: h in the state's (p, n) layout,
         θ_final, and the final key rot(θ_final, B_token + B_bias[h]) with `token` the document's last (an empty
@@ -635,15 +645,13 @@ def _state_pass(c: KernelConfig):
             thread = T.get_thread_binding(0)
             # the row's initial h̃_0 and θ_0 (packed, each document's at its first chunk, in the loop: a load there
             # costs the unpacked rows their pipelining, 0.69 -> 0.86 ms at MIMO R4 b8 l2048 H32)
-            for i, pp in T.Parallel(rows, p):
-                state[i, pp] = 0.0 if c.packed else H_IN[b, h, state_row(block, i), pp]
-            for k in T.unroll(pairs):
-                if c.packed:
+            if c.packed:  # cleared only so that no read precedes a write
+                for i, pp in T.Parallel(rows, p):
+                    state[i, pp] = 0.0
+                for k in T.unroll(pairs):
                     theta[k] = 0.0
-                else:
-                    theta[k] = T.if_then_else(
-                        block * pairs + k < S, T.cast(THETA_0[b, h, T.min(block * pairs + k, S - 1)], F64), 0.0
-                    )
+            else:
+                load_initial(H_IN, THETA_0, h, block, b, state, theta)
             document[0] = 0
             last[1] = SEG[b, Q - 1]
             mults[1] = MULT[b, 0, h]
@@ -669,12 +677,7 @@ def _state_pass(c: KernelConfig):
                                 SPAN[b, chunk - 1, 1], state, theta,
                             )
                         st = SEG[b, chunk * Q]
-                        for i, pp in T.Parallel(rows, p):
-                            state[i, pp] = H_IN[st, h, state_row(block, i), pp]
-                        for k in T.unroll(pairs):
-                            theta[k] = T.if_then_else(
-                                block * pairs + k < S, T.cast(THETA_0[st, h, T.min(block * pairs + k, S - 1)], F64), 0.0
-                            )
+                        load_initial(H_IN, THETA_0, h, block, st, state, theta)
                         document[0] = st
                 carried[0] = T.if_then_else(last[0] == document[0], 1, 0)
                 for k in T.unroll(pairs):  # θ carried into the chunk, then past it (chunk_angles' scan)
