@@ -2,6 +2,8 @@
 
     pass_configs    the TileLang pass configuration of every kernel
     compile_kernel  one kernel: `make(config)` compiled (or loaded from the cache)
+    lower_kernel    one kernel lowered for Hopper on any machine (no GPU, no device compile), and
+                    `shared_memory_bytes` of it
     build           a config's forward or backward set in this process; the first time a config is
                     asked for, every kernel of it (forward and backward) is compiled first in parallel
                     fresh processes (`prebuild`), so the set loads instead of compiling one after another
@@ -56,6 +58,23 @@ def compile_kernel(make, config):
     import tilelang
 
     return tilelang.compile(make(config), out_idx=[], target="cuda", pass_configs=pass_configs())
+
+
+def lower_kernel(make, config):
+    """`make(config)` lowered for sm_90a with the kernels' pass configuration and no device compile: TileLang's
+    lowered artifact (its `kernel_source` is the CUDA, its `device_mod` holds the one device function)."""
+    import tilelang
+    from tilelang import tvm
+
+    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90a"})
+    with target, tvm.transform.PassContext(opt_level=3, config=pass_configs()):
+        return tilelang.lower(make(config), target=target, enable_device_compile=False)
+
+
+def shared_memory_bytes(lowered) -> int:
+    """The dynamic shared memory a `lower_kernel` result's kernel asks for per block."""
+    (function,) = lowered.device_mod.functions.values()
+    return int(function.attrs.get("dyn_shared_memory_buf", 0))
 
 
 def _makers():
