@@ -1,0 +1,127 @@
+"""Per-kernel device time of two source trees side by side, on one GPU in one run: an A/B of a kernel change.
+
+    python -m benchmarks.compare_trees TREE_A TREE_B [--shapes siso8 mimo8 siso1 mimo1] [--rounds 2] [--repeats 10]
+
+TREE_A and TREE_B are folders that each hold a `megatron_mamba3` package, e.g. this checkout and a git worktree
+of a branch (`git worktree add /tmp/b BRANCH`). Each round runs every tree once, alternating, in a fresh
+process whose working directory is the tree (so the parallel kernel compiles of `ops.tilelang.build`, which run
+`python -m`, import that tree's kernels too); the process times one forward+backward per shape with
+`bench_kernels`' inputs and profiler split (device ms per kernel, PyTorch's kernels in one column) and its peak
+memory. The table gives each tree's median over the rounds and B − A. The first round of a tree also compiles
+its kernels (TileLang's disk cache makes the later rounds load them).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+SHAPES = {  # name -> (b, l, H, R), bench_kernels' shapes
+    "siso8": (8, 2048, 32, 1), "siso1": (1, 8192, 8, 1), "siso2": (2, 4096, 16, 1),
+    "mimo8": (8, 2048, 32, 4), "mimo1": (1, 8192, 8, 4), "mimo2": (2, 4096, 16, 4),
+}
+PEAK = "peak MiB"  # the row of each shape's peak memory of one forward+backward
+TOTAL = "total"
+
+
+def child_argv(shapes: list[str], repeats: int) -> list[str]:
+    """The command line of one tree's timing process (run with the tree as its working directory)."""
+    return [sys.executable, str(Path(__file__).resolve()), "--repeats", str(repeats), "--child", *shapes]
+
+
+def child_environment(tree: Path) -> dict[str, str]:
+    """The timing process's environment: the tree first on PYTHONPATH (its `megatron_mamba3`)."""
+    kept = os.environ.get("PYTHONPATH")
+    return {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), *([kept] if kept else [])])}
+
+
+def _time_tree(shapes: list[str], repeats: int) -> None:
+    """In the timing process: one JSON line per shape, {"shape", "split": {kernel: ms}, "peak"}."""
+    import torch
+
+    # bench_kernels from this file's folder, whatever the tree holds; it imports the tree's megatron_mamba3
+    spec = importlib.util.spec_from_file_location("_bench_kernels", Path(__file__).with_name("bench_kernels.py"))
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    from megatron_mamba3.ops.tilelang import backward_kernels, kernels
+
+    known = frozenset(make.__name__.lstrip("_") for make in (*kernels.MAKERS, *backward_kernels.MAKERS))
+    for shape in shapes:
+        b, l, H, R = SHAPES[shape]  # noqa: E741
+        inputs, weights = bench._case(b, l, H, R)
+        step = lambda: bench._run("tilelang", inputs, weights, True)  # noqa: E731
+        step()
+        torch.cuda.synchronize()
+        split = bench._kernel_ms(step, known, repeats)
+        print(json.dumps({"shape": shape, "split": split, "peak": bench._peak_mib(step)}), flush=True)
+
+
+def run_tree(tree: Path, shapes: list[str], repeats: int) -> dict[str, dict[str, float]]:
+    """One timing process for `tree`: shape -> {kernel: ms, TOTAL: ms, PEAK: MiB}."""
+    done = subprocess.run(child_argv(shapes, repeats), cwd=tree, env=child_environment(tree),
+                          capture_output=True, text=True, check=False)
+    if done.returncode:
+        raise RuntimeError(f"timing {tree} failed:\n{done.stderr[-4000:]}")
+    found = {}
+    for line in done.stdout.splitlines():
+        if line.startswith("{"):
+            row = json.loads(line)
+            found[row["shape"]] = {**row["split"], TOTAL: sum(row["split"].values()), PEAK: row["peak"]}
+    return found
+
+
+def comparison_table(runs: dict[str, list[dict[str, dict[str, float]]]], shapes: list[str]) -> list[str]:
+    """Markdown lines from each tree's runs (tree label -> one result per round, as `run_tree` gives): per shape
+    and kernel, the median over the rounds of each tree and the second minus the first; the kernels in order
+    of the first tree's time, then the total and the peak."""
+    (label_a, runs_a), (label_b, runs_b) = runs.items()
+    median = lambda results, shape, name: statistics.median(r[shape].get(name, 0.0) for r in results)  # noqa: E731
+    lines = [f"| shape | kernel | {label_a} | {label_b} | {label_b} − {label_a} |", "|---|---|---|---|---|"]
+    for shape in shapes:
+        names = {name for result in (*runs_a, *runs_b) for name in result[shape]} - {TOTAL, PEAK}
+        order = sorted(names, key=lambda name: -median(runs_a, shape, name))
+        for name in (*order, TOTAL, PEAK):
+            a, b = median(runs_a, shape, name), median(runs_b, shape, name)
+            digits = 0 if name == PEAK else 3
+            lines.append(f"| {shape} | {name} | {a:.{digits}f} | {b:.{digits}f} | {b - a:+.{digits}f} |")
+    return lines
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("trees", nargs="*", type=Path, help="two folders, each holding a megatron_mamba3 package")
+    parser.add_argument("--shapes", nargs="+", default=["siso8", "mimo8"], choices=list(SHAPES))
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=10, help="calls per profiled split")
+    parser.add_argument("--child", nargs="+", choices=list(SHAPES), help=argparse.SUPPRESS)  # a timing process
+    args = parser.parse_args(argv)
+    if args.child is None and (len(args.trees) != 2 or not all((t / "megatron_mamba3").is_dir() for t in args.trees)):
+        parser.error(f"give two folders that each hold a megatron_mamba3 package, not {args.trees}")
+    return args
+
+
+def main() -> None:
+    args = parse_args()
+    if args.child is not None:
+        _time_tree(args.child, args.repeats)
+        return
+    labels = [tree.resolve().name for tree in args.trees]
+    if labels[0] == labels[1]:
+        labels = ["A", "B"]
+    runs = {label: [] for label in labels}
+    for round_ in range(args.rounds):
+        for label, tree in zip(labels, args.trees):
+            runs[label].append(run_tree(tree.resolve(), args.shapes, args.repeats))
+            print(f"round {round_ + 1}: {label} {json.dumps(runs[label][-1])}", flush=True)
+    print("\nDevice ms of one forward+backward per kernel (median of the rounds), peak MiB")
+    print("\n".join(comparison_table(runs, args.shapes)))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,45 @@
+"""The CPU parts of benchmarks/compare_trees.py: the timing processes' command line and environment, and the
+table of the two trees' medians. The timing itself needs a CUDA GPU and is a benchmark, not a test."""
+
+import os
+
+import pytest
+
+from benchmarks.compare_trees import PEAK, TOTAL, child_argv, child_environment, comparison_table, parse_args
+
+
+def test_a_timing_process_parses_its_own_command_line_and_finds_the_tree_first(tmp_path, monkeypatch):
+    argv = child_argv(["siso8", "mimo1"], repeats=7)
+    args = parse_args(argv[2:])  # without the interpreter and the script
+    assert args.child == ["siso8", "mimo1"] and args.repeats == 7 and args.trees == []
+    monkeypatch.setenv("PYTHONPATH", "/somewhere")
+    assert child_environment(tmp_path)["PYTHONPATH"] == os.pathsep.join([str(tmp_path), "/somewhere"])
+
+
+def test_the_trees_must_hold_the_package(tmp_path):
+    (tmp_path / "a" / "megatron_mamba3").mkdir(parents=True)
+    (tmp_path / "b").mkdir()
+    with pytest.raises(SystemExit):
+        parse_args([str(tmp_path / "a"), str(tmp_path / "b")])
+    (tmp_path / "b" / "megatron_mamba3").mkdir()
+    assert len(parse_args([str(tmp_path / "a"), str(tmp_path / "b")]).trees) == 2
+
+
+def _result(dqkv, dy, peak):
+    split = {"chunk_dqkv": dqkv, "chunk_dy": dy}
+    return {"siso8": {**split, TOTAL: dqkv + dy, PEAK: peak}}
+
+
+def test_comparison_table_takes_each_trees_median_and_the_difference():
+    runs = {
+        "main": [_result(1.8, 0.5, 1098), _result(1.9, 0.6, 1098), _result(2.5, 0.5, 1098)],
+        "branch": [_result(1.6, 0.55, 1034), _result(1.7, 0.55, 1034), _result(1.7, 0.9, 1034)],
+    }
+    lines = comparison_table(runs, ["siso8"])
+    assert lines[0] == "| shape | kernel | main | branch | branch − main |"
+    assert lines[2:] == [
+        "| siso8 | chunk_dqkv | 1.900 | 1.700 | -0.200 |",  # medians: 1.9 and 1.7; the kernels by main's time
+        "| siso8 | chunk_dy | 0.500 | 0.550 | +0.050 |",
+        "| siso8 | total | 2.500 | 2.250 | -0.250 |",
+        "| siso8 | peak MiB | 1098 | 1034 | -64 |",
+    ]
