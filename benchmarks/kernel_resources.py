@@ -40,7 +40,7 @@ class Usage(NamedTuple):
 class Resources(NamedTuple):
     kernel: str
     threads: int
-    min_blocks: int  # from __launch_bounds__ (1 where it names none)
+    min_blocks: int  # from __launch_bounds__ (1 where it names none): registers are capped to fit that many
     shared: int  # bytes, dynamic + static
     usage: Usage
 
@@ -117,14 +117,14 @@ def kernel_resources(make, config) -> Resources:
 def table(rows: list[tuple[str, Resources]]) -> list[str]:
     """Markdown lines: one row per (config, kernel)."""
     lines = [
-        "| config | kernel | threads | registers | spilled B (st/ld) | shared KB "
+        "| config | kernel | threads (min blocks) | registers | spilled B (st/ld) | shared KB "
         "| blocks/SM by registers, shared, threads | blocks/SM |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for label, found in rows:
         limits = blocks_per_sm(found.threads, found.usage.registers, found.shared)
         lines.append(
-            f"| {label} | {found.kernel} | {found.threads} | {found.usage.registers} | "
+            f"| {label} | {found.kernel} | {found.threads} ({found.min_blocks}) | {found.usage.registers} | "
             f"{found.usage.spill_stores}/{found.usage.spill_loads} | {found.shared / 1024:.1f} | "
             f"{limits['registers']}, {limits['shared']}, {limits['threads']} | {limits['all']} |"
         )
