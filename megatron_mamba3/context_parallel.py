@@ -38,7 +38,6 @@ from megatron_mamba3.ops.interface import (
     Mamba3Weights,
     check_prep,
     check_state,
-    compute_dtype,
     scan_dims,
 )
 from megatron_mamba3.ops.scan import mamba3_scan
@@ -215,8 +214,7 @@ def context_parallel_scan(
         resets = resets.bool()
         fresh = torch.cat((torch.zeros_like(resets[:1]), first[1:] != last[:-1]))
 
-    if initial_state is None:
-        initial_state = Mamba3State.zeros(b, dims, compute_dtype(inputs.x.dtype), inputs.x.device)
+    initial_state = Mamba3State.given_or_zeros(initial_state, b, dims, inputs.x)
     check_state(initial_state, b, dims)
     incoming, final = compose(initial_state, summaries, log_decay, w0, resets, fresh, weights.mimo_x)
     mine = piece_order(group.size(), group.rank())

@@ -101,6 +101,12 @@ class Mamba3State(NamedTuple):
         new = lambda *shape: torch.zeros(shape, dtype=dtype, device=device)  # noqa: E731
         return Mamba3State(new(batch, H, p, n), new(batch, R, H, n), new(batch, H, p), new(batch, H, S))
 
+    @staticmethod
+    def given_or_zeros(state: "Mamba3State | None", count: int, dims: "ScanDims", x: Tensor) -> "Mamba3State":
+        """`state`, or where it is None zeros for `count` rows or documents in the compute dtype of the inputs'
+        x, on its device."""
+        return Mamba3State.zeros(count, dims, compute_dtype(x.dtype), x.device) if state is None else state
+
     def rows(self, index: int | slice) -> "Mamba3State":
         """The state of the sequences at `index` (an int keeps a batch dimension of 1)."""
         if isinstance(index, int):

@@ -24,7 +24,6 @@ from megatron_mamba3.ops.interface import (
     Mamba3Prep,
     Mamba3State,
     Mamba3Weights,
-    compute_dtype,
     read_dims,
 )
 from megatron_mamba3.ops.tilelang.chunk_grad import BoundaryStates, PieceGrads, TermParts, terms_backward
@@ -450,10 +449,7 @@ def _packed_documents(
     where None) -> (out, the documents' final states). An empty document's final state is its initial state
     (where the kernels' last token does not exist)."""
     dims = read_dims(inputs)
-    documents = cu_seqlens.numel() - 1
-    state = initial_state
-    if state is None:
-        state = Mamba3State.zeros(documents, dims, compute_dtype(inputs.x.dtype), inputs.x.device)
+    state = Mamba3State.given_or_zeros(initial_state, cu_seqlens.numel() - 1, dims, inputs.x)
     cu_seqlens = cu_seqlens.to(inputs.x.device)
     out, final = _rows(inputs, weights, None, state, prep=prep, cu_seqlens=cu_seqlens)
     empty = cu_seqlens[1:] == cu_seqlens[:-1]

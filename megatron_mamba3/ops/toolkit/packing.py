@@ -18,7 +18,6 @@ from megatron_mamba3.ops.interface import (
     Mamba3State,
     Mamba3Weights,
     ScanDims,
-    compute_dtype,
 )
 from megatron_mamba3.ops.segments import document_bounds, document_starts
 
@@ -35,9 +34,7 @@ def row_starts_and_state(
         starts = torch.zeros(dims.b, dims.l, dtype=torch.bool, device=device)
     else:
         starts = document_starts(segment_ids.to(device))
-    if initial_state is None:
-        return starts, Mamba3State.zeros(dims.b, dims, compute_dtype(inputs.x.dtype), device)
-    return starts, initial_state
+    return starts, Mamba3State.given_or_zeros(initial_state, dims.b, dims, inputs.x)
 
 
 def run_packed(
@@ -53,9 +50,8 @@ def run_packed(
     """Apply `row_scan` under the packing given; returns (out (b, l, H, p), final state)."""
 
     def document_state(index: int) -> Mamba3State:
-        if initial_state is None:
-            return Mamba3State.zeros(1, dims, compute_dtype(inputs.x.dtype), inputs.x.device)
-        return initial_state.rows(index)
+        given = None if initial_state is None else initial_state.rows(index)
+        return Mamba3State.given_or_zeros(given, 1, dims, inputs.x)
 
     def scan_rows(rows: Mamba3Inputs, starts: Tensor, state: Mamba3State) -> tuple[Tensor, Mamba3State]:
         if rows.x.shape[1] == 0:
