@@ -46,6 +46,7 @@ SHAPES = {  # (b, l, H)
     "siso": [(8, 2048, 32), (1, 8192, 8), (2, 4096, 16)],
     "mimo": [(8, 2048, 32), (1, 8192, 8), (2, 4096, 16)],
 }
+RANKS = {"siso": 1, "mimo": 4}  # R of each kind
 P, N, G = 64, 128, 1
 # Batch rows the float64 oracle covers: it runs one token at a time (on a CPU core about 2 ms per token
 # for one row of H32, SISO; 4 ms for MIMO R4), so the accuracy columns take one row, every head and token.
@@ -262,14 +263,14 @@ def main() -> None:
     bandwidth = copy_bandwidth()
     print(f"device: {device}; measured copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
     print(f"official kernels: {official.note}", flush=True)
-    configs = {KernelConfig(H, P, N, R, G, N // 4, TILE_ROWS // R, False) for kind in args.shapes
-               for R in [1 if kind == "siso" else 4] for _, _, H in SHAPES[kind]}
+    configs = {KernelConfig(H, P, N, RANKS[kind], G, N // 4, TILE_ROWS // RANKS[kind], False) for kind in args.shapes
+               for _, _, H in SHAPES[kind]}
     start = time.perf_counter()
     count = prebuild(sorted(configs))
     print(f"compiled {count} kernels in parallel in {time.perf_counter() - start:.0f} s", flush=True)
     rows, splits = [], []
     for kind in args.shapes:
-        R = 1 if kind == "siso" else 4
+        R = RANKS[kind]
         for b, l, H in SHAPES[kind]:  # noqa: E741
             inputs, weights = _case(b, l, H, R)
             start = time.perf_counter()

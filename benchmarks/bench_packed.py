@@ -18,7 +18,7 @@ import functools
 
 import torch
 
-from benchmarks.bench_kernels import G, N, P, _case, _time_ms
+from benchmarks.bench_kernels import RANKS, G, N, P, _case, _time_ms
 from megatron_mamba3.ops import mamba3_scan
 from megatron_mamba3.ops.interface import read_dims
 from megatron_mamba3.ops.tilelang import function
@@ -27,7 +27,7 @@ from megatron_mamba3.testing import rel_err
 
 CASES = [  # (kind, R, l, H, document lengths: a tensor-parallel slice and a full row of heads)
     (kind, R, l, H, lengths)
-    for kind, R in (("siso", 1), ("mimo", 4))
+    for kind, R in RANKS.items()
     for l, H, lengths in (  # noqa: E741
         (8192, 8, (1000, 3000, 7, 1500, 0, 2685)),
         (8192, 8, (512,) * 16),

@@ -22,9 +22,19 @@ import subprocess
 import sys
 from pathlib import Path
 
-SHAPES = {  # name -> (b, l, H, R), bench_kernels' shapes
-    "siso8": (8, 2048, 32, 1), "siso1": (1, 8192, 8, 1), "siso2": (2, 4096, 16, 1),
-    "mimo8": (8, 2048, 32, 4), "mimo1": (1, 8192, 8, 4), "mimo2": (2, 4096, 16, 4),
+
+def _load_bench_kernels():
+    """benchmarks/bench_kernels.py from this file's folder, whatever a tree holds (loaded by path: a timing
+    process runs this file as a script, with a tree's `megatron_mamba3`, which bench_kernels imports, first)."""
+    spec = importlib.util.spec_from_file_location("_bench_kernels", Path(__file__).with_name("bench_kernels.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+BENCH = _load_bench_kernels()
+SHAPES = {  # name -> (b, l, H, R): bench_kernels' shapes, e.g. "siso8" for SISO at b8
+    f"{kind}{b}": (b, l, H, BENCH.RANKS[kind]) for kind, shapes in BENCH.SHAPES.items() for b, l, H in shapes  # noqa: E741
 }
 PEAK = "peak MiB"  # the row of each shape's peak memory of one forward+backward
 TOTAL = "total"
@@ -45,21 +55,17 @@ def _time_tree(shapes: list[str], repeats: int) -> None:
     """In the timing process: one JSON line per shape, {"shape", "split": {kernel: ms}, "peak"}."""
     import torch
 
-    # bench_kernels from this file's folder, whatever the tree holds; it imports the tree's megatron_mamba3
-    spec = importlib.util.spec_from_file_location("_bench_kernels", Path(__file__).with_name("bench_kernels.py"))
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     from megatron_mamba3.ops.tilelang import backward_kernels, kernels
 
     known = frozenset(make.__name__.lstrip("_") for make in (*kernels.MAKERS, *backward_kernels.MAKERS))
     for shape in shapes:
         b, l, H, R = SHAPES[shape]  # noqa: E741
-        inputs, weights = bench._case(b, l, H, R)
-        step = lambda: bench._run("tilelang", inputs, weights, True)  # noqa: E731
+        inputs, weights = BENCH._case(b, l, H, R)
+        step = lambda: BENCH._run("tilelang", inputs, weights, True)  # noqa: E731
         step()
         torch.cuda.synchronize()
-        split = bench._kernel_ms(step, known, repeats)
-        print(json.dumps({"shape": shape, "split": split, "peak": bench._peak_mib(step)}), flush=True)
+        split = BENCH._kernel_ms(step, known, repeats)
+        print(json.dumps({"shape": shape, "split": split, "peak": BENCH._peak_mib(step)}), flush=True)
 
 
 def run_tree(tree: Path, shapes: list[str], repeats: int) -> dict[str, dict[str, float]]:
