@@ -322,26 +322,28 @@ def _rotation_backward(c: KernelConfig):
     half_split = R > 1
 
     @T.macro
-    def scatter(g_s, cos_s, sin_s, first, last, b, h, chunk, SHARED_GRAD, BIAS_GRAD, term, term_sum):
+    def scatter(g_s, cos_s, sin_s, first, last, b, h, chunk, SHARED_GRAD, BIAS_GRAD, bias_sum):
         """Rotate g_s back by −θ_i in place (one thread per rotated pair, the others are left as they are; g_s
         then holds ∂loss/∂(B + bias), or C),
         add it into SHARED_GRAD (b, L, R, G, n) (float64, atomically: a group's heads share it; a float64
         sum of H / G fp32 terms is exact, hence independent of the heads' order, unless the terms span more
         than 29 - log2(H / G) binades) and write its sum over the chunk's tokens to BIAS_GRAD[b, chunk, h]
-        (R, n); term (Q, n) and term_sum (n,) are fp32 fragments."""
+        (R, n), summed in token order in the fp32 fragment bias_sum (R, n): each thread sums its own columns,
+        no reduction across threads."""
         for row, s in T.Parallel(Q * R, S):
             a, bb = pair_indices(s, n, half_split)
             ga, gb = g_s[row, a], g_s[row, bb]
             g_s[row, a] = ga * cos_s[row // R, s] + gb * sin_s[row // R, s]
             g_s[row, bb] = gb * cos_s[row // R, s] - ga * sin_s[row // R, s]
-        for r in T.serial(R):
-            for i, nn in T.Parallel(Q, n):
-                term[i, nn] = g_s[i * R + r, nn]
-                if first + i <= last:
-                    T.atomic_add(SHARED_GRAD[b, first + i, r, h // (H // G), nn], term[i, nn])
-            T.reduce_sum(term, term_sum, dim=0)
-            for nn in T.Parallel(n):
-                BIAS_GRAD[b, chunk, h, r, nn] = term_sum[nn]
+        for row, nn in T.Parallel(Q * R, n):
+            if first + row // R <= last:
+                T.atomic_add(SHARED_GRAD[b, first + row // R, row % R, h // (H // G), nn], g_s[row, nn])
+        T.clear(bias_sum)
+        for i in T.serial(Q):
+            for r, nn in T.Parallel(R, n):
+                bias_sum[r, nn] += g_s[i * R + r, nn]
+        for r, nn in T.Parallel(R, n):
+            BIAS_GRAD[b, chunk, h, r, nn] = bias_sum[r, nn]
 
     @T.macro
     def angle_grad(g_s, value_s, theta_grad):
@@ -457,8 +459,7 @@ def _chunk_dqkv(c: KernelConfig):
             vds_row = T.alloc_fragment((QR,), F32)
             u_row = T.alloc_fragment((QR,), F32)
             prod = T.alloc_fragment((QR, p), F32)
-            key_term = T.alloc_fragment((Q, n), F32)
-            key_sum = T.alloc_fragment((n,), F32)
+            bias_sum = T.alloc_fragment((R, n), F32)
             dmx = T.alloc_fragment((R, p), F32)
             later = T.alloc_fragment((Q, Q), F32)
             earlier = T.alloc_fragment((Q, Q), F32)
@@ -596,11 +597,11 @@ def _chunk_dqkv(c: KernelConfig):
             T.copy(dk, g_s)
             T.clear(theta_grad)
             angle_grad(g_s, k_s, theta_grad)
-            scatter(g_s, cos_s, sin_s, first, last, b, h, chunk, DB, DB_BIAS, key_term, key_sum)
+            scatter(g_s, cos_s, sin_s, first, last, b, h, chunk, DB, DB_BIAS, bias_sum)
 
             T.copy(dq, g_s)
             angle_grad(g_s, q_s, theta_grad)
-            scatter(g_s, cos_s, sin_s, first, last, b, h, chunk, DC, DC_BIAS, key_term, key_sum)
+            scatter(g_s, cos_s, sin_s, first, last, b, h, chunk, DC, DC_BIAS, bias_sum)
             for i, s in T.Parallel(Q, S):  # tanh(angles) and Δ for the angle terms below
                 inside = first + i <= last
                 tanh_f[i, s] = T.if_then_else(inside, T.tanh(T.cast(ANG[b, first + i, s], F32)), 0.0)
