@@ -74,3 +74,10 @@ def test_lines_per_range_must_be_positive():
     with pytest.raises(SystemExit):
         parse_args(["table", "page.csv", "--lines", "0"])
     assert parse_args(["table", "page.csv"]).lines == 60
+
+
+def test_run_names_an_unknown_shape():
+    from benchmarks.ncu_lines import main
+
+    with pytest.raises(SystemExit, match="unknown shape 'siso3'"):
+        main(["run", "siso3"])
