@@ -1,14 +1,18 @@
-"""Per-kernel device time of two source trees side by side, on one GPU in one run: an A/B of a kernel change.
+"""Per-kernel device time of source trees side by side, on one GPU in one run: A/Bs of kernel changes.
 
-    python -m benchmarks.compare_trees TREE_A TREE_B [--shapes siso8 mimo8 siso1 mimo1] [--rounds 2] [--repeats 10]
+    python -m benchmarks.compare_trees BASE TREE [TREE ...] [--shapes siso8 mimo8 siso1 mimo1] [--rounds 2] [--repeats 10]
+    python -m benchmarks.compare_trees --table LOG [--shapes ...]   # the table from a run's printed rounds
 
-TREE_A and TREE_B are folders that each hold a `megatron_mamba3` package, e.g. this checkout and a git worktree
-of a branch (`git worktree add /tmp/b BRANCH`). Each round runs every tree once, alternating, in a fresh
+BASE and each TREE are folders that each hold a `megatron_mamba3` package, e.g. this checkout and git worktrees
+of branches (`git worktree add /tmp/b BRANCH`); each TREE is compared with BASE, so one run (and one compile
+of BASE's kernels) serves several candidate changes. Each round runs every tree once, in turn, in a fresh
 process whose working directory is the tree (so the parallel kernel compiles of `ops.tilelang.build`, which run
 `python -m`, import that tree's kernels too); the process times one forward+backward per shape with
 `bench_kernels`' inputs and profiler split (device ms per kernel, PyTorch's kernels in one column) and its peak
-memory. The table gives each tree's median over the rounds and B − A. The first round of a tree also compiles
-its kernels (TileLang's disk cache makes the later rounds load them).
+memory. The table gives each tree's median over the rounds and its difference from BASE. The first round of a tree also compiles
+its kernels (TileLang's disk cache makes the later rounds load them). Each tree's result is printed as it
+comes (`round N: LABEL {json}`), so a run stopped by a time limit still gives the table of the rounds it
+finished (`--table LOG`).
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import argparse
 import importlib.util
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -83,43 +88,76 @@ def run_tree(tree: Path, shapes: list[str], repeats: int) -> dict[str, dict[str,
 
 
 def comparison_table(runs: dict[str, list[dict[str, dict[str, float]]]], shapes: list[str]) -> list[str]:
-    """Markdown lines from each tree's runs (tree label -> one result per round, as `run_tree` gives): per shape
-    and kernel, the median over the rounds of each tree and the second minus the first; the kernels in order
-    of the first tree's time, then the total and the peak."""
-    (label_a, runs_a), (label_b, runs_b) = runs.items()
+    """Markdown lines from each tree's runs (tree label -> one result per round, as `run_tree` gives; the first
+    tree is the base): per shape and kernel, the median over the rounds of the base, then of each other tree
+    and its difference from the base; the kernels in order of the base's time, then the total and the peak."""
+    (base, base_runs), *others = runs.items()
     median = lambda results, shape, name: statistics.median(r[shape].get(name, 0.0) for r in results)  # noqa: E731
-    lines = [f"| shape | kernel | {label_a} | {label_b} | {label_b} − {label_a} |", "|---|---|---|---|---|"]
+    header = "".join(f" {label} | {label} − {base} |" for label, _ in others)
+    lines = [f"| shape | kernel | {base} |{header}", "|---|---|---|" + "---|---|" * len(others)]
     for shape in shapes:
-        names = {name for result in (*runs_a, *runs_b) for name in result[shape]} - {TOTAL, PEAK}
-        order = sorted(names, key=lambda name: -median(runs_a, shape, name))
+        names = {name for results in runs.values() for result in results for name in result[shape]} - {TOTAL, PEAK}
+        order = sorted(names, key=lambda name: -median(base_runs, shape, name))
         for name in (*order, TOTAL, PEAK):
-            a, b = median(runs_a, shape, name), median(runs_b, shape, name)
             digits = 0 if name == PEAK else 3
-            lines.append(f"| {shape} | {name} | {a:.{digits}f} | {b:.{digits}f} | {b - a:+.{digits}f} |")
+            a = median(base_runs, shape, name)
+            cells = "".join(f" {b:.{digits}f} | {b - a:+.{digits}f} |" for b in (median(r, shape, name) for _, r in others))
+            lines.append(f"| {shape} | {name} | {a:.{digits}f} |{cells}")
     return lines
+
+
+ROUND = re.compile(r"^round \d+: (\S+) (\{.*\})$")
+
+
+def runs_from_log(lines: list[str]) -> dict[str, list[dict[str, dict[str, float]]]]:
+    """The runs of `main`'s printed rounds (tree label -> results, in the order the labels first appear)."""
+    runs = {}
+    for line in lines:
+        found = ROUND.match(line.strip())
+        if found:
+            runs.setdefault(found[1], []).append(json.loads(found[2]))
+    return runs
+
+
+def tree_labels(trees: list[Path]) -> list[str]:
+    """Each tree's folder name, or T0, T1, ... (T0 the base) where two names are the same."""
+    names = [tree.resolve().name for tree in trees]
+    return names if len(set(names)) == len(names) else [f"T{i}" for i in range(len(trees))]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("trees", nargs="*", type=Path, help="two folders, each holding a megatron_mamba3 package")
-    parser.add_argument("--shapes", nargs="+", default=["siso8", "mimo8"], choices=list(SHAPES))
+    parser.add_argument("trees", nargs="*", type=Path, help="the base and one or more other folders, each holding a "
+                        "megatron_mamba3 package")
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES),
+                        help="default: siso8 mimo8; with --table, every shape the log has for every tree")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--repeats", type=int, default=10, help="calls per profiled split")
+    parser.add_argument("--table", type=Path, help="print the table of a run's printed rounds (its log) and stop")
     parser.add_argument("--child", nargs="+", choices=list(SHAPES), help=argparse.SUPPRESS)  # a timing process
     args = parser.parse_args(argv)
-    if args.child is None and (len(args.trees) != 2 or not all((t / "megatron_mamba3").is_dir() for t in args.trees)):
-        parser.error(f"give two folders that each hold a megatron_mamba3 package, not {args.trees}")
+    if args.table is not None and not args.table.is_file():
+        parser.error(f"--table: no such log file {args.table}")
+    if args.shapes is None and args.table is None:
+        args.shapes = ["siso8", "mimo8"]
+    if args.child is None and args.table is None and (len(args.trees) < 2 or not all((t / "megatron_mamba3").is_dir() for t in args.trees)):
+        parser.error(f"give two or more folders that each hold a megatron_mamba3 package, not {args.trees}")
     return args
 
 
-def main() -> None:
-    args = parse_args()
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
     if args.child is not None:
         _time_tree(args.child, args.repeats)
         return
-    labels = [tree.resolve().name for tree in args.trees]
-    if labels[0] == labels[1]:
-        labels = ["A", "B"]
+    if args.table is not None:
+        runs = runs_from_log(args.table.read_text().splitlines())
+        if len(runs) < 2:
+            raise SystemExit(f"{args.table}: rounds of {len(runs)} tree(s) found, the table needs two or more")
+        shapes = args.shapes or [s for s in SHAPES if all(s in result for results in runs.values() for result in results)]
+        print("\n".join(comparison_table(runs, shapes)))
+        return
+    labels = tree_labels(args.trees)
     runs = {label: [] for label in labels}
     for round_ in range(args.rounds):
         for label, tree in zip(labels, args.trees):

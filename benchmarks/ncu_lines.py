@@ -47,7 +47,7 @@ def _count(text: str) -> int:
 def read_source_page(path: Path) -> tuple[list[Instruction], str | None]:
     """The SASS instructions of a `--print-source cuda,sass` CSV, each with its kernel line, and the path of
     the kernel's generated CUDA as ncu recorded it (None where no file is KERNEL_FILE)."""
-    placed, unplaced = {}, {}  # address -> (line or None, samples, stalls)
+    placed, unplaced = {}, {}  # address -> (line in its file, samples, stalls): kernel file, headers
     current, header, line, kernel_path = None, None, 0, None
     for row in csv.reader(path.open()):
         if not row:
