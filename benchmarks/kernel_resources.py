@@ -132,11 +132,13 @@ def table(rows: list[tuple[str, Resources]]) -> list[str]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 4], choices=[1, 2, 4])
-    parser.add_argument("--H", type=int, default=32)
-    parser.add_argument("--p", type=int, default=64, choices=[64, 128])
-    parser.add_argument("--n", type=int, default=128, choices=[64, 128])
+    from benchmarks.compare_trees import BENCH  # the bench's sizes are the defaults
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--ranks", type=int, nargs="+", default=sorted(set(BENCH.RANKS.values())), choices=[1, 2, 4])
+    parser.add_argument("--H", type=int, default=BENCH.SHAPES["siso"][0][2])
+    parser.add_argument("--p", type=int, default=BENCH.P, choices=[64, 128])
+    parser.add_argument("--n", type=int, default=BENCH.N, choices=[64, 128])
     parser.add_argument("--norm", action="store_true", help="with the per-head output norm")
     parser.add_argument("--prep", action="store_true", help="with the layer's prep in the kernels (A floor 1e-4)")
     parser.add_argument("--packed", action="store_true", help="the cu_seqlens kernels")
@@ -149,7 +151,7 @@ def main() -> None:
     rows = []
     for R in args.ranks:
         config = kernels.KernelConfig(
-            args.H, args.p, args.n, R, 1, args.n // 4, TILE_ROWS // R, args.norm, 1e-4 if args.prep else None,
+            args.H, args.p, args.n, R, BENCH.G, args.n // 4, TILE_ROWS // R, args.norm, 1e-4 if args.prep else None,
             args.packed,
         )
         label = f"R{R} p{args.p} n{args.n}"
