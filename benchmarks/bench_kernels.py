@@ -115,6 +115,15 @@ def copy_bandwidth() -> float:
     return 2 * src.numel() * 4 / (ms * 1e-3)
 
 
+def kernel_config(H, R, p=P, n=N, norm=False, A_floor=None, packed=False):
+    """The TileLang `KernelConfig` a case of H heads and rank R runs: S = n / 4 rotated pairs (rope_fraction
+    0.5, as `make_case`), chunks of TILE_ROWS / R tokens, G = 1; no norm, prep or packing unless given."""
+    from megatron_mamba3.ops.tilelang.function import TILE_ROWS
+    from megatron_mamba3.ops.tilelang.kernels import KernelConfig
+
+    return KernelConfig(H, p, n, R, G, n // 4, TILE_ROWS // R, norm, A_floor, packed)
+
+
 def _case(b, l, H, R):  # noqa: E741
     inputs, weights = make_case(b=b, l=l, H=H, p=P, R=R, G=G, n=N, seed=0, dtype=torch.float32)
     inputs = type(inputs)(*(t.to("cuda", torch.bfloat16) for t in inputs))
@@ -253,8 +262,6 @@ def main() -> None:
         parser.error(str(error))
     from megatron_mamba3.ops.tilelang import backward_kernels, kernels
     from megatron_mamba3.ops.tilelang.build import prebuild
-    from megatron_mamba3.ops.tilelang.function import TILE_ROWS
-    from megatron_mamba3.ops.tilelang.kernels import KernelConfig
 
     kernel_names = tuple(make.__name__.lstrip("_") for make in (*kernels.MAKERS, *backward_kernels.MAKERS))
     known = frozenset(kernel_names)
@@ -263,8 +270,7 @@ def main() -> None:
     bandwidth = copy_bandwidth()
     print(f"device: {device}; measured copy bandwidth {bandwidth / 1e9:.0f} GB/s", flush=True)
     print(f"official kernels: {official.note}", flush=True)
-    configs = {KernelConfig(H, P, N, RANKS[kind], G, N // 4, TILE_ROWS // RANKS[kind], False) for kind in args.shapes
-               for _, _, H in SHAPES[kind]}
+    configs = {kernel_config(H, RANKS[kind]) for kind in args.shapes for _, _, H in SHAPES[kind]}
     start = time.perf_counter()
     count = prebuild(sorted(configs))
     print(f"compiled {count} kernels in parallel in {time.perf_counter() - start:.0f} s", flush=True)

@@ -56,6 +56,14 @@ def child_environment(tree: Path) -> dict[str, str]:
     return {**os.environ, "PYTHONPATH": os.pathsep.join([str(tree), *([kept] if kept else [])])}
 
 
+def shape_step(shape: str):
+    """One forward+backward of `shape` with `bench_kernels`' inputs on the GPU, as a function of no arguments
+    (the inputs are made once, here)."""
+    b, l, H, R = SHAPES[shape]  # noqa: E741
+    inputs, weights = BENCH._case(b, l, H, R)
+    return lambda: BENCH._run("tilelang", inputs, weights, True)
+
+
 def _time_tree(shapes: list[str], repeats: int) -> None:
     """In the timing process: one JSON line per shape, {"shape", "split": {kernel: ms}, "peak"}."""
     import torch
@@ -64,9 +72,7 @@ def _time_tree(shapes: list[str], repeats: int) -> None:
 
     known = frozenset(make.__name__.lstrip("_") for make in (*kernels.MAKERS, *backward_kernels.MAKERS))
     for shape in shapes:
-        b, l, H, R = SHAPES[shape]  # noqa: E741
-        inputs, weights = BENCH._case(b, l, H, R)
-        step = lambda: BENCH._run("tilelang", inputs, weights, True)  # noqa: E731
+        step = shape_step(shape)
         step()
         torch.cuda.synchronize()
         split = BENCH._kernel_ms(step, known, repeats)

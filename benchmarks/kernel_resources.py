@@ -132,13 +132,14 @@ def table(rows: list[tuple[str, Resources]]) -> list[str]:
 
 
 def main() -> None:
-    from benchmarks.compare_trees import BENCH  # the bench's sizes are the defaults
+    from benchmarks import bench_kernels  # the bench's sizes and configs are the defaults
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    parser.add_argument("--ranks", type=int, nargs="+", default=sorted(set(BENCH.RANKS.values())), choices=[1, 2, 4])
-    parser.add_argument("--H", type=int, default=BENCH.SHAPES["siso"][0][2])
-    parser.add_argument("--p", type=int, default=BENCH.P, choices=[64, 128])
-    parser.add_argument("--n", type=int, default=BENCH.N, choices=[64, 128])
+    parser.add_argument("--ranks", type=int, nargs="+", default=sorted(set(bench_kernels.RANKS.values())), choices=[1, 2, 4],
+                        help="ranks R, a config each")
+    parser.add_argument("--H", type=int, default=bench_kernels.SHAPES["siso"][0][2], help="heads")
+    parser.add_argument("--p", type=int, default=bench_kernels.P, choices=[64, 128], help="head dim")
+    parser.add_argument("--n", type=int, default=bench_kernels.N, choices=[64, 128], help="state size")
     parser.add_argument("--norm", action="store_true", help="with the per-head output norm")
     parser.add_argument("--prep", action="store_true", help="with the layer's prep in the kernels (A floor 1e-4)")
     parser.add_argument("--packed", action="store_true", help="the cu_seqlens kernels")
@@ -146,14 +147,10 @@ def main() -> None:
     _nvcc()
 
     from megatron_mamba3.ops.tilelang import backward_kernels, kernels
-    from megatron_mamba3.ops.tilelang.function import TILE_ROWS
 
     rows = []
     for R in args.ranks:
-        config = kernels.KernelConfig(
-            args.H, args.p, args.n, R, BENCH.G, args.n // 4, TILE_ROWS // R, args.norm, 1e-4 if args.prep else None,
-            args.packed,
-        )
+        config = bench_kernels.kernel_config(args.H, R, args.p, args.n, args.norm, 1e-4 if args.prep else None, args.packed)
         label = f"R{R} p{args.p} n{args.n}"
         for make in (*kernels.MAKERS, *backward_kernels.MAKERS):
             rows.append((label, kernel_resources(make, config)))

@@ -119,13 +119,11 @@ def _run(shape: str) -> None:
     """One forward+backward of `shape` on the GPU (compare_trees' shapes and bench_kernels' inputs)."""
     import torch
 
-    from benchmarks.compare_trees import BENCH, SHAPES
+    from benchmarks.compare_trees import SHAPES, shape_step
 
     if shape not in SHAPES:
         raise SystemExit(f"unknown shape {shape!r}: one of {', '.join(SHAPES)}")
-    b, l, H, R = SHAPES[shape]  # noqa: E741
-    inputs, weights = BENCH._case(b, l, H, R)
-    BENCH._run("tilelang", inputs, weights, True)
+    shape_step(shape)()
     torch.cuda.synchronize()
 
 
