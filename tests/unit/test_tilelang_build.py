@@ -1,5 +1,6 @@
-"""The TileLang build helpers that run without TileLang: the compile job's command line and the
-parallel prebuild's handling of a process that fails (logged; the in-process build then raises)."""
+"""The TileLang build helpers: the compile job's command line and the parallel prebuild's handling of a
+process that fails (logged; the in-process build then raises), without TileLang; the target the kernels are
+compiled for (TileLang's target type)."""
 
 import logging
 
@@ -41,3 +42,19 @@ def test_failed_compile_process_is_logged_not_raised(monkeypatch, caplog):
     assert "parallel compile of ['not.a.kernel.module', 'make'" in caplog.text
     assert "not a kernel job" in caplog.text
     assert CONFIG in build._prebuilt
+
+
+@pytest.mark.parametrize("cuda, capability, hopper", [(False, None, True), (True, (9, 0), True), (True, (8, 0), False)])
+def test_kernels_are_compiled_for_hopper_by_name_unless_the_gpu_is_another(monkeypatch, cuda, capability, hopper):
+    """Named in full without a GPU too, so that kernels compiled ahead on a CPU machine have the cache keys an
+    H100 / H200 looks up (benchmarks/precompile.py)."""
+    pytest.importorskip("tilelang")
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda: capability)
+    target = build.kernel_target()
+    if hopper:
+        assert target.kind.name == "cuda" and str(target.attrs["arch"]) == "sm_90a"
+    else:
+        assert target == "cuda"

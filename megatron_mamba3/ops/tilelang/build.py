@@ -1,6 +1,7 @@
 """Compiling the TileLang kernels, always through TileLang's disk cache (`~/.tilelang/cache`).
 
     pass_configs    the TileLang pass configuration of every kernel
+    kernel_target   the target they are compiled for: Hopper's sm_90a, spelled out (no GPU needed to name it)
     compile_kernel  one kernel: `make(config)` compiled (or loaded from the cache)
     lower_kernel    one kernel lowered for Hopper on any machine (no GPU, no device compile), and
                     `shared_memory_bytes` of it
@@ -53,11 +54,27 @@ def pass_configs() -> dict:
     }
 
 
+HOPPER = {"kind": "cuda", "arch": "sm_90a"}  # H100 / H200: the kernels' warpgroup gemms need the "a" features
+
+
+def kernel_target():
+    """The target the kernels are compiled for: `HOPPER` where the GPU is one (compute capability 9.0) or where
+    there is none (compiling ahead on a machine without one: the target is spelled out, so TileLang's cache key
+    is the same as on the GPU and the GPU loads what was compiled ahead); any other GPU, TileLang's own
+    detection ("cuda")."""
+    import torch
+    from tilelang import tvm
+
+    if torch.cuda.is_available() and torch.cuda.get_device_capability() != (9, 0):
+        return "cuda"
+    return tvm.target.Target(HOPPER)
+
+
 def compile_kernel(make, config):
-    """Compile (or load from TileLang's disk cache) the kernel `make(config)`."""
+    """Compile (or load from TileLang's disk cache) the kernel `make(config)` for `kernel_target()`."""
     import tilelang
 
-    return tilelang.compile(make(config), out_idx=[], target="cuda", pass_configs=pass_configs())
+    return tilelang.compile(make(config), out_idx=[], target=kernel_target(), pass_configs=pass_configs())
 
 
 def lower_kernel(make, config):
@@ -66,7 +83,7 @@ def lower_kernel(make, config):
     import tilelang
     from tilelang import tvm
 
-    target = tvm.target.Target({"kind": "cuda", "arch": "sm_90a"})
+    target = tvm.target.Target(HOPPER)
     with target, tvm.transform.PassContext(opt_level=3, config=pass_configs()):
         return tilelang.lower(make(config), target=target, enable_device_compile=False)
 

@@ -1,0 +1,49 @@
+"""benchmarks/precompile.py's CPU parts: which kernel configs it compiles, its command line and the tarball.
+The compile itself needs TileLang and nvcc (run by hand; a device call's compile log shows the cache hits)."""
+
+import tarfile
+
+import pytest
+
+from benchmarks.precompile import pack, parse_args, module_configs
+
+pytest.importorskip("tilelang")
+
+
+def test_shape_configs_are_the_ones_the_bench_shapes_run():
+    from benchmarks.precompile import shape_configs
+
+    # (H, p, n, R, G, S, Q, norm, A_floor, packed): bench_kernels' p = 64, n = 128, g = 1, rope_fraction 0.5
+    assert shape_configs(["siso8", "mimo8", "siso1"]) == [
+        (32, 64, 128, 1, 1, 32, 64, False, None, False),
+        (32, 64, 128, 4, 1, 32, 16, False, None, False),
+        (8, 64, 128, 1, 1, 32, 64, False, None, False),
+    ]
+
+
+def test_test_configs_are_read_from_the_modules(tmp_path):
+    module = tmp_path / "test_some_kernels.py"
+    module.write_text("TILELANG_KERNELS = [(4, 64, 128, 1, 1, 32, 64, False, None), (4, 64, 64, 4, 1, 16, 16, True, 0.5)]\n")
+    (tmp_path / "test_none.py").write_text("X = 1\n")
+    assert module_configs([module, tmp_path / "test_none.py"]) == [
+        (4, 64, 128, 1, 1, 32, 64, False, None), (4, 64, 64, 4, 1, 16, 16, True, 0.5)
+    ]
+
+
+def test_the_tarball_holds_the_cache_folders_contents(tmp_path):
+    cache = tmp_path / "cache"
+    (cache / "0.1.15" / "linux-x86_64" / "kernels" / "abc").mkdir(parents=True)
+    (cache / "0.1.15" / "linux-x86_64" / "kernels" / "abc" / "executable.so").write_bytes(b"\x7fELF")
+    out = tmp_path / "out" / "tlcache.tar.xz"
+    assert pack(cache, out) == out.stat().st_size
+    with tarfile.open(out) as tar:
+        assert "0.1.15/linux-x86_64/kernels/abc/executable.so" in tar.getnames()
+
+
+def test_command_line_errors_name_what_is_missing(tmp_path):
+    with pytest.raises(SystemExit):
+        parse_args(["--shapes", "--tests"])  # nothing to compile
+    with pytest.raises(SystemExit):
+        parse_args(["--trees", str(tmp_path)])  # no megatron_mamba3 there
+    (tmp_path / "megatron_mamba3").mkdir()
+    assert parse_args(["--trees", str(tmp_path), "--shapes", "mimo1"]).trees == [tmp_path]
