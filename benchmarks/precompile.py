@@ -46,6 +46,7 @@ def module_configs(modules: list[Path]) -> list[tuple]:
     for path in modules:
         spec = importlib.util.spec_from_file_location(f"_precompile_{path.stem}", path)
         module = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = module  # where a dataclass's fields are resolved
         spec.loader.exec_module(module)
         configs += [tuple(config) for config in getattr(module, "TILELANG_KERNELS", ())]
     return configs

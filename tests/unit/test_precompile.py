@@ -23,7 +23,10 @@ def test_shape_configs_are_the_ones_the_bench_shapes_run():
 
 def test_test_configs_are_read_from_the_modules(tmp_path):
     module = tmp_path / "test_some_kernels.py"
-    module.write_text("TILELANG_KERNELS = [(4, 64, 128, 1, 1, 32, 64, False, None), (4, 64, 64, 4, 1, 16, 16, True, 0.5)]\n")
+    module.write_text(  # a dataclass, as tests/conformance/targets.py has, needs the module registered
+        "from __future__ import annotations\nimport dataclasses\n@dataclasses.dataclass\nclass Case:\n    b: int\n"
+        "TILELANG_KERNELS = [(4, 64, 128, 1, 1, 32, 64, False, None), (4, 64, 64, 4, 1, 16, 16, True, 0.5)]\n"
+    )
     (tmp_path / "test_none.py").write_text("X = 1\n")
     assert module_configs([module, tmp_path / "test_none.py"]) == [
         (4, 64, 128, 1, 1, 32, 64, False, None), (4, 64, 64, 4, 1, 16, 16, True, 0.5)
