@@ -3,7 +3,8 @@
     chunk_dy        grid (nc, H, b): recompute y, gate backward -> dy (fp32), dz, G_c = Σ inter q dyᵀ and
                     per-chunk partial sums of the gradients of the gate weights present
     state_pass_bwd  grid (n / 8, H, b): dH_c = G_c + mult_c dH_{c+1} in reverse, from each row's (packed: each
-                    document's) ∂h_final at its last chunk; writes dS_c = dH_{c+1} and dH_0 of each
+                    document's) ∂h_final at its last chunk; writes dS_c = dH_{c+1} as its bf16 hi and lo halves
+                    (the gemms' operands) and dH_0 of each
     chunk_dqkv      grid (nc, H, b): from one build of the chunk's queries, keys, values, scores and dP:
                     dv -> dx, D and mimo_x partials; dk -> dB (atomic over a group's heads), B_bias partials;
                     dw_j = Σ_s k_{j,s}·(dS v_{j,s}); ∂mult_c = ⟨dS_c, h̃_c⟩; dq -> dC, C_bias partials; dθ;
@@ -102,15 +103,13 @@ def split_bf16(src, hi_s, lo_s):
 
 
 @T.macro
-def split_tile_bf16(SRC, b, h, first, hi_s=None, lo_s=None):
+def split_tile_bf16(SRC, b, h, first, hi_s, lo_s):
     """`split_bf16` of the tile SRC[b, h, first : first + rows, :] of a (batch, H, rows, cols) fp32 tensor in
-    one read, into hi_s and/or lo_s (one may be None: the halves can then take turns in one tile)."""
-    for i, j in T.Parallel(*(lo_s if hi_s is None else hi_s).shape):
+    one read, into hi_s and lo_s."""
+    for i, j in T.Parallel(*hi_s.shape):
         value = SRC[b, h, first + i, j]
-        if hi_s is not None:
-            hi_s[i, j] = T.cast(value, BF16)
-        if lo_s is not None:
-            lo_s[i, j] = bf16_rest(value, T.cast(value, BF16))  # not hi_s: no read back of shared memory
+        hi_s[i, j] = T.cast(value, BF16)
+        lo_s[i, j] = bf16_rest(value, T.cast(value, BF16))  # not hi_s: no read back of shared memory
 
 
 def _gate_terms(c: KernelConfig) -> _GateTerms:
@@ -289,7 +288,7 @@ def _state_pass_bwd(c: KernelConfig):
         MULT: T.Tensor((batch, NC, H), F32),
         SEG: T.Tensor((batch, LP), "int32"),
         DH_FINAL: T.Tensor((NS, H, n, p), F32),
-        DS: T.Tensor((batch, NC, H, n, p), F32),
+        DS: T.Tensor((batch, NC, H, 2, n, p), BF16),
         DH0: T.Tensor((NS, H, n, p), F32),
     ):
         with T.Kernel(n // rows, H, batch, threads=SCAN_THREADS) as (block, h, b):
@@ -309,7 +308,8 @@ def _state_pass_bwd(c: KernelConfig):
                             T.copy(grad, DH0[SEG[b, chunk * Q + Q], h, block * rows : (block + 1) * rows, :])
                         T.copy(DH_FINAL[SEG[b, chunk * Q], h, block * rows : (block + 1) * rows, :], grad)
                 for i, pp in T.Parallel(rows, p):
-                    DS[b, chunk, h, block * rows + i, pp] = grad[i, pp]
+                    DS[b, chunk, h, 0, block * rows + i, pp] = T.cast(grad[i, pp], BF16)
+                    DS[b, chunk, h, 1, block * rows + i, pp] = bf16_rest(grad[i, pp], T.cast(grad[i, pp], BF16))
                     grad[i, pp] = T.if_then_else(mult != 0.0, grad[i, pp] * mult, 0.0) + g_s[i, pp]
             T.copy(grad, DH0[state_index(c, SEG, b, 0), h, block * rows : (block + 1) * rows, :])
 
@@ -388,7 +388,7 @@ def _chunk_dqkv(c: KernelConfig):
         WD: T.Tensor((batch, H, LP), F32),
         WO: T.Tensor((batch, H, LP), F32),
         THS: T.Tensor((batch, NC, H, S), F32),
-        DS: T.Tensor((BNC, H, n, p), F32),
+        DS: T.Tensor((BNC, H, 2, n, p), BF16),
         HS: T.Tensor((batch, NC, H, n, p), BF16),
         DY: T.Tensor((batch, H, LPR, p), F32),
         MULT: T.Tensor((batch, NC, H), F32),
@@ -520,9 +520,9 @@ def _chunk_dqkv(c: KernelConfig):
             T.reduce_sum(earlier, below, dim=1)
             T.copy(below, below_s)
 
-            # kds = k dS and vds = v dSᵀ, with dS as two bf16 halves that take turns in ds_s (shared memory is
+            # kds = k dS and vds = v dSᵀ, with dS's two bf16 halves taking turns in ds_s (shared memory is
             # short) and v as hi + lo halves where MIMO makes it inexact in bf16.
-            split_tile_bf16(DS, b * NC + chunk, h, 0, hi_s=ds_s)
+            T.copy(DS[b * NC + chunk, h, 0, :, :], ds_s)
             T.gemm(k_s, ds_s, kds, clear_accum=True)
             T.gemm(v_s, ds_s, vds, transpose_B=True, clear_accum=True)
             if R > 1:
@@ -530,7 +530,7 @@ def _chunk_dqkv(c: KernelConfig):
                 for row, pp in T.Parallel(QR, p):
                     v_lo[row, pp] = bf16_rest(T.cast(x_s[row // R, pp], F32) * mx_s[row % R, pp], v_s[row, pp])
                 T.gemm(v_lo, ds_s, vds, transpose_B=True)
-            split_tile_bf16(DS, b * NC + chunk, h, 0, lo_s=ds_s)
+            T.copy(DS[b * NC + chunk, h, 1, :, :], ds_s)
             T.gemm(k_s, ds_s, kds)
             T.gemm(v_s, ds_s, vds, transpose_B=True)
 
@@ -569,7 +569,8 @@ def _chunk_dqkv(c: KernelConfig):
             T.clear(state_prod)
             for block in T.serial(n // QR):
                 for row, pp in T.Parallel(QR, p):
-                    state_prod[row, pp] += DS[b * NC + chunk, h, block * QR + row, pp] * T.cast(hs_s[block * QR + row, pp], F32)
+                    ds_value = T.cast(DS[b * NC + chunk, h, 0, block * QR + row, pp], F32) + T.cast(DS[b * NC + chunk, h, 1, block * QR + row, pp], F32)
+                    state_prod[row, pp] += ds_value * T.cast(hs_s[block * QR + row, pp], F32)
             T.reduce_sum(state_prod, state_rows, dim=1)
             T.reduce_sum(state_rows, dmult, dim=0)
 

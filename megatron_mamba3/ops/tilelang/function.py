@@ -243,12 +243,12 @@ def _backward_kernels(
         launch.mimo_z, launch.mimo_o, launch.norm, dout, dy, dz, gc, gate,
     )
     inputs, launch = inputs._replace(z=None), launch._replace(z=None)  # z's finite copy had chunk_dy as its one reader
-    ds = empty(b * nc, H, c.n, p)
+    ds = empty(b * nc, H, 2, c.n, p, dtype=torch.bfloat16)  # dS as bf16 hi and lo halves
     if grad_final.h is None:
         dh_final = torch.zeros_like(dh_in)
     else:
         dh_final = as_dtype(grad_final.h, torch.float32).transpose(-1, -2).contiguous()
-    kernels.state_pass_bwd(gc, launch.mult, launch.seg, dh_final, ds.view(b, nc, H, c.n, p), dh_in)
+    kernels.state_pass_bwd(gc, launch.mult, launch.seg, dh_final, ds.view(b, nc, H, 2, c.n, p), dh_in)
     del gc  # read by state_pass_bwd alone: its b·nc·H·n·p fp32 go back before chunk_dqkv's outputs (peak memory)
 
     # dB, dC: float64 sums over a group's heads (atomic adds; see backward_kernels.scatter).
