@@ -12,7 +12,8 @@ each tree's own kernels, compiled by a process started in the tree, as `compare_
 compiled with `build.prebuild` into a fresh cache folder (`TILELANG_CACHE_DIR`), which the tarball holds.
 This works because `build.kernel_target` names Hopper's sm_90a in full and TileLang's cache key holds only
 the kernel, that target, the pass configuration and TileLang's version and libraries, which the device's
-bundle shares with this machine's install (the same wheels; check with a device call's compile log).
+bundle shares with this machine's install (the same wheels; check with a device call's compile log). The
+tarball also holds `build.prebuilt_marker`'s files, so the device's processes skip their parallel prebuild.
 """
 
 from __future__ import annotations

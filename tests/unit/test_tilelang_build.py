@@ -1,8 +1,10 @@
 """The TileLang build helpers: the compile job's command line and the parallel prebuild's handling of a
 process that fails (logged; the in-process build then raises), without TileLang; the target the kernels are
-compiled for (TileLang's target type)."""
+compiled for (TileLang's target type); the marker of a config prebuilt into the cache, which a later prebuild
+skips."""
 
 import logging
+import sys
 
 import pytest
 
@@ -31,17 +33,46 @@ def test_job_rejects_what_is_not_a_kernel_job(argv):
         build.parse_job(argv)
 
 
-def test_failed_compile_process_is_logged_not_raised(monkeypatch, caplog):
-    def make():
-        pass
+def make():
+    pass
 
+
+@pytest.fixture
+def cache_dir(monkeypatch, tmp_path):
+    """TileLang's cache folder in tmp_path, and one stand-in kernel maker."""
+    monkeypatch.setenv("TILELANG_CACHE_DIR", str(tmp_path))
     monkeypatch.setattr(build, "_makers", lambda: [("not.a.kernel.module", make)])
     monkeypatch.setattr(build, "_prebuilt", set())
+    return tmp_path
+
+
+def test_failed_compile_process_is_logged_not_raised(cache_dir, caplog):
     with caplog.at_level(logging.WARNING, logger=build.__name__):
         assert build.prebuild([CONFIG]) == 1
     assert "parallel compile of ['not.a.kernel.module', 'make'" in caplog.text
     assert "not a kernel job" in caplog.text
     assert CONFIG in build._prebuilt
+
+
+def test_a_failed_config_is_not_marked_prebuilt(cache_dir):
+    pytest.importorskip("tilelang")
+    assert build.prebuild([CONFIG]) == 1
+    assert not build.prebuilt_marker(CONFIG).exists()
+    assert build.prebuild([CONFIG]) == 1  # tried again
+
+
+def test_a_config_prebuilt_into_the_cache_is_not_compiled_again(cache_dir, monkeypatch):
+    pytest.importorskip("tilelang")
+    monkeypatch.setattr(build, "job_argv", lambda module, maker, config: [sys.executable, "-c", "pass"])
+    other = CONFIG[:-1] + (None,)
+    assert build.prebuild([CONFIG]) == 1
+    marker = build.prebuilt_marker(CONFIG)
+    assert marker.exists() and marker.parent.parent == cache_dir
+    assert build.prebuild([CONFIG, other]) == 1  # only the config not prebuilt before
+    assert build.prebuild([other, CONFIG]) == 0
+    monkeypatch.setattr(build, "_sources_digest", lambda: "other kernel sources")
+    assert build.prebuilt_marker(CONFIG) != marker
+    assert build.prebuild([CONFIG]) == 1
 
 
 @pytest.mark.parametrize("cuda, capability, hopper", [(False, None, True), (True, (9, 0), True), (True, (8, 0), False)])

@@ -8,7 +8,8 @@
     build           a config's forward or backward set in this process; the first time a config is
                     asked for, every kernel of it (forward and backward) is compiled first in parallel
                     fresh processes (`prebuild`), so the set loads instead of compiling one after another
-    prebuild        many configs at once, one process per kernel (up to the CPU count at a time)
+    prebuild        many configs at once, one process per kernel (up to the CPU count at a time); a config
+                    whose every kernel a process has compiled into the cache before is skipped (`prebuilt_marker`)
 
 The processes are `python -m megatron_mamba3.ops.tilelang.build MODULE MAKER '(H, p, n, R, G, S, Q, norm, A_floor)'`, so
 no caller needs an `if __name__ == "__main__"` guard (as multiprocessing's spawn would). A failed
@@ -20,12 +21,15 @@ from __future__ import annotations
 
 import ast
 import concurrent.futures
+import functools
+import hashlib
 import importlib
 import logging
 import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 logger = logging.getLogger(__name__)
 
@@ -118,24 +122,60 @@ def parse_job(argv: list[str]):
     return module, maker, config
 
 
+@functools.cache
+def _sources_digest() -> str:
+    """A hash of this folder's modules (the kernels, their macros and this build), TileLang's version and the
+    kernels' target."""
+    import tilelang
+
+    digest = hashlib.sha256(f"{tilelang.__version__} {kernel_target()}".encode())
+    for path in sorted(Path(__file__).parent.glob("*.py")):
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def prebuilt_marker(config) -> Path | None:
+    """The empty file, in TileLang's cache folder, that says a `prebuild` compiled every kernel of `config` into
+    that cache with these sources, TileLang version and target (its name hashes them all); None where TileLang
+    is absent or its cache is off. A later process finds the kernels there and loads them without a prebuild
+    (were they deleted since, `build` compiles them in its own process, one after another)."""
+    try:
+        from tilelang import env
+    except ImportError:
+        return None
+    if not env.is_cache_enabled():
+        return None
+    key = hashlib.sha256(f"{_sources_digest()} {tuple(config)!r}".encode()).hexdigest()
+    return Path(env.TILELANG_CACHE_DIR) / "megatron_mamba3_prebuilt" / key
+
+
 def prebuild(configs) -> int:
-    """Compile every forward and backward kernel of `configs` in parallel processes into the disk cache.
-    Returns the number of kernels asked for; failures are logged (the in-process build then reports them)."""
+    """Compile every forward and backward kernel of `configs` in parallel processes into the disk cache,
+    except those of the configs prebuilt there before (`prebuilt_marker`). Returns the number of kernels
+    compiled; failures are logged (the in-process build then reports them)."""
     configs = list(configs)
-    jobs = [job_argv(module, make.__name__, config) for config in configs for module, make in _makers()]
+    markers = {config: prebuilt_marker(config) for config in configs}
+    todo = [config for config in configs if markers[config] is None or not markers[config].exists()]
+    jobs = [(config, job_argv(module, make.__name__, config)) for config in todo for module, make in _makers()]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     start = time.perf_counter()
 
-    def run(argv):
-        done = subprocess.run(argv, check=False, env=env, capture_output=True, text=True)
+    def run(job) -> bool:
+        done = subprocess.run(job[1], check=False, env=env, capture_output=True, text=True)
         if done.returncode:
-            logger.warning("mamba3 tilelang: parallel compile of %s failed:\n%s", argv[3:], done.stderr[-2000:])
+            logger.warning("mamba3 tilelang: parallel compile of %s failed:\n%s", job[1][3:], done.stderr[-2000:])
+        return done.returncode == 0
 
     with concurrent.futures.ThreadPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1) or 1) as pool:
-        list(pool.map(run, jobs))
+        succeeded = list(pool.map(run, jobs))
+    failed = {config for (config, _), ok in zip(jobs, succeeded) if not ok}
+    for config in todo:
+        if markers[config] is not None and config not in failed:
+            markers[config].parent.mkdir(parents=True, exist_ok=True)
+            markers[config].touch()
     _prebuilt.update(configs)
-    logger.info("mamba3 tilelang: compiled %d kernels for %d configs in parallel in %.1f s",
-                len(jobs), len(configs), time.perf_counter() - start)
+    logger.info("mamba3 tilelang: %d kernels of %d configs compiled (or found in the cache) in parallel in %.1f s; "
+                "%d configs prebuilt before", len(jobs), len(todo), time.perf_counter() - start, len(configs) - len(todo))
     return len(jobs)
 
 
