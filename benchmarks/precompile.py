@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 import tarfile
@@ -66,9 +65,10 @@ def _compile_here(configs: list[tuple]) -> None:
 
 def compile_tree(tree: Path, configs: list[tuple], cache: Path) -> float:
     """Compile `configs` with `tree`'s kernels into `cache`; returns the seconds taken."""
+    from benchmarks.compare_trees import child_environment  # the tree first on PYTHONPATH, as its timing runs
+
     start = time.perf_counter()
-    env = {**os.environ, "TILELANG_CACHE_DIR": str(cache),
-           "PYTHONPATH": os.pathsep.join([str(tree), str(HERE.parents[1]), *filter(None, [os.environ.get("PYTHONPATH")])])}
+    env = {**child_environment(tree), "TILELANG_CACHE_DIR": str(cache)}
     done = subprocess.run([sys.executable, str(HERE), "--child", json.dumps(configs)], cwd=tree, env=env,
                           capture_output=True, text=True, check=False)
     if done.returncode:
@@ -86,8 +86,11 @@ def pack(cache: Path, out: Path) -> int:
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    from benchmarks.compare_trees import SHAPES
+
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shapes", nargs="*", default=["siso8", "mimo8"], help="compare_trees' shape names")
+    parser.add_argument("--shapes", nargs="*", default=["siso8", "mimo8"], choices=list(SHAPES),
+                        help="compare_trees' shape names")
     parser.add_argument("--tests", nargs="*", type=Path, default=[], help="test modules with TILELANG_KERNELS")
     parser.add_argument("--trees", nargs="+", type=Path, default=[Path(".")], help="folders holding megatron_mamba3")
     parser.add_argument("--out", type=Path, default=Path(".dev/tlcache.tar.xz"))
@@ -108,11 +111,6 @@ def main(argv: list[str] | None = None) -> None:
     if args.child is not None:
         _compile_here([tuple(config) for config in json.loads(args.child)])
         return
-    from benchmarks.compare_trees import SHAPES
-
-    unknown = [shape for shape in args.shapes if shape not in SHAPES]
-    if unknown:
-        raise SystemExit(f"unknown shapes {unknown}: choose from {', '.join(SHAPES)}")
     configs = list(dict.fromkeys(shape_configs(args.shapes) + module_configs(args.tests)))
     with tempfile.TemporaryDirectory() as cache:
         for tree in args.trees:

@@ -48,5 +48,7 @@ def test_command_line_errors_name_what_is_missing(tmp_path):
         parse_args(["--shapes", "--tests"])  # nothing to compile
     with pytest.raises(SystemExit):
         parse_args(["--trees", str(tmp_path)])  # no megatron_mamba3 there
+    with pytest.raises(SystemExit):
+        parse_args(["--shapes", "siso9"])  # not one of compare_trees' shapes
     (tmp_path / "megatron_mamba3").mkdir()
     assert parse_args(["--trees", str(tmp_path), "--shapes", "mimo1"]).trees == [tmp_path]
