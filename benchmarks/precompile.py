@@ -2,14 +2,16 @@
 call to unpack first: the call's kernels then load instead of compiling (minutes of device time each call).
 
     python -m benchmarks.precompile [--shapes siso8 mimo8] [--tests tests/gpu/test_tilelang_kernels.py ...]
-                                    [--trees . /tmp/branch ...] [--out .dev/tlcache.tar.xz]
+                                    [--trees . /tmp/branch ...] [--cache DIR] [--out .dev/tlcache.tar.xz]
     # first in the device command:
     mkdir -p ~/.tilelang/cache && tar -C ~/.tilelang/cache -xJf .dev/tlcache.tar.xz
 
 The kernels are those of the kernel configs that `compare_trees`' shapes run (`--shapes`) and that test modules
 list in `TILELANG_KERNELS` (`--tests`, as tests/conftest.py collects them), for each source tree (`--trees`:
 each tree's own kernels, compiled by a process started in the tree, as `compare_trees` times them). They are
-compiled with `build.prebuild` into a fresh cache folder (`TILELANG_CACHE_DIR`), which the tarball holds.
+compiled with `build.prebuild` into a fresh cache folder (`TILELANG_CACHE_DIR`), which the tarball holds; with
+`--cache DIR`, into DIR, kept between runs: what an earlier run (or an unpacked tarball) left there loads instead
+of compiling (a base tree's kernels, the unchanged kernels of a candidate tree), and the tarball holds all of DIR.
 This works because `build.kernel_target` names Hopper's sm_90a in full and TileLang's cache key holds only
 the kernel, that target, the pass configuration and TileLang's version and libraries, which the device's
 bundle shares with this machine's install (the same wheels; check with a device call's compile log). The
@@ -19,6 +21,7 @@ tarball also holds `build.prebuilt_marker`'s files, so the device's processes sk
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import subprocess
 import sys
@@ -93,6 +96,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="compare_trees' shape names")
     parser.add_argument("--tests", nargs="*", type=Path, default=[], help="test modules with TILELANG_KERNELS")
     parser.add_argument("--trees", nargs="+", type=Path, default=[Path(".")], help="folders holding megatron_mamba3")
+    parser.add_argument("--cache", type=Path, help="compile into (and pack) this folder, kept between runs "
+                        "(default: a fresh temporary folder)")
     parser.add_argument("--out", type=Path, default=Path(".dev/tlcache.tar.xz"))
     parser.add_argument("--child", help=argparse.SUPPRESS)  # a tree's compile process: the configs as JSON
     args = parser.parse_args(argv)
@@ -112,11 +117,13 @@ def main(argv: list[str] | None = None) -> None:
         _compile_here([tuple(config) for config in json.loads(args.child)])
         return
     configs = list(dict.fromkeys(shape_configs(args.shapes) + module_configs(args.tests)))
-    with tempfile.TemporaryDirectory() as cache:
+    with contextlib.ExitStack() as stack:
+        cache = args.cache.resolve() if args.cache else Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        cache.mkdir(parents=True, exist_ok=True)
         for tree in args.trees:
-            seconds = compile_tree(tree.resolve(), configs, Path(cache))
+            seconds = compile_tree(tree.resolve(), configs, cache)
             print(f"{tree}: {len(configs)} configs compiled in {seconds:.0f} s", flush=True)
-        size = pack(Path(cache), args.out)
+        size = pack(cache, args.out)
     print(f"{args.out}: {size / 2**20:.1f} MiB")
 
 

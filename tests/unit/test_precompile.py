@@ -5,6 +5,7 @@ import tarfile
 
 import pytest
 
+from benchmarks import precompile
 from benchmarks.precompile import pack, parse_args, module_configs
 
 pytest.importorskip("tilelang")
@@ -41,6 +42,27 @@ def test_the_tarball_holds_the_cache_folders_contents(tmp_path):
     assert pack(cache, out) == out.stat().st_size
     with tarfile.open(out) as tar:
         assert "0.1.15/linux-x86_64/kernels/abc/executable.so" in tar.getnames()
+
+
+def test_a_kept_cache_folder_is_compiled_into_again_and_packed_whole(tmp_path, monkeypatch):
+    compiled = []
+
+    def compile_tree(tree, configs, cache):  # stands in for the tree's compile process: one file per run
+        compiled.append((tree, configs, cache))
+        (cache / f"kernel{len(compiled)}").write_bytes(b"\x7fELF")
+        return 0.0
+
+    monkeypatch.setattr(precompile, "compile_tree", compile_tree)
+    cache, out = tmp_path / "cache", tmp_path / "tlcache.tar.xz"
+    for _ in range(2):
+        precompile.main(["--shapes", "siso1", "--cache", str(cache), "--out", str(out)])
+    assert [entry[2] for entry in compiled] == [cache, cache]
+    with tarfile.open(out) as tar:  # the second tarball holds the first run's kernel too
+        assert sorted(tar.getnames()) == ["kernel1", "kernel2"]
+    precompile.main(["--shapes", "siso1", "--out", str(out)])  # without --cache: a fresh folder, gone after
+    assert compiled[-1][2] != cache and not compiled[-1][2].exists()
+    with tarfile.open(out) as tar:
+        assert tar.getnames() == ["kernel3"]
 
 
 def test_command_line_errors_name_what_is_missing(tmp_path):
