@@ -3,8 +3,10 @@ process that fails (logged; the in-process build then raises), without TileLang;
 compiled for (TileLang's target type); the marker of a config prebuilt into the cache, which a later prebuild
 skips."""
 
+import ast
 import logging
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -73,6 +75,19 @@ def test_a_config_prebuilt_into_the_cache_is_not_compiled_again(cache_dir, monke
     monkeypatch.setattr(build, "_sources_digest", lambda: "other kernel sources")
     assert build.prebuilt_marker(CONFIG) != marker
     assert build.prebuild([CONFIG]) == 1
+
+
+def test_prebuild_markers_hash_the_kernel_sources_alone():
+    """A host-side edit (function.py, the PyTorch forms) leaves the markers of unchanged kernels valid."""
+    here = Path(build.__file__).parent
+    sources = build.kernel_sources()
+    assert sources == sorted(here / name for name in ("backward_kernels.py", "build.py", "kernels.py"))
+    # ...which is all of the package the kernels are made of: their modules import nothing else of it
+    imported = {
+        node.module for path in sources for node in ast.walk(ast.parse(path.read_text()))
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("megatron_mamba3")
+    }
+    assert imported <= {f"megatron_mamba3.ops.tilelang.{path.stem}" for path in sources}, imported
 
 
 @pytest.mark.parametrize("cuda, capability, hopper", [(False, None, True), (True, (9, 0), True), (True, (8, 0), False)])

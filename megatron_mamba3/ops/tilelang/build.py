@@ -122,21 +122,28 @@ def parse_job(argv: list[str]):
     return module, maker, config
 
 
+def kernel_sources() -> list[Path]:
+    """The files the compiled kernels come from: the kernel modules (`_MAKER_MODULES`, which import nothing else
+    of this package) and this build (pass configuration, target). The host side (function.py and the PyTorch
+    forms) is not among them."""
+    here = Path(__file__)
+    return sorted([here, *(here.with_name(f"{module.rpartition('.')[2]}.py") for module in _MAKER_MODULES)])
+
+
 @functools.cache
 def _sources_digest() -> str:
-    """A hash of this folder's modules (the kernels, their macros and this build), TileLang's version and the
-    kernels' target."""
+    """A hash of `kernel_sources`, TileLang's version and the kernels' target."""
     import tilelang
 
     digest = hashlib.sha256(f"{tilelang.__version__} {kernel_target()}".encode())
-    for path in sorted(Path(__file__).parent.glob("*.py")):
+    for path in kernel_sources():
         digest.update(path.read_bytes())
     return digest.hexdigest()
 
 
 def prebuilt_marker(config) -> Path | None:
     """The empty file, in TileLang's cache folder, that says a `prebuild` compiled every kernel of `config` into
-    that cache with these sources, TileLang version and target (its name hashes them all); None where TileLang
+    that cache with these `kernel_sources`, TileLang version and target (its name hashes them all); None where TileLang
     is absent or its cache is off. A later process finds the kernels there and loads them without a prebuild
     (were they deleted since, `build` compiles them in its own process, one after another)."""
     try:
