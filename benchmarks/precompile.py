@@ -104,7 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.child is None:
         if not args.shapes and not args.tests:
             parser.error("nothing to compile: give --shapes or --tests")
-        missing = [str(t) for t in (*args.tests,) if not t.is_file()] + [
+        missing = [str(t) for t in args.tests if not t.is_file()] + [
             str(t) for t in args.trees if not (t / "megatron_mamba3").is_dir()]
         if missing:
             parser.error(f"not found: {', '.join(missing)}")

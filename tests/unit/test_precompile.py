@@ -6,14 +6,12 @@ import tarfile
 import pytest
 
 from benchmarks import precompile
-from benchmarks.precompile import pack, parse_args, module_configs
+from benchmarks.precompile import module_configs, pack, parse_args, shape_configs
 
 pytest.importorskip("tilelang")
 
 
 def test_shape_configs_are_the_ones_the_bench_shapes_run():
-    from benchmarks.precompile import shape_configs
-
     # (H, p, n, R, G, S, Q, norm, A_floor, packed): bench_kernels' p = 64, n = 128, g = 1, rope_fraction 0.5
     assert shape_configs(["siso8", "mimo8", "siso1"]) == [
         (32, 64, 128, 1, 1, 32, 64, False, None, False),

@@ -143,8 +143,8 @@ def _sources_digest() -> str:
 
 def prebuilt_marker(config) -> Path | None:
     """The empty file, in TileLang's cache folder, that says a `prebuild` compiled every kernel of `config` into
-    that cache with these `kernel_sources`, TileLang version and target (its name hashes them all); None where TileLang
-    is absent or its cache is off. A later process finds the kernels there and loads them without a prebuild
+    that cache with these `kernel_sources`, TileLang version and target (its name hashes them all); None where
+    TileLang is absent or its cache is off. A later process finds the kernels there and loads them without a prebuild
     (were they deleted since, `build` compiles them in its own process, one after another)."""
     try:
         from tilelang import env
