@@ -129,18 +129,26 @@ def _top_level_ops(run) -> collections.Counter:
     return collections.Counter(e.name for e in prof.events() if is_aten(e) and not is_aten(e.cpu_parent))
 
 
+FORWARD_LAUNCHES = {  # the forward's kernels, walking the chunks (`chunk_walk`) or chunk-parallel
+    True: ["chunk_prep", "chunk_walk"],
+    False: ["chunk_prep", "chunk_state", "state_pass", "chunk_output"],
+}
+
+
+@pytest.mark.parametrize("walk", [False, True], ids=["chunks", "walk"])
 @pytest.mark.parametrize(
     "kind,R,norm,prep", [("siso", 1, False, False), ("mimo", 4, True, False), ("siso", 1, False, True), ("mimo", 4, True, True)]
 )
-def test_host_ops_are_bounded_and_launches_match_the_kernel_signatures(monkeypatch, kind, R, norm, prep):
+def test_host_ops_are_bounded_and_launches_match_the_kernel_signatures(monkeypatch, kind, R, norm, prep, walk):
     Q = function.TILE_ROWS // R
     nc = math.ceil(L / Q)
     # per-row states; the unpacked layout's span and docs are a (1, 1, 2) stand-in the kernels never read
     config_dims = dict(batch=B, L=L, LP=nc * Q, NC=nc, NS=B, SB=1, SNC=1, DB=1, ND=1)
-    _check_launches_and_host_ops(monkeypatch, kind, R, norm, prep, B, config_dims, starts=True)
+    _check_launches_and_host_ops(monkeypatch, kind, R, norm, prep, B, config_dims, starts=True, walk=walk)
 
 
-def _check_launches_and_host_ops(monkeypatch, kind, R, norm, prep, B, config_dims, starts):
+def _check_launches_and_host_ops(monkeypatch, kind, R, norm, prep, B, config_dims, starts, walk):
+    monkeypatch.setattr(function, "walks", lambda config, rows, device: walk)
     launches = _Launches()
     forward, backward = _kernel_modules(config_dims, launches)
     monkeypatch.setitem(sys.modules, forward.__name__, forward)
@@ -161,7 +169,7 @@ def _check_launches_and_host_ops(monkeypatch, kind, R, norm, prep, B, config_dim
     forward_ops = _top_level_ops(lambda: results.extend(function._TileLangScan.apply(A_floor, *leaves)))
     backward_ops = _top_level_ops(lambda: results[0].float().sum().backward())
 
-    assert launches == ["chunk_prep", "chunk_state", "state_pass", "chunk_output"] + [
+    assert launches == FORWARD_LAUNCHES[walk] + [
         "chunk_dy", "state_pass_bwd", "chunk_dqkv", "initial_grad", "terms_grad"  # on the forward's saved chunk starts
     ] + ["norm_grad"] * 2 * prep
     assert all(t.grad is not None for t in (*inputs, *(w for w in (*weights, *prep_weights) if w is not None)))
@@ -170,12 +178,21 @@ def _check_launches_and_host_ops(monkeypatch, kind, R, norm, prep, B, config_dim
     assert sum(backward_ops.values()) <= backward_bound, backward_ops.most_common()
 
 
+def test_the_forward_walks_from_one_and_a_half_pairs_per_sm_at_head_dim_64(monkeypatch):
+    """`function.walks`: chunk_walk from WALK_ROWS_PER_SM (row, head) pairs per SM on, at p = 64 only."""
+    monkeypatch.setattr(function, "_multiprocessors", lambda device: 132)
+    config = namedtuple("Config", "p")
+    assert function.walks(config(64), 198, "cuda") and not function.walks(config(64), 197, "cuda")
+    assert not function.walks(config(128), 10**6, "cuda")
+
+
+@pytest.mark.parametrize("walk", [False, True], ids=["chunks", "walk"])
 @pytest.mark.parametrize("kind,R,norm", [("siso", 1, False), ("mimo", 4, True)])
-def test_packed_documents_launch_each_kernel_once(monkeypatch, kind, R, norm):
+def test_packed_documents_launch_each_kernel_once(monkeypatch, kind, R, norm, walk):
     """`cu_seqlens` documents (an empty one included) in one launch of each kernel, with one state per document
     and `chunk_layout`'s padded chunks: the bound ⌈L / Q⌉ + N."""
     Q = function.TILE_ROWS // R
     documents = len(CU_SEQLENS) - 1
     nc = math.ceil(L / Q) + documents
     config_dims = dict(batch=1, L=L, LP=nc * Q, NC=nc, NS=documents, SB=1, SNC=nc, DB=1, ND=documents)
-    _check_launches_and_host_ops(monkeypatch, kind, R, norm, False, 1, config_dims, starts=False)
+    _check_launches_and_host_ops(monkeypatch, kind, R, norm, False, 1, config_dims, starts=False, walk=walk)

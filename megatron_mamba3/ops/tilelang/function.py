@@ -4,7 +4,8 @@
 
 Forward: the `chunk_prep` kernel and a few small PyTorch ops for the per-token and per-chunk terms of
 `chunk_terms` (with a `Mamba3Prep`, also the prep: Δ = softplus, A's decay rate, B/C RMSNorm), then the
-three kernels of the scan.
+three chunk-parallel kernels of the scan, or `chunk_walk` in their place where there are enough (row, head)
+pairs (`walks`).
 Backward: the three backward kernels for the per-chunk work, on the forward's chunk starts h̃_c (saved,
 bf16), and `terms_backward` for the scalar chains (math: `chunk_grad`) with its initial-state and per-token
 parts in the `initial_grad` and `terms_grad` kernels (which also runs the prep's Δ and A chains; `norm_grad`
@@ -36,6 +37,11 @@ SUPPORTED_N = (64, 128)
 SUPPORTED_P = (64, 128)
 SUPPORTED_R = (1, 2, 4)
 TILE_ROWS = 64  # Q·R: tokens per chunk times rank
+# (row, head) pairs per SM from which the forward walks the chunks (`walks`). Measured on an H100 (132 SMs,
+# benchmarks/README.md): chunk_walk's one block per pair takes about as long for 1..132 pairs, and 1.26 times
+# that for 133..264 (two blocks per SM); against the chunk-parallel kernels it was 1.11 / 1.01 times slower at
+# 128 pairs (SISO / MIMO R4), 0.98 / 0.93 at 192 and 0.76 / 0.69 at 256.
+WALK_ROWS_PER_SM = 1.5
 
 
 def unsupported(n: int, p: int, R: int) -> str | None:
@@ -169,18 +175,55 @@ def _add_at_last_tokens(layout: ChunkLayout, t: Tensor, rows: Tensor) -> None:
         t[0].index_add_(0, layout.last_tokens, as_dtype(rows, t.dtype))
 
 
-def _forward_kernels(launch: _Launch, inputs: Mamba3Inputs, weights: Mamba3Weights):
-    """Run the forward kernels: (out (b, l, H, p) bf16, final state fp32, the chunk starts h̃_c (b, nc, H, n, p)
-    bf16 for the backward)."""
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def walks(config, rows: int, device: torch.device) -> bool:
+    """Whether the forward of kernel `config` over `rows` (row, head) pairs runs as `chunk_walk` on `device`
+    (one block per pair walking its chunks in order, the state on chip): at head dim 64 (where two of its
+    blocks fit an SM; at 128 one does, unmeasured) from `WALK_ROWS_PER_SM` pairs per SM on. Otherwise the
+    chunk-parallel `chunk_state`, `state_pass` and `chunk_output` run, which keep every SM busy with few pairs."""
+    return config.p == 64 and rows >= WALK_ROWS_PER_SM * _multiprocessors(device)
+
+
+def _walk(launch: _Launch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The forward in one kernel, `chunk_walk`: (out, h̃_c, the final states' h and key), as `_chunk_starts`
+    and `chunk_output` give them; it fills the launch's theta_start and theta_final as `state_pass` does."""
     from megatron_mamba3.ops.tilelang.kernels import kernel_set
 
-    starts_h, h_final, k_final = _chunk_starts(launch)
-    out = torch.empty_like(launch.x)
-    x, B, C, *rest = _chunk_args(launch)
-    kernel_set(launch.config).chunk_output(
-        x, launch.z, B, C, *rest, starts_h, launch.B_bias, launch.C_bias, launch.D,
-        launch.mimo_x, launch.mimo_z, launch.mimo_o, launch.norm, out,
+    b, nc, H = launch.mult.shape
+    n, p = launch.config.n, launch.config.p
+    states = launch.h_in.shape[0]
+    empty = lambda *shape, dtype=torch.float32: torch.empty(shape, device=launch.x.device, dtype=dtype)  # noqa: E731
+    out, starts_h = torch.empty_like(launch.x), empty(b, nc, H, n, p, dtype=torch.bfloat16)
+    h_final, k_final = empty(states, H, p, n), empty(states, launch.config.R, H, n)
+    kernel_set(launch.config).chunk_walk(
+        launch.x, launch.z, launch.B, launch.C, launch.angles, launch.dt, launch.seg, launch.layout.span, launch.cs,
+        launch.wd, launch.wo, launch.mult, launch.totals, launch.h_in, launch.theta_0, launch.B_bias, launch.C_bias,
+        launch.D, launch.mimo_x, launch.mimo_z, launch.mimo_o, launch.norm, out, starts_h, launch.theta_start,
+        h_final, launch.theta_final, k_final,
     )
+    return out, starts_h, h_final, k_final
+
+
+def _forward_kernels(launch: _Launch, inputs: Mamba3Inputs, weights: Mamba3Weights):
+    """Run the forward kernels: (out (b, l, H, p) bf16, final state fp32, the chunk starts h̃_c (b, nc, H, n, p)
+    bf16 for the backward), by `chunk_walk` where the launch `walks`."""
+    from megatron_mamba3.ops.tilelang.kernels import kernel_set
+
+    b, _, H = launch.mult.shape
+    if walks(launch.config, b * H, launch.x.device):
+        out, starts_h, h_final, k_final = _walk(launch)
+    else:
+        starts_h, h_final, k_final = _chunk_starts(launch)
+        out = torch.empty_like(launch.x)
+        x, B, C, *rest = _chunk_args(launch)
+        kernel_set(launch.config).chunk_output(
+            x, launch.z, B, C, *rest, starts_h, launch.B_bias, launch.C_bias, launch.D,
+            launch.mimo_x, launch.mimo_z, launch.mimo_o, launch.norm, out,
+        )
     v_final = as_dtype(last_token_rows(inputs.x, launch.layout.last_tokens), torch.float32)
     final = Mamba3State(h_final, k_final, v_final, launch.theta_final)
     return out, final, starts_h

@@ -1,4 +1,5 @@
-"""The four TileLang forward kernels of the chunk-parallel scan (math in `chunk_math`).
+"""The TileLang forward kernels of the scan (math in `chunk_math`): chunk_prep, then either the chunk-parallel
+chunk_state, state_pass and chunk_output, or chunk_walk alone (`function.walks` picks).
 
     chunk_prep    grid (nc, H, b): the per-token terms cs, wd, wo (b, H, l_pad), each chunk's mult (b, nc, H)
                   and its last document's angle total Σ_j Δ_j·tanh(angles_j) (b, nc, H, S), fp32; a row's (packed:
@@ -14,6 +15,10 @@
                   writes h̃_c (bf16) and the final states' h (states, H, p, n) and key rot(θ_final, B_last + bias)
                   (states, R, H, n); packed, each document starts from its own h̃_0 and θ_0
     chunk_output  grid (nc, H, b): intra-chunk masked matmuls + q·h̃_c + D·v, per-head norm and gate
+    chunk_walk    grid (H, b): the last three in one block per (head, row) that walks its chunks in order:
+                  state_pass's θ scan and documents, chunk_output's work on the state carried in registers
+                  (written as h̃_c, bf16), then h̃_{c+1} = mult_c h̃_c + Σ_j w_j k_j v_jᵀ with the keys at
+                  their θ; the same outputs, fewer blocks (one per (row, head))
 
 Keys and queries are built per head inside the kernels (bias, RMSNormed B/C of the head's group,
 rotation by θ) and values per rank (x ⊙ mimo_x), so no per-head copy of B/C and no rank-expanded
@@ -27,6 +32,7 @@ needs TileLang.
 
 import functools
 import math
+import operator
 from typing import NamedTuple
 
 import tilelang.language as T
@@ -69,11 +75,12 @@ class KernelSet(NamedTuple):
     chunk_state: object
     state_pass: object
     chunk_output: object
+    chunk_walk: object
 
 
 @functools.cache
 def kernel_set(config: KernelConfig) -> KernelSet:
-    """The four forward kernels for `config`, built once per process."""
+    """The forward kernels for `config`, built once per process."""
     return KernelSet(*build(config, MAKERS, "forward"))
 
 
@@ -83,9 +90,50 @@ def gate_blocks_per_sm(c: KernelConfig) -> int:
     return 3 if c.p == 64 else 1
 
 
+def walk_blocks_per_sm(c: KernelConfig) -> int:
+    """Blocks per SM that `chunk_walk` is compiled for (registers capped to fit them): two at p = 64, as its
+    shared memory allows (101 KB SISO, 88 KB MIMO R4 at n = 128; 128 registers, 56-68 bytes spilled); one
+    otherwise."""
+    return 2 if c.p == 64 else 1
+
+
 def centred(theta):
     """θ reduced to [−π, π] (fp32 or float64), where the fast sin and cos (`build.pass_configs`) are accurate."""
     return theta - 2 * math.pi * T.round(theta * (0.5 / math.pi))
+
+
+def shared_alias(src, shape, dtype):
+    """A shared buffer of `shape` and `dtype` on src's memory where their sizes in bytes agree (the caller
+    keeps their uses apart), else a buffer of its own."""
+    elements = functools.reduce(operator.mul, shape, 1)
+    if elements * T.dtype(dtype).bits == functools.reduce(operator.mul, src.shape, 1) * T.dtype(src.dtype).bits:
+        return T.view(src, shape, dtype)
+    return T.alloc_shared(shape, dtype)
+
+
+def turns(theta):
+    """θ (float64) reduced to [0, 2π): how θ_c and θ_final are stored."""
+    return theta - 2 * math.pi * T.floor(theta * (0.5 / math.pi))
+
+
+def final_key_macro(c: KernelConfig):
+    """Macro: the final key of rotated pair `pair` at its θ (float64; pairs ≥ S pass unchanged) into K_OUT[st, :, h]:
+    rot(θ_final, B_token + B_bias[h]) per rank, with `token` the document's last (an empty document's reads token 0
+    or its predecessor's: the caller keeps its initial state instead)."""
+    H, n, R, G, S = c.H, c.n, c.R, c.G, c.S
+
+    @T.macro
+    def final_key(Bk, B_BIAS, K_OUT, b, h, st, token, pair, theta):
+        angle = T.cast(centred(theta), F32)
+        first, second = pair_indices(pair, n, R > 1)
+        for r in T.unroll(R):
+            u = T.cast(Bk[b, T.max(token, 0), r, h // (H // G), first], F32) + B_BIAS[h, r, first]
+            w = T.cast(Bk[b, T.max(token, 0), r, h // (H // G), second], F32) + B_BIAS[h, r, second]
+            turned = rotate_pair(u, w, T.cos(angle), T.sin(angle))
+            K_OUT[st, r, h, first] = T.if_then_else(pair < S, turned[0], u)
+            K_OUT[st, r, h, second] = T.if_then_else(pair < S, turned[1], w)
+
+    return final_key
 
 
 def pair_indices(s, n: int, half_split: bool):
@@ -196,10 +244,13 @@ def chunk_prologue(c: KernelConfig):
             wo_s[i] = WO[b, h, t0 + i]
 
     @T.macro
-    def rotation(ANG, DT, THS, first, last, b, h, chunk, seg_s, seg_before, turn_s, theta_f, cos_s, sin_s):
-        """cos_s, sin_s (Q, S) of each token's θ: θ carried into the chunk (THS; 0 where THS is None) plus the
-        increments π·tanh(angles)·Δ of its document so far, restarting at each document start; row i holds
-        token first + i where that is at most `last` (`span_first`, `span_last`)."""
+    def rotation(
+        ANG, DT, THS, first, last, b, h, chunk, seg_s, seg_before, turn_s, theta_f, cos_s, sin_s, theta_in=None
+    ):
+        """cos_s, sin_s (Q, S) of each token's θ: θ carried into the chunk (THS, or the shared (S,) `theta_in`
+        where given; 0 where THS is None) plus the increments π·tanh(angles)·Δ of its document so far,
+        restarting at each document start; row i holds token first + i where that is at most `last`
+        (`span_first`, `span_last`)."""
         for i, s in T.Parallel(Q, S):
             turn_s[i, s] = T.if_then_else(
                 first + i <= last,
@@ -216,7 +267,9 @@ def chunk_prologue(c: KernelConfig):
                 for k in range(ROTATION_SPAN)
             )
         for s in T.Parallel(S):
-            if THS is None:
+            if theta_in is not None:
+                theta_f[s] = theta_in[s]
+            elif THS is None:
                 theta_f[s] = 0.0
             else:
                 theta_f[s] = THS[b, chunk, h, s]
@@ -305,10 +358,13 @@ def chunk_prologue(c: KernelConfig):
     return load_scalars, rotation, keys, values, mix_weights
 
 
-def chunk_y_macro(c: KernelConfig, finite_state: bool = False):
+def chunk_y_macro(c: KernelConfig, finite_state: bool = False, walk: bool = False):
     """Macro: the per-rank outputs y (before norm and gate) of one chunk into y_s (QR, p) fp32, leaving the
-    chunk's queries in q_s, values in v_s, x in x_s and the carried-state weights in inter_s; with
-    `finite_state`, the chunk start's non-finite entries read as 0 (`load_state`)."""
+    chunk's queries in q_s, keys in k_s, values in v_s, x in x_s and the carried-state weights in inter_s;
+    with `finite_state`, the chunk start's non-finite entries read as 0 (`load_state`). With `walk`
+    (`chunk_walk`), the chunk start is the fragment `state` (n, p) fp32, written to HS as it enters hs_s, and
+    θ carried in the shared (S,) ths_s, not read from THS. `inside_s`: the (QR, QR) bf16 buffer the poison
+    mask takes (a shared buffer of its own where None)."""
     Q, R, p = c.Q, c.R, c.p
     QR = Q * R
     load_scalars, rotation, keys, values, mix_weights = chunk_prologue(c)
@@ -317,7 +373,7 @@ def chunk_y_macro(c: KernelConfig, finite_state: bool = False):
     def chunk_y(
         X, Bk, Cq, ANG, DT, SEG, CS, WD, WO, THS, HS, B_BIAS, C_BIAS, D, MIMO_X, first, last, b, h, chunk,
         seg_s, cs_s, wd_s, wo_s, one_s, inter_s, turn_s, cos_s, sin_s, theta_f, raw_s, bias_s,
-        q_s, k_s, x_s, mx_s, v_s, hs_s, mix_s, scores, y, y_in, y_s,
+        q_s, k_s, x_s, mx_s, v_s, hs_s, mix_s, scores, y, y_in, y_s, ths_s=None, state=None, inside_s=None,
     ):
         t0 = chunk * Q
         load_scalars(SEG, CS, WD, WO, b, h, t0, seg_s, cs_s, wd_s, wo_s)
@@ -325,13 +381,14 @@ def chunk_y_macro(c: KernelConfig, finite_state: bool = False):
         for i in T.Parallel(Q):
             one_s[i] = 1.0
             inter_s[i] = T.if_then_else(seg_s[i] == seg_before, T.exp(cs_s[i]), 0.0)
-        rotation(ANG, DT, THS, first, last, b, h, chunk, seg_s, seg_before, turn_s, theta_f, cos_s, sin_s)
+        rotation(ANG, DT, THS, first, last, b, h, chunk, seg_s, seg_before, turn_s, theta_f, cos_s, sin_s, ths_s)
         keys(Cq, C_BIAS, first, last, b, h, raw_s, bias_s, cos_s, sin_s, one_s, q_s)
         keys(Bk, B_BIAS, first, last, b, h, raw_s, bias_s, cos_s, sin_s, one_s, k_s)
         values(X, MIMO_X, first, last, b, h, x_s, mx_s, v_s, product=False)  # v_s comes from the finite check below
 
         bad_s = T.alloc_shared((QR, p), BF16)
-        inside_s = T.alloc_shared((QR, QR), BF16)
+        if inside_s is None:
+            inside_s = T.alloc_shared((QR, QR), BF16)
         poison = T.alloc_fragment((QR, p), F32)
         bad_f = T.alloc_fragment((QR, p), F32)
         v_f = T.alloc_fragment((QR, p), F32)
@@ -352,7 +409,13 @@ def chunk_y_macro(c: KernelConfig, finite_state: bool = False):
 
         T.gemm(q_s, k_s, scores, transpose_B=True, clear_accum=True)
         mix_weights(seg_s, cs_s, wd_s, wo_s, scores, mix_s)
-        load_state(HS, b, chunk, h, hs_s, finite_state)  # late: hs_s then shares memory with the keys' operands
+        # late: hs_s then shares memory with the keys' operands
+        if walk:
+            for i, j in T.Parallel(*hs_s.shape):
+                hs_s[i, j] = T.cast(state[i, j], BF16)
+            T.copy(hs_s, HS[b, chunk, h, :, :])
+        else:
+            load_state(HS, b, chunk, h, hs_s, finite_state)
         T.gemm(mix_s, v_s, y, clear_accum=True)
         T.gemm(q_s, hs_s, y_in, clear_accum=True)
         skip = D[h]
@@ -567,6 +630,7 @@ def _state_pass(c: KernelConfig):
     half_split = R > 1
     batch, L, NC, LP, SB, SNC = T.dynamic("batch, L, NC, LP, SB, SNC")
     NS = states_dim(c, batch)
+    final_key = final_key_macro(c)
 
     def state_row(block, i):
         """The state row of the block's row i: (s, n/2 + s) pairs half-split, (2s, 2s + 1) adjacent."""
@@ -579,10 +643,6 @@ def _state_pass(c: KernelConfig):
         if half_split:
             return i % pairs, (i + pairs) % rows, i < pairs
         return i // 2, i + 1 - 2 * (i % 2), i % 2 == 0
-
-    def turns(theta):
-        """θ (float64) reduced to [0, 2π)."""
-        return theta - 2 * math.pi * T.floor(theta * (0.5 / math.pi))
 
     @T.macro
     def load_initial(H_IN, THETA_0, h, block, st, state, theta):
@@ -597,8 +657,7 @@ def _state_pass(c: KernelConfig):
     @T.macro
     def write_final(Bk, B_BIAS, H_OUT, THETA_OUT, K_OUT, b, h, block, thread, st, token, state, theta):
         """Final state st from the block's rows of h (state) and its pairs' θ: h in the state's (p, n) layout,
-        θ_final, and the final key rot(θ_final, B_token + B_bias[h]) with `token` the document's last (an empty
-        document's reads token 0 or its predecessor's: the caller keeps its initial state instead)."""
+        θ_final, and the final key (`final_key_macro`)."""
         for i, pp in T.Parallel(rows, p):
             H_OUT[st, h, pp, state_row(block, i)] = state[i, pp]
         for k in T.unroll(pairs):
@@ -606,14 +665,7 @@ def _state_pass(c: KernelConfig):
             if thread == k:
                 if pair < S:
                     THETA_OUT[st, h, pair] = T.cast(turns(theta[k]), F32)
-                angle = T.cast(centred(theta[k]), F32)
-                first, second = pair_indices(pair, n, half_split)
-                for r in T.unroll(R):
-                    u = T.cast(Bk[b, T.max(token, 0), r, h // (H // G), first], F32) + B_BIAS[h, r, first]
-                    w = T.cast(Bk[b, T.max(token, 0), r, h // (H // G), second], F32) + B_BIAS[h, r, second]
-                    turned = rotate_pair(u, w, T.cos(angle), T.sin(angle))
-                    K_OUT[st, r, h, first] = T.if_then_else(pair < S, turned[0], u)
-                    K_OUT[st, r, h, second] = T.if_then_else(pair < S, turned[1], w)
+                final_key(Bk, B_BIAS, K_OUT, b, h, st, token, pair, theta[k])
 
     @T.prim_func
     def state_pass(
@@ -716,6 +768,7 @@ def _chunk_output(c: KernelConfig):
     QR = Q * R
     batch, L, LP, NC, SB, SNC = T.dynamic("batch, L, LP, NC, SB, SNC")
     chunk_y = chunk_y_macro(c)
+    gate_out = gate_macro(c)
 
     @T.prim_func
     def chunk_output(
@@ -778,31 +831,196 @@ def _chunk_output(c: KernelConfig):
                 seg_s, cs_s, wd_s, wo_s, one_s, inter_s, turn_s, cos_s, sin_s, theta_f, raw_s, bias_s,
                 q_s, k_s, x_s, mx_s, v_s, hs_s, mix_s, scores, y, y_in, y_s,
             )
-
-            for r, pp in T.Parallel(R, p):
-                gate_s[r, pp] = MIMO_Z[h, r, pp]
-                out_w_s[r, pp] = MIMO_O[h, r, pp]
-            for pp in T.Parallel(p):
-                norm_s[pp] = NORM[h, pp]
-            if c.norm:
-                squares = T.alloc_fragment((QR, p), F32)
-                inv_rms = T.alloc_fragment((QR,), F32)
-                T.copy(y_s, squares)
-                for row, pp in T.Parallel(QR, p):
-                    squares[row, pp] = squares[row, pp] * squares[row, pp]
-                T.reduce_sum(squares, inv_rms, dim=1)
-                for row in T.Parallel(QR):
-                    inv_rms[row] = T.rsqrt(inv_rms[row] / p + NORM_EPS)
-                for row, pp in T.Parallel(QR, p):
-                    y_s[row, pp] = y_s[row, pp] * inv_rms[row] * norm_s[pp]
-            for i, pp in T.Parallel(Q, p):
-                if first + i <= last:
-                    zz = T.cast(Z[b, first + i, h, pp], F32)
-                    gated = [zz * gate_s[r, pp] for r in range(R)]
-                    total = sum(out_w_s[r, pp] * y_s[i * R + r, pp] * gated[r] * T.sigmoid(gated[r]) for r in range(R))
-                    OUT[b, first + i, h, pp] = T.cast(total, BF16)
+            gate_out(Z, MIMO_Z, MIMO_O, NORM, OUT, first, last, b, h, gate_s, out_w_s, norm_s, y_s)
 
     return chunk_output
 
 
-MAKERS = (_chunk_prep, _chunk_state, _state_pass, _chunk_output)
+def gate_macro(c: KernelConfig):
+    """Macro: a chunk's output from its per-rank y_s (QR, p) fp32 (normed in place where `c.norm`):
+    OUT[first + i] = Σ_r mimo_o_r · y_(i, r) · silu(z_i · mimo_z_r) for the rows up to `last`."""
+    Q, R, p = c.Q, c.R, c.p
+    QR = Q * R
+
+    @T.macro
+    def gate_out(Z, MIMO_Z, MIMO_O, NORM, OUT, first, last, b, h, gate_s, out_w_s, norm_s, y_s):
+        for r, pp in T.Parallel(R, p):
+            gate_s[r, pp] = MIMO_Z[h, r, pp]
+            out_w_s[r, pp] = MIMO_O[h, r, pp]
+        for pp in T.Parallel(p):
+            norm_s[pp] = NORM[h, pp]
+        if c.norm:
+            squares = T.alloc_fragment((QR, p), F32)
+            inv_rms = T.alloc_fragment((QR,), F32)
+            T.copy(y_s, squares)
+            for row, pp in T.Parallel(QR, p):
+                squares[row, pp] = squares[row, pp] * squares[row, pp]
+            T.reduce_sum(squares, inv_rms, dim=1)
+            for row in T.Parallel(QR):
+                inv_rms[row] = T.rsqrt(inv_rms[row] / p + NORM_EPS)
+            for row, pp in T.Parallel(QR, p):
+                y_s[row, pp] = y_s[row, pp] * inv_rms[row] * norm_s[pp]
+        for i, pp in T.Parallel(Q, p):
+            if first + i <= last:
+                zz = T.cast(Z[b, first + i, h, pp], F32)
+                gated = [zz * gate_s[r, pp] for r in range(R)]
+                total = sum(out_w_s[r, pp] * y_s[i * R + r, pp] * gated[r] * T.sigmoid(gated[r]) for r in range(R))
+                OUT[b, first + i, h, pp] = T.cast(total, BF16)
+
+    return gate_out
+
+
+def _chunk_walk(c: KernelConfig):
+    H, p, n, R, G, S, Q = c.H, c.p, c.n, c.R, c.G, c.S, c.Q
+    QR = Q * R
+    batch, L, LP, NC, SB, SNC = T.dynamic("batch, L, LP, NC, SB, SNC")
+    NS = states_dim(c, batch)
+    chunk_y = chunk_y_macro(c, walk=True)
+    gate_out = gate_macro(c)
+    final_key = final_key_macro(c)
+
+    @T.macro
+    def start_from(H_IN, THETA_0, h, st, state, theta_s):
+        """state (n, p) = h̃_0 and theta_s (S,) float64 = θ_0 of initial state st."""
+        for i, pp in T.Parallel(n, p):
+            state[i, pp] = H_IN[st, h, i, pp]
+        for s in T.Parallel(S):
+            theta_s[s] = T.cast(THETA_0[st, h, s], F64)
+
+    @T.macro
+    def end_at(Bk, B_BIAS, H_OUT, THETA_OUT, K_OUT, b, h, st, token, state, theta_s):
+        """Final state st: h (state) in the state's (p, n) layout, θ_final and the final key (`final_key_macro`)."""
+        for i, pp in T.Parallel(n, p):
+            H_OUT[st, h, pp, i] = state[i, pp]
+        for s in T.Parallel(S):
+            THETA_OUT[st, h, s] = T.cast(turns(theta_s[s]), F32)
+        for pair in T.Parallel(n // 2):
+            theta = T.if_then_else(pair < S, theta_s[T.min(pair, S - 1)], 0.0)
+            final_key(Bk, B_BIAS, K_OUT, b, h, st, token, pair, theta)
+
+    @T.prim_func
+    def chunk_walk(
+        X: T.Tensor((batch, L, H, p), BF16),
+        Z: T.Tensor((batch, L, H, p), BF16),
+        Bk: T.Tensor((batch, L, R, G, n), BF16),
+        Cq: T.Tensor((batch, L, R, G, n), BF16),
+        ANG: T.Tensor((batch, L, S), BF16),
+        DT: T.Tensor((batch, L, H), BF16),
+        SEG: T.Tensor((batch, LP), "int32"),
+        SPAN: T.Tensor((SB, SNC, 2), "int32"),
+        CS: T.Tensor((batch, H, LP), F32),
+        WD: T.Tensor((batch, H, LP), F32),
+        WO: T.Tensor((batch, H, LP), F32),
+        MULT: T.Tensor((batch, NC, H), F32),
+        TOTALS: T.Tensor((batch, NC, H, S), F32),
+        H_IN: T.Tensor((NS, H, n, p), F32),
+        THETA_0: T.Tensor((NS, H, S), F32),
+        B_BIAS: T.Tensor((H, R, n), F32),
+        C_BIAS: T.Tensor((H, R, n), F32),
+        D: T.Tensor((H,), F32),
+        MIMO_X: T.Tensor((H, R, p), F32),
+        MIMO_Z: T.Tensor((H, R, p), F32),
+        MIMO_O: T.Tensor((H, R, p), F32),
+        NORM: T.Tensor((H, p), F32),
+        OUT: T.Tensor((batch, L, H, p), BF16),
+        HS: T.Tensor((batch, NC, H, n, p), BF16),
+        THS: T.Tensor((batch, NC, H, S), F32),
+        H_OUT: T.Tensor((NS, H, p, n), F32),
+        THETA_OUT: T.Tensor((NS, H, S), F32),
+        K_OUT: T.Tensor((NS, R, H, n), F32),
+    ):
+        with T.Kernel(H, batch, threads=CHUNK_THREADS) as (h, b):
+            seg_s = T.alloc_shared((Q,), "int32")
+            cs_s = T.alloc_shared((Q,), F32)
+            wd_s = T.alloc_shared((Q,), F32)
+            wo_s = T.alloc_shared((Q,), F32)
+            one_s = T.alloc_shared((Q,), F32)
+            inter_s = T.alloc_shared((Q,), F32)
+            w_s = T.alloc_shared((Q,), F32)
+            turn_s = T.alloc_shared((Q, S), F32)
+            cos_s = T.alloc_shared((Q, S), F32)
+            sin_s = T.alloc_shared((Q, S), F32)
+            theta_f = T.alloc_fragment((S,), F32)
+            theta_s = T.alloc_shared((S,), F64)  # θ after the chunks so far
+            ths_s = T.alloc_shared((S,), F32)  # θ carried into the chunk, reduced (THS)
+            raw_s = T.alloc_shared((QR, n), BF16)
+            bias_s = T.alloc_shared((R, n), F32)
+            q_s = T.alloc_shared((QR, n), BF16)
+            k_s = T.alloc_shared((QR, n), BF16)
+            x_s = T.alloc_shared((Q, p), BF16)
+            mx_s = T.alloc_shared((R, p), F32)
+            v_s = T.alloc_shared((QR, p), BF16)
+            # Every buffer used in the loop over chunks stays live through all of it (TileLang's shared-memory
+            # planner), so the phases' buffers share memory by hand where sizes allow: h̃_c with the raw keys,
+            # y with the queries, the masked scores (and the poison mask after them) with cos θ.
+            hs_s = shared_alias(raw_s, (n, p), BF16)
+            mix_s = shared_alias(cos_s, (QR, QR), BF16)
+            gate_s = T.alloc_shared((R, p), F32)
+            out_w_s = T.alloc_shared((R, p), F32)
+            norm_s = T.alloc_shared((p,), F32)
+            y_s = shared_alias(q_s, (QR, p), F32)
+            T.annotate_layout({y_s: bank_swizzled(y_s)})
+            scores = T.alloc_fragment((QR, QR), F32)
+            y = T.alloc_fragment((QR, p), F32)
+            y_in = T.alloc_fragment((QR, p), F32)
+            state = T.alloc_fragment((n, p), F32)  # h̃ carried from chunk to chunk
+            document = T.alloc_local((1,), "int32")  # the document θ and the state belong to
+            T.annotate_min_blocks_per_sm(walk_blocks_per_sm(c))
+
+            if c.packed:  # cleared only so that no read precedes a write: each document starts in the loop
+                for i, pp in T.Parallel(n, p):
+                    state[i, pp] = 0.0
+                for s in T.Parallel(S):
+                    theta_s[s] = 0.0
+            else:
+                start_from(H_IN, THETA_0, h, b, state, theta_s)
+            document[0] = 0
+            for chunk in T.serial(NC):
+                t0 = chunk * Q
+                first = span_first(c, SPAN, b, chunk)
+                last = span_last(c, SPAN, b, chunk, L)
+                if c.packed:
+                    if starts_state(c, SEG, b, chunk):  # a document's first chunk: the one before ends there
+                        if chunk > 0:
+                            end_at(
+                                Bk, B_BIAS, H_OUT, THETA_OUT, K_OUT, b, h, SEG[b, t0 - 1], SPAN[b, chunk - 1, 1],
+                                state, theta_s,
+                            )
+                        start_from(H_IN, THETA_0, h, SEG[b, t0], state, theta_s)
+                        document[0] = SEG[b, t0]
+                # θ carried into the chunk, then past it (state_pass's scan)
+                for s in T.Parallel(S):
+                    ths_s[s] = T.cast(turns(theta_s[s]), F32)
+                    THS[b, chunk, h, s] = ths_s[s]
+                    carried = SEG[b, t0 + Q - 1] == document[0]
+                    total = math.pi * T.cast(TOTALS[b, chunk, h, s], F64)
+                    theta_s[s] = T.if_then_else(carried, theta_s[s], 0.0) + total
+                chunk_y(
+                    X, Bk, Cq, ANG, DT, SEG, CS, WD, WO, None, HS, B_BIAS, C_BIAS, D, MIMO_X, first, last, b, h,
+                    chunk, seg_s, cs_s, wd_s, wo_s, one_s, inter_s, turn_s, cos_s, sin_s, theta_f, raw_s, bias_s,
+                    q_s, k_s, x_s, mx_s, v_s, hs_s, mix_s, scores, y, y_in, y_s, ths_s, state, mix_s,
+                )
+                gate_out(Z, MIMO_Z, MIMO_O, NORM, OUT, first, last, b, h, gate_s, out_w_s, norm_s, y_s)
+
+                # h̃_{c+1} = mult_c h̃_c + Σ_j w_j k_j v_jᵀ over the chunk's last document (keys at their θ, as
+                # chunk_y left them; the weighted values, exactly 0 outside that document, in v_s, spent by then)
+                for i in T.Parallel(Q):
+                    w_s[i] = T.if_then_else(seg_s[i] == seg_s[Q - 1], T.exp(cs_s[Q - 1] - cs_s[i]) * wo_s[i], 0.0)
+                for row, pp in T.Parallel(QR, p):
+                    weight = w_s[row // R]
+                    weighted = T.cast(x_s[row // R, pp], F32) * mx_s[row % R, pp] * weight
+                    v_s[row, pp] = T.if_then_else(weight != 0.0, T.cast(weighted, BF16), T.cast(0, BF16))
+                mult = MULT[b, chunk, h]
+                for i, pp in T.Parallel(n, p):
+                    state[i, pp] = T.if_then_else(mult != 0.0, state[i, pp] * mult, 0.0)
+                T.gemm(k_s, v_s, state, transpose_A=True)
+                document[0] = SEG[b, t0 + Q - 1]
+            end_at(  # the row's (packed: the last document's) final state
+                Bk, B_BIAS, H_OUT, THETA_OUT, K_OUT, b, h, state_index(c, SEG, b, (NC - 1) * Q),
+                span_last(c, SPAN, b, NC - 1, L), state, theta_s,
+            )
+
+    return chunk_walk
+
+
+MAKERS = (_chunk_prep, _chunk_state, _state_pass, _chunk_output, _chunk_walk)

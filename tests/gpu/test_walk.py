@@ -1,0 +1,63 @@
+"""The TileLang forward as `chunk_walk` (run on the GPU machine; skipped elsewhere): the checks that the other
+GPU and conformance tests make of the kernels, with the forward made to walk the chunks whatever the size.
+
+At these tests' sizes (a few (row, head) pairs) `function.walks` picks the chunk-parallel forward, which the
+other modules then test; here it is replaced by one that always walks, so that `chunk_walk` is held to the
+same oracles and bounds: the fp32 reference within `bf16_bound` (every output, final state and gradient, wide
+angles), the float64 oracle on each packed document alone (rows with states, `segment_ids`, `cu_seqlens`),
+bad inputs that reach only their own document, a split run continued from its state, and CUDA-graph replay.
+"""
+
+import pytest
+
+from megatron_mamba3.ops.tilelang import function
+from tests.conformance import nonfinite, test_isolation, test_packing, test_state
+from tests.conformance.packings import PACKINGS
+from tests.conformance.targets import cases
+from tests.gpu import test_cuda_graph, test_tilelang_kernels
+from tests.helpers import TILELANG_GPU
+
+pytestmark = TILELANG_GPU
+
+TILELANG_KERNELS = test_tilelang_kernels.TILELANG_KERNELS + test_cuda_graph.TILELANG_KERNELS  # (tests/conftest.py)
+TILELANG_CASES = cases(where=lambda target: target.backend == "tilelang")
+KERNEL_CONFIGS = test_tilelang_kernels.CONFIGS
+
+
+@pytest.fixture(autouse=True)
+def _walking(monkeypatch):
+    monkeypatch.setattr(function, "walks", lambda config, rows, device: True)
+
+
+@pytest.mark.parametrize("wide_angles", [False, True], ids=["angles", "wide-angles"])
+@pytest.mark.parametrize("config", KERNEL_CONFIGS, ids=test_tilelang_kernels.IDS)
+def test_forward_and_gradients_match_reference(config, wide_angles):
+    test_tilelang_kernels._check_against_reference(config, wide_angles=wide_angles)
+
+
+@pytest.mark.parametrize("packing", PACKINGS)
+@pytest.mark.parametrize("target, model", TILELANG_CASES)
+def test_packed_documents_equal_the_oracle_on_each_document_alone(target, model, packing):
+    test_packing.test_packed_documents_equal_the_oracle_on_each_document_alone(target, model, packing)
+
+
+@pytest.mark.parametrize("field", list(nonfinite.BAD_INPUTS))
+@pytest.mark.parametrize("target, model", TILELANG_CASES)
+def test_bad_input_reaches_only_its_document_and_later_tokens(target, model, field):
+    nonfinite.check(target, model, field)
+
+
+@pytest.mark.parametrize("target, model", TILELANG_CASES)
+def test_perturbing_one_document_changes_no_other(target, model):
+    test_isolation.test_perturbing_one_document_changes_no_other(target, model)
+
+
+@pytest.mark.parametrize("target, model", TILELANG_CASES)
+def test_split_run_equals_the_oracle_run(target, model):
+    test_state.test_split_run_equals_the_oracle_run(target, model)
+
+
+@pytest.mark.parametrize("config", test_cuda_graph.CONFIGS, ids=["siso", "mimo-r4-norm"])
+@pytest.mark.parametrize("packing", ["plain", "segment_ids", "segment_ids+prep", "cu_seqlens+initial_state"])
+def test_graph_replay_equals_eager(packing, config):
+    test_cuda_graph.test_graph_replay_equals_eager(packing, config)
