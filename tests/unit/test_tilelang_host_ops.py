@@ -182,8 +182,9 @@ def test_the_forward_walks_from_one_and_a_half_pairs_per_sm_at_head_dim_64(monke
     """`function.walks`: chunk_walk from WALK_ROWS_PER_SM (row, head) pairs per SM on, at p = 64 only."""
     monkeypatch.setattr(function, "_multiprocessors", lambda device: 132)
     config = namedtuple("Config", "p")
-    assert function.walks(config(64), 198, "cuda") and not function.walks(config(64), 197, "cuda")
-    assert not function.walks(config(128), 10**6, "cuda")
+    cuda = torch.device("cuda")
+    assert function.walks(config(64), 198, cuda) and not function.walks(config(64), 197, cuda)
+    assert not function.walks(config(128), 10**6, cuda) and not function.walks(config(64), 10**6, torch.device("meta"))
 
 
 @pytest.mark.parametrize("walk", [False, True], ids=["chunks", "walk"])

@@ -25,11 +25,15 @@ from torch.utils._pytree import tree_leaves
 from megatron_mamba3.ops import mamba3_scan
 from megatron_mamba3.ops.interface import Mamba3Prep
 from megatron_mamba3.ops.tilelang import backend as tilelang_backend
+from megatron_mamba3.ops.tilelang import function
 from tests.helpers import make_case, make_state
 
 B, L, H, P, N = 2, 200, 4, 64, 128
 DOCUMENTS = 5
-FORWARD_KERNELS = ["chunk_prep", "chunk_state", "state_pass", "chunk_output"]
+FORWARD_KERNELS = {  # walking the chunks (`function.walks`) or chunk-parallel
+    True: ["chunk_prep", "chunk_walk"],
+    False: ["chunk_prep", "chunk_state", "state_pass", "chunk_output"],
+}
 
 
 class _MetaOnly(TorchDispatchMode):
@@ -52,7 +56,8 @@ def _kernel_module(launches: list) -> types.ModuleType:
     def launcher(name):
         return lambda *args: launches.append((name, [a for a in args if isinstance(a, torch.Tensor)]))
 
-    module.kernel_set = lambda config: types.SimpleNamespace(**{name: launcher(name) for name in FORWARD_KERNELS})
+    names = {name for kernels in FORWARD_KERNELS.values() for name in kernels}
+    module.kernel_set = lambda config: types.SimpleNamespace(**{name: launcher(name) for name in names})
     return module
 
 
@@ -60,10 +65,12 @@ def _meta(tensors, dtype):
     return type(tensors)(*(None if t is None else torch.empty(t.shape, dtype=dtype, device="meta") for t in tensors))
 
 
+@pytest.mark.parametrize("walk", [False, True], ids=["chunks", "walk"])
 @pytest.mark.parametrize("R,norm", [(1, False), (4, True)], ids=["siso", "mimo"])
 @pytest.mark.parametrize("packing", ["plain", "segment_ids", "segment_ids+prep", "cu_seqlens", "cu_seqlens+initial_state"])
-def test_forward_host_work_reads_no_device_value(monkeypatch, packing, R, norm):
+def test_forward_host_work_reads_no_device_value(monkeypatch, packing, R, norm, walk):
     launches = []
+    monkeypatch.setattr(function, "walks", lambda config, rows, device: walk)  # (on the GPU: by the SM count)
     monkeypatch.setitem(sys.modules, "megatron_mamba3.ops.tilelang.kernels", _kernel_module(launches))
     runs_anywhere = dataclasses.replace(tilelang_backend.BACKEND, why_not=lambda inputs: None)
     monkeypatch.setattr(tilelang_backend, "BACKEND", runs_anywhere)  # meta tensors, TileLang not needed
@@ -87,7 +94,7 @@ def test_forward_host_work_reads_no_device_value(monkeypatch, packing, R, norm):
     with _MetaOnly():
         out, final = mamba3_scan(inputs, weights, backend="tilelang", **options)
 
-    assert [name for name, _ in launches] == FORWARD_KERNELS  # one launch each, whatever the documents
+    assert [name for name, _ in launches] == FORWARD_KERNELS[walk]  # one launch each, whatever the documents
     assert all(t.device.type == "meta" for _, args in launches for t in args)
     assert out.shape == (inputs.x.shape[0], L, H, P) and out.dtype == torch.bfloat16
     assert [tuple(t.shape) for t in final] == [(states, H, P, N), (states, R, H, N), (states, H, P), (states, H, N // 4)]

@@ -183,9 +183,12 @@ def _multiprocessors(device: torch.device) -> int:
 def walks(config, rows: int, device: torch.device) -> bool:
     """Whether the forward of kernel `config` over `rows` (row, head) pairs runs as `chunk_walk` on `device`
     (one block per pair walking its chunks in order, the state on chip): at head dim 64 (where two of its
-    blocks fit an SM; at 128 one does, unmeasured) from `WALK_ROWS_PER_SM` pairs per SM on. Otherwise the
-    chunk-parallel `chunk_state`, `state_pass` and `chunk_output` run, which keep every SM busy with few pairs."""
-    return config.p == 64 and rows >= WALK_ROWS_PER_SM * _multiprocessors(device)
+    blocks fit an SM; at 128 one does, unmeasured) from `WALK_ROWS_PER_SM` pairs per SM on. Otherwise (and
+    off CUDA devices, where the kernels never run: meta tensors in tests) the chunk-parallel `chunk_state`,
+    `state_pass` and `chunk_output` run, which keep every SM busy with few pairs."""
+    if config.p != 64 or device.type != "cuda":
+        return False
+    return rows >= WALK_ROWS_PER_SM * _multiprocessors(device)
 
 
 def _walk(launch: _Launch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
