@@ -190,6 +190,13 @@ def load_state(HS, b, chunk, h, hs_s, finite: bool):
         T.copy(HS[b, chunk, h, :, :], hs_s)
 
 
+def state_weight(seg_s, cs_s, wo_s, i):
+    """w_i = exp(cs_last − cs_i)·wo_i, token i's weight in the chunk's state S_c = Σ_i w_i k_i v_iᵀ: 0 outside the
+    chunk's last document (seg_s, cs_s, wo_s: the chunk's (Q,) document ids and terms)."""
+    last = seg_s.shape[0] - 1
+    return T.if_then_else(seg_s[i] == seg_s[last], T.exp(cs_s[last] - cs_s[i]) * wo_s[i], 0.0)
+
+
 def reaches(seg_s, i, j):
     """Whether token j's value reaches row i of the chunk: j ≤ i in the same document (seg_s (Q,) int32)."""
     return (seg_s[i] == seg_s[j]) & (j <= i)
@@ -358,12 +365,12 @@ def chunk_prologue(c: KernelConfig):
     return load_scalars, rotation, keys, values, mix_weights
 
 
-def chunk_y_macro(c: KernelConfig, finite_state: bool = False, walk: bool = False):
+def chunk_y_macro(c: KernelConfig, finite_state: bool = False):
     """Macro: the per-rank outputs y (before norm and gate) of one chunk into y_s (QR, p) fp32, leaving the
     chunk's queries in q_s, keys in k_s, values in v_s, x in x_s and the carried-state weights in inter_s;
-    with `finite_state`, the chunk start's non-finite entries read as 0 (`load_state`). With `walk`
-    (`chunk_walk`), the chunk start is the fragment `state` (n, p) fp32, written to HS as it enters hs_s, and
-    θ carried in the shared (S,) ths_s, not read from THS. `inside_s`: the (QR, QR) bf16 buffer the poison
+    with `finite_state`, the chunk start's non-finite entries read as 0 (`load_state`). Given `state` (as
+    `chunk_walk` gives it), the chunk start is that fragment (n, p) fp32, written to HS as it enters hs_s, and
+    θ carried in is the shared (S,) ths_s, not read from THS. `inside_s`: the (QR, QR) bf16 buffer the poison
     mask takes (a shared buffer of its own where None)."""
     Q, R, p = c.Q, c.R, c.p
     QR = Q * R
@@ -410,7 +417,7 @@ def chunk_y_macro(c: KernelConfig, finite_state: bool = False, walk: bool = Fals
         T.gemm(q_s, k_s, scores, transpose_B=True, clear_accum=True)
         mix_weights(seg_s, cs_s, wd_s, wo_s, scores, mix_s)
         # late: hs_s then shares memory with the keys' operands
-        if walk:
+        if state is not None:
             for i, j in T.Parallel(*hs_s.shape):
                 hs_s[i, j] = T.cast(state[i, j], BF16)
             T.copy(hs_s, HS[b, chunk, h, :, :])
@@ -611,7 +618,7 @@ def _chunk_state(c: KernelConfig):
             load_scalars(SEG, CS, WD, WO, b, h, t0, seg_s, cs_s, wd_s, wo_s)
             seg_before = segment_before(c, SEG, b, t0)
             for i in T.Parallel(Q):
-                w_s[i] = T.if_then_else(seg_s[i] == seg_s[Q - 1], T.exp(cs_s[Q - 1] - cs_s[i]) * wo_s[i], 0.0)
+                w_s[i] = state_weight(seg_s, cs_s, wo_s, i)
             # θ from 0 at the chunk start: S_c in the frame of θ carried into the chunk (state_pass turns it)
             rotation(ANG, DT, None, first, last, b, h, chunk, seg_s, seg_before, turn_s, theta_f, cos_s, sin_s)
             keys(Bk, B_BIAS, first, last, b, h, raw_s, bias_s, cos_s, sin_s, w_s, k_s)
@@ -875,7 +882,7 @@ def _chunk_walk(c: KernelConfig):
     QR = Q * R
     batch, L, LP, NC, SB, SNC = T.dynamic("batch, L, LP, NC, SB, SNC")
     NS = states_dim(c, batch)
-    chunk_y = chunk_y_macro(c, walk=True)
+    chunk_y = chunk_y_macro(c)
     gate_out = gate_macro(c)
     final_key = final_key_macro(c)
 
@@ -1005,7 +1012,7 @@ def _chunk_walk(c: KernelConfig):
                 # h̃_{c+1} = mult_c h̃_c + Σ_j w_j k_j v_jᵀ over the chunk's last document (keys at their θ, as
                 # chunk_y left them; the weighted values, exactly 0 outside that document, in v_s, spent by then)
                 for i in T.Parallel(Q):
-                    w_s[i] = T.if_then_else(seg_s[i] == seg_s[Q - 1], T.exp(cs_s[Q - 1] - cs_s[i]) * wo_s[i], 0.0)
+                    w_s[i] = state_weight(seg_s, cs_s, wo_s, i)
                 for row, pp in T.Parallel(QR, p):
                     weight = w_s[row // R]
                     weighted = T.cast(x_s[row // R, pp], F32) * mx_s[row % R, pp] * weight
