@@ -27,13 +27,10 @@ from megatron_mamba3.ops.interface import Mamba3Prep
 from megatron_mamba3.ops.tilelang import backend as tilelang_backend
 from megatron_mamba3.ops.tilelang import function
 from tests.helpers import make_case, make_state
+from tests.unit.test_tilelang_host_ops import FORWARD_LAUNCHES
 
 B, L, H, P, N = 2, 200, 4, 64, 128
 DOCUMENTS = 5
-FORWARD_KERNELS = {  # walking the chunks (`function.walks`) or chunk-parallel
-    True: ["chunk_prep", "chunk_walk"],
-    False: ["chunk_prep", "chunk_state", "state_pass", "chunk_output"],
-}
 
 
 class _MetaOnly(TorchDispatchMode):
@@ -56,7 +53,7 @@ def _kernel_module(launches: list) -> types.ModuleType:
     def launcher(name):
         return lambda *args: launches.append((name, [a for a in args if isinstance(a, torch.Tensor)]))
 
-    names = {name for kernels in FORWARD_KERNELS.values() for name in kernels}
+    names = {name for kernels in FORWARD_LAUNCHES.values() for name in kernels}
     module.kernel_set = lambda config: types.SimpleNamespace(**{name: launcher(name) for name in names})
     return module
 
@@ -94,7 +91,7 @@ def test_forward_host_work_reads_no_device_value(monkeypatch, packing, R, norm, 
     with _MetaOnly():
         out, final = mamba3_scan(inputs, weights, backend="tilelang", **options)
 
-    assert [name for name, _ in launches] == FORWARD_KERNELS[walk]  # one launch each, whatever the documents
+    assert [name for name, _ in launches] == FORWARD_LAUNCHES[walk]  # one launch each, whatever the documents
     assert all(t.device.type == "meta" for _, args in launches for t in args)
     assert out.shape == (inputs.x.shape[0], L, H, P) and out.dtype == torch.bfloat16
     assert [tuple(t.shape) for t in final] == [(states, H, P, N), (states, R, H, N), (states, H, P), (states, H, N // 4)]

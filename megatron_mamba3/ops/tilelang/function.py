@@ -133,6 +133,20 @@ def _prepare(
     return _Launch(config, layout, x, z, B, C, dt, angles, *terms, B_bias, C_bias, D, *mimo, norm, *prep_weights)
 
 
+def _empty(device: torch.device, *shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """An uninitialised tensor of `shape` on `device`, fp32 unless `dtype`: a kernel's output buffer."""
+    return torch.empty(shape, device=device, dtype=dtype)
+
+
+def _state_buffers(launch: _Launch) -> tuple[Tensor, Tensor, Tensor]:
+    """The forward's state outputs, unfilled: h̃_c (b, nc, H, n, p) bf16, the final states' h (states, H, p, n)
+    and key (states, R, H, n) fp32."""
+    b, nc, H = launch.mult.shape
+    c, states = launch.config, launch.h_in.shape[0]
+    empty = functools.partial(_empty, launch.x.device)
+    return empty(b, nc, H, c.n, c.p, dtype=torch.bfloat16), empty(states, H, c.p, c.n), empty(states, c.R, H, c.n)
+
+
 def _chunk_starts(launch: _Launch) -> tuple[Tensor, Tensor, Tensor]:
     """The state each chunk starts from, h̃_c (b, nc, H, n, p) bf16, and the final states' h (states, H, p, n)
     and key rot(θ_final, B_last + B_bias) (states, R, H, n), fp32 (h̃ after a row's or document's last chunk is h
@@ -141,17 +155,12 @@ def _chunk_starts(launch: _Launch) -> tuple[Tensor, Tensor, Tensor]:
 
     kernels = kernel_set(launch.config)
     b, nc, H = launch.mult.shape
-    n, p = launch.config.n, launch.config.p
-    device = launch.x.device
-    chunk_states = torch.empty(b, nc, H, n, p, device=device, dtype=torch.float32)
+    chunk_states = _empty(launch.x.device, b, nc, H, launch.config.n, launch.config.p)
     kernels.chunk_state(
         launch.x, launch.B, launch.angles, launch.dt, launch.seg, launch.layout.span, launch.cs, launch.wd, launch.wo,
         launch.B_bias, launch.mimo_x, chunk_states,
     )
-    starts_h = torch.empty(b, nc, H, n, p, device=device, dtype=torch.bfloat16)
-    states = launch.h_in.shape[0]
-    h_final = torch.empty(states, H, p, n, device=device, dtype=torch.float32)
-    k_final = torch.empty(states, launch.config.R, H, n, device=device, dtype=torch.float32)
+    starts_h, h_final, k_final = _state_buffers(launch)
     kernels.state_pass(
         chunk_states, launch.mult, launch.h_in, launch.seg, launch.layout.span, launch.totals, launch.theta_0, launch.B,
         launch.B_bias, starts_h, h_final, launch.theta_start, launch.theta_final, k_final,
@@ -196,12 +205,8 @@ def _walk(launch: _Launch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     and `chunk_output` give them; it fills the launch's theta_start and theta_final as `state_pass` does."""
     from megatron_mamba3.ops.tilelang.kernels import kernel_set
 
-    b, nc, H = launch.mult.shape
-    n, p = launch.config.n, launch.config.p
-    states = launch.h_in.shape[0]
-    empty = lambda *shape, dtype=torch.float32: torch.empty(shape, device=launch.x.device, dtype=dtype)  # noqa: E731
-    out, starts_h = torch.empty_like(launch.x), empty(b, nc, H, n, p, dtype=torch.bfloat16)
-    h_final, k_final = empty(states, H, p, n), empty(states, launch.config.R, H, n)
+    out = torch.empty_like(launch.x)
+    starts_h, h_final, k_final = _state_buffers(launch)
     kernel_set(launch.config).chunk_walk(
         launch.x, launch.z, launch.B, launch.C, launch.angles, launch.dt, launch.seg, launch.layout.span, launch.cs,
         launch.wd, launch.wo, launch.mult, launch.totals, launch.h_in, launch.theta_0, launch.B_bias, launch.C_bias,
@@ -277,7 +282,7 @@ def _backward_kernels(
     b, length, H, p = launch.x.shape
     nc = launch.mult.shape[1]
     rows = nc * c.Q  # padded length
-    empty = lambda *shape, dtype=torch.float32: torch.empty(shape, device=launch.x.device, dtype=dtype)  # noqa: E731
+    empty = functools.partial(_empty, launch.x.device)
     x, B, C, *scalar_args = _chunk_args(launch)
 
     dout = torch.zeros_like(x) if grad_out is None else as_dtype(grad_out, x.dtype).contiguous()
@@ -365,7 +370,7 @@ def _initial_grad_kernel(kernels, launch: _Launch):
     def initial_state(inputs: Mamba3Inputs, weights: Mamba3Weights, state: Mamba3State, dh_in: Tensor, h_in: Tensor):
         b, H, p, n = dh_in.shape
         R, S = launch.config.R, launch.config.S
-        empty = lambda *shape: torch.empty(shape, device=dh_in.device, dtype=torch.float32)  # noqa: E731
+        empty = functools.partial(_empty, dh_in.device)
         dk_prev, dv_prev, dmimo_x = empty(b, R, H, n), empty(b, H, p), empty(b, H, R, p)
         dw0, dtheta_0 = empty(b, H), empty(b, H, S)
         k_prev, v_prev = (as_dtype(t, torch.float32).contiguous() for t in (state.k_prev, state.v_prev))
@@ -418,7 +423,7 @@ def kernel_terms(
     seg = layout.seg
     rows = seg.shape[1]
     nc, states = rows // config.Q, state.h.shape[0]
-    empty = lambda *shape: torch.empty(shape, device=inputs.x.device, dtype=torch.float32)  # noqa: E731
+    empty = functools.partial(_empty, inputs.x.device)
     scalars, mult, totals = empty(3, b, H, rows), empty(b, nc, H), empty(b, nc, H, config.S)
     cs, wd, wo = scalars.unbind(0)
     h, k_prev, v_prev, theta_0 = (as_dtype(t, torch.float32).contiguous() for t in state)
