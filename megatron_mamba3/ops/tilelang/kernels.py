@@ -328,11 +328,14 @@ def chunk_prologue(c: KernelConfig):
                 store_key(out_s, lo_s, row, index, T.cast(raw_s[row, index], F32) + bias_s[row % R, index], scale_s[row // R])
 
     @T.macro
-    def values(X, MIMO_X, first, last, b, h, x_s, mx_s, v_s, product=True):
+    def values(X, MIMO_X, first, last, b, h, x_s, mx_s, v_s, product=True, Z=None, z_s=None):
         """x_s = the chunk's x (bf16, zero past `last`), mx_s = mimo_x[h]; with `product`, v_s[(i, r), :] =
-        x_i ⊙ mimo_x[h, r] (bf16)."""
+        x_i ⊙ mimo_x[h, r] (bf16); given z_s (Q, p), also the chunk's z from Z into it, as x."""
         for i, pp in T.Parallel(Q, p):
             x_s[i, pp] = T.if_then_else(first + i <= last, X[b, first + i, h, pp], T.cast(0, BF16))
+        if z_s is not None:
+            for i, pp in T.Parallel(Q, p):
+                z_s[i, pp] = T.if_then_else(first + i <= last, Z[b, first + i, h, pp], T.cast(0, BF16))
         for r, pp in T.Parallel(R, p):
             mx_s[r, pp] = MIMO_X[h, r, pp]
         if product:
@@ -371,7 +374,8 @@ def chunk_y_macro(c: KernelConfig, finite_state: bool = False):
     with `finite_state`, the chunk start's non-finite entries read as 0 (`load_state`). Given `state` (as
     `chunk_walk` gives it), the chunk start is that fragment (n, p) fp32, written to HS as it enters hs_s, and
     θ carried in is the shared (S,) ths_s, not read from THS. `inside_s`: the (QR, QR) bf16 buffer the poison
-    mask takes (a shared buffer of its own where None)."""
+    mask takes (a shared buffer of its own where None). Given z_s (Q, p) bf16, the chunk's z is read from Z into
+    it with x, for `gate_macro`'s gate_out."""
     Q, R, p = c.Q, c.R, c.p
     QR = Q * R
     load_scalars, rotation, keys, values, mix_weights = chunk_prologue(c)
@@ -381,6 +385,7 @@ def chunk_y_macro(c: KernelConfig, finite_state: bool = False):
         X, Bk, Cq, ANG, DT, SEG, CS, WD, WO, THS, HS, B_BIAS, C_BIAS, D, MIMO_X, first, last, b, h, chunk,
         seg_s, cs_s, wd_s, wo_s, one_s, inter_s, turn_s, cos_s, sin_s, theta_f, raw_s, bias_s,
         q_s, k_s, x_s, mx_s, v_s, hs_s, mix_s, scores, y, y_in, y_s, ths_s=None, state=None, inside_s=None,
+        Z=None, z_s=None,
     ):
         t0 = chunk * Q
         load_scalars(SEG, CS, WD, WO, b, h, t0, seg_s, cs_s, wd_s, wo_s)
@@ -391,7 +396,7 @@ def chunk_y_macro(c: KernelConfig, finite_state: bool = False):
         rotation(ANG, DT, THS, first, last, b, h, chunk, seg_s, seg_before, turn_s, theta_f, cos_s, sin_s, ths_s)
         keys(Cq, C_BIAS, first, last, b, h, raw_s, bias_s, cos_s, sin_s, one_s, q_s)
         keys(Bk, B_BIAS, first, last, b, h, raw_s, bias_s, cos_s, sin_s, one_s, k_s)
-        values(X, MIMO_X, first, last, b, h, x_s, mx_s, v_s, product=False)  # v_s comes from the finite check below
+        values(X, MIMO_X, first, last, b, h, x_s, mx_s, v_s, False, Z, z_s)  # v_s comes from the finite check below
 
         bad_s = T.alloc_shared((QR, p), BF16)
         if inside_s is None:
@@ -775,7 +780,7 @@ def _chunk_output(c: KernelConfig):
     QR = Q * R
     batch, L, LP, NC, SB, SNC = T.dynamic("batch, L, LP, NC, SB, SNC")
     chunk_y = chunk_y_macro(c)
-    gate_out = gate_macro(c)
+    gate_weights, gate_out = gate_macro(c)
 
     @T.prim_func
     def chunk_output(
@@ -838,24 +843,30 @@ def _chunk_output(c: KernelConfig):
                 seg_s, cs_s, wd_s, wo_s, one_s, inter_s, turn_s, cos_s, sin_s, theta_f, raw_s, bias_s,
                 q_s, k_s, x_s, mx_s, v_s, hs_s, mix_s, scores, y, y_in, y_s,
             )
-            gate_out(Z, MIMO_Z, MIMO_O, NORM, OUT, first, last, b, h, gate_s, out_w_s, norm_s, y_s)
+            gate_weights(MIMO_Z, MIMO_O, NORM, h, gate_s, out_w_s, norm_s)
+            gate_out(Z, OUT, first, last, b, h, gate_s, out_w_s, norm_s, y_s)
 
     return chunk_output
 
 
 def gate_macro(c: KernelConfig):
-    """Macro: a chunk's output from its per-rank y_s (QR, p) fp32 (normed in place where `c.norm`):
-    OUT[first + i] = Σ_r mimo_o_r · y_(i, r) · silu(z_i · mimo_z_r) for the rows up to `last`."""
+    """Macros: `gate_weights`, head h's mimo_z, mimo_o and norm weight into gate_s, out_w_s (R, p) and norm_s (p,);
+    `gate_out`, a chunk's output from its per-rank y_s (QR, p) fp32 (normed in place where `c.norm`) and those:
+    OUT[first + i] = Σ_r mimo_o_r · y_(i, r) · silu(z_i · mimo_z_r) for the rows up to `last`, z read from Z, or
+    from z_s (Q, p) bf16 where given."""
     Q, R, p = c.Q, c.R, c.p
     QR = Q * R
 
     @T.macro
-    def gate_out(Z, MIMO_Z, MIMO_O, NORM, OUT, first, last, b, h, gate_s, out_w_s, norm_s, y_s):
+    def gate_weights(MIMO_Z, MIMO_O, NORM, h, gate_s, out_w_s, norm_s):
         for r, pp in T.Parallel(R, p):
             gate_s[r, pp] = MIMO_Z[h, r, pp]
             out_w_s[r, pp] = MIMO_O[h, r, pp]
         for pp in T.Parallel(p):
             norm_s[pp] = NORM[h, pp]
+
+    @T.macro
+    def gate_out(Z, OUT, first, last, b, h, gate_s, out_w_s, norm_s, y_s, z_s=None):
         if c.norm:
             squares = T.alloc_fragment((QR, p), F32)
             inv_rms = T.alloc_fragment((QR,), F32)
@@ -869,12 +880,12 @@ def gate_macro(c: KernelConfig):
                 y_s[row, pp] = y_s[row, pp] * inv_rms[row] * norm_s[pp]
         for i, pp in T.Parallel(Q, p):
             if first + i <= last:
-                zz = T.cast(Z[b, first + i, h, pp], F32)
+                zz = T.cast(Z[b, first + i, h, pp] if z_s is None else z_s[i, pp], F32)
                 gated = [zz * gate_s[r, pp] for r in range(R)]
                 total = sum(out_w_s[r, pp] * y_s[i * R + r, pp] * gated[r] * T.sigmoid(gated[r]) for r in range(R))
                 OUT[b, first + i, h, pp] = T.cast(total, BF16)
 
-    return gate_out
+    return gate_weights, gate_out
 
 
 def _chunk_walk(c: KernelConfig):
@@ -883,7 +894,7 @@ def _chunk_walk(c: KernelConfig):
     batch, L, LP, NC, SB, SNC = T.dynamic("batch, L, LP, NC, SB, SNC")
     NS = states_dim(c, batch)
     chunk_y = chunk_y_macro(c)
-    gate_out = gate_macro(c)
+    gate_weights, gate_out = gate_macro(c)
     final_key = final_key_macro(c)
 
     @T.macro
@@ -959,9 +970,11 @@ def _chunk_walk(c: KernelConfig):
             v_s = T.alloc_shared((QR, p), BF16)
             # Every buffer used in the loop over chunks stays live through all of it (TileLang's shared-memory
             # planner), so the phases' buffers share memory by hand where sizes allow: h̃_c with the raw keys,
-            # y with the queries, the masked scores (and the poison mask after them) with cos θ.
+            # y with the queries, the masked scores (and the poison mask after them) with cos θ, z (read with x,
+            # ahead of the gate) with sin θ.
             hs_s = shared_alias(raw_s, (n, p), BF16)
             mix_s = shared_alias(cos_s, (QR, QR), BF16)
+            z_s = shared_alias(sin_s, (Q, p), BF16)
             gate_s = T.alloc_shared((R, p), F32)
             out_w_s = T.alloc_shared((R, p), F32)
             norm_s = T.alloc_shared((p,), F32)
@@ -982,6 +995,7 @@ def _chunk_walk(c: KernelConfig):
             else:
                 start_from(H_IN, THETA_0, h, b, state, theta_s)
             document[0] = 0
+            gate_weights(MIMO_Z, MIMO_O, NORM, h, gate_s, out_w_s, norm_s)  # once: the head's
             for chunk in T.serial(NC):
                 t0 = chunk * Q
                 first = span_first(c, SPAN, b, chunk)
@@ -1005,9 +1019,9 @@ def _chunk_walk(c: KernelConfig):
                 chunk_y(
                     X, Bk, Cq, ANG, DT, SEG, CS, WD, WO, None, HS, B_BIAS, C_BIAS, D, MIMO_X, first, last, b, h,
                     chunk, seg_s, cs_s, wd_s, wo_s, one_s, inter_s, turn_s, cos_s, sin_s, theta_f, raw_s, bias_s,
-                    q_s, k_s, x_s, mx_s, v_s, hs_s, mix_s, scores, y, y_in, y_s, ths_s, state, mix_s,
+                    q_s, k_s, x_s, mx_s, v_s, hs_s, mix_s, scores, y, y_in, y_s, ths_s, state, mix_s, Z, z_s,
                 )
-                gate_out(Z, MIMO_Z, MIMO_O, NORM, OUT, first, last, b, h, gate_s, out_w_s, norm_s, y_s)
+                gate_out(Z, OUT, first, last, b, h, gate_s, out_w_s, norm_s, y_s, z_s)
 
                 # h̃_{c+1} = mult_c h̃_c + Σ_j w_j k_j v_jᵀ over the chunk's last document (keys at their θ, as
                 # chunk_y left them; the weighted values, exactly 0 outside that document, in v_s, spent by then)
