@@ -302,17 +302,8 @@ def chunk_prologue(c: KernelConfig):
             lo_s[row, index] = bf16_rest(scaled, out_s[row, index])
 
     @T.macro
-    def keys(SRC, BIAS, first, last, b, h, raw_s, bias_s, cos_s, sin_s, scale_s, out_s, lo_s=None):
-        """out_s[(i, r), :] = scale_i · rot(θ_i, SRC[first + i, r, group] + BIAS[h, r]) as bf16 (exactly 0 where
-        scale_i is); with lo_s, also the bf16 rest lo_s = key − out_s, so out_s + lo_s is the key to ~16 bits.
-        One thread makes both elements of a pair, reading each operand once; the rotated pairs and those
-        passed unchanged run as two loops, so neither needs a per-pair select."""
-        for r, nn in T.Parallel(R, n):
-            bias_s[r, nn] = BIAS[h, r, nn]
-        for row, nn in T.Parallel(Q * R, n):
-            raw_s[row, nn] = T.if_then_else(
-                first + row // R <= last, SRC[b, first + row // R, row % R, h // (c.H // c.G), nn], T.cast(0, BF16)
-            )
+    def keys_rotated(raw_s, bias_s, cos_s, sin_s, scale_s, out_s, lo_s):
+        """`keys`' rotation phase."""
         for row, s in T.Parallel(Q * R, S):
             i, r = row // R, row % R
             a, bb = pair_indices(s, n, R > 1)
@@ -326,6 +317,23 @@ def chunk_prologue(c: KernelConfig):
             for row, part, k in T.Parallel(Q * R, parts, width):
                 index = part * (n // 2) + first + k
                 store_key(out_s, lo_s, row, index, T.cast(raw_s[row, index], F32) + bias_s[row % R, index], scale_s[row // R])
+
+    @T.macro
+    def keys(SRC, BIAS, first, last, b, h, raw_s, bias_s, cos_s, sin_s, scale_s, out_s, lo_s=None, load=True, rotate=True):
+        """out_s[(i, r), :] = scale_i · rot(θ_i, SRC[first + i, r, group] + BIAS[h, r]) as bf16 (exactly 0 where
+        scale_i is); with lo_s, also the bf16 rest lo_s = key − out_s, so out_s + lo_s is the key to ~16 bits.
+        One thread makes both elements of a pair, reading each operand once (so out_s may be raw_s: rotated in
+        place); the rotated pairs and those passed unchanged run as two loops, so neither needs a per-pair select.
+        `load` (BIAS and SRC's rows into bias_s and raw_s) and `rotate` (into out_s) split it in two phases."""
+        if load:
+            for r, nn in T.Parallel(R, n):
+                bias_s[r, nn] = BIAS[h, r, nn]
+            for row, nn in T.Parallel(Q * R, n):
+                raw_s[row, nn] = T.if_then_else(
+                    first + row // R <= last, SRC[b, first + row // R, row % R, h // (c.H // c.G), nn], T.cast(0, BF16)
+                )
+        if rotate:
+            keys_rotated(raw_s, bias_s, cos_s, sin_s, scale_s, out_s, lo_s)
 
     @T.macro
     def values(X, MIMO_X, first, last, b, h, x_s, mx_s, v_s, product=True, Z=None, z_s=None):
@@ -375,7 +383,9 @@ def chunk_y_macro(c: KernelConfig, finite_state: bool = False):
     `chunk_walk` gives it), the chunk start is that fragment (n, p) fp32, written to HS as it enters hs_s, and
     θ carried in is the shared (S,) ths_s, not read from THS. `inside_s`: the (QR, QR) bf16 buffer the poison
     mask takes (a shared buffer of its own where None). Given z_s (Q, p) bf16, the chunk's z is read from Z into
-    it with x, for `gate_macro`'s gate_out."""
+    it with x, for `gate_macro`'s gate_out. Given k_bias_s (R, n) fp32 (B's bias; bias_s takes C's), the raw
+    rows of both keys are read at the chunk's start, with its scalars and ahead of θ, into q_s and k_s, and
+    rotated there in place (raw_s is not used)."""
     Q, R, p = c.Q, c.R, c.p
     QR = Q * R
     load_scalars, rotation, keys, values, mix_weights = chunk_prologue(c)
@@ -385,17 +395,24 @@ def chunk_y_macro(c: KernelConfig, finite_state: bool = False):
         X, Bk, Cq, ANG, DT, SEG, CS, WD, WO, THS, HS, B_BIAS, C_BIAS, D, MIMO_X, first, last, b, h, chunk,
         seg_s, cs_s, wd_s, wo_s, one_s, inter_s, turn_s, cos_s, sin_s, theta_f, raw_s, bias_s,
         q_s, k_s, x_s, mx_s, v_s, hs_s, mix_s, scores, y, y_in, y_s, ths_s=None, state=None, inside_s=None,
-        Z=None, z_s=None,
+        Z=None, z_s=None, k_bias_s=None,
     ):
         t0 = chunk * Q
         load_scalars(SEG, CS, WD, WO, b, h, t0, seg_s, cs_s, wd_s, wo_s)
+        if k_bias_s is not None:
+            keys(Cq, C_BIAS, first, last, b, h, q_s, bias_s, cos_s, sin_s, one_s, q_s, rotate=False)
+            keys(Bk, B_BIAS, first, last, b, h, k_s, k_bias_s, cos_s, sin_s, one_s, k_s, rotate=False)
         seg_before = segment_before(c, SEG, b, t0)
         for i in T.Parallel(Q):
             one_s[i] = 1.0
             inter_s[i] = T.if_then_else(seg_s[i] == seg_before, T.exp(cs_s[i]), 0.0)
         rotation(ANG, DT, THS, first, last, b, h, chunk, seg_s, seg_before, turn_s, theta_f, cos_s, sin_s, ths_s)
-        keys(Cq, C_BIAS, first, last, b, h, raw_s, bias_s, cos_s, sin_s, one_s, q_s)
-        keys(Bk, B_BIAS, first, last, b, h, raw_s, bias_s, cos_s, sin_s, one_s, k_s)
+        if k_bias_s is None:
+            keys(Cq, C_BIAS, first, last, b, h, raw_s, bias_s, cos_s, sin_s, one_s, q_s)
+            keys(Bk, B_BIAS, first, last, b, h, raw_s, bias_s, cos_s, sin_s, one_s, k_s)
+        else:
+            keys(Cq, C_BIAS, first, last, b, h, q_s, bias_s, cos_s, sin_s, one_s, q_s, load=False)
+            keys(Bk, B_BIAS, first, last, b, h, k_s, k_bias_s, cos_s, sin_s, one_s, k_s, load=False)
         values(X, MIMO_X, first, last, b, h, x_s, mx_s, v_s, False, Z, z_s)  # v_s comes from the finite check below
 
         bad_s = T.alloc_shared((QR, p), BF16)
@@ -961,18 +978,18 @@ def _chunk_walk(c: KernelConfig):
             theta_f = T.alloc_fragment((S,), F32)
             theta_s = T.alloc_shared((S,), F64)  # θ after the chunks so far
             ths_s = T.alloc_shared((S,), F32)  # θ carried into the chunk, reduced (THS)
-            raw_s = T.alloc_shared((QR, n), BF16)
             bias_s = T.alloc_shared((R, n), F32)
-            q_s = T.alloc_shared((QR, n), BF16)
+            k_bias_s = T.alloc_shared((R, n), F32)
+            q_s = T.alloc_shared((QR, n), BF16)  # (the raw keys load into q_s and k_s, rotated there in place)
             k_s = T.alloc_shared((QR, n), BF16)
             x_s = T.alloc_shared((Q, p), BF16)
             mx_s = T.alloc_shared((R, p), F32)
             v_s = T.alloc_shared((QR, p), BF16)
+            hs_s = T.alloc_shared((n, p), BF16)
             # Every buffer used in the loop over chunks stays live through all of it (TileLang's shared-memory
-            # planner), so the phases' buffers share memory by hand where sizes allow: h̃_c with the raw keys,
-            # y with the queries, the masked scores (and the poison mask after them) with cos θ, z (read with x,
-            # ahead of the gate) with sin θ.
-            hs_s = shared_alias(raw_s, (n, p), BF16)
+            # planner), so the phases' buffers share memory by hand where sizes allow: y with the queries, the
+            # masked scores (and the poison mask after them) with cos θ, z (read with x, ahead of the gate) with
+            # sin θ.
             mix_s = shared_alias(cos_s, (QR, QR), BF16)
             z_s = shared_alias(sin_s, (Q, p), BF16)
             gate_s = T.alloc_shared((R, p), F32)
@@ -1018,8 +1035,8 @@ def _chunk_walk(c: KernelConfig):
                     theta_s[s] = T.if_then_else(carried, theta_s[s], 0.0) + total
                 chunk_y(
                     X, Bk, Cq, ANG, DT, SEG, CS, WD, WO, None, HS, B_BIAS, C_BIAS, D, MIMO_X, first, last, b, h,
-                    chunk, seg_s, cs_s, wd_s, wo_s, one_s, inter_s, turn_s, cos_s, sin_s, theta_f, raw_s, bias_s,
-                    q_s, k_s, x_s, mx_s, v_s, hs_s, mix_s, scores, y, y_in, y_s, ths_s, state, mix_s, Z, z_s,
+                    chunk, seg_s, cs_s, wd_s, wo_s, one_s, inter_s, turn_s, cos_s, sin_s, theta_f, None, bias_s,
+                    q_s, k_s, x_s, mx_s, v_s, hs_s, mix_s, scores, y, y_in, y_s, ths_s, state, mix_s, Z, z_s, k_bias_s,
                 )
                 gate_out(Z, OUT, first, last, b, h, gate_s, out_w_s, norm_s, y_s, z_s)
 
