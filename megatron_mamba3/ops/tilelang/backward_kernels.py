@@ -56,6 +56,7 @@ from megatron_mamba3.ops.tilelang.kernels import (
     starts_state,
     state_index,
     states_dim,
+    token_row,
 )
 
 
@@ -202,8 +203,8 @@ def _chunk_dy(c: KernelConfig):
             for pp in T.Parallel(p):
                 norm_s[pp] = NORM[h, pp]
             for i, pp in T.Parallel(Q, p):
-                do_s[i, pp] = T.if_then_else(first + i <= last, DOUT[b, first + i, h, pp], T.cast(0, BF16))
-                z_s[i, pp] = T.if_then_else(first + i <= last, Z[b, first + i, h, pp], T.cast(0, BF16))
+                do_s[i, pp] = token_row(DOUT, first, last, b, h, i, pp)
+                z_s[i, pp] = token_row(Z, first, last, b, h, i, pp)
             if c.norm:
                 squares = T.alloc_fragment((QR, p), F32)
                 row_sum = T.alloc_fragment((QR,), F32)

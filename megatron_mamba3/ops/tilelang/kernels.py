@@ -197,6 +197,11 @@ def state_weight(seg_s, cs_s, wo_s, i):
     return T.if_then_else(seg_s[i] == seg_s[last], T.exp(cs_s[last] - cs_s[i]) * wo_s[i], 0.0)
 
 
+def token_row(SRC, first, last, b, h, i, pp):
+    """SRC[b, first + i, h, pp] of a (b, l, H, p) bf16 tensor: the chunk's row i, 0 past `last`."""
+    return T.if_then_else(first + i <= last, SRC[b, first + i, h, pp], T.cast(0, BF16))
+
+
 def reaches(seg_s, i, j):
     """Whether token j's value reaches row i of the chunk: j ≤ i in the same document (seg_s (Q,) int32)."""
     return (seg_s[i] == seg_s[j]) & (j <= i)
@@ -340,10 +345,10 @@ def chunk_prologue(c: KernelConfig):
         """x_s = the chunk's x (bf16, zero past `last`), mx_s = mimo_x[h]; with `product`, v_s[(i, r), :] =
         x_i ⊙ mimo_x[h, r] (bf16); given z_s (Q, p), also the chunk's z from Z into it, as x."""
         for i, pp in T.Parallel(Q, p):
-            x_s[i, pp] = T.if_then_else(first + i <= last, X[b, first + i, h, pp], T.cast(0, BF16))
+            x_s[i, pp] = token_row(X, first, last, b, h, i, pp)
         if z_s is not None:
             for i, pp in T.Parallel(Q, p):
-                z_s[i, pp] = T.if_then_else(first + i <= last, Z[b, first + i, h, pp], T.cast(0, BF16))
+                z_s[i, pp] = token_row(Z, first, last, b, h, i, pp)
         for r, pp in T.Parallel(R, p):
             mx_s[r, pp] = MIMO_X[h, r, pp]
         if product:
