@@ -25,8 +25,9 @@ Rank 0 prints one progress line every `--log-interval` steps:
 
 (`tokens/s` and `step` are averaged over the interval, `elapsed` counts from this run's first step
 and `ETA` extrapolates its mean step time to --train-iters; on CUDA a `peak mem` field follows the grad norm; the last field is the Mamba-3 receipt: the
-backend and kernel variant that ran ("+prep" where the kernels also ran the layer's prep), the dtype and the
-number of M layers that reported it.)
+backend and kernel variant that ran ("+prep" where the kernels also ran the layer's prep; in parentheses the
+kernel path, where the backend has more than one: TileLang's forward "chunk_walk" or "chunk-parallel"), the
+dtype and the number of M layers that reported it.)
 """
 
 from __future__ import annotations
@@ -333,7 +334,7 @@ def receipt_summary() -> str:
     kinds: dict[tuple, set] = {}
     for receipt in receipts():
         if receipt.step_kind == "forward":
-            variant = receipt.variant + ("+prep" if receipt.fused_prep else "")
+            variant = receipt.variant + ("+prep" if receipt.fused_prep else "") + (f" ({receipt.path})" if receipt.path else "")
             kinds.setdefault((receipt.backend, variant, receipt.dtype), set()).add(receipt.layer)
     clear_receipts()
     if not kinds:

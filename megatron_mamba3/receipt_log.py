@@ -18,9 +18,11 @@ _calls: dict["Receipt", int] = {}
 class Receipt:
     """One kind of call: `layer` (the caller's name or None), `step_kind` ("forward" or "decode"),
     the `backend` and `variant` that ran, the input `dtype`, the input `shapes` as (name, shape)
-    pairs, `compile_count`, the kernels compiled for the call (0 for the reference), and `fused_prep`:
+    pairs, `compile_count`, the kernels compiled for the call (0 for the reference), `fused_prep`:
     whether the backend ran the layer's prep (softplus, decay rate, B/C RMSNorm) inside its kernels
-    (False where `apply_prep` ran it in PyTorch first, or where the inputs came prepped)."""
+    (False where `apply_prep` ran it in PyTorch first, or where the inputs came prepped), and `path`: which
+    of its kernel paths the backend took for these inputs, where it has more than one (the TileLang
+    forward: "chunk_walk" or "chunk-parallel"), else ""."""
 
     layer: str | None
     step_kind: str
@@ -30,6 +32,7 @@ class Receipt:
     shapes: tuple[tuple[str, tuple[int, ...]], ...]
     compile_count: int = 0
     fused_prep: bool = False
+    path: str = ""
 
 
 def record(receipt: Receipt) -> None:

@@ -73,8 +73,10 @@ class ScanVariant:
 class Backend:
     """A backend: its variants, the default one, `why_not(inputs)` (None when it can run the scan
     of these `Mamba3Inputs`: device, dtype and sizes; else the reason), `compile_count()` (kernels
-    or graphs compiled so far), its decode step, if it has one, and whether its scans take `prep=`
-    and run the prep in their kernels (`fuses_prep`; otherwise `mamba3_scan` applies it first)."""
+    or graphs compiled so far), its decode step, if it has one, whether its scans take `prep=`
+    and run the prep in their kernels (`fuses_prep`; otherwise `mamba3_scan` applies it first), and
+    `path(inputs)`: which of its kernel paths a scan of these inputs takes, for the receipt ("" where
+    it has one)."""
 
     name: str
     variants: Mapping[str, ScanVariant]
@@ -83,6 +85,7 @@ class Backend:
     compile_count: Callable[[], int] = lambda: 0
     decode: DecodeFn | None = None
     fuses_prep: bool = False
+    path: Callable[[Mamba3Inputs], str] = lambda inputs: ""
 
 
 _MODULES = {

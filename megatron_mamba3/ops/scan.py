@@ -81,7 +81,8 @@ def mamba3_scan(
     )
     dtype = str(inputs.x.dtype).removeprefix("torch.")
     record(Receipt(
-        layer, "forward", chosen.name, implementation.name, dtype, _shapes(inputs), chosen.compile_count(), bool(fused)
+        layer, "forward", chosen.name, implementation.name, dtype, _shapes(inputs), chosen.compile_count(), bool(fused),
+        chosen.path(inputs),
     ))
     return out, state
 

@@ -26,7 +26,7 @@ KERNEL_CONFIGS = test_tilelang_kernels.CONFIGS
 
 @pytest.fixture(autouse=True)
 def _walking(monkeypatch):
-    monkeypatch.setattr(function, "walks", lambda config, rows, device: True)
+    monkeypatch.setattr(function, "walks", lambda p, rows, device: True)
 
 
 @pytest.mark.parametrize("wide_angles", [False, True], ids=["angles", "wide-angles"])

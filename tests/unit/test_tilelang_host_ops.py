@@ -148,7 +148,7 @@ def test_host_ops_are_bounded_and_launches_match_the_kernel_signatures(monkeypat
 
 
 def _check_launches_and_host_ops(monkeypatch, kind, R, norm, prep, B, config_dims, starts, walk):
-    monkeypatch.setattr(function, "walks", lambda config, rows, device: walk)
+    monkeypatch.setattr(function, "walks", lambda p, rows, device: walk)
     launches = _Launches()
     forward, backward = _kernel_modules(config_dims, launches)
     monkeypatch.setitem(sys.modules, forward.__name__, forward)
@@ -181,10 +181,9 @@ def _check_launches_and_host_ops(monkeypatch, kind, R, norm, prep, B, config_dim
 def test_the_forward_walks_from_one_and_a_half_pairs_per_sm_at_head_dim_64(monkeypatch):
     """`function.walks`: chunk_walk from WALK_ROWS_PER_SM (row, head) pairs per SM on, at p = 64 only."""
     monkeypatch.setattr(function, "_multiprocessors", lambda device: 132)
-    config = namedtuple("Config", "p")
     cuda = torch.device("cuda")
-    assert function.walks(config(64), 198, cuda) and not function.walks(config(64), 197, cuda)
-    assert not function.walks(config(128), 10**6, cuda) and not function.walks(config(64), 10**6, torch.device("meta"))
+    assert function.walks(64, 198, cuda) and not function.walks(64, 197, cuda)
+    assert not function.walks(128, 10**6, cuda) and not function.walks(64, 10**6, torch.device("meta"))
 
 
 @pytest.mark.parametrize("walk", [False, True], ids=["chunks", "walk"])

@@ -22,6 +22,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
+from megatron_mamba3 import clear_receipts, receipts
 from megatron_mamba3.ops import mamba3_scan
 from megatron_mamba3.ops.interface import Mamba3Prep
 from megatron_mamba3.ops.tilelang import backend as tilelang_backend
@@ -67,7 +68,7 @@ def _meta(tensors, dtype):
 @pytest.mark.parametrize("packing", ["plain", "segment_ids", "segment_ids+prep", "cu_seqlens", "cu_seqlens+initial_state"])
 def test_forward_host_work_reads_no_device_value(monkeypatch, packing, R, norm, walk):
     launches = []
-    monkeypatch.setattr(function, "walks", lambda config, rows, device: walk)  # (on the GPU: by the SM count)
+    monkeypatch.setattr(function, "walks", lambda p, rows, device: walk)  # (on the GPU: by the SM count)
     monkeypatch.setitem(sys.modules, "megatron_mamba3.ops.tilelang.kernels", _kernel_module(launches))
     runs_anywhere = dataclasses.replace(tilelang_backend.BACKEND, why_not=lambda inputs: None)
     monkeypatch.setattr(tilelang_backend, "BACKEND", runs_anywhere)  # meta tensors, TileLang not needed
@@ -88,8 +89,10 @@ def test_forward_host_work_reads_no_device_value(monkeypatch, packing, R, norm, 
         meta = lambda *shape: torch.empty(shape, device="meta")  # noqa: E731
         options["prep"] = Mamba3Prep(meta(H), meta(N), meta(N), 1e-4)
 
+    clear_receipts()
     with _MetaOnly():
         out, final = mamba3_scan(inputs, weights, backend="tilelang", **options)
+    assert [receipt.path for receipt in receipts()] == ["chunk_walk" if walk else "chunk-parallel"]  # says which ran
 
     assert [name for name, _ in launches] == FORWARD_LAUNCHES[walk]  # one launch each, whatever the documents
     assert all(t.device.type == "meta" for _, args in launches for t in args)

@@ -13,7 +13,7 @@ import torch
 from megatron_mamba3.ops.interface import Mamba3Inputs
 from megatron_mamba3.ops.registry import Backend, ScanVariant
 from megatron_mamba3.ops.tilelang.build import compile_count
-from megatron_mamba3.ops.tilelang.function import tilelang_scan, unsupported
+from megatron_mamba3.ops.tilelang.function import forward_path, tilelang_scan, unsupported
 
 
 def why_not(inputs: Mamba3Inputs) -> str | None:
@@ -37,4 +37,5 @@ BACKEND = Backend(
     why_not=why_not,
     compile_count=compile_count,
     fuses_prep=True,
+    path=forward_path,
 )

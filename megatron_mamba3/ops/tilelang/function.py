@@ -189,15 +189,22 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def walks(config, rows: int, device: torch.device) -> bool:
-    """Whether the forward of kernel `config` over `rows` (row, head) pairs runs as `chunk_walk` on `device`
+def walks(p: int, rows: int, device: torch.device) -> bool:
+    """Whether the forward at head dim `p` over `rows` (row, head) pairs runs as `chunk_walk` on `device`
     (one block per pair walking its chunks in order, the state on chip): at head dim 64 (where two of its
     blocks fit an SM; at 128 one does, unmeasured) from `WALK_ROWS_PER_SM` pairs per SM on. Otherwise (and
     off CUDA devices, where the kernels never run: meta tensors in tests) the chunk-parallel `chunk_state`,
     `state_pass` and `chunk_output` run, which keep every SM busy with few pairs."""
-    if config.p != 64 or device.type != "cuda":
+    if p != 64 or device.type != "cuda":
         return False
     return rows >= WALK_ROWS_PER_SM * _multiprocessors(device)
+
+
+def forward_path(inputs: Mamba3Inputs) -> str:
+    """The receipt's name of the forward `walks` picks for (b, l, H, p) inputs: "chunk_walk" or "chunk-parallel"
+    (`cu_seqlens` documents are one row, b = 1, as the kernels lay them out)."""
+    b, _, H, p = inputs.x.shape
+    return "chunk_walk" if walks(p, b * H, inputs.x.device) else "chunk-parallel"
 
 
 def _walk(launch: _Launch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -222,7 +229,7 @@ def _forward_kernels(launch: _Launch, inputs: Mamba3Inputs, weights: Mamba3Weigh
     from megatron_mamba3.ops.tilelang.kernels import kernel_set
 
     b, _, H = launch.mult.shape
-    if walks(launch.config, b * H, launch.x.device):
+    if walks(launch.config.p, b * H, launch.x.device):
         out, starts_h, h_final, k_final = _walk(launch)
     else:
         starts_h, h_final, k_final = _chunk_starts(launch)
