@@ -5,11 +5,14 @@ At these tests' sizes (a few (row, head) pairs) `function.walks` picks the chunk
 other modules then test; here it is replaced by one that always walks, so that `chunk_walk` is held to the
 same oracles and bounds: the fp32 reference within `bf16_bound` (every output, final state and gradient, wide
 angles), the float64 oracle on each packed document alone (rows with states, `segment_ids`, `cu_seqlens`),
-bad inputs that reach only their own document, a split run continued from its state, and CUDA-graph replay.
+bad inputs that reach only their own document, a split run continued from its state, CUDA-graph replay, and
+the forward without a backward (which keeps no chunk starts) against the one with.
 """
 
 import pytest
+import torch
 
+from megatron_mamba3.ops import mamba3_scan
 from megatron_mamba3.ops.tilelang import function
 from tests.conformance import nonfinite, test_isolation, test_packing, test_state
 from tests.conformance.packings import PACKINGS
@@ -61,3 +64,19 @@ def test_split_run_equals_the_oracle_run(target, model):
 @pytest.mark.parametrize("packing", ["plain", "segment_ids", "segment_ids+prep", "cu_seqlens+initial_state"])
 def test_graph_replay_equals_eager(packing, config):
     test_cuda_graph.test_graph_replay_equals_eager(packing, config)
+
+
+@pytest.mark.parametrize("config", test_cuda_graph.CONFIGS, ids=["siso", "mimo-r4-norm"])
+def test_forward_without_a_backward_equals_the_forward_that_saves_for_one(config):
+    """Without a backward to follow (no gradient wanted) the walk keeps no chunk starts (`function._walk`); its
+    outputs and final state are those of the same forward with gradients on, bit for bit."""
+    inputs, weights, state, segment_ids, *_ = test_cuda_graph._case(
+        *config, seed=5, starts=test_cuda_graph.CAPTURED_STARTS, offsets=test_cuda_graph.CAPTURED_OFFSETS
+    )
+    options = dict(segment_ids=segment_ids.cuda(), initial_state=state, backend="tilelang")
+    with torch.no_grad():
+        without = mamba3_scan(inputs, weights, **options)
+    wanting = type(inputs)(*(t.detach().requires_grad_() for t in inputs))
+    with_grad = mamba3_scan(wanting, weights, **options)
+    for name, got, expected in zip(test_cuda_graph.OUTPUTS, (without[0], *without[1]), (with_grad[0], *with_grad[1])):
+        assert torch.equal(got, expected.detach()), name

@@ -10,7 +10,8 @@ CPU tensors with the kernel module replaced by launches that only check their ar
 The argument check reads each kernel's signature from the kernel sources (`T.Tensor((dims...), dtype)`
 of its `@T.prim_func` parameters, by `ast`, without TileLang) and requires, per launch, as many tensors
 as parameters, each contiguous with the declared shape (batch, L, LP = padded length, NC chunks,
-LPR = LP·R, BNC = batch·NC and the config's H, p, n, R, G, S) and dtype.
+LPR = LP·R, BNC = batch·NC, HB = batch (the rows of the chunk starts `chunk_walk` saves for the backward
+that runs here) and the config's H, p, n, R, G, S) and dtype.
 """
 
 import ast
@@ -95,7 +96,7 @@ def _kernel_modules(config_dims: dict, launches: list) -> tuple[types.ModuleType
             assert len(args) == len(params), f"{name}: {len(args)} arguments for {len(params)} parameters"
             config = launches.config
             dims = dict(config_dims, H=config.H, p=config.p, n=config.n, R=config.R, G=config.G, S=config.S)
-            dims.update(LPR=dims["LP"] * config.R, BNC=dims["batch"] * dims["NC"])
+            dims.update(LPR=dims["LP"] * config.R, BNC=dims["batch"] * dims["NC"], HB=dims["batch"])  # (a backward runs)
             for index, (tensor, (shape, dtype)) in enumerate(zip(args, params)):
                 expected = tuple(eval(compile(ast.Expression(shape), "<signature>", "eval"), {}, dims))
                 where = f"{name} argument {index}"
@@ -166,7 +167,7 @@ def _check_launches_and_host_ops(monkeypatch, kind, R, norm, prep, B, config_dim
 
     results = []
     leaves = (*inputs, *weights, *state, *prep_weights, *packing)
-    forward_ops = _top_level_ops(lambda: results.extend(function._TileLangScan.apply(A_floor, *leaves)))
+    forward_ops = _top_level_ops(lambda: results.extend(function._TileLangScan.apply(A_floor, True, *leaves)))
     backward_ops = _top_level_ops(lambda: results[0].float().sum().backward())
 
     assert launches == FORWARD_LAUNCHES[walk] + [

@@ -95,6 +95,9 @@ def test_forward_host_work_reads_no_device_value(monkeypatch, packing, R, norm, 
     assert [receipt.path for receipt in receipts()] == ["chunk_walk" if walk else "chunk-parallel"]  # says which ran
 
     assert [name for name, _ in launches] == FORWARD_LAUNCHES[walk]  # one launch each, whatever the documents
+    chunk_starts = [t for _, args in launches for t in args if t.dim() == 5 and t.shape[2:] == (H, N, P)]
+    assert chunk_starts and all(t.shape[0] == (0 if walk else inputs.x.shape[0]) for t in chunk_starts)  # walk, no
+    # backward: h̃_c (b, nc, H, n, p) neither allocated nor written; chunk_output reads it, so the others make it
     assert all(t.device.type == "meta" for _, args in launches for t in args)
     assert out.shape == (inputs.x.shape[0], L, H, P) and out.dtype == torch.bfloat16
     assert [tuple(t.shape) for t in final] == [(states, H, P, N), (states, R, H, N), (states, H, P), (states, H, N // 4)]

@@ -138,13 +138,14 @@ def _empty(device: torch.device, *shape: int, dtype: torch.dtype = torch.float32
     return torch.empty(shape, device=device, dtype=dtype)
 
 
-def _state_buffers(launch: _Launch) -> tuple[Tensor, Tensor, Tensor]:
-    """The forward's state outputs, unfilled: h̃_c (b, nc, H, n, p) bf16, the final states' h (states, H, p, n)
-    and key (states, R, H, n) fp32."""
+def _state_buffers(launch: _Launch, saves: bool = True) -> tuple[Tensor, Tensor, Tensor]:
+    """The forward's state outputs, unfilled: h̃_c (b, nc, H, n, p) bf16 (with no rows unless it `saves` them,
+    `chunk_walk` only), the final states' h (states, H, p, n) and key (states, R, H, n) fp32."""
     b, nc, H = launch.mult.shape
     c, states = launch.config, launch.h_in.shape[0]
     empty = functools.partial(_empty, launch.x.device)
-    return empty(b, nc, H, c.n, c.p, dtype=torch.bfloat16), empty(states, H, c.p, c.n), empty(states, c.R, H, c.n)
+    starts_h = empty(b if saves else 0, nc, H, c.n, c.p, dtype=torch.bfloat16)
+    return starts_h, empty(states, H, c.p, c.n), empty(states, c.R, H, c.n)
 
 
 def _chunk_starts(launch: _Launch) -> tuple[Tensor, Tensor, Tensor]:
@@ -207,13 +208,15 @@ def forward_path(inputs: Mamba3Inputs) -> str:
     return "chunk_walk" if walks(p, b * H, inputs.x.device) else "chunk-parallel"
 
 
-def _walk(launch: _Launch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+def _walk(launch: _Launch, saves: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """The forward in one kernel, `chunk_walk`: (out, h̃_c, the final states' h and key), as `_chunk_starts`
-    and `chunk_output` give them; it fills the launch's theta_start and theta_final as `state_pass` does."""
+    and `chunk_output` give them, h̃_c only where it `saves` the chunk starts for a backward (else a tensor with
+    no rows: b·nc·H·n·p bf16 neither allocated nor written); it fills the launch's theta_start and theta_final
+    as `state_pass` does."""
     from megatron_mamba3.ops.tilelang.kernels import kernel_set
 
     out = torch.empty_like(launch.x)
-    starts_h, h_final, k_final = _state_buffers(launch)
+    starts_h, h_final, k_final = _state_buffers(launch, saves)
     kernel_set(launch.config).chunk_walk(
         launch.x, launch.z, launch.B, launch.C, launch.angles, launch.dt, launch.seg, launch.layout.span, launch.cs,
         launch.wd, launch.wo, launch.mult, launch.totals, launch.h_in, launch.theta_0, launch.B_bias, launch.C_bias,
@@ -223,14 +226,14 @@ def _walk(launch: _Launch) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     return out, starts_h, h_final, k_final
 
 
-def _forward_kernels(launch: _Launch, inputs: Mamba3Inputs, weights: Mamba3Weights):
+def _forward_kernels(launch: _Launch, inputs: Mamba3Inputs, weights: Mamba3Weights, saves: bool):
     """Run the forward kernels: (out (b, l, H, p) bf16, final state fp32, the chunk starts h̃_c (b, nc, H, n, p)
-    bf16 for the backward), by `chunk_walk` where the launch `walks`."""
+    bf16 for the backward, with no rows where the launch `walks` and a backward will not run: not `saves`)."""
     from megatron_mamba3.ops.tilelang.kernels import kernel_set
 
     b, _, H = launch.mult.shape
     if walks(launch.config.p, b * H, launch.x.device):
-        out, starts_h, h_final, k_final = _walk(launch)
+        out, starts_h, h_final, k_final = _walk(launch, saves)
     else:
         starts_h, h_final, k_final = _chunk_starts(launch)
         out = torch.empty_like(launch.x)
@@ -449,17 +452,18 @@ def kernel_terms(
 
 
 class _TileLangScan(torch.autograd.Function):
-    """Arguments: the prep's A floor (None: no prep), then the leaves: 8 inputs, 7 weights (None where absent),
+    """Arguments: the prep's A floor (None: no prep), whether a backward may follow (`saves`: the forward then
+    keeps what it needs), then the leaves: 8 inputs, 7 weights (None where absent),
     4 state tensors (one per row, or per `cu_seqlens` document), the prep's dt_bias, B_norm, C_norm (None
     without it), then starts (b, l) bool and cu_seqlens (N + 1,) (one of them None)."""
 
     @staticmethod
-    def forward(ctx, A_floor, *leaves):
+    def forward(ctx, A_floor, saves, *leaves):
         inputs, weights, state, prep, starts, cu_seqlens = _split(leaves, A_floor)
         ctx.present = tuple(isinstance(t, Tensor) for t in leaves)
         ctx.set_materialize_grads(False)  # an output without a gradient is None, not zeros: its chain is skipped
         ctx.launch = _prepare(inputs, weights, starts, cu_seqlens, state, prep)  # reused by the backward
-        out, final, ctx.starts_h = _forward_kernels(ctx.launch, inputs, weights)
+        out, final, ctx.starts_h = _forward_kernels(ctx.launch, inputs, weights, saves)
         ctx.save_for_backward(*(t for t in leaves if isinstance(t, Tensor)), final.h)
         return (out, *final)
 
@@ -474,8 +478,8 @@ class _TileLangScan(torch.autograd.Function):
         )
         del ctx.launch, ctx.starts_h
         found = [*grads[0], *grads[1], *grads[2], *(grads[3] or (None,) * 3), None, None]
-        return (None, *(
-            None if leaf is None or not ctx.needs_input_grad[index + 1] else as_dtype(grad, leaf.dtype)
+        return (None, None, *(
+            None if leaf is None or not ctx.needs_input_grad[index + 2] else as_dtype(grad, leaf.dtype)
             for index, (leaf, grad) in enumerate(zip(leaves, found))
         ))
 
@@ -495,7 +499,9 @@ def _rows(
     prep_leaves, A_floor = (None,) * 3, None
     if prep is not None:
         prep_leaves, A_floor = prep[:3], prep.A_floor
-    out, *final = _TileLangScan.apply(A_floor, *inputs, *weights, *state, *prep_leaves, starts, cu_seqlens)
+    leaves = (*inputs, *weights, *state, *prep_leaves, starts, cu_seqlens)
+    saves = torch.is_grad_enabled() and any(isinstance(t, Tensor) and t.requires_grad for t in leaves)
+    out, *final = _TileLangScan.apply(A_floor, saves, *leaves)
     return out, Mamba3State(*final)
 
 

@@ -17,8 +17,8 @@ chunk_state, state_pass and chunk_output, or chunk_walk alone (`function.walks` 
     chunk_output  grid (nc, H, b): intra-chunk masked matmuls + q·h̃_c + D·v, per-head norm and gate
     chunk_walk    grid (H, b): the last three in one block per (head, row) that walks its chunks in order:
                   state_pass's θ scan and documents, chunk_output's work on the state carried in registers
-                  (written as h̃_c, bf16), then h̃_{c+1} = mult_c h̃_c + Σ_j w_j k_j v_jᵀ with the keys at
-                  their θ; the same outputs, fewer blocks (one per (row, head))
+                  (written as h̃_c, bf16, where a backward will read it), then h̃_{c+1} = mult_c h̃_c +
+                  Σ_j w_j k_j v_jᵀ with the keys at their θ; the same outputs, fewer blocks (one per (row, head))
 
 Keys and queries are built per head inside the kernels (bias, RMSNormed B/C of the head's group,
 rotation by θ) and values per rank (x ⊙ mimo_x), so no per-head copy of B/C and no rank-expanded
@@ -385,12 +385,12 @@ def chunk_y_macro(c: KernelConfig, finite_state: bool = False):
     """Macro: the per-rank outputs y (before norm and gate) of one chunk into y_s (QR, p) fp32, leaving the
     chunk's queries in q_s, keys in k_s, values in v_s, x in x_s and the carried-state weights in inter_s;
     with `finite_state`, the chunk start's non-finite entries read as 0 (`load_state`). Given `state` (as
-    `chunk_walk` gives it), the chunk start is that fragment (n, p) fp32, written to HS as it enters hs_s, and
-    θ carried in is the shared (S,) ths_s, not read from THS. `inside_s`: the (QR, QR) bf16 buffer the poison
-    mask takes (a shared buffer of its own where None). Given z_s (Q, p) bf16, the chunk's z is read from Z into
-    it with x, for `gate_macro`'s gate_out. Given k_bias_s (R, n) fp32 (B's bias; bias_s takes C's), the raw
-    rows of both keys are read at the chunk's start, with its scalars and ahead of θ, into q_s and k_s, and
-    rotated there in place (raw_s is not used)."""
+    `chunk_walk` gives it), the chunk start is that fragment (n, p) fp32, written to HS (where HS has the row:
+    none without a backward) as it enters hs_s, and θ carried in is the shared (S,) ths_s, not read from THS.
+    `inside_s`: the (QR, QR) bf16 buffer the poison mask takes (a shared buffer of its own where None). Given
+    z_s (Q, p) bf16, the chunk's z is read from Z into it with x, for `gate_macro`'s gate_out. Given k_bias_s
+    (R, n) fp32 (B's bias; bias_s takes C's), the raw rows of both keys are read at the chunk's start, with its
+    scalars and ahead of θ, into q_s and k_s, and rotated there in place (raw_s is not used)."""
     Q, R, p = c.Q, c.R, c.p
     QR = Q * R
     load_scalars, rotation, keys, values, mix_weights = chunk_prologue(c)
@@ -447,7 +447,8 @@ def chunk_y_macro(c: KernelConfig, finite_state: bool = False):
         if state is not None:
             for i, j in T.Parallel(*hs_s.shape):
                 hs_s[i, j] = T.cast(state[i, j], BF16)
-            T.copy(hs_s, HS[b, chunk, h, :, :])
+            if b < HS.shape[0]:  # saved for the backward (HS has no rows where none will run)
+                T.copy(hs_s, HS[b, chunk, h, :, :])
         else:
             load_state(HS, b, chunk, h, hs_s, finite_state)
         T.gemm(mix_s, v_s, y, clear_accum=True)
@@ -913,7 +914,7 @@ def gate_macro(c: KernelConfig):
 def _chunk_walk(c: KernelConfig):
     H, p, n, R, G, S, Q = c.H, c.p, c.n, c.R, c.G, c.S, c.Q
     QR = Q * R
-    batch, L, LP, NC, SB, SNC = T.dynamic("batch, L, LP, NC, SB, SNC")
+    batch, L, LP, NC, SB, SNC, HB = T.dynamic("batch, L, LP, NC, SB, SNC, HB")
     NS = states_dim(c, batch)
     chunk_y = chunk_y_macro(c)
     gate_weights, gate_out = gate_macro(c)
@@ -963,7 +964,7 @@ def _chunk_walk(c: KernelConfig):
         MIMO_O: T.Tensor((H, R, p), F32),
         NORM: T.Tensor((H, p), F32),
         OUT: T.Tensor((batch, L, H, p), BF16),
-        HS: T.Tensor((batch, NC, H, n, p), BF16),
+        HS: T.Tensor((HB, NC, H, n, p), BF16),  # HB = batch where a backward reads h̃_c, else 0: not written
         THS: T.Tensor((batch, NC, H, S), F32),
         H_OUT: T.Tensor((NS, H, p, n), F32),
         THETA_OUT: T.Tensor((NS, H, S), F32),
