@@ -201,11 +201,16 @@ def walks(p: int, rows: int, device: torch.device) -> bool:
     return rows >= WALK_ROWS_PER_SM * _multiprocessors(device)
 
 
+def _walks_over(x: Tensor) -> bool:
+    """`walks` for the launch of x (b, l, H, p): b·H (row, head) pairs at head dim p (`cu_seqlens` documents
+    are one row, b = 1, as the kernels lay them out)."""
+    b, _, H, p = x.shape
+    return walks(p, b * H, x.device)
+
+
 def forward_path(inputs: Mamba3Inputs) -> str:
-    """The receipt's name of the forward `walks` picks for (b, l, H, p) inputs: "chunk_walk" or "chunk-parallel"
-    (`cu_seqlens` documents are one row, b = 1, as the kernels lay them out)."""
-    b, _, H, p = inputs.x.shape
-    return "chunk_walk" if walks(p, b * H, inputs.x.device) else "chunk-parallel"
+    """The receipt's name of the forward these inputs run: "chunk_walk" or "chunk-parallel" (`_walks_over`)."""
+    return "chunk_walk" if _walks_over(inputs.x) else "chunk-parallel"
 
 
 def _walk(launch: _Launch, saves: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
@@ -231,8 +236,7 @@ def _forward_kernels(launch: _Launch, inputs: Mamba3Inputs, weights: Mamba3Weigh
     bf16 for the backward, with no rows where the launch `walks` and a backward will not run: not `saves`)."""
     from megatron_mamba3.ops.tilelang.kernels import kernel_set
 
-    b, _, H = launch.mult.shape
-    if walks(launch.config.p, b * H, launch.x.device):
+    if _walks_over(launch.x):
         out, starts_h, h_final, k_final = _walk(launch, saves)
     else:
         starts_h, h_final, k_final = _chunk_starts(launch)
