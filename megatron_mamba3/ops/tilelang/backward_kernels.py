@@ -121,7 +121,7 @@ def _chunk_dy(c: KernelConfig):
     H, p, n, R, G, S, Q = c.H, c.p, c.n, c.R, c.G, c.S, c.Q
     QR = Q * R
     batch, L, LP, NC, LPR, SB, SNC = T.dynamic("batch, L, LP, NC, LPR, SB, SNC")
-    outputs_of = chunk_y_macro(c, finite_state=True)
+    outputs_of, _ = chunk_y_macro(c, finite_state=True)
     gate = _gate_terms(c)
     mimo = R > 1  # mimo_z and mimo_o are given exactly when R > 1
 
