@@ -18,7 +18,8 @@ chunk_state, state_pass and chunk_output, or chunk_walk alone (`function.walks` 
     chunk_walk    grid (H, b): the last three in one block per (head, row) that walks its chunks in order:
                   state_pass's θ scan and documents, chunk_output's work on the state carried in registers
                   (written as h̃_c, bf16, where a backward will read it), then h̃_{c+1} = mult_c h̃_c +
-                  Σ_j w_j k_j v_jᵀ with the keys at their θ; the same outputs, fewer blocks (one per (row, head))
+                  Σ_j w_j k_j v_jᵀ with the keys at their θ; the same outputs, fewer blocks (one per (row, head)).
+                  Each chunk's inputs are fetched (cp.async) while the chunk before runs
 
 Keys and queries are built per head inside the kernels (bias, RMSNormed B/C of the head's group,
 rotation by θ) and values per rank (x ⊙ mimo_x), so no per-head copy of B/C and no rank-expanded
@@ -92,7 +93,8 @@ def gate_blocks_per_sm(c: KernelConfig) -> int:
 
 def walk_blocks_per_sm(c: KernelConfig) -> int:
     """Blocks per SM that `chunk_walk` is compiled for (registers capped to fit them): two at p = 64, as its
-    shared memory allows (101 KB SISO, 88 KB MIMO R4 at n = 128; 128 registers, 56-68 bytes spilled); one
+    shared memory allows (107 KB SISO, 108 KB MIMO R4 at n = 128 with half the state rotated; 128 registers,
+    48-52 bytes spilled; SISO with all of it rotated at n = 128 takes 151 KB, so one block runs there); one
     otherwise."""
     return 2 if c.p == 64 else 1
 
@@ -132,11 +134,6 @@ def carry_weights(seg_s, cs_s, seg_before, one_s, inter_s):
     for i in T.Parallel(seg_s.shape[0]):
         one_s[i] = 1.0
         inter_s[i] = T.if_then_else(seg_s[i] == seg_before, T.exp(cs_s[i]), 0.0)
-
-
-def query_stage(staged: bool, q_s):
-    """`chunk_walk`'s tile for the next chunk's raw query rows: one of its own where `staged`, else q_s."""
-    return T.alloc_shared(q_s.shape, q_s.dtype) if staged else q_s
 
 
 def turns(theta):
@@ -937,9 +934,16 @@ def gate_macro(c: KernelConfig):
 
 def walk_stages_queries(c: KernelConfig) -> bool:
     """Whether `chunk_walk` fetches a chunk's raw query rows (C) during the chunk before, into a staging tile of
-    their own: MIMO, whose walk then still fits two blocks per SM (105 KB at n = 128). SISO's would not (122 KB);
-    its queries come into q_s after the chunk before's gate, the rest of its inputs ahead as MIMO's."""
-    return c.R > 1
+    their own (QR·n bf16), and not into q_s after the chunk before's gate: where the walk then still fits two
+    blocks per SM, as lowered at p = 64 (`tests/unit/test_tilelang_smem.py`): R = 4 with half the state
+    rotated (rope_fraction 0.5; 110 KB at n = 128). Staged, R = 4 with all of it rotated would take 117 KB,
+    R = 2 at n = 128 also 117 KB and SISO 123 KB, over the 113 KB two blocks may each have."""
+    return c.R == 4 and 2 * c.S < c.n
+
+
+def query_stage(staged: bool, q_s):
+    """`chunk_walk`'s tile for the next chunk's raw query rows: one of its own where `staged`, else q_s."""
+    return T.alloc_shared(q_s.shape, q_s.dtype) if staged else q_s
 
 
 def _chunk_walk(c: KernelConfig):
