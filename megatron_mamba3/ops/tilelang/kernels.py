@@ -92,11 +92,11 @@ def gate_blocks_per_sm(c: KernelConfig) -> int:
 
 
 def walk_blocks_per_sm(c: KernelConfig) -> int:
-    """Blocks per SM that `chunk_walk` is compiled for (registers capped to fit them): two at p = 64, as its
-    shared memory allows (107 KB SISO, 108 KB MIMO R4 at n = 128 with half the state rotated; 128 registers,
-    48-52 bytes spilled; SISO with all of it rotated at n = 128 takes 151 KB, so one block runs there); one
-    otherwise."""
-    return 2 if c.p == 64 else 1
+    """Blocks per SM that `chunk_walk` is compiled for (registers capped to fit them): two at p = 64 where its
+    three (Q, S) fp32 θ tiles take at most 24 KB, as its shared memory then allows (107 KB SISO, 108 KB MIMO R4
+    at n = 128 with half the state rotated; 128 registers, 48-52 bytes spilled); one otherwise (SISO with all
+    of the state rotated at n = 128 takes 151 KB)."""
+    return 2 if c.p == 64 and c.Q * c.S <= 2048 else 1
 
 
 def centred(theta):
