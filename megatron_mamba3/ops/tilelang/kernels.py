@@ -951,7 +951,7 @@ def _chunk_walk(c: KernelConfig):
     QR = Q * R
     batch, L, LP, NC, SB, SNC, HB = T.dynamic("batch, L, LP, NC, SB, SNC, HB")
     NS = states_dim(c, batch)
-    load_scalars, rotation, keys, values, mix_weights = chunk_prologue(c)
+    _, rotation, keys, _, _ = chunk_prologue(c)
     _, chunk_mix = chunk_y_macro(c)
     gate_weights, gate_out = gate_macro(c)
     final_key = final_key_macro(c)
@@ -1193,7 +1193,7 @@ def _chunk_walk(c: KernelConfig):
                     fetch_keys(Bk, L, b, h, first_f, last_f, k_s)
                     fetch_rows(X, L, b, h, first_f, last_f, x_s)
                 T.ptx_commit_group()
-                T.ptx_wait_group(2)  # this chunk's z
+                T.ptx_wait_group(2)  # this chunk's z (committed before the next chunk's terms, and its keys and x)
                 T.sync_threads()
                 gate_out(Z, OUT, first, last, b, h, gate_s, out_w_s, norm_s, y_s, z_s)
                 if not stages_queries:  # y spent: the next chunk's queries into its memory
