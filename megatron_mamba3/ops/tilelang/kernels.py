@@ -431,9 +431,8 @@ def chunk_y_macro(c: KernelConfig, finite_state: bool = False):
         poison = T.alloc_fragment((QR, p), F32)
         bad_f = T.alloc_fragment((QR, p), F32)
         v_f = T.alloc_fragment((QR, p), F32)
-        bad_rows = T.alloc_fragment((QR,), F32)
-        bad_any = T.alloc_fragment((1,), F32)
-        any_bad = T.alloc_shared((1,), F32)
+        seen = T.alloc_local((1,), F32)  # whether this thread's values hold a non-finite one
+        any_bad = T.alloc_local((1,), "int32")  # whether the block's do
         for row, pp in T.Parallel(QR, p):  # a non-finite value enters the matmul as 0 and is tracked apart
             value = T.cast(x_s[row // R, pp], F32) * mx_s[row % R, pp]
             finite = T.abs(value) < T.infinity(F32)  # isfinite, in a form TileLang vectorizes
@@ -441,10 +440,12 @@ def chunk_y_macro(c: KernelConfig, finite_state: bool = False):
             v_f[row, pp] = T.if_then_else(finite, value, 0.0)
         T.copy(bad_f, bad_s)
         T.copy(v_f, v_s)
-        # whether any value is non-finite, as a reduction: a flag stored from the loop above would keep it scalar
-        T.reduce_max(bad_f, bad_rows, dim=1)
-        T.reduce_max(bad_rows, bad_any, dim=0)
-        T.copy(bad_any, any_bad)
+        # whether any value is non-finite: each thread's own, then the block's in one barrier (a flag stored from
+        # the loop above would keep it scalar)
+        seen[0] = 0.0
+        for row, pp in T.Parallel(QR, p):
+            seen[0] = T.max(seen[0], bad_f[row, pp])
+        any_bad[0] = T.call_extern("int32", "__syncthreads_or", T.if_then_else(seen[0] != 0.0, 1, 0))
 
         T.gemm(q_s, k_s, scores, transpose_B=True, clear_accum=True)
         mix_weights(seg_s, cs_s, wd_s, wo_s, scores, mix_s)
@@ -462,7 +463,7 @@ def chunk_y_macro(c: KernelConfig, finite_state: bool = False):
         for row, pp in T.Parallel(QR, p):
             carried = T.if_then_else(inter_s[row // R] != 0.0, inter_s[row // R] * y_in[row, pp], 0.0)
             y[row, pp] = y[row, pp] + carried + skip * T.cast(x_s[row // R, pp], F32) * mx_s[row % R, pp]
-        if any_bad[0] != 0.0:  # rows (i, r) whose document holds a non-finite value at j ≤ i
+        if any_bad[0] != 0:  # rows (i, r) whose document holds a non-finite value at j ≤ i
             for row, col in T.Parallel(QR, QR):
                 i, j = row // R, col // R
                 inside_s[row, col] = T.if_then_else(reaches(seg_s, i, j), T.cast(1, BF16), T.cast(0, BF16))
