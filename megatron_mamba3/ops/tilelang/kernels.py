@@ -232,6 +232,21 @@ def reaches(seg_s, i, j):
     return (seg_s[i] == seg_s[j]) & (j <= i)
 
 
+def decay_weight(seg_s, cs_s, wd_s, wo_s, i, j):
+    """L_ij = wd_j (i = j), exp(cs_i − cs_j) wo_j (i > j in one document); elsewhere a finite value the
+    caller discards."""
+    inside = reaches(seg_s, i, j)
+    return T.if_then_else(i == j, wd_s[j], T.exp(cs_s[i] - T.if_then_else(inside, cs_s[j], cs_s[i])) * wo_s[j])
+
+
+@T.macro
+def decay_table(seg_s, cs_s, wd_s, wo_s, table):
+    """table (Q, Q) fp32 = L (`decay_weight`), which `mix_weights` reads where R > 1 (a token's R x R block
+    shares one weight)."""
+    for i, j in T.Parallel(*table.shape):
+        table[i, j] = decay_weight(seg_s, cs_s, wd_s, wo_s, i, j)
+
+
 def states_dim(c: KernelConfig, batch):
     """The leading size of the initial and final states: the batch, or packed (`cu_seqlens`) the documents."""
     return T.dynamic("NS") if c.packed else batch
@@ -381,25 +396,16 @@ def chunk_prologue(c: KernelConfig):
             for row, pp in T.Parallel(Q * R, p):
                 v_s[row, pp] = T.cast(T.cast(x_s[row // R, pp], F32) * mx_s[row % R, pp], BF16)
 
-    def decay_weight(seg_s, cs_s, wd_s, wo_s, i, j):
-        """L_ij = wd_j (i = j), exp(cs_i − cs_j) wo_j (i > j in one document); elsewhere a finite value the
-        caller discards."""
-        inside = reaches(seg_s, i, j)
-        return T.if_then_else(i == j, wd_s[j], T.exp(cs_s[i] - T.if_then_else(inside, cs_s[j], cs_s[i])) * wo_s[j])
-
     @T.macro
-    def mix_weights(seg_s, cs_s, wd_s, wo_s, scores, out_s):
+    def mix_weights(seg_s, cs_s, wd_s, wo_s, scores, out_s, table=None):
         """out_s = scores ⊙ L as bf16, exactly 0 outside L's support (never a product with 0, so a
-        non-finite score cannot leak). For R > 1 a token's R x R block shares one weight: L is tabled once
-        per token pair (Q, Q) and each element reads it, instead of computing it per element."""
+        non-finite score cannot leak). For R > 1 each element reads L from `table` (`decay_table`, made by the
+        caller, ahead of the matmul that makes the scores), instead of computing it per element."""
         if R == 1:
             for row, col in T.Parallel(Q, Q):
                 weight = decay_weight(seg_s, cs_s, wd_s, wo_s, row, col)
                 out_s[row, col] = T.cast(T.if_then_else(reaches(seg_s, row, col), scores[row, col] * weight, 0.0), BF16)
         else:
-            table = T.alloc_shared((Q, Q), F32)
-            for i, j in T.Parallel(Q, Q):
-                table[i, j] = decay_weight(seg_s, cs_s, wd_s, wo_s, i, j)
             for row, col in T.Parallel(Q * R, Q * R):
                 i, j = row // R, col // R
                 out_s[row, col] = T.cast(T.if_then_else(reaches(seg_s, i, j), scores[row, col] * table[i, j], 0.0), BF16)
@@ -433,6 +439,10 @@ def chunk_y_macro(c: KernelConfig, finite_state: bool = False):
         v_f = T.alloc_fragment((QR, p), F32)
         seen = T.alloc_local((1,), F32)  # whether this thread's values hold a non-finite one
         any_bad = T.alloc_local((1,), "int32")  # whether the block's do
+        table = None
+        if R > 1:
+            table = T.alloc_shared((Q, Q), F32)
+            decay_table(seg_s, cs_s, wd_s, wo_s, table)
         for row, pp in T.Parallel(QR, p):  # a non-finite value enters the matmul as 0 and is tracked apart
             value = T.cast(x_s[row // R, pp], F32) * mx_s[row % R, pp]
             finite = T.abs(value) < T.infinity(F32)  # isfinite, in a form TileLang vectorizes
@@ -448,7 +458,7 @@ def chunk_y_macro(c: KernelConfig, finite_state: bool = False):
         any_bad[0] = T.call_extern("int32", "__syncthreads_or", T.if_then_else(seen[0] != 0.0, 1, 0))
 
         T.gemm(q_s, k_s, scores, transpose_B=True, clear_accum=True)
-        mix_weights(seg_s, cs_s, wd_s, wo_s, scores, mix_s)
+        mix_weights(seg_s, cs_s, wd_s, wo_s, scores, mix_s, table)
         # late: hs_s then shares memory with the keys' operands
         if state is not None:
             for i, j in T.Parallel(*hs_s.shape):
@@ -1156,6 +1166,8 @@ def _chunk_walk(c: KernelConfig):
                     total = math.pi * T.cast(totals_n[s], F64)
                     theta_s[s] = T.if_then_else(carried, theta_s[s], 0.0) + total
                 carry_weights(seg_s, cs_s, before[0], one_s, inter_s)
+                for i in T.Parallel(Q):  # the state step's weights, early: a phase of their own would cost a barrier
+                    w_s[i] = state_weight(seg_s, cs_s, wo_s, i)
                 for i, s in T.Parallel(Q, S):
                     turn_s[i, s] = math.pi * T.tanh(T.cast(angles_n[i, s], F32)) * dt_s[i]
                 rotation(None, None, None, first, last, b, h, chunk, seg_s, before[0], turn_s, theta_f, cos_s, sin_s, ths_s)
@@ -1179,8 +1191,6 @@ def _chunk_walk(c: KernelConfig):
 
                 # h̃_{c+1} = mult_c h̃_c + Σ_j w_j k_j v_jᵀ over the chunk's last document (keys at their θ, as
                 # chunk_mix left them; the weighted values, exactly 0 outside that document, in v_s, spent by then)
-                for i in T.Parallel(Q):
-                    w_s[i] = state_weight(seg_s, cs_s, wo_s, i)
                 for row, pp in T.Parallel(QR, p):
                     weight = w_s[row // R]
                     weighted = T.cast(x_s[row // R, pp], F32) * mx_s[row % R, pp] * weight
