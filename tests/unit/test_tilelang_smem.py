@@ -1,7 +1,8 @@
 """The TileLang kernels fit Hopper's shared memory at the largest supported sizes (n = p = 128 with every
 pair rotated, rope_fraction 1.0, and the layer's prep), for each rank, unpacked and with `cu_seqlens`
 documents: lowered on the CPU (no device compile), their dynamic shared memory read from the lowered
-kernel. A kernel over the limit would fail at its first launch (and one that does not lower, here)."""
+kernel. A kernel over the limit would fail at its first launch (and one that does not lower, here). And
+`chunk_walk`, where it runs (p = 64), fits as many blocks per SM as it is compiled for."""
 
 import pytest
 
@@ -12,6 +13,8 @@ from megatron_mamba3.ops.tilelang.build import lower_kernel, shared_memory_bytes
 from megatron_mamba3.ops.tilelang.function import TILE_ROWS  # noqa: E402
 
 SHARED_MEMORY_LIMIT = 227 * 1024  # bytes per block an H100 / H200 kernel may opt in to
+SM_SHARED_MEMORY = 228 * 1024  # bytes per SM, shared by its resident blocks
+BLOCK_RESERVED = 1024  # bytes the system keeps per resident block
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["rows", "cu_seqlens"])
@@ -25,3 +28,18 @@ def test_largest_config_fits_shared_memory(R, packed):
     used = {make.__name__: shared_memory_bytes(lower_kernel(make, config)) for make in makers}
     over = {name: size for name, size in used.items() if size > SHARED_MEMORY_LIMIT}
     assert not over, f"{config}: over {SHARED_MEMORY_LIMIT} bytes of shared memory: {over} (all: {used})"
+
+
+@pytest.mark.parametrize("rotated", [0.5, 1.0], ids=["half-rotated", "all-rotated"])
+@pytest.mark.parametrize("n", [64, 128])
+@pytest.mark.parametrize("R", [1, 2, 4])
+def test_walk_fits_the_blocks_per_sm_it_is_compiled_for(R, n, rotated):
+    """At p = 64 (where `function.walks` picks chunk_walk) its shared memory, with the next chunk's inputs
+    staged, lets `walk_blocks_per_sm` blocks share an SM: otherwise its registers would be capped for
+    blocks that never run beside each other."""
+    config = kernels.KernelConfig(
+        H=8, p=64, n=n, R=R, G=1, S=int(n * rotated) // 2, Q=TILE_ROWS // R, norm=True, A_floor=1e-4
+    )
+    size = shared_memory_bytes(lower_kernel(kernels._chunk_walk, config))
+    blocks = kernels.walk_blocks_per_sm(config)
+    assert blocks * (size + BLOCK_RESERVED) <= SM_SHARED_MEMORY, f"{config}: {blocks} blocks of {size} bytes"

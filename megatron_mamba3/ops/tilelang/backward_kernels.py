@@ -45,6 +45,7 @@ from megatron_mamba3.ops.tilelang.kernels import (
     chunk_y_macro,
     decay_rate,
     decay_slope,
+    decay_table,
     gate_blocks_per_sm,
     load_state,
     pair_indices,
@@ -121,7 +122,7 @@ def _chunk_dy(c: KernelConfig):
     H, p, n, R, G, S, Q = c.H, c.p, c.n, c.R, c.G, c.S, c.Q
     QR = Q * R
     batch, L, LP, NC, LPR, SB, SNC = T.dynamic("batch, L, LP, NC, LPR, SB, SNC")
-    outputs_of = chunk_y_macro(c, finite_state=True)
+    outputs_of, _ = chunk_y_macro(c, finite_state=True)
     gate = _gate_terms(c)
     mimo = R > 1  # mimo_z and mimo_o are given exactly when R > 1
 
@@ -494,6 +495,10 @@ def _chunk_dqkv(c: KernelConfig):
             keys(Bk, B_BIAS, first, last, b, h, raw_s, bias_s, cos_s, sin_s, one_s, k_s, k_lo)
             values(X, MIMO_X, first, last, b, h, x_s, mx_s, v_s)
             split_tile_bf16(DY, b, h, chunk * QR, dy_s, dy_lo)
+            table = None
+            if R > 1:  # L once, for both masked products below
+                table = T.alloc_shared((Q, Q), F32)
+                decay_table(seg_s, cs_s, wd_s, wo_s, table)
 
             T.gemm(q_s, k_s, scores, transpose_B=True, clear_accum=True)
             T.gemm(dy_s, v_s, dp, transpose_B=True, clear_accum=True)
@@ -503,8 +508,8 @@ def _chunk_dqkv(c: KernelConfig):
                 T.annotate_layout({pr_s: bank_swizzled(pr_s)})
                 for row, col in T.Parallel(QR, QR):
                     pr_s[row, col] = dp[row, col] * scores[row, col]
-            mix_weights(seg_s, cs_s, wd_s, wo_s, scores, mix_s)
-            mix_weights(seg_s, cs_s, wd_s, wo_s, dp, dmix_s)
+            mix_weights(seg_s, cs_s, wd_s, wo_s, scores, mix_s, table)
+            mix_weights(seg_s, cs_s, wd_s, wo_s, dp, dmix_s, table)
 
             # dL_ij = Σ_{r,s} dP ⊙ scores; ∂wd_j = dL_jj; spread_ij = dL_ij exp(cs_i − cs_j) (i > j, one document),
             # after_j = Σ_{m > j} spread_mj and below_j = Σ_{m < j} spread_jm wo_m, as reductions.

@@ -18,7 +18,8 @@ chunk_state, state_pass and chunk_output, or chunk_walk alone (`function.walks` 
     chunk_walk    grid (H, b): the last three in one block per (head, row) that walks its chunks in order:
                   state_pass's θ scan and documents, chunk_output's work on the state carried in registers
                   (written as h̃_c, bf16, where a backward will read it), then h̃_{c+1} = mult_c h̃_c +
-                  Σ_j w_j k_j v_jᵀ with the keys at their θ; the same outputs, fewer blocks (one per (row, head))
+                  Σ_j w_j k_j v_jᵀ with the keys at their θ; the same outputs, fewer blocks (one per (row, head)).
+                  Each chunk's inputs are fetched (cp.async) while the chunk before runs
 
 Keys and queries are built per head inside the kernels (bias, RMSNormed B/C of the head's group,
 rotation by θ) and values per rank (x ⊙ mimo_x), so no per-head copy of B/C and no rank-expanded
@@ -91,10 +92,11 @@ def gate_blocks_per_sm(c: KernelConfig) -> int:
 
 
 def walk_blocks_per_sm(c: KernelConfig) -> int:
-    """Blocks per SM that `chunk_walk` is compiled for (registers capped to fit them): two at p = 64, as its
-    shared memory allows (101 KB SISO, 88 KB MIMO R4 at n = 128; 128 registers, 56-68 bytes spilled); one
-    otherwise."""
-    return 2 if c.p == 64 else 1
+    """Blocks per SM that `chunk_walk` is compiled for (registers capped to fit them): two at p = 64 where its
+    three (Q, S) fp32 θ tiles take at most 24 KB, as its shared memory then allows (107 KB SISO, 108 KB MIMO R4
+    at n = 128 with half the state rotated; 128 registers, 48-52 bytes spilled); one otherwise (SISO with all
+    of the state rotated at n = 128 takes 151 KB)."""
+    return 2 if c.p == 64 and c.Q * c.S <= 2048 else 1
 
 
 def centred(theta):
@@ -109,6 +111,29 @@ def shared_alias(src, shape, dtype):
     if elements * T.dtype(dtype).bits == functools.reduce(operator.mul, src.shape, 1) * T.dtype(src.dtype).bits:
         return T.view(src, shape, dtype)
     return T.alloc_shared(shape, dtype)
+
+
+def cp_async(dst, src, ok=True, width: int = 16):
+    """One asynchronous copy (cp.async) of `width` bytes from device memory at src to shared memory at dst
+    (element accesses; both aligned to `width`); where `ok` is false nothing is read and dst's bytes are zeroed.
+    It completes at a `T.ptx_wait_group` after its `T.ptx_commit_group`; other threads see it after a barrier."""
+    return T.call_extern("handle", f"tl::cp_async_gs_conditional<{width}>", T.address_of(dst), T.address_of(src), ok)
+
+
+@T.macro
+def head_rows(SRC, h, dst):
+    """dst (R, k) = SRC[h] of an (H, R, k) per-head weight."""
+    for r, k in T.Parallel(*dst.shape):
+        dst[r, k] = SRC[h, r, k]
+
+
+@T.macro
+def carry_weights(seg_s, cs_s, seg_before, one_s, inter_s):
+    """one_s (Q,) = 1 (the keys' scale in the chunk's outputs) and inter_s (Q,) = exp(cs_i) where token i's
+    document is the one carried into the chunk (`seg_before`), else 0: the weights of the carried-in state."""
+    for i in T.Parallel(seg_s.shape[0]):
+        one_s[i] = 1.0
+        inter_s[i] = T.if_then_else(seg_s[i] == seg_before, T.exp(cs_s[i]), 0.0)
 
 
 def turns(theta):
@@ -207,6 +232,21 @@ def reaches(seg_s, i, j):
     return (seg_s[i] == seg_s[j]) & (j <= i)
 
 
+def decay_weight(seg_s, cs_s, wd_s, wo_s, i, j):
+    """L_ij = wd_j (i = j), exp(cs_i − cs_j) wo_j (i > j in one document); elsewhere a finite value the
+    caller discards."""
+    inside = reaches(seg_s, i, j)
+    return T.if_then_else(i == j, wd_s[j], T.exp(cs_s[i] - T.if_then_else(inside, cs_s[j], cs_s[i])) * wo_s[j])
+
+
+@T.macro
+def decay_table(seg_s, cs_s, wd_s, wo_s, table):
+    """table (Q, Q) fp32 = L (`decay_weight`), which `mix_weights` reads where R > 1 (a token's R x R block
+    shares one weight)."""
+    for i, j in T.Parallel(*table.shape):
+        table[i, j] = decay_weight(seg_s, cs_s, wd_s, wo_s, i, j)
+
+
 def states_dim(c: KernelConfig, batch):
     """The leading size of the initial and final states: the batch, or packed (`cu_seqlens`) the documents."""
     return T.dynamic("NS") if c.packed else batch
@@ -224,11 +264,16 @@ def span_last(c: KernelConfig, SPAN, b, chunk, L):
     return SPAN[b, chunk, 1] if c.packed else L - 1
 
 
-def segment_before(c: KernelConfig, SEG, b, t0):
-    """The document of the token before the chunk at padded position t0, as the chunk's carried-in state
+def segment_before_at(c: KernelConfig, t0):
+    """The padded position whose document is the one before the chunk at t0, as the chunk's carried-in state
     belongs to it: the previous token's (the row's first at t0 = 0); packed, the chunk's own, since a
     `cu_seqlens` document starts at a chunk start from its own initial state."""
-    return SEG[b, t0] if c.packed else SEG[b, T.max(t0 - 1, 0)]
+    return t0 if c.packed else T.max(t0 - 1, 0)
+
+
+def segment_before(c: KernelConfig, SEG, b, t0):
+    """The document before the chunk at padded position t0 (`segment_before_at`)."""
+    return SEG[b, segment_before_at(c, t0)]
 
 
 def state_index(c: KernelConfig, SEG, b, t0):
@@ -262,13 +307,14 @@ def chunk_prologue(c: KernelConfig):
         """cos_s, sin_s (Q, S) of each token's θ: θ carried into the chunk (THS, or the shared (S,) `theta_in`
         where given; 0 where THS is None) plus the increments π·tanh(angles)·Δ of its document so far,
         restarting at each document start; row i holds token first + i where that is at most `last`
-        (`span_first`, `span_last`)."""
-        for i, s in T.Parallel(Q, S):
-            turn_s[i, s] = T.if_then_else(
-                first + i <= last,
-                math.pi * T.tanh(T.cast(ANG[b, first + i, s], F32)) * T.cast(DT[b, first + i, h], F32),
-                0.0,
-            )
+        (`span_first`, `span_last`). With ANG None, turn_s already holds the increments."""
+        if ANG is not None:
+            for i, s in T.Parallel(Q, S):
+                turn_s[i, s] = T.if_then_else(
+                    first + i <= last,
+                    math.pi * T.tanh(T.cast(ANG[b, first + i, s], F32)) * T.cast(DT[b, first + i, h], F32),
+                    0.0,
+                )
         # θ's running sums in two levels, so no chain of Q dependent shared-memory round trips: within each group
         # of ROTATION_SPAN tokens (into cos_s), then the θ each group takes over from the one before (into turn_s,
         # whose increments are spent by then), one step per group.
@@ -331,8 +377,7 @@ def chunk_prologue(c: KernelConfig):
         place); the rotated pairs and those passed unchanged run as two loops, so neither needs a per-pair select.
         `load` (BIAS and SRC's rows into bias_s and raw_s) and `rotate` (into out_s) split it in two phases."""
         if load:
-            for r, nn in T.Parallel(R, n):
-                bias_s[r, nn] = BIAS[h, r, nn]
+            head_rows(BIAS, h, bias_s)
             for row, nn in T.Parallel(Q * R, n):
                 raw_s[row, nn] = T.if_then_else(
                     first + row // R <= last, SRC[b, first + row // R, row % R, h // (c.H // c.G), nn], T.cast(0, BF16)
@@ -341,39 +386,26 @@ def chunk_prologue(c: KernelConfig):
             keys_rotated(raw_s, bias_s, cos_s, sin_s, scale_s, out_s, lo_s)
 
     @T.macro
-    def values(X, MIMO_X, first, last, b, h, x_s, mx_s, v_s, product=True, Z=None, z_s=None):
+    def values(X, MIMO_X, first, last, b, h, x_s, mx_s, v_s, product=True):
         """x_s = the chunk's x (bf16, zero past `last`), mx_s = mimo_x[h]; with `product`, v_s[(i, r), :] =
-        x_i ⊙ mimo_x[h, r] (bf16); given z_s (Q, p), also the chunk's z from Z into it, as x."""
+        x_i ⊙ mimo_x[h, r] (bf16)."""
         for i, pp in T.Parallel(Q, p):
             x_s[i, pp] = token_row(X, first, last, b, h, i, pp)
-        if z_s is not None:
-            for i, pp in T.Parallel(Q, p):
-                z_s[i, pp] = token_row(Z, first, last, b, h, i, pp)
-        for r, pp in T.Parallel(R, p):
-            mx_s[r, pp] = MIMO_X[h, r, pp]
+        head_rows(MIMO_X, h, mx_s)
         if product:
             for row, pp in T.Parallel(Q * R, p):
                 v_s[row, pp] = T.cast(T.cast(x_s[row // R, pp], F32) * mx_s[row % R, pp], BF16)
 
-    def decay_weight(seg_s, cs_s, wd_s, wo_s, i, j):
-        """L_ij = wd_j (i = j), exp(cs_i − cs_j) wo_j (i > j in one document); elsewhere a finite value the
-        caller discards."""
-        inside = reaches(seg_s, i, j)
-        return T.if_then_else(i == j, wd_s[j], T.exp(cs_s[i] - T.if_then_else(inside, cs_s[j], cs_s[i])) * wo_s[j])
-
     @T.macro
-    def mix_weights(seg_s, cs_s, wd_s, wo_s, scores, out_s):
+    def mix_weights(seg_s, cs_s, wd_s, wo_s, scores, out_s, table=None):
         """out_s = scores ⊙ L as bf16, exactly 0 outside L's support (never a product with 0, so a
-        non-finite score cannot leak). For R > 1 a token's R x R block shares one weight: L is tabled once
-        per token pair (Q, Q) and each element reads it, instead of computing it per element."""
+        non-finite score cannot leak). For R > 1 each element reads L from `table` (`decay_table`, made by the
+        caller, ahead of the matmul that makes the scores), instead of computing it per element."""
         if R == 1:
             for row, col in T.Parallel(Q, Q):
                 weight = decay_weight(seg_s, cs_s, wd_s, wo_s, row, col)
                 out_s[row, col] = T.cast(T.if_then_else(reaches(seg_s, row, col), scores[row, col] * weight, 0.0), BF16)
         else:
-            table = T.alloc_shared((Q, Q), F32)
-            for i, j in T.Parallel(Q, Q):
-                table[i, j] = decay_weight(seg_s, cs_s, wd_s, wo_s, i, j)
             for row, col in T.Parallel(Q * R, Q * R):
                 i, j = row // R, col // R
                 out_s[row, col] = T.cast(T.if_then_else(reaches(seg_s, i, j), scores[row, col] * table[i, j], 0.0), BF16)
@@ -382,53 +414,35 @@ def chunk_prologue(c: KernelConfig):
 
 
 def chunk_y_macro(c: KernelConfig, finite_state: bool = False):
-    """Macro: the per-rank outputs y (before norm and gate) of one chunk into y_s (QR, p) fp32, leaving the
-    chunk's queries in q_s, keys in k_s, values in v_s, x in x_s and the carried-state weights in inter_s;
-    with `finite_state`, the chunk start's non-finite entries read as 0 (`load_state`). Given `state` (as
-    `chunk_walk` gives it), the chunk start is that fragment (n, p) fp32, written to HS (where HS has the row:
-    none without a backward) as it enters hs_s, and θ carried in is the shared (S,) ths_s, not read from THS.
-    `inside_s`: the (QR, QR) bf16 buffer the poison mask takes (a shared buffer of its own where None). Given
-    z_s (Q, p) bf16, the chunk's z is read from Z into it with x, for `gate_macro`'s gate_out. Given k_bias_s
-    (R, n) fp32 (B's bias; bias_s takes C's), the raw rows of both keys are read at the chunk's start, with its
-    scalars and ahead of θ, into q_s and k_s, and rotated there in place (raw_s is not used)."""
+    """Macros for one chunk's per-rank outputs y (before norm and gate) into y_s (QR, p) fp32: `chunk_y` from its
+    inputs in device memory, leaving the chunk's queries in q_s, keys in k_s, values in v_s, x in x_s and the
+    carried-state weights in inter_s; `chunk_mix`, chunk_y's part from the chunk's scalars, rotated queries and
+    keys, x and mimo_x in shared memory on (as `chunk_walk`, which fetches them ahead, has them). With
+    `finite_state`, the chunk start's non-finite entries read as 0 (`load_state`)."""
     Q, R, p = c.Q, c.R, c.p
     QR = Q * R
     load_scalars, rotation, keys, values, mix_weights = chunk_prologue(c)
 
     @T.macro
-    def chunk_y(
-        X, Bk, Cq, ANG, DT, SEG, CS, WD, WO, THS, HS, B_BIAS, C_BIAS, D, MIMO_X, first, last, b, h, chunk,
-        seg_s, cs_s, wd_s, wo_s, one_s, inter_s, turn_s, cos_s, sin_s, theta_f, raw_s, bias_s,
-        q_s, k_s, x_s, mx_s, v_s, hs_s, mix_s, scores, y, y_in, y_s, ths_s=None, state=None, inside_s=None,
-        Z=None, z_s=None, k_bias_s=None,
+    def chunk_mix(
+        HS, D, d_at, b, h, chunk, seg_s, cs_s, wd_s, wo_s, inter_s, q_s, k_s, x_s, mx_s, v_s, hs_s, mix_s, scores,
+        y, y_in, y_s, state=None, inside_s=None,
     ):
-        t0 = chunk * Q
-        load_scalars(SEG, CS, WD, WO, b, h, t0, seg_s, cs_s, wd_s, wo_s)
-        if k_bias_s is not None:
-            keys(Cq, C_BIAS, first, last, b, h, q_s, bias_s, cos_s, sin_s, one_s, q_s, rotate=False)
-            keys(Bk, B_BIAS, first, last, b, h, k_s, k_bias_s, cos_s, sin_s, one_s, k_s, rotate=False)
-        seg_before = segment_before(c, SEG, b, t0)
-        for i in T.Parallel(Q):
-            one_s[i] = 1.0
-            inter_s[i] = T.if_then_else(seg_s[i] == seg_before, T.exp(cs_s[i]), 0.0)
-        rotation(ANG, DT, THS, first, last, b, h, chunk, seg_s, seg_before, turn_s, theta_f, cos_s, sin_s, ths_s)
-        if k_bias_s is None:
-            keys(Cq, C_BIAS, first, last, b, h, raw_s, bias_s, cos_s, sin_s, one_s, q_s)
-            keys(Bk, B_BIAS, first, last, b, h, raw_s, bias_s, cos_s, sin_s, one_s, k_s)
-        else:
-            keys(Cq, C_BIAS, first, last, b, h, q_s, bias_s, cos_s, sin_s, one_s, q_s, load=False)
-            keys(Bk, B_BIAS, first, last, b, h, k_s, k_bias_s, cos_s, sin_s, one_s, k_s, load=False)
-        values(X, MIMO_X, first, last, b, h, x_s, mx_s, v_s, False, Z, z_s)  # v_s comes from the finite check below
-
+        """y_s, with D[d_at] the head's D (D (H,) at h, or a copy of it). The chunk start is HS[b, chunk, h], or given `state` that fragment
+        (n, p) fp32, written to HS (where HS has the row: none without a backward) as it enters hs_s.
+        `inside_s`: the (QR, QR) bf16 buffer the poison mask takes (a shared buffer of its own where None)."""
         bad_s = T.alloc_shared((QR, p), BF16)
         if inside_s is None:
             inside_s = T.alloc_shared((QR, QR), BF16)
         poison = T.alloc_fragment((QR, p), F32)
         bad_f = T.alloc_fragment((QR, p), F32)
         v_f = T.alloc_fragment((QR, p), F32)
-        bad_rows = T.alloc_fragment((QR,), F32)
-        bad_any = T.alloc_fragment((1,), F32)
-        any_bad = T.alloc_shared((1,), F32)
+        seen = T.alloc_local((1,), F32)  # whether this thread's values hold a non-finite one
+        any_bad = T.alloc_local((1,), "int32")  # whether the block's do
+        table = None
+        if R > 1:
+            table = T.alloc_shared((Q, Q), F32)
+            decay_table(seg_s, cs_s, wd_s, wo_s, table)
         for row, pp in T.Parallel(QR, p):  # a non-finite value enters the matmul as 0 and is tracked apart
             value = T.cast(x_s[row // R, pp], F32) * mx_s[row % R, pp]
             finite = T.abs(value) < T.infinity(F32)  # isfinite, in a form TileLang vectorizes
@@ -436,13 +450,15 @@ def chunk_y_macro(c: KernelConfig, finite_state: bool = False):
             v_f[row, pp] = T.if_then_else(finite, value, 0.0)
         T.copy(bad_f, bad_s)
         T.copy(v_f, v_s)
-        # whether any value is non-finite, as a reduction: a flag stored from the loop above would keep it scalar
-        T.reduce_max(bad_f, bad_rows, dim=1)
-        T.reduce_max(bad_rows, bad_any, dim=0)
-        T.copy(bad_any, any_bad)
+        # whether any value is non-finite: each thread's own, then the block's in one barrier (a flag stored from
+        # the loop above would keep it scalar)
+        seen[0] = 0.0
+        for row, pp in T.Parallel(QR, p):
+            seen[0] = T.max(seen[0], bad_f[row, pp])
+        any_bad[0] = T.call_extern("int32", "__syncthreads_or", T.if_then_else(seen[0] != 0.0, 1, 0))
 
         T.gemm(q_s, k_s, scores, transpose_B=True, clear_accum=True)
-        mix_weights(seg_s, cs_s, wd_s, wo_s, scores, mix_s)
+        mix_weights(seg_s, cs_s, wd_s, wo_s, scores, mix_s, table)
         # late: hs_s then shares memory with the keys' operands
         if state is not None:
             for i, j in T.Parallel(*hs_s.shape):
@@ -453,11 +469,11 @@ def chunk_y_macro(c: KernelConfig, finite_state: bool = False):
             load_state(HS, b, chunk, h, hs_s, finite_state)
         T.gemm(mix_s, v_s, y, clear_accum=True)
         T.gemm(q_s, hs_s, y_in, clear_accum=True)
-        skip = D[h]
+        skip = D[d_at]
         for row, pp in T.Parallel(QR, p):
             carried = T.if_then_else(inter_s[row // R] != 0.0, inter_s[row // R] * y_in[row, pp], 0.0)
             y[row, pp] = y[row, pp] + carried + skip * T.cast(x_s[row // R, pp], F32) * mx_s[row % R, pp]
-        if any_bad[0] != 0.0:  # rows (i, r) whose document holds a non-finite value at j ≤ i
+        if any_bad[0] != 0:  # rows (i, r) whose document holds a non-finite value at j ≤ i
             for row, col in T.Parallel(QR, QR):
                 i, j = row // R, col // R
                 inside_s[row, col] = T.if_then_else(reaches(seg_s, i, j), T.cast(1, BF16), T.cast(0, BF16))
@@ -466,7 +482,23 @@ def chunk_y_macro(c: KernelConfig, finite_state: bool = False):
                 y[row, pp] = T.if_then_else(poison[row, pp] != 0.0, NAN, y[row, pp])
         T.copy(y, y_s)
 
-    return chunk_y
+    @T.macro
+    def chunk_y(
+        X, Bk, Cq, ANG, DT, SEG, CS, WD, WO, THS, HS, B_BIAS, C_BIAS, D, MIMO_X, first, last, b, h, chunk,
+        seg_s, cs_s, wd_s, wo_s, one_s, inter_s, turn_s, cos_s, sin_s, theta_f, raw_s, bias_s,
+        q_s, k_s, x_s, mx_s, v_s, hs_s, mix_s, scores, y, y_in, y_s,
+    ):
+        t0 = chunk * Q
+        load_scalars(SEG, CS, WD, WO, b, h, t0, seg_s, cs_s, wd_s, wo_s)
+        seg_before = segment_before(c, SEG, b, t0)
+        carry_weights(seg_s, cs_s, seg_before, one_s, inter_s)
+        rotation(ANG, DT, THS, first, last, b, h, chunk, seg_s, seg_before, turn_s, theta_f, cos_s, sin_s)
+        keys(Cq, C_BIAS, first, last, b, h, raw_s, bias_s, cos_s, sin_s, one_s, q_s)
+        keys(Bk, B_BIAS, first, last, b, h, raw_s, bias_s, cos_s, sin_s, one_s, k_s)
+        values(X, MIMO_X, first, last, b, h, x_s, mx_s, v_s, False)  # v_s comes from chunk_mix's finite check
+        chunk_mix(HS, D, h, b, h, chunk, seg_s, cs_s, wd_s, wo_s, inter_s, q_s, k_s, x_s, mx_s, v_s, hs_s, mix_s, scores, y, y_in, y_s)
+
+    return chunk_y, chunk_mix
 
 
 def _chunk_prep(c: KernelConfig):
@@ -802,7 +834,7 @@ def _chunk_output(c: KernelConfig):
     H, p, n, R, G, S, Q = c.H, c.p, c.n, c.R, c.G, c.S, c.Q
     QR = Q * R
     batch, L, LP, NC, SB, SNC = T.dynamic("batch, L, LP, NC, SB, SNC")
-    chunk_y = chunk_y_macro(c)
+    chunk_y, _ = chunk_y_macro(c)
     gate_weights, gate_out = gate_macro(c)
 
     @T.prim_func
@@ -911,14 +943,30 @@ def gate_macro(c: KernelConfig):
     return gate_weights, gate_out
 
 
+def walk_stages_queries(c: KernelConfig) -> bool:
+    """Whether `chunk_walk` fetches a chunk's raw query rows (C) during the chunk before, into a staging tile of
+    their own (QR·n bf16), and not into q_s after the chunk before's gate: where the walk then still fits two
+    blocks per SM, as lowered at p = 64 (`tests/unit/test_tilelang_smem.py`): R = 4 with half the state
+    rotated (rope_fraction 0.5; 110 KB at n = 128). Staged, R = 4 with all of it rotated would take 117 KB,
+    R = 2 at n = 128 also 117 KB and SISO 123 KB, over the 113 KB two blocks may each have."""
+    return c.R == 4 and 2 * c.S < c.n
+
+
+def query_stage(staged: bool, q_s):
+    """`chunk_walk`'s tile for the next chunk's raw query rows: one of its own where `staged`, else q_s."""
+    return T.alloc_shared(q_s.shape, q_s.dtype) if staged else q_s
+
+
 def _chunk_walk(c: KernelConfig):
     H, p, n, R, G, S, Q = c.H, c.p, c.n, c.R, c.G, c.S, c.Q
     QR = Q * R
     batch, L, LP, NC, SB, SNC, HB = T.dynamic("batch, L, LP, NC, SB, SNC, HB")
     NS = states_dim(c, batch)
-    chunk_y = chunk_y_macro(c)
+    _, rotation, keys, _, _ = chunk_prologue(c)
+    _, chunk_mix = chunk_y_macro(c)
     gate_weights, gate_out = gate_macro(c)
     final_key = final_key_macro(c)
+    stages_queries = walk_stages_queries(c)
 
     @T.macro
     def start_from(H_IN, THETA_0, h, st, state, theta_s):
@@ -938,6 +986,41 @@ def _chunk_walk(c: KernelConfig):
         for pair in T.Parallel(n // 2):
             theta = T.if_then_else(pair < S, theta_s[T.min(pair, S - 1)], 0.0)
             final_key(Bk, B_BIAS, K_OUT, b, h, st, token, pair, theta)
+
+    @T.macro
+    def fetch_terms(SEG, CS, WD, WO, MULT, TOTALS, ANG, DT, L, b, h, chunk, first, last, thread, staged, dt_r):
+        """Start fetching chunk `chunk`'s per-token terms, mult, angle totals, the document before it and its
+        angles into `staged` (seg, cs, wd, wo, mult, totals, before, angles), and load the Δ of its token `thread`
+        (thread < Q; 0 past `last`) into dt_r."""
+        seg_n, cs_n, wd_n, wo_n, mult_n, totals_n, before_n, angles_n = staged
+        t0 = chunk * Q
+        for k in T.Parallel(Q // 4):
+            cp_async(seg_n[4 * k], SEG[b, t0 + 4 * k])
+            cp_async(cs_n[4 * k], CS[b, h, t0 + 4 * k])
+            cp_async(wd_n[4 * k], WD[b, h, t0 + 4 * k])
+            cp_async(wo_n[4 * k], WO[b, h, t0 + 4 * k])
+        for k in T.Parallel(S // 4):
+            cp_async(totals_n[4 * k], TOTALS[b, chunk, h, 4 * k])
+        for i, k in T.Parallel(Q, S // 8):
+            cp_async(angles_n[i, 8 * k], ANG[b, T.min(first + i, L - 1), 8 * k], first + i <= last)
+        if thread == 0:
+            cp_async(mult_n[0], MULT[b, chunk, h], True, 4)
+            cp_async(before_n[0], SEG[b, segment_before_at(c, t0)], True, 4)
+        if thread < Q:
+            dt_r[0] = T.if_then_else(first + thread <= last, T.cast(DT[b, T.min(first + thread, L - 1), h], F32), 0.0)
+
+    @T.macro
+    def fetch_keys(SRC, L, b, h, first, last, dst):
+        """Start fetching the chunk's raw key rows (i, r) of SRC (b, l, R, G, n) into dst (QR, n), 0 past `last`."""
+        for row, k in T.Parallel(QR, n // 8):
+            token = first + row // R
+            cp_async(dst[row, 8 * k], SRC[b, T.min(token, L - 1), row % R, h // (H // G), 8 * k], token <= last)
+
+    @T.macro
+    def fetch_rows(SRC, L, b, h, first, last, dst):
+        """Start fetching the chunk's rows of SRC (b, l, H, p) into dst (Q, p), 0 past `last`."""
+        for i, k in T.Parallel(Q, p // 8):
+            cp_async(dst[i, 8 * k], SRC[b, T.min(first + i, L - 1), h, 8 * k], first + i <= last)
 
     @T.prim_func
     def chunk_walk(
@@ -978,6 +1061,8 @@ def _chunk_walk(c: KernelConfig):
             one_s = T.alloc_shared((Q,), F32)
             inter_s = T.alloc_shared((Q,), F32)
             w_s = T.alloc_shared((Q,), F32)
+            dt_s = T.alloc_shared((Q,), F32)
+            mult_s = T.alloc_shared((1,), F32)
             turn_s = T.alloc_shared((Q, S), F32)
             cos_s = T.alloc_shared((Q, S), F32)
             sin_s = T.alloc_shared((Q, S), F32)
@@ -986,16 +1071,29 @@ def _chunk_walk(c: KernelConfig):
             ths_s = T.alloc_shared((S,), F32)  # θ carried into the chunk, reduced (THS)
             bias_s = T.alloc_shared((R, n), F32)
             k_bias_s = T.alloc_shared((R, n), F32)
-            q_s = T.alloc_shared((QR, n), BF16)  # (the raw keys load into q_s and k_s, rotated there in place)
-            k_s = T.alloc_shared((QR, n), BF16)
+            q_s = T.alloc_shared((QR, n), BF16)
+            k_s = T.alloc_shared((QR, n), BF16)  # (the raw keys arrive here and are rotated in place)
             x_s = T.alloc_shared((Q, p), BF16)
             mx_s = T.alloc_shared((R, p), F32)
             v_s = T.alloc_shared((QR, p), BF16)
             hs_s = T.alloc_shared((n, p), BF16)
+            # The next chunk's inputs, fetched while the chunk before runs (cp.async): its per-token terms, mult,
+            # angle totals, document before it and angles (`fetch_terms`), and where `walk_stages_queries` its raw
+            # query rows; its raw keys and x arrive in k_s and x_s once this chunk is done with them.
+            staged = (
+                T.alloc_shared((Q,), "int32"), T.alloc_shared((Q,), F32), T.alloc_shared((Q,), F32),
+                T.alloc_shared((Q,), F32), T.alloc_shared((1,), F32), T.alloc_shared((S,), F32),
+                T.alloc_shared((1,), "int32"), T.alloc_shared((Q, S), BF16),
+            )
+            seg_n, cs_n, wd_n, wo_n, mult_n, totals_n, before_n, angles_n = staged
+            raw_q = query_stage(stages_queries, q_s)
+            dt_r = T.alloc_local((1,), F32)  # the next chunk's Δ of token `thread`
+            before = T.alloc_local((1,), "int32")  # the document carried into the chunk
+            skip = T.alloc_local((1,), F32)  # D of the head
             # Every buffer used in the loop over chunks stays live through all of it (TileLang's shared-memory
             # planner), so the phases' buffers share memory by hand where sizes allow: y with the queries, the
-            # masked scores (and the poison mask after them) with cos θ, z (read with x, ahead of the gate) with
-            # sin θ.
+            # masked scores (and the poison mask after them) with cos θ, z (fetched once the keys are rotated)
+            # with sin θ.
             mix_s = shared_alias(cos_s, (QR, QR), BF16)
             z_s = shared_alias(sin_s, (Q, p), BF16)
             gate_s = T.alloc_shared((R, p), F32)
@@ -1008,6 +1106,7 @@ def _chunk_walk(c: KernelConfig):
             y_in = T.alloc_fragment((QR, p), F32)
             state = T.alloc_fragment((n, p), F32)  # h̃ carried from chunk to chunk
             document = T.alloc_local((1,), "int32")  # the document θ and the state belong to
+            thread = T.get_thread_binding(0)
             T.annotate_min_blocks_per_sm(walk_blocks_per_sm(c))
 
             if c.packed:  # cleared only so that no read precedes a write: each document starts in the loop
@@ -1018,11 +1117,27 @@ def _chunk_walk(c: KernelConfig):
             else:
                 start_from(H_IN, THETA_0, h, b, state, theta_s)
             document[0] = 0
-            gate_weights(MIMO_Z, MIMO_O, NORM, h, gate_s, out_w_s, norm_s)  # once: the head's
+            # the head's weights, once
+            head_rows(C_BIAS, h, bias_s)
+            head_rows(B_BIAS, h, k_bias_s)
+            head_rows(MIMO_X, h, mx_s)
+            skip[0] = D[h]
+            gate_weights(MIMO_Z, MIMO_O, NORM, h, gate_s, out_w_s, norm_s)
+            # the first chunk's inputs
+            first_0 = span_first(c, SPAN, b, 0)
+            last_0 = span_last(c, SPAN, b, 0, L)
+            fetch_terms(SEG, CS, WD, WO, MULT, TOTALS, ANG, DT, L, b, h, 0, first_0, last_0, thread, staged, dt_r)
+            fetch_keys(Cq, L, b, h, first_0, last_0, raw_q)
+            fetch_keys(Bk, L, b, h, first_0, last_0, k_s)
+            fetch_rows(X, L, b, h, first_0, last_0, x_s)
+            T.ptx_commit_group()
             for chunk in T.serial(NC):
                 t0 = chunk * Q
                 first = span_first(c, SPAN, b, chunk)
                 last = span_last(c, SPAN, b, chunk, L)
+                following = T.min(chunk + 1, NC - 1)  # the chunk whose inputs this one fetches (none after the last)
+                first_f = span_first(c, SPAN, b, following)
+                last_f = span_last(c, SPAN, b, following, L)
                 if c.packed:
                     if starts_state(c, SEG, b, chunk):  # a document's first chunk: the one before ends there
                         if chunk > 0:
@@ -1032,33 +1147,72 @@ def _chunk_walk(c: KernelConfig):
                             )
                         start_from(H_IN, THETA_0, h, SEG[b, t0], state, theta_s)
                         document[0] = SEG[b, t0]
+                T.ptx_wait_group(0)  # the chunk's inputs are in
+                T.sync_threads()
+                for i in T.Parallel(Q):
+                    seg_s[i] = seg_n[i]
+                    cs_s[i] = cs_n[i]
+                    wd_s[i] = wd_n[i]
+                    wo_s[i] = wo_n[i]
+                if thread < Q:
+                    dt_s[thread] = dt_r[0]
+                mult_s[0] = mult_n[0]
+                before[0] = before_n[0]
                 # θ carried into the chunk, then past it (state_pass's scan)
                 for s in T.Parallel(S):
                     ths_s[s] = T.cast(turns(theta_s[s]), F32)
                     THS[b, chunk, h, s] = ths_s[s]
-                    carried = SEG[b, t0 + Q - 1] == document[0]
-                    total = math.pi * T.cast(TOTALS[b, chunk, h, s], F64)
+                    carried = seg_n[Q - 1] == document[0]
+                    total = math.pi * T.cast(totals_n[s], F64)
                     theta_s[s] = T.if_then_else(carried, theta_s[s], 0.0) + total
-                chunk_y(
-                    X, Bk, Cq, ANG, DT, SEG, CS, WD, WO, None, HS, B_BIAS, C_BIAS, D, MIMO_X, first, last, b, h,
-                    chunk, seg_s, cs_s, wd_s, wo_s, one_s, inter_s, turn_s, cos_s, sin_s, theta_f, None, bias_s,
-                    q_s, k_s, x_s, mx_s, v_s, hs_s, mix_s, scores, y, y_in, y_s, ths_s, state, mix_s, Z, z_s, k_bias_s,
+                carry_weights(seg_s, cs_s, before[0], one_s, inter_s)
+                for i in T.Parallel(Q):  # the state step's weights, early: a phase of their own would cost a barrier
+                    w_s[i] = state_weight(seg_s, cs_s, wo_s, i)
+                for i, s in T.Parallel(Q, S):
+                    turn_s[i, s] = math.pi * T.tanh(T.cast(angles_n[i, s], F32)) * dt_s[i]
+                rotation(None, None, None, first, last, b, h, chunk, seg_s, before[0], turn_s, theta_f, cos_s, sin_s, ths_s)
+                keys(Cq, C_BIAS, first, last, b, h, raw_q, bias_s, cos_s, sin_s, one_s, q_s, load=False)
+                keys(Bk, B_BIAS, first, last, b, h, k_s, k_bias_s, cos_s, sin_s, one_s, k_s, load=False)
+                # staged inputs and sin θ spent: this chunk's z (for the gate), the next chunk's terms (and queries)
+                T.sync_threads()
+                fetch_rows(Z, L, b, h, first, last, z_s)
+                T.ptx_commit_group()
+                if chunk + 1 < NC:
+                    fetch_terms(
+                        SEG, CS, WD, WO, MULT, TOTALS, ANG, DT, L, b, h, following, first_f, last_f, thread, staged, dt_r
+                    )
+                    if stages_queries:
+                        fetch_keys(Cq, L, b, h, first_f, last_f, raw_q)
+                T.ptx_commit_group()
+                chunk_mix(
+                    HS, skip, 0, b, h, chunk, seg_s, cs_s, wd_s, wo_s, inter_s, q_s, k_s, x_s, mx_s, v_s, hs_s, mix_s,
+                    scores, y, y_in, y_s, state, mix_s,
                 )
-                gate_out(Z, OUT, first, last, b, h, gate_s, out_w_s, norm_s, y_s, z_s)
 
                 # h̃_{c+1} = mult_c h̃_c + Σ_j w_j k_j v_jᵀ over the chunk's last document (keys at their θ, as
-                # chunk_y left them; the weighted values, exactly 0 outside that document, in v_s, spent by then)
-                for i in T.Parallel(Q):
-                    w_s[i] = state_weight(seg_s, cs_s, wo_s, i)
+                # chunk_mix left them; the weighted values, exactly 0 outside that document, in v_s, spent by then)
                 for row, pp in T.Parallel(QR, p):
                     weight = w_s[row // R]
                     weighted = T.cast(x_s[row // R, pp], F32) * mx_s[row % R, pp] * weight
                     v_s[row, pp] = T.if_then_else(weight != 0.0, T.cast(weighted, BF16), T.cast(0, BF16))
-                mult = MULT[b, chunk, h]
                 for i, pp in T.Parallel(n, p):
-                    state[i, pp] = T.if_then_else(mult != 0.0, state[i, pp] * mult, 0.0)
+                    state[i, pp] = T.if_then_else(mult_s[0] != 0.0, state[i, pp] * mult_s[0], 0.0)
                 T.gemm(k_s, v_s, state, transpose_A=True)
-                document[0] = SEG[b, t0 + Q - 1]
+                # keys and x spent: the next chunk's, while the gate runs
+                T.sync_threads()
+                if chunk + 1 < NC:
+                    fetch_keys(Bk, L, b, h, first_f, last_f, k_s)
+                    fetch_rows(X, L, b, h, first_f, last_f, x_s)
+                T.ptx_commit_group()
+                T.ptx_wait_group(2)  # this chunk's z (committed before the next chunk's terms, and its keys and x)
+                T.sync_threads()
+                gate_out(Z, OUT, first, last, b, h, gate_s, out_w_s, norm_s, y_s, z_s)
+                if not stages_queries:  # y spent: the next chunk's queries into its memory
+                    T.sync_threads()
+                    if chunk + 1 < NC:
+                        fetch_keys(Cq, L, b, h, first_f, last_f, raw_q)
+                    T.ptx_commit_group()
+                document[0] = seg_s[Q - 1]
             end_at(  # the row's (packed: the last document's) final state
                 Bk, B_BIAS, H_OUT, THETA_OUT, K_OUT, b, h, state_index(c, SEG, b, (NC - 1) * Q),
                 span_last(c, SPAN, b, NC - 1, L), state, theta_s,
