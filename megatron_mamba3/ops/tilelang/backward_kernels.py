@@ -47,6 +47,7 @@ from megatron_mamba3.ops.tilelang.kernels import (
     decay_slope,
     decay_table,
     gate_blocks_per_sm,
+    gate_macro,
     load_state,
     pair_indices,
     reaches,
@@ -123,6 +124,7 @@ def _chunk_dy(c: KernelConfig):
     QR = Q * R
     batch, L, LP, NC, LPR, SB, SNC = T.dynamic("batch, L, LP, NC, LPR, SB, SNC")
     outputs_of, _ = chunk_y_macro(c, finite_state=True)
+    gate_weights, _ = gate_macro(c)
     gate = _gate_terms(c)
     mimo = R > 1  # mimo_z and mimo_o are given exactly when R > 1
 
@@ -198,11 +200,7 @@ def _chunk_dy(c: KernelConfig):
                 seg_s, cs_s, wd_s, wo_s, one_s, inter_s, turn_s, cos_s, sin_s, theta_f, raw_s, bias_s,
                 q_s, k_s, x_s, mx_s, v_s, hs_s, mix_s, scores, y, y_in, y_s,
             )
-            for r, pp in T.Parallel(R, p):
-                gate_s[r, pp] = MIMO_Z[h, r, pp]
-                out_w_s[r, pp] = MIMO_O[h, r, pp]
-            for pp in T.Parallel(p):
-                norm_s[pp] = NORM[h, pp]
+            gate_weights(MIMO_Z, MIMO_O, NORM, h, gate_s, out_w_s, norm_s)
             for i, pp in T.Parallel(Q, p):
                 do_s[i, pp] = token_row(DOUT, first, last, b, h, i, pp)
                 z_s[i, pp] = token_row(Z, first, last, b, h, i, pp)
