@@ -102,7 +102,7 @@ def split_bf16(src, hi_s, lo_s):
     below enters as two bf16 halves (two gemms), so the backward does not round gradients to bf16."""
     for i, j in T.Parallel(*hi_s.shape):
         hi_s[i, j] = T.cast(src[i, j], BF16)
-        lo_s[i, j] = bf16_rest(src[i, j], hi_s[i, j])
+        lo_s[i, j] = bf16_rest(src[i, j], T.cast(src[i, j], BF16))  # not hi_s: no read back of shared memory
 
 
 @T.macro
@@ -228,6 +228,9 @@ def _chunk_dy(c: KernelConfig):
                 for row, pp in T.Parallel(QR, p):
                     dy[row, pp] = inv_s[row] * (dy[row, pp] - y_s[row, pp] * inv_s[row] * mean[row] / p)
             T.copy(dy, DY[b, h, chunk * QR : (chunk + 1) * QR, :])
+            for row, pp in T.Parallel(QR, p):  # G_c's operand (below): inter_i dy_i, 0 where inter_i is
+                weight = inter_s[row // R]
+                dy[row, pp] = T.if_then_else(weight != 0.0, dy[row, pp] * weight, 0.0)
             split_bf16(dy, dy_s, dy_lo)
 
             # dz = Σ_r ∂loss/∂(z·mimo_z_r) · mimo_z_r.
@@ -266,10 +269,7 @@ def _chunk_dy(c: KernelConfig):
                 if c.norm:
                     T.copy(dnw, DGATE[b, chunk, h, 2, :, :])
 
-            # G_c = Σ_{i,r} inter_i q_{i,r} dy_{i,r}ᵀ (n, p).
-            for row, nn in T.Parallel(QR, n):
-                weight = inter_s[row // R]
-                q_s[row, nn] = T.if_then_else(weight != 0.0, T.cast(T.cast(q_s[row, nn], F32) * weight, BF16), T.cast(0, BF16))
+            # G_c = Σ_{i,r} q_{i,r} (inter_i dy_{i,r})ᵀ (n, p).
             T.gemm(q_s, dy_s, gc, transpose_A=True, clear_accum=True)
             T.gemm(q_s, dy_lo, gc, transpose_A=True)
             T.copy(gc, GC[b, chunk, h, :, :])
@@ -330,11 +330,24 @@ def _rotation_backward(c: KernelConfig):
         than 29 - log2(H / G) binades) and write its sum over the chunk's tokens to BIAS_GRAD[b, chunk, h]
         (R, n), summed in token order in the fp32 fragment bias_sum (R, n): each thread sums its own columns,
         no reduction across threads."""
-        for row, s in T.Parallel(Q * R, S):
-            a, bb = pair_indices(s, n, half_split)
-            ga, gb = g_s[row, a], g_s[row, bb]
-            g_s[row, a] = ga * cos_s[row // R, s] + gb * sin_s[row // R, s]
-            g_s[row, bb] = gb * cos_s[row // R, s] - ga * sin_s[row // R, s]
+        if half_split:
+            for row, s in T.Parallel(Q * R, S):
+                a, bb = pair_indices(s, n, True)
+                ga, gb = g_s[row, a], g_s[row, bb]
+                g_s[row, a] = ga * cos_s[row // R, s] + gb * sin_s[row // R, s]
+                g_s[row, bb] = gb * cos_s[row // R, s] - ga * sin_s[row // R, s]
+        else:  # adjacent pairs: into registers first, then stored (as `keys_rotated`: no barrier per iteration)
+            back_a = T.alloc_fragment((Q * R, S), F32)
+            back_b = T.alloc_fragment((Q * R, S), F32)
+            for row, s in T.Parallel(Q * R, S):
+                a, bb = pair_indices(s, n, False)
+                ga, gb = g_s[row, a], g_s[row, bb]
+                back_a[row, s] = ga * cos_s[row // R, s] + gb * sin_s[row // R, s]
+                back_b[row, s] = gb * cos_s[row // R, s] - ga * sin_s[row // R, s]
+            for row, s in T.Parallel(Q * R, S):
+                a, bb = pair_indices(s, n, False)
+                g_s[row, a] = back_a[row, s]
+                g_s[row, bb] = back_b[row, s]
         for row, nn in T.Parallel(Q * R, n):
             if first + row // R <= last:
                 T.atomic_add(SHARED_GRAD[b, first + row // R, row % R, h // (H // G), nn], g_s[row, nn])

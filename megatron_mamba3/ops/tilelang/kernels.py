@@ -349,20 +349,37 @@ def chunk_prologue(c: KernelConfig):
         """out_s[row, index] = scale · key as bf16 (exactly 0 where scale is); with lo_s, its bf16 rest."""
         scaled = T.if_then_else(scale != 0.0, key * scale, 0.0)
         out_s[row, index] = T.cast(scaled, BF16)
-        if lo_s is not None:
-            lo_s[row, index] = bf16_rest(scaled, out_s[row, index])
+        if lo_s is not None:  # the rest from the value, not read back from out_s (no barrier between the two)
+            lo_s[row, index] = bf16_rest(scaled, T.cast(scaled, BF16))
 
     @T.macro
     def keys_rotated(raw_s, bias_s, cos_s, sin_s, scale_s, out_s, lo_s):
-        """`keys`' rotation phase."""
-        for row, s in T.Parallel(Q * R, S):
-            i, r = row // R, row % R
-            a, bb = pair_indices(s, n, R > 1)
-            u = T.cast(raw_s[row, a], F32) + bias_s[r, a]
-            w = T.cast(raw_s[row, bb], F32) + bias_s[r, bb]
-            turned = rotate_pair(u, w, cos_s[i, s], sin_s[i, s])
-            store_key(out_s, lo_s, row, a, turned[0], scale_s[i])
-            store_key(out_s, lo_s, row, bb, turned[1], scale_s[i])
+        """`keys`' rotation phase. Half-split pairs (R > 1) are turned in one loop; adjacent pairs (SISO) in two,
+        every pair into registers and then stored, since TileLang cannot tell that an in-place turn of (2s, 2s + 1)
+        misses the other threads' pairs and would put a barrier in each iteration of one loop."""
+        if R > 1:
+            for row, s in T.Parallel(Q * R, S):
+                i, r = row // R, row % R
+                a, bb = pair_indices(s, n, True)
+                u = T.cast(raw_s[row, a], F32) + bias_s[r, a]
+                w = T.cast(raw_s[row, bb], F32) + bias_s[r, bb]
+                turned = rotate_pair(u, w, cos_s[i, s], sin_s[i, s])
+                store_key(out_s, lo_s, row, a, turned[0], scale_s[i])
+                store_key(out_s, lo_s, row, bb, turned[1], scale_s[i])
+        else:
+            turned_a = T.alloc_fragment((Q, S), F32)
+            turned_b = T.alloc_fragment((Q, S), F32)
+            for i, s in T.Parallel(Q, S):
+                a, bb = pair_indices(s, n, False)
+                u = T.cast(raw_s[i, a], F32) + bias_s[0, a]
+                w = T.cast(raw_s[i, bb], F32) + bias_s[0, bb]
+                turned = rotate_pair(u, w, cos_s[i, s], sin_s[i, s])
+                turned_a[i, s] = turned[0]
+                turned_b[i, s] = turned[1]
+            for i, s in T.Parallel(Q, S):
+                a, bb = pair_indices(s, n, False)
+                store_key(out_s, lo_s, i, a, turned_a[i, s], scale_s[i])
+                store_key(out_s, lo_s, i, bb, turned_b[i, s], scale_s[i])
         if S < n // 2:  # the elements of the unrotated pairs: [S, n/2) and [n/2 + S, n) half-split, [2S, n) adjacent
             first, parts, width = (S, 2, n // 2 - S) if R > 1 else (2 * S, 1, n - 2 * S)
             for row, part, k in T.Parallel(Q * R, parts, width):
