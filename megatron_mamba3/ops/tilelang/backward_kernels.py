@@ -330,20 +330,20 @@ def _rotation_backward(c: KernelConfig):
         than 29 - log2(H / G) binades) and write its sum over the chunk's tokens to BIAS_GRAD[b, chunk, h]
         (R, n), summed in token order in the fp32 fragment bias_sum (R, n): each thread sums its own columns,
         no reduction across threads."""
-        if half_split:
-            for row, s in T.Parallel(Q * R, S):
-                a, bb = pair_indices(s, n, True)
-                ga, gb = g_s[row, a], g_s[row, bb]
-                g_s[row, a] = ga * cos_s[row // R, s] + gb * sin_s[row // R, s]
-                g_s[row, bb] = gb * cos_s[row // R, s] - ga * sin_s[row // R, s]
-        else:  # adjacent pairs: into registers first, then stored (as `keys_rotated`: no barrier per iteration)
+        if not half_split:  # adjacent pairs: into registers first, then stored (as `keys_rotated`)
             back_a = T.alloc_fragment((Q * R, S), F32)
             back_b = T.alloc_fragment((Q * R, S), F32)
-            for row, s in T.Parallel(Q * R, S):
-                a, bb = pair_indices(s, n, False)
-                ga, gb = g_s[row, a], g_s[row, bb]
-                back_a[row, s] = ga * cos_s[row // R, s] + gb * sin_s[row // R, s]
-                back_b[row, s] = gb * cos_s[row // R, s] - ga * sin_s[row // R, s]
+        for row, s in T.Parallel(Q * R, S):
+            a, bb = pair_indices(s, n, half_split)
+            ga, gb = g_s[row, a], g_s[row, bb]
+            back = (ga * cos_s[row // R, s] + gb * sin_s[row // R, s], gb * cos_s[row // R, s] - ga * sin_s[row // R, s])
+            if half_split:
+                g_s[row, a] = back[0]
+                g_s[row, bb] = back[1]
+            else:
+                back_a[row, s] = back[0]
+                back_b[row, s] = back[1]
+        if not half_split:
             for row, s in T.Parallel(Q * R, S):
                 a, bb = pair_indices(s, n, False)
                 g_s[row, a] = back_a[row, s]

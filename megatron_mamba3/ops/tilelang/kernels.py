@@ -357,25 +357,23 @@ def chunk_prologue(c: KernelConfig):
         """`keys`' rotation phase. Half-split pairs (R > 1) are turned in one loop; adjacent pairs (SISO) in two,
         every pair into registers and then stored, since TileLang cannot tell that an in-place turn of (2s, 2s + 1)
         misses the other threads' pairs and would put a barrier in each iteration of one loop."""
-        if R > 1:
-            for row, s in T.Parallel(Q * R, S):
-                i, r = row // R, row % R
-                a, bb = pair_indices(s, n, True)
-                u = T.cast(raw_s[row, a], F32) + bias_s[r, a]
-                w = T.cast(raw_s[row, bb], F32) + bias_s[r, bb]
-                turned = rotate_pair(u, w, cos_s[i, s], sin_s[i, s])
-                store_key(out_s, lo_s, row, a, turned[0], scale_s[i])
-                store_key(out_s, lo_s, row, bb, turned[1], scale_s[i])
-        else:
+        adjacent = R == 1
+        if adjacent:
             turned_a = T.alloc_fragment((Q, S), F32)
             turned_b = T.alloc_fragment((Q, S), F32)
-            for i, s in T.Parallel(Q, S):
-                a, bb = pair_indices(s, n, False)
-                u = T.cast(raw_s[i, a], F32) + bias_s[0, a]
-                w = T.cast(raw_s[i, bb], F32) + bias_s[0, bb]
-                turned = rotate_pair(u, w, cos_s[i, s], sin_s[i, s])
-                turned_a[i, s] = turned[0]
-                turned_b[i, s] = turned[1]
+        for row, s in T.Parallel(Q * R, S):
+            i, r = row // R, row % R
+            a, bb = pair_indices(s, n, not adjacent)
+            u = T.cast(raw_s[row, a], F32) + bias_s[r, a]
+            w = T.cast(raw_s[row, bb], F32) + bias_s[r, bb]
+            turned = rotate_pair(u, w, cos_s[i, s], sin_s[i, s])
+            if adjacent:
+                turned_a[row, s] = turned[0]
+                turned_b[row, s] = turned[1]
+            else:
+                store_key(out_s, lo_s, row, a, turned[0], scale_s[i])
+                store_key(out_s, lo_s, row, bb, turned[1], scale_s[i])
+        if adjacent:
             for i, s in T.Parallel(Q, S):
                 a, bb = pair_indices(s, n, False)
                 store_key(out_s, lo_s, i, a, turned_a[i, s], scale_s[i])
