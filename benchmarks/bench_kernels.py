@@ -4,7 +4,9 @@
 
 Run from the repository root on the GPU machine. First compiles every kernel the shapes need in parallel
 processes (TileLang's disk cache), then per shape (bf16, p=64, n=128, g=1), for the forward and the
-forward+backward (which takes the gradients of every input and weight) of whole `mamba3_scan` calls:
+forward+backward of whole `mamba3_scan` calls, set up as the official script sets up its own (`scan_call`:
+the forward under no_grad; `torch.autograd.grad` of every input and weight from one fixed output gradient, on
+leaves made once):
 - ms: timed as the official kernels' script times them (`official_method_ms`: triton's `do_bench`, calls
   queued back to back with the L2 cache flushed before each, host time showing only where it exceeds the
   device's); the ratio is ours over theirs, both timed this way;
@@ -144,14 +146,29 @@ def _case(b, l, H, R):  # noqa: E741
     return inputs, weights
 
 
-def _run(backend, inputs, weights, train):
-    if train:  # gradients of every input and weight, as the official fwd+bwd timing takes them
-        inputs = type(inputs)(*(t.detach().requires_grad_() for t in inputs))
-        weights = type(weights)(*(None if t is None else t.detach().requires_grad_() for t in weights))
-    out, state = mamba3_scan(inputs, weights, backend=backend, chunk_size=64 // inputs.B.shape[2])
-    if train:
-        out.backward(torch.ones_like(out))
-    return out
+def scan_call(backend, inputs, weights, train):
+    """A call of no arguments that runs `mamba3_scan` on one case, set up as the official script sets up its
+    own: the forward under no_grad, or (`train`) the forward and `torch.autograd.grad` of every input and
+    weight from one fixed random output gradient, on leaves made once here (the call returns the output)."""
+    chunk_size = 64 // inputs.B.shape[2]
+    if not train:
+        def forward():
+            with torch.no_grad():
+                return mamba3_scan(inputs, weights, backend=backend, chunk_size=chunk_size)[0]
+
+        return forward
+    inputs = type(inputs)(*(t.detach().requires_grad_() for t in inputs))
+    weights = type(weights)(*(None if t is None else t.detach().requires_grad_() for t in weights))
+    leaves = [t for t in (*inputs, *weights) if t is not None]
+    generator = torch.Generator(inputs.x.device).manual_seed(1)
+    dout = torch.randn(inputs.x.shape, device=inputs.x.device, generator=generator).to(inputs.x.dtype)
+
+    def forward_backward():
+        out, _ = mamba3_scan(inputs, weights, backend=backend, chunk_size=chunk_size)
+        torch.autograd.grad(out, leaves, dout)
+        return out
+
+    return forward_backward
 
 
 def output_errors(
@@ -292,20 +309,21 @@ def main() -> None:
         R = RANKS[kind]
         for b, l, H in SHAPES[kind]:  # noqa: E741
             inputs, weights = _case(b, l, H, R)
+            forward, forward_backward = (scan_call("tilelang", inputs, weights, train) for train in (False, True))
             start = time.perf_counter()
-            _run("tilelang", inputs, weights, True)
+            forward_backward()
             torch.cuda.synchronize()
             first = time.perf_counter() - start
-            fwd = official_method_ms(lambda: _run("tilelang", inputs, weights, False))
-            fwd_latency = _time_ms(lambda: _run("tilelang", inputs, weights, False), args.repeats)
-            gpu = sum(_kernel_ms(lambda: _run("tilelang", inputs, weights, False), known).values())
-            train = official_method_ms(lambda: _run("tilelang", inputs, weights, True))
-            train_latency = _time_ms(lambda: _run("tilelang", inputs, weights, True), max(3, args.repeats // 4))
-            split = _kernel_ms(lambda: _run("tilelang", inputs, weights, True), known)
+            fwd = official_method_ms(forward)
+            fwd_latency = _time_ms(forward, args.repeats)
+            gpu = sum(_kernel_ms(forward, known).values())
+            train = official_method_ms(forward_backward)
+            train_latency = _time_ms(forward_backward, max(3, args.repeats // 4))
+            split = _kernel_ms(forward_backward, known)
             train_gpu = sum(split.values())
             splits.append((f"{kind} R{R} b{b} l{l} H{H}", split))
-            peak = _peak_mib(lambda: _run("tilelang", inputs, weights, True))
-            errors = output_errors(inputs, weights, {"tilelang": _run("tilelang", inputs, weights, False)})
+            peak = _peak_mib(forward_backward)
+            errors = output_errors(inputs, weights, {"tilelang": forward()})
             off_fwd = official_ms(official, kind, "fwd", b, l, H, args.official_timeout)
             off_train = official_ms(official, kind, "fwdbwd", b, l, H, args.official_timeout)
             rows.append(((kind, b, l, H), f"{kind} R{R} b{b} l{l} H{H}", fwd, fwd_latency, gpu, off_fwd, train,

@@ -61,7 +61,7 @@ def shape_step(shape: str):
     (the inputs are made once, here)."""
     b, l, H, R = SHAPES[shape]  # noqa: E741
     inputs, weights = BENCH._case(b, l, H, R)
-    return lambda: BENCH._run("tilelang", inputs, weights, True)
+    return BENCH.scan_call("tilelang", inputs, weights, True)
 
 
 def _time_tree(shapes: list[str], repeats: int) -> None:

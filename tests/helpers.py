@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 
@@ -26,6 +27,20 @@ TILELANG_GPU = [
 
 # A bf16 kernel may err against the float64 oracle at most this many times the bf16 reference's own error.
 ERROR_MULTIPLE = 4
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(enabled: bool = True):
+    """PyTorch's deterministic algorithms on (or off) inside the block, warn-only (an op without one warns
+    instead of raising), restored after it. A test that compares two runs bit for bit needs them: the
+    TileLang backward then sums dB and dC over the heads exactly (`backward_kernels.head_sum_dtype`)."""
+    enabled_before = torch.are_deterministic_algorithms_enabled()
+    warn_only_before = torch.is_deterministic_algorithms_warn_only_enabled()
+    torch.use_deterministic_algorithms(enabled, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(enabled_before, warn_only=warn_only_before)
 
 
 def angle_err(actual: Tensor, expected: Tensor) -> float:

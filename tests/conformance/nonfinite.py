@@ -22,6 +22,7 @@ from torch import Tensor
 
 from megatron_mamba3.ops import Mamba3Inputs
 from tests.conformance.targets import Model, Named, Target, result_shapes
+from tests.helpers import deterministic_algorithms
 
 # field -> (value, index after (b, t) of the bad entry, what it reaches: "state" or "own token")
 BAD_INPUTS = {
@@ -92,7 +93,8 @@ def check(target: Target, model: Model, field: str) -> None:
     """The target's scan on clean and bad inputs, and the gradient of a weighted sum of document A's
     outputs with respect to every input and weight. The bad run's outputs are non-finite exactly at
     `expected_reach` and bit-identical to the clean run's everywhere else; its gradients are finite,
-    equal to the clean run's bit for bit, and exactly zero at tokens outside A.
+    equal to the clean run's bit for bit, and exactly zero at tokens outside A. Both run under PyTorch's
+    deterministic algorithms, as two runs compared bit for bit must.
 
     `target.plain_backward` (the recurrent oracle): its backward multiplies B's zero output gradients
     by B's non-finite values (0 · NaN), so only A's tokens and the clean document C are checked."""
@@ -105,7 +107,8 @@ def check(target: Target, model: Model, field: str) -> None:
     run = lambda scan_tensors: target.forward_backward(  # noqa: E731
         lambda leaves: target.scan(leaves, segment_ids=segment_ids), scan_tensors, cotangents
     )
-    clean, bad = run(tensors), run(with_bad(tensors, field, bad_token))
+    with deterministic_algorithms():
+        clean, bad = run(tensors), run(with_bad(tensors, field, bad_token))
 
     reach = expected_reach(field, target, model)
     clean_out, bad_out = clean["out"], bad["out"]

@@ -188,11 +188,14 @@ TARGETS = {
     ),
 }
 ORACLE = TARGETS["reference", "recurrent"]
-# The TileLang kernel configs (H, p, n, R, G, S, Q, norm) of these cases, compiled first (tests/conftest.py).
+# The TileLang kernel configs (H, p, n, R, G, S, Q, norm, A_floor, packed, deterministic) of these cases, compiled
+# first (tests/conftest.py); deterministic for nonfinite.check's bit-for-bit runs.
 TILELANG_KERNELS = [
-    (target.H, target.p, target.n, model.R, model.G, target.n // 4, TILE_ROWS // model.R, model.norm)
+    (target.H, target.p, target.n, model.R, model.G, target.n // 4, TILE_ROWS // model.R, model.norm, None, False,
+     deterministic)
     for target in (TARGETS["tilelang", "chunked"],)
     for model in MODELS.values()
+    for deterministic in (False, True)
 ]
 
 

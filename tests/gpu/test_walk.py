@@ -16,13 +16,16 @@ from megatron_mamba3.ops import mamba3_scan
 from megatron_mamba3.ops.tilelang import function
 from tests.conformance import nonfinite, test_isolation, test_packing, test_state
 from tests.conformance.packings import PACKINGS
+from tests.conformance.targets import TILELANG_KERNELS as CONFORMANCE_KERNELS
 from tests.conformance.targets import cases
 from tests.gpu import test_cuda_graph, test_tilelang_kernels
 from tests.helpers import TILELANG_GPU
 
 pytestmark = TILELANG_GPU
 
-TILELANG_KERNELS = test_tilelang_kernels.TILELANG_KERNELS + test_cuda_graph.TILELANG_KERNELS  # (tests/conftest.py)
+TILELANG_KERNELS = (  # (tests/conftest.py)
+    test_tilelang_kernels.TILELANG_KERNELS + test_cuda_graph.TILELANG_KERNELS + CONFORMANCE_KERNELS
+)
 TILELANG_CASES = cases(where=lambda target: target.backend == "tilelang")
 KERNEL_CONFIGS = test_tilelang_kernels.CONFIGS
 

@@ -11,6 +11,7 @@ import torch
 
 from benchmarks.bench_kernels import (
     OFFICIAL_RECORDED, OFFICIAL_SCRIPT, Official, kernel_kind, kernel_table, official_ms, output_errors, resolve_official,
+    scan_call,
 )
 from megatron_mamba3.ops import mamba3_scan
 from tests.helpers import make_case
@@ -45,6 +46,29 @@ def test_output_errors_of_bf16_inputs_is_the_bf16_reference_error():
     errors = output_errors(inputs.to(torch.bfloat16), weights, {})
     assert 1e-4 < errors["reference"] < 1e-2, errors  # bf16 rounding, not the fp32 path's 1e-6
     assert output_errors(inputs, weights, {})["reference"] < 1e-5  # fp32 inputs: the fp32 bound
+
+
+def test_scan_call_times_what_the_official_script_times(monkeypatch):
+    """The forward runs without a graph; the forward+backward returns the forward's output and takes the
+    gradients of every input and weight (`torch.autograd.grad`, nothing accumulated into the caller's tensors)
+    from one output gradient, the same at every call."""
+    inputs, weights = make_case(b=1, l=12, H=2, p=4, R=2, G=1, n=8, seed=3, dtype=torch.float32)
+    expected, _ = mamba3_scan(inputs, weights, backend="reference", chunk_size=32)  # the call's chunk: 64 / R
+    out = scan_call("reference", inputs, weights, train=False)()
+    assert out.grad_fn is None and torch.equal(out, expected)
+
+    taken = []
+    grad = torch.autograd.grad
+    record = lambda out, leaves, dout: taken.append((leaves, dout)) or grad(out, leaves, dout)  # noqa: E731
+    monkeypatch.setattr(torch.autograd, "grad", record)
+    forward_backward = scan_call("reference", inputs, weights, train=True)
+    for _ in range(2):
+        assert torch.equal(forward_backward().detach(), expected)
+    present = [t for t in (*inputs, *weights) if t is not None]
+    (leaves, dout), (again, dout_again) = taken
+    assert [t.shape for t in leaves] == [t.shape for t in present] and all(t.requires_grad for t in leaves)
+    assert all(a is b for a, b in zip(again, leaves)) and dout_again is dout and dout.shape == expected.shape
+    assert all(not t.requires_grad and t.grad is None for t in present)
 
 
 def test_output_errors_rejects_rows_outside_the_batch():

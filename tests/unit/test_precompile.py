@@ -12,11 +12,12 @@ pytest.importorskip("tilelang")
 
 
 def test_shape_configs_are_the_ones_the_bench_shapes_run():
-    # (H, p, n, R, G, S, Q, norm, A_floor, packed): bench_kernels' p = 64, n = 128, g = 1, rope_fraction 0.5
+    # (H, p, n, R, G, S, Q, norm, A_floor, packed, deterministic): bench_kernels' p = 64, n = 128, g = 1,
+    # rope_fraction 0.5
     assert shape_configs(["siso8", "mimo8", "siso1"]) == [
-        (32, 64, 128, 1, 1, 32, 64, False, None, False),
-        (32, 64, 128, 4, 1, 32, 16, False, None, False),
-        (8, 64, 128, 1, 1, 32, 64, False, None, False),
+        (32, 64, 128, 1, 1, 32, 64, False, None, False, False),
+        (32, 64, 128, 4, 1, 32, 16, False, None, False, False),
+        (8, 64, 128, 1, 1, 32, 64, False, None, False, False),
     ]
 
 

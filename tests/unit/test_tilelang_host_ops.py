@@ -11,7 +11,8 @@ The argument check reads each kernel's signature from the kernel sources (`T.Ten
 of its `@T.prim_func` parameters, by `ast`, without TileLang) and requires, per launch, as many tensors
 as parameters, each contiguous with the declared shape (batch, L, LP = padded length, NC chunks,
 LPR = LP·R, BNC = batch·NC, HB = batch (the rows of the chunk starts `chunk_walk` saves for the backward
-that runs here) and the config's H, p, n, R, G, S) and dtype.
+that runs here) and the config's H, p, n, R, G, S) and dtype (HEAD_SUM: float64 where the config is
+deterministic, else fp32, as `backward_kernels.head_sum_dtype` says).
 """
 
 import ast
@@ -28,11 +29,18 @@ from torch.profiler import ProfilerActivity, profile
 
 from megatron_mamba3.ops.interface import Mamba3State
 from megatron_mamba3.ops.tilelang import function
-from tests.helpers import make_case, make_state
+from tests.helpers import deterministic_algorithms, make_case, make_state
 
 B, L, H, P, N, S = 2, 200, 4, 64, 64, 16  # L is not a multiple of the chunk: the padded path
 KERNEL_SOURCES = [pathlib.Path(function.__file__).with_name(name) for name in ("kernels.py", "backward_kernels.py")]
 DTYPES = {"BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64, "int32": torch.int32}
+
+
+def _dtype(name: str, config) -> torch.dtype:
+    """The torch dtype of a kernel parameter's declared dtype name under `config`."""
+    if name == "HEAD_SUM":
+        return torch.float64 if config.deterministic else torch.float32
+    return DTYPES[name]
 
 # Upper bounds on the top-level aten ops of one forward and one backward (out.float().sum().backward():
 # the output has a gradient, the final state none; inputs bf16, weights and state fp32, as in training;
@@ -101,7 +109,8 @@ def _kernel_modules(config_dims: dict, launches: list) -> tuple[types.ModuleType
                 expected = tuple(eval(compile(ast.Expression(shape), "<signature>", "eval"), {}, dims))
                 where = f"{name} argument {index}"
                 assert isinstance(tensor, torch.Tensor), where
-                assert tuple(tensor.shape) == expected and tensor.dtype == DTYPES[dtype], (where, tensor.shape, tensor.dtype)
+                assert tuple(tensor.shape) == expected, (where, tensor.shape)
+                assert tensor.dtype == _dtype(dtype, config), (where, tensor.dtype)
                 assert tensor.is_contiguous(), where
             launches.append(name)
 
@@ -112,7 +121,9 @@ def _kernel_modules(config_dims: dict, launches: list) -> tuple[types.ModuleType
         return types.SimpleNamespace(**{name: launcher(name) for name in SIGNATURES})
 
     forward = types.ModuleType("megatron_mamba3.ops.tilelang.kernels")
-    forward.KernelConfig = namedtuple("KernelConfig", "H p n R G S Q norm A_floor packed", defaults=(None, False))
+    forward.KernelConfig = namedtuple(
+        "KernelConfig", "H p n R G S Q norm A_floor packed deterministic", defaults=(None, False, False)
+    )
     forward.kernel_set = kernel_set
     backward = types.ModuleType("megatron_mamba3.ops.tilelang.backward_kernels")
     backward.backward_set = kernel_set
@@ -177,6 +188,24 @@ def _check_launches_and_host_ops(monkeypatch, kind, R, norm, prep, B, config_dim
     forward_bound, backward_bound = BOUNDS[kind, prep] if starts else PACKED_BOUNDS[kind]
     assert sum(forward_ops.values()) <= forward_bound, forward_ops.most_common()
     assert sum(backward_ops.values()) <= backward_bound, backward_ops.most_common()
+    return launches
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("kind,R,norm,prep", [("siso", 1, False, False), ("mimo", 4, True, True)])
+def test_deterministic_algorithms_sum_db_and_dc_over_the_heads_in_float64(
+    monkeypatch, kind, R, norm, prep, deterministic
+):
+    """Under `torch.use_deterministic_algorithms` the kernels' config is deterministic, so chunk_dqkv (and
+    norm_grad, with the prep) get float64 dB and dC (their HEAD_SUM parameters: the launch check compares
+    dtypes), else fp32; the host ops stay within the bounds either way."""
+    nc = math.ceil(L / (function.TILE_ROWS // R))
+    config_dims = dict(batch=B, L=L, LP=nc * function.TILE_ROWS // R, NC=nc, NS=B, SB=1, SNC=1, DB=1, ND=1)
+    with deterministic_algorithms(deterministic):
+        launches = _check_launches_and_host_ops(
+            monkeypatch, kind, R, norm, prep, B, config_dims, starts=True, walk=False
+        )
+    assert launches.config.deterministic is deterministic
 
 
 def test_the_forward_walks_from_one_and_a_half_pairs_per_sm_at_head_dim_64(monkeypatch):

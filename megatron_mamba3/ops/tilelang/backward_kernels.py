@@ -15,7 +15,7 @@
                     softplus and the decay rate to the raw dt and A, and per-chunk sums of ∂dt_bias
     initial_grad    grid (H, states): the initial state's part (`chunk_grad.initial_state_grads`): ∂k_prev, ∂v_prev,
                     ∂w0, per-row ∂mimo_x and h̃_0's term of ∂θ_0 from ∂h̃_0
-    norm_grad       grid (nc, b), with the prep only: RMSNorm's backward from chunk_dqkv's float64 ∂B (or ∂C)
+    norm_grad       grid (nc, b), with the prep only: RMSNorm's backward from chunk_dqkv's ∂B (or ∂C)
                     sums to the raw rows (bf16) and per-chunk sums of the norm weight's gradient
 
 Queries, keys and values are rebuilt per head in shared memory exactly as in the forward. Sizes that vary
@@ -325,9 +325,8 @@ def _rotation_backward(c: KernelConfig):
     def scatter(g_s, cos_s, sin_s, first, last, b, h, chunk, SHARED_GRAD, BIAS_GRAD, bias_sum):
         """Rotate g_s back by −θ_i in place (one thread per rotated pair, the others are left as they are; g_s
         then holds ∂loss/∂(B + bias), or C),
-        add it into SHARED_GRAD (b, L, R, G, n) (float64, atomically: a group's heads share it; a float64
-        sum of H / G fp32 terms is exact, hence independent of the heads' order, unless the terms span more
-        than 29 - log2(H / G) binades) and write its sum over the chunk's tokens to BIAS_GRAD[b, chunk, h]
+        add it into SHARED_GRAD (b, L, R, G, n) (atomically: a group's heads share it; `head_sum_dtype`) and
+        write its sum over the chunk's tokens to BIAS_GRAD[b, chunk, h]
         (R, n), summed in token order in the fp32 fragment bias_sum (R, n): each thread sums its own columns,
         no reduction across threads."""
         if not half_split:  # adjacent pairs: into registers first, then stored (as `keys_rotated`)
@@ -373,8 +372,18 @@ def _rotation_backward(c: KernelConfig):
     return scatter, angle_grad
 
 
+def head_sum_dtype(c: KernelConfig) -> str:
+    """The dtype of dB and dC, sums over a group's heads by atomic adds (`scatter`). Deterministic
+    (`KernelConfig.deterministic`): float64, where a sum of H / G fp32 terms is exact, hence the same bits
+    whatever order the heads arrive in (unless the terms span more than 29 − log2(H / G) binades). Else fp32:
+    the adds lower to four-wide vector atomics, 4x fewer than float64's scalar ones, which took a quarter of
+    MIMO's chunk_dqkv (benchmarks/README.md), and the order the heads arrive in rounds the sum."""
+    return F64 if c.deterministic else F32
+
+
 def _chunk_dqkv(c: KernelConfig):
     H, p, n, R, G, S, Q = c.H, c.p, c.n, c.R, c.G, c.S, c.Q
+    HEAD_SUM = head_sum_dtype(c)
     QR = Q * R
     batch, L, LP, NC, LPR, BNC, SB, SNC = T.dynamic("batch, L, LP, NC, LPR, BNC, SB, SNC")
     load_scalars, rotation, keys, values, mix_weights = chunk_prologue(c)
@@ -410,8 +419,8 @@ def _chunk_dqkv(c: KernelConfig):
         D: T.Tensor((H,), F32),
         MIMO_X: T.Tensor((H, R, p), F32),
         DX: T.Tensor((batch, L, H, p), BF16),
-        DB: T.Tensor((batch, L, R, G, n), F64),
-        DC: T.Tensor((batch, L, R, G, n), F64),
+        DB: T.Tensor((batch, L, R, G, n), HEAD_SUM),
+        DC: T.Tensor((batch, L, R, G, n), HEAD_SUM),
         DB_BIAS: T.Tensor((batch, NC, H, R, n), F32),
         DC_BIAS: T.Tensor((batch, NC, H, R, n), F32),
         DMX: T.Tensor((batch, NC, H, R, p), F32),
@@ -641,7 +650,8 @@ def _chunk_dqkv(c: KernelConfig):
             # ∂mult_c·mult_c in the last piece; φ_j of dθ, in two levels (running sums over groups of
             # PIECE_SPAN tokens into turn_s, spent since the rotation; then the first-piece sums of the later
             # groups the token's document reaches), written contracted with tanh(angles) (per token and head)
-            # and with Δ (over the heads, float64 atomics as dB), and at the chunk's first token.
+            # and with Δ (over the heads, in float64 atomics: exact, whatever `head_sum_dtype` is), and at the
+            # chunk's first token.
             T.clear(piece_sum)
             for m in T.unroll(Q):
                 for j in T.Parallel(Q):
@@ -767,6 +777,7 @@ def _terms_grad(c: KernelConfig):
 
 def _norm_grad(c: KernelConfig):
     R, G, n, Q = c.R, c.G, c.n, c.Q
+    HEAD_SUM = head_sum_dtype(c)
     batch, L, NC, SB, SNC = T.dynamic("batch, L, NC, SB, SNC")
     rows = Q * R * G  # the chunk's rows (i, r, g), contiguous in (b, l, R, G, n)
 
@@ -777,7 +788,7 @@ def _norm_grad(c: KernelConfig):
 
     @T.prim_func
     def norm_grad(
-        DN: T.Tensor((batch, L, R, G, n), F64),
+        DN: T.Tensor((batch, L, R, G, n), HEAD_SUM),
         RAW: T.Tensor((batch, L, R, G, n), BF16),
         SPAN: T.Tensor((SB, SNC, 2), "int32"),
         WEIGHT: T.Tensor((n,), F32),

@@ -111,7 +111,8 @@ def _prepare(
     packed = cu_seqlens is not None
     layout = packed_layout(cu_seqlens, length, Q) if packed else unpacked_layout(starts, Q)
     config = KernelConfig(
-        H, p, n, R, G, S, Q, weights.norm is not None, None if prep is None else float(prep.A_floor), packed
+        H, p, n, R, G, S, Q, weights.norm is not None, None if prep is None else float(prep.A_floor), packed,
+        torch.are_deterministic_algorithms_enabled(),
     )
     ones = {}  # one read-only tensor of ones per shape, for the absent weights
 
@@ -316,8 +317,9 @@ def _backward_kernels(
     kernels.state_pass_bwd(gc, launch.mult, launch.seg, dh_final, ds.view(b, nc, H, 2, c.n, p), dh_in)
     del gc  # read by state_pass_bwd alone: its b·nc·H·n·p fp32 go back before chunk_dqkv's outputs (peak memory)
 
-    # dB, dC: float64 sums over a group's heads (atomic adds; see backward_kernels.scatter).
-    head_sum = lambda: torch.zeros(b, length, c.R, c.G, c.n, device=x.device, dtype=torch.float64)  # noqa: E731
+    # dB, dC: sums over a group's heads by atomic adds, float64 where deterministic (backward_kernels.head_sum_dtype)
+    head_sum_dtype = torch.float64 if c.deterministic else torch.float32
+    head_sum = lambda: torch.zeros(b, length, c.R, c.G, c.n, device=x.device, dtype=head_sum_dtype)  # noqa: E731
     dx, dB, dC = torch.empty_like(x), head_sum(), head_sum()  # dx in x's dtype: the kernel rounds it once
     dB_bias, dC_bias, dmimo_x = empty(b, nc, H, c.R, c.n), empty(b, nc, H, c.R, c.n), empty(b, nc, H, c.R, p)
     dD, theta_turn = empty(b, H, rows * c.R), empty(b, H, rows)
@@ -352,7 +354,7 @@ def _backward_kernels(
         dC, dC_norm = _norm_grad(kernels, dC, raw.C, launch.layout.span, launch.C_norm, nc)
         grads_prep = (chunk_sum(dbias), dB_norm, dC_norm)
     else:
-        dB, dC = as_dtype(dB, inputs.B.dtype), as_dtype(dC, inputs.C.dtype)  # straight from the float64 sums
+        dB, dC = as_dtype(dB, inputs.B.dtype), as_dtype(dC, inputs.C.dtype)  # straight from the head sums
     grads_inputs = Mamba3Inputs(dx, dz, dB, dC, rest.dt, rest.A, rest.trap, rest.angles)
     mimo = weights.mimo_x is not None
     gate_z, gate_o, gate_norm = gate.unbind(3) if mimo or weights.norm is not None else (None,) * 3
@@ -368,7 +370,7 @@ def _backward_kernels(
 
 
 def _norm_grad(kernels, grad: Tensor, raw: Tensor, span: Tensor, weight: Tensor, nc: int) -> tuple[Tensor, Tensor]:
-    """RMSNorm's backward by the `norm_grad` kernel: the float64 sums of ∂(normed B or C) (b, l, R, G, n) and
+    """RMSNorm's backward by the `norm_grad` kernel: the head sums of ∂(normed B or C) (b, l, R, G, n) and
     the raw rows (bf16) -> (∂raw rows in their dtype, ∂weight (n,) fp32 from per-chunk partial sums)."""
     draw = torch.empty(grad.shape, device=grad.device, dtype=raw.dtype)
     dweight = torch.empty(grad.shape[0], nc, grad.shape[-1], device=grad.device, dtype=torch.float32)

@@ -56,8 +56,11 @@ F32, BF16, F64 = "float32", "bfloat16", "float64"
 class KernelConfig(NamedTuple):
     """Static sizes of one compiled kernel set: H heads, p head dim, n state, R ranks, G groups,
     S rotated pairs, Q tokens per chunk, whether the per-head output norm is applied, the prep's A floor
-    where the kernels run the prep (`interface.Mamba3Prep`: raw dt, A, B, C in), else None, and whether the
-    chunks hold `cu_seqlens` documents laid out to start at chunk boundaries (`chunk_layout`)."""
+    where the kernels run the prep (`interface.Mamba3Prep`: raw dt, A, B, C in), else None, whether the
+    chunks hold `cu_seqlens` documents laid out to start at chunk boundaries (`chunk_layout`), and whether
+    the backward is deterministic (PyTorch's `torch.use_deterministic_algorithms`, which Megatron-LM's
+    `--deterministic-mode` turns on): dB and dC summed over a group's heads exactly, in float64 atomics,
+    else in fp32 ones (`backward_kernels.scatter`)."""
 
     H: int
     p: int
@@ -69,6 +72,7 @@ class KernelConfig(NamedTuple):
     norm: bool
     A_floor: float | None = None
     packed: bool = False
+    deterministic: bool = False
 
 
 class KernelSet(NamedTuple):
