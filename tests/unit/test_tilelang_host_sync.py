@@ -49,7 +49,9 @@ def _kernel_module(launches: list) -> types.ModuleType:
     """Stand-in for `megatron_mamba3.ops.tilelang.kernels`: its `KernelConfig` fields, and kernels that
     record (name, tensor arguments) instead of launching."""
     module = types.ModuleType("megatron_mamba3.ops.tilelang.kernels")
-    module.KernelConfig = namedtuple("KernelConfig", "H p n R G S Q norm A_floor packed", defaults=(None, False))
+    module.KernelConfig = namedtuple(
+        "KernelConfig", "H p n R G S Q norm A_floor packed deterministic", defaults=(None, False, False)
+    )
 
     def launcher(name):
         return lambda *args: launches.append((name, [a for a in args if isinstance(a, torch.Tensor)]))
