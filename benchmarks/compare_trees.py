@@ -1,4 +1,5 @@
-"""Per-kernel device time of source trees side by side, on one GPU in one run: A/Bs of kernel changes.
+"""Per-kernel device time and host time of source trees side by side, on one GPU in one run: A/Bs of kernel
+and host-side changes.
 
     python -m benchmarks.compare_trees BASE TREE [TREE ...] [--shapes siso8 mimo8 siso1 mimo1] [--rounds 2] [--repeats 10]
     python -m benchmarks.compare_trees --table LOG [--shapes ...]   # the table from a run's printed rounds
@@ -8,8 +9,8 @@ of branches (`git worktree add /tmp/b BRANCH`); each TREE is compared with BASE,
 of BASE's kernels) serves several candidate changes. Each round runs every tree once, in turn, in a fresh
 process whose working directory is the tree (so the parallel kernel compiles of `ops.tilelang.build`, which run
 `python -m`, import that tree's kernels too); the process times one forward+backward per shape with
-`bench_kernels`' inputs and profiler split (device ms per kernel, PyTorch's kernels in one column) and its peak
-memory. The table gives each tree's median over the rounds and its difference from BASE. The first round of a tree also compiles
+`bench_kernels`' inputs and profiler split (device ms per kernel, PyTorch's kernels in one column), the host's
+time to issue it from an idle GPU (`host_ms`) and its peak memory. The table gives each tree's median over the rounds and its difference from BASE. The first round of a tree also compiles
 its kernels (TileLang's disk cache makes the later rounds load them). Each tree's result is printed as it
 comes (`round N: LABEL {json}`), so a run stopped by a time limit still gives the table of the rounds it
 finished (`--table LOG`).
@@ -25,6 +26,7 @@ import re
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 
@@ -43,6 +45,7 @@ SHAPES = {  # name -> (b, l, H, R): bench_kernels' shapes, e.g. "siso8" for SISO
 }
 PEAK = "peak MiB"  # the row of each shape's peak memory of one forward+backward
 TOTAL = "total"
+HOST = "host ms"  # the row of the host's time to issue one forward+backward (`host_ms`)
 
 
 def child_argv(shapes: list[str], repeats: int) -> list[str]:
@@ -64,8 +67,23 @@ def shape_step(shape: str):
     return BENCH.scan_call("tilelang", inputs, weights, True)
 
 
+def host_ms(step, repeats: int) -> float:
+    """The median host time of `repeats` calls of `step`, each from an idle GPU (synchronised before it, not
+    after): what the host takes to issue the call's kernels, which bounds the call where it exceeds their device
+    time."""
+    import torch
+
+    times = []
+    for _ in range(repeats):
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        step()
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
 def _time_tree(shapes: list[str], repeats: int) -> None:
-    """In the timing process: one JSON line per shape, {"shape", "split": {kernel: ms}, "peak"}."""
+    """In the timing process: one JSON line per shape, {"shape", "split": {kernel: ms}, "peak", "host"}."""
     import torch
 
     from megatron_mamba3.ops.tilelang import backward_kernels, kernels
@@ -76,11 +94,12 @@ def _time_tree(shapes: list[str], repeats: int) -> None:
         step()
         torch.cuda.synchronize()
         split = BENCH._kernel_ms(step, known, repeats)
-        print(json.dumps({"shape": shape, "split": split, "peak": BENCH._peak_mib(step)}), flush=True)
+        row = {"shape": shape, "split": split, "peak": BENCH._peak_mib(step), "host": host_ms(step, repeats)}
+        print(json.dumps(row), flush=True)
 
 
 def run_tree(tree: Path, shapes: list[str], repeats: int) -> dict[str, dict[str, float]]:
-    """One timing process for `tree`: shape -> {kernel: ms, TOTAL: ms, PEAK: MiB}."""
+    """One timing process for `tree`: shape -> {kernel: ms, TOTAL: ms, HOST: ms, PEAK: MiB}."""
     done = subprocess.run(child_argv(shapes, repeats), cwd=tree, env=child_environment(tree),
                           capture_output=True, text=True, check=False)
     if done.returncode:
@@ -89,22 +108,25 @@ def run_tree(tree: Path, shapes: list[str], repeats: int) -> dict[str, dict[str,
     for line in done.stdout.splitlines():
         if line.startswith("{"):
             row = json.loads(line)
-            found[row["shape"]] = {**row["split"], TOTAL: sum(row["split"].values()), PEAK: row["peak"]}
+            split = row["split"]
+            found[row["shape"]] = {**split, TOTAL: sum(split.values()), HOST: row["host"], PEAK: row["peak"]}
     return found
 
 
 def comparison_table(runs: dict[str, list[dict[str, dict[str, float]]]], shapes: list[str]) -> list[str]:
     """Markdown lines from each tree's runs (tree label -> one result per round, as `run_tree` gives; the first
     tree is the base): per shape and kernel, the median over the rounds of the base, then of each other tree
-    and its difference from the base; the kernels in order of the base's time, then the total and the peak."""
+    and its difference from the base; the kernels in order of the base's time, then the total, the host's
+    time (where the runs have it: older logs do not) and the peak."""
     (base, base_runs), *others = runs.items()
     median = lambda results, shape, name: statistics.median(r[shape].get(name, 0.0) for r in results)  # noqa: E731
     header = "".join(f" {label} | {label} − {base} |" for label, _ in others)
     lines = [f"| shape | kernel | {base} |{header}", "|---|---|---|" + "---|---|" * len(others)]
     for shape in shapes:
-        names = {name for results in runs.values() for result in results for name in result[shape]} - {TOTAL, PEAK}
+        found = {name for results in runs.values() for result in results for name in result[shape]}
+        names = found - {TOTAL, HOST, PEAK}
         order = sorted(names, key=lambda name: -median(base_runs, shape, name))
-        for name in (*order, TOTAL, PEAK):
+        for name in (*order, TOTAL, *([HOST] if HOST in found else []), PEAK):
             digits = 0 if name == PEAK else 3
             a = median(base_runs, shape, name)
             cells = "".join(f" {b:.{digits}f} | {b - a:+.{digits}f} |" for b in (median(r, shape, name) for _, r in others))
@@ -169,7 +191,7 @@ def main(argv: list[str] | None = None) -> None:
         for label, tree in zip(labels, args.trees):
             runs[label].append(run_tree(tree.resolve(), args.shapes, args.repeats))
             print(f"round {round_ + 1}: {label} {json.dumps(runs[label][-1])}", flush=True)
-    print("\nDevice ms of one forward+backward per kernel (median of the rounds), peak MiB")
+    print("\nDevice ms of one forward+backward per kernel, host ms to issue it (medians of the rounds), peak MiB")
     print("\n".join(comparison_table(runs, args.shapes)))
 
 

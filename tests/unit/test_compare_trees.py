@@ -7,6 +7,7 @@ import os
 import pytest
 
 from benchmarks.compare_trees import (
+    HOST,
     PEAK,
     TOTAL,
     child_argv,
@@ -54,6 +55,19 @@ def test_comparison_table_takes_each_trees_median_and_the_difference():
         "| siso8 | total | 2.500 | 2.250 | -0.250 |",
         "| siso8 | peak MiB | 1098 | 1034 | -64 |",
     ]
+
+
+def test_the_host_time_has_its_row_where_the_runs_have_it():
+    with_host = lambda dqkv, host: {"siso8": {**_result(dqkv, 0.5, 1098)["siso8"], HOST: host}}  # noqa: E731
+    runs = {"main": [with_host(1.8, 2.0), with_host(1.8, 3.0)], "branch": [with_host(1.7, 1.5), with_host(1.7, 1.6)]}
+    lines = comparison_table(runs, ["siso8"])
+    assert lines[-3:] == [
+        "| siso8 | total | 2.300 | 2.200 | -0.100 |",  # the host's time is not a kernel: not in the total
+        "| siso8 | host ms | 2.500 | 1.550 | -0.950 |",
+        "| siso8 | peak MiB | 1098 | 1098 | +0 |",
+    ]
+    older = {"main": [_result(1.8, 0.5, 1098)], "b": [_result(1.7, 0.5, 1098)]}  # a log from before the host rows
+    assert not any(HOST in line for line in comparison_table(older, ["siso8"]))
 
 
 def test_every_other_tree_is_compared_with_the_base():
