@@ -42,6 +42,7 @@ def _dtype(name: str, config) -> torch.dtype:
         return torch.float64 if config.deterministic else torch.float32
     return DTYPES[name]
 
+
 # Upper bounds on the top-level aten ops of one forward and one backward (out.float().sum().backward():
 # the output has a gradient, the final state none; inputs bf16, weights and state fp32, as in training;
 # the backward's count includes autograd's 16 (SISO) / 19 (MIMO) ops for the sum, the casts and the leaves'
