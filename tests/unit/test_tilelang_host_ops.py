@@ -153,11 +153,15 @@ FORWARD_LAUNCHES = {  # the forward's kernels, walking the chunks (`chunk_walk`)
     "kind,R,norm,prep", [("siso", 1, False, False), ("mimo", 4, True, False), ("siso", 1, False, True), ("mimo", 4, True, True)]
 )
 def test_host_ops_are_bounded_and_launches_match_the_kernel_signatures(monkeypatch, kind, R, norm, prep, walk):
+    _check_launches_and_host_ops(monkeypatch, kind, R, norm, prep, B, _row_dims(R), starts=True, walk=walk)
+
+
+def _row_dims(R: int) -> dict:
+    """The launches' runtime sizes for B rows of L tokens at rank R: per-row states; the unpacked layout's span
+    and docs are a (1, 1, 2) stand-in the kernels never read."""
     Q = function.TILE_ROWS // R
     nc = math.ceil(L / Q)
-    # per-row states; the unpacked layout's span and docs are a (1, 1, 2) stand-in the kernels never read
-    config_dims = dict(batch=B, L=L, LP=nc * Q, NC=nc, NS=B, SB=1, SNC=1, DB=1, ND=1)
-    _check_launches_and_host_ops(monkeypatch, kind, R, norm, prep, B, config_dims, starts=True, walk=walk)
+    return dict(batch=B, L=L, LP=nc * Q, NC=nc, NS=B, SB=1, SNC=1, DB=1, ND=1)
 
 
 def _check_launches_and_host_ops(monkeypatch, kind, R, norm, prep, B, config_dims, starts, walk):
@@ -200,11 +204,9 @@ def test_deterministic_algorithms_sum_db_and_dc_over_the_heads_in_float64(
     """Under `torch.use_deterministic_algorithms` the kernels' config is deterministic, so chunk_dqkv (and
     norm_grad, with the prep) get float64 dB and dC (their HEAD_SUM parameters: the launch check compares
     dtypes), else fp32; the host ops stay within the bounds either way."""
-    nc = math.ceil(L / (function.TILE_ROWS // R))
-    config_dims = dict(batch=B, L=L, LP=nc * function.TILE_ROWS // R, NC=nc, NS=B, SB=1, SNC=1, DB=1, ND=1)
     with deterministic_algorithms(deterministic):
         launches = _check_launches_and_host_ops(
-            monkeypatch, kind, R, norm, prep, B, config_dims, starts=True, walk=False
+            monkeypatch, kind, R, norm, prep, B, _row_dims(R), starts=True, walk=False
         )
     assert launches.config.deterministic is deterministic
 
