@@ -14,9 +14,12 @@ from megatron_mamba3.ops.segments import document_starts
 from megatron_mamba3.ops.tilelang.chunk_grad import (
     BoundaryStates,
     TermGrads,
+    TermParts,
     chunked_backward,
+    initial_state_grads,
     piece_grads,
     terms_backward,
+    token_grads,
 )
 from megatron_mamba3.ops.tilelang.chunk_math import chunk_count, chunk_terms, chunked_parallel, final_state, token_theta
 from tests.helpers import assert_states_close, make_case, make_state, rel_err
@@ -138,6 +141,36 @@ def test_terms_backward_matches_autograd(R, G):
     for name, grad, reference in zip(names, mine, expected):
         if name != "theta":
             assert rel_err(grad, reference) < 1e-10, name
+
+
+@pytest.mark.parametrize("final_theta", [False, True], ids=["no-final-theta", "final-theta"])
+@pytest.mark.parametrize("R,G", [(1, 2), (4, 1)], ids=["siso", "mimo"])
+def test_terms_backward_without_starts_is_one_document_a_row(R, G, final_theta):
+    """starts=None (each row one document: the kernels' layout without segment ids) gives the very bits of
+    an all-False starts tensor: θ's carry takes every chunk's document to the row's end and ∂θ_0 the final
+    state's terms, without searching the layout. float64, random upstream gradients, a padded last chunk."""
+    b, l, H, p, n, chunk = 2, 29, 4, 3, 8, 6  # noqa: E741
+    inputs, weights = make_case(b=b, l=l, H=H, p=p, R=R, G=G, n=n, S=2, seed=5 + R)
+    state = make_state(b, H, p, R, n, 2)
+    no_starts = torch.zeros(b, l, dtype=torch.bool)
+    l_pad, nc = chunk_count(l, chunk) * chunk, chunk_count(l, chunk)
+    generator = torch.Generator().manual_seed(R)
+    randn = lambda *shape: torch.randn(*shape, generator=generator, dtype=torch.float64)  # noqa: E731
+    final = Mamba3State(randn(b, H, p, n), randn(b, R, H, n), randn(b, H, p), randn(b, H, 2) if final_theta else None)
+    grads = TermGrads(
+        randn(b, l_pad, H), randn(b, l_pad, H), randn(b, l_pad, H), randn(b, nc, H), randn(b, l_pad, H, 2),
+        randn(b, H, p, n), final,
+    )
+    terms = chunk_terms(inputs, weights, no_starts, state, chunk)
+    boundary = BoundaryStates(terms.h_in, randn(b, H, p, n))
+    pieces = piece_grads(inputs, terms, grads)
+    # the PyTorch per-token part reads the starts (the kernels' reads seg): it gets the all-False ones either way
+    parts = TermParts(initial_state_grads, lambda inputs, starts, *rest: token_grads(inputs, no_starts, *rest))
+    expected = terms_backward(inputs, weights, no_starts, state, terms, pieces, boundary, parts)
+    found = terms_backward(inputs, weights, None, state, terms, pieces, boundary, parts)
+    for name, got, want in zip(expected._fields, found, expected):
+        for part, (g, w) in enumerate(zip(got, want) if isinstance(want, tuple) else [(got, want)]):
+            assert (g is None and w is None) or torch.equal(g, w), (name, part)
 
 
 @pytest.mark.parametrize("R, G", [(1, 2), (4, 1)], ids=["siso", "mimo"])

@@ -64,9 +64,11 @@ def _case(n, p, R, G, norm, b=2, l=LENGTH, seed=0, wide_angles=False):  # noqa: 
 
 
 @functools.cache
-def _tolerance(config, wide_angles=False):
-    """`bf16_bound` of the bf16 reference's own relative error against the float64 oracle."""
+def _tolerance(config, wide_angles=False, segments=True):
+    """`bf16_bound` of the bf16 reference's own relative error against the float64 oracle (on `_case`'s
+    segment ids, or without: each row one document)."""
     inputs, weights, state, segment_ids = _case(*config, wide_angles=wide_angles)
+    segment_ids = segment_ids if segments else None
     options = dict(segment_ids=segment_ids, initial_state=state)
     oracle, _ = mamba3_recurrent(
         inputs.to(torch.float64), weights.to(torch.float64), segment_ids=segment_ids, initial_state=state.to(torch.float64)
@@ -98,16 +100,25 @@ def test_forward_and_gradients_match_reference(config):
 
 
 @pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[3]], ids=[IDS[0], IDS[3]])
+def test_rows_without_segment_ids_match_reference(config):
+    """Each row one document (no segment ids: the kernels' layout without starts, θ's carry across chunks to
+    the row's end), from the initial state: within the same bound."""
+    _check_against_reference(config, segments=False)
+
+
+@pytest.mark.parametrize("config", [CONFIGS[0], CONFIGS[3]], ids=[IDS[0], IDS[3]])
 def test_wide_rotation_angles_match_reference(config):
     """θ far outside [−π, π] inside a chunk: the kernels' sin and cos (nvcc's fast approximations, on θ
     reduced to [−π, π]) stay within the same bound."""
     _check_against_reference(config, wide_angles=True)
 
 
-def _check_against_reference(config, wide_angles=False):
-    """Outputs, final state and every gradient of the kernels against the fp32 reference's, within `_tolerance`."""
-    tol = _tolerance(config, wide_angles)
+def _check_against_reference(config, wide_angles=False, segments=True):
+    """Outputs, final state and every gradient of the kernels against the fp32 reference's, within `_tolerance`;
+    on `_case`'s segment ids, or (not `segments`) without them."""
+    tol = _tolerance(config, wide_angles, segments)
     inputs, weights, state, segment_ids = _case(*config, wide_angles=wide_angles)
+    segment_ids = segment_ids if segments else None
     leaves_k, leaves_r = _leaves(inputs, weights, state), _leaves(inputs, weights, state)
     out, final = _run("tilelang", leaves_k, weights, segment_ids)
     out_ref, final_ref = _run("reference", leaves_r, weights, segment_ids, upcast=True)

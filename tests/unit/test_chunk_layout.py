@@ -47,6 +47,8 @@ def test_packed_layout_starts_every_document_at_a_chunk(offsets):
 def test_unpacked_layout_counts_document_starts_per_row():
     starts = torch.zeros(2, 10, dtype=torch.bool)
     starts[0, 3] = starts[0, 7] = starts[1, 9] = True
-    layout = unpacked_layout(starts, Q)
+    layout = unpacked_layout(starts, 2, 10, Q, starts.device)
     assert layout.seg.tolist() == [[0, 0, 0, 1, 1, 1, 1, 2, 2, 2, 2, 2], [0] * 9 + [1] * 3]
     assert layout.last_tokens is None
+    # no starts: every row one document
+    assert unpacked_layout(None, 2, 10, Q, starts.device).seg.tolist() == [[0] * 12] * 2

@@ -157,7 +157,7 @@ class TermParts(NamedTuple):
 def terms_backward(
     inputs: Mamba3Inputs,
     weights: Mamba3Weights,
-    starts: Tensor,
+    starts: Tensor | None,
     state: Mamba3State,
     terms: ChunkTerms,
     grads: PieceGrads,
@@ -167,7 +167,8 @@ def terms_backward(
 ) -> InputGrads:
     """Push `grads` through `chunk_terms`, the per-token θ and the final state's k/v/θ, in closed form.
 
-    inputs (b, l, ...), starts (b, l) bool (never at t = 0), the initial state (k_prev and v_prev are read)
+    inputs (b, l, ...), starts (b, l) bool (never at t = 0; None: each row one document, or `last_tokens`'
+    documents), the initial state (k_prev and v_prev are read)
     and the forward's `terms`: seg (b, l_pad) int32, mult (b, nc, H) and θ_final (b, H, S), as `chunk_terms`
     gives them (or the kernels' launch), and its `boundary` states -> `InputGrads` (compute dtype; ∂Δ, ∂A,
     ∂trap and ∂angles in the dtype `parts.per_token` gives). `grads` must be the gradients of one loss (∂θ_0
@@ -199,6 +200,7 @@ def terms_backward(
     half_split = R > 1
     dtype = grads.theta_turn.dtype  # the compute dtype
     packed = last_tokens is not None
+    one_document = starts is None and not packed  # each row one document
 
     # The final key's gradients: ∂u = rot(−θ_final) ∂k for the unrotated u, and ∂θ from each pair of u
     # (rotations keep the pairs' cross products).
@@ -223,9 +225,12 @@ def terms_backward(
         reaches = F.pad(torch.cat((first, dtheta_final[:, None]), dim=1).double(), (0, 0, 0, 0, 1, 0))
     reaches = reaches.cumsum_(dim=1)  # Σ over the slots before k, (b, nc + 2, H, S)
     seg_chunks = terms.seg.view(b, nc, Q)
-    keys = torch.cat((seg_chunks[:, :, 0], terms.seg[:, -1:]), dim=1)  # each slot's document, (b, nc + 1)
-    past = torch.searchsorted(keys, seg_chunks[:, :, -1].contiguous(), right=True)  # after the last slot reached
-    carry = (reaches.take_along_dim(past.view(b, nc, 1, 1), dim=1) - reaches[:, 1:-1]).to(dtype)  # (b, nc, H, S)
+    if one_document:  # every chunk's reaches past the last slot
+        carry = (reaches[:, -1:] - reaches[:, 1:-1]).to(dtype)
+    else:
+        keys = torch.cat((seg_chunks[:, :, 0], terms.seg[:, -1:]), dim=1)  # each slot's document, (b, nc + 1)
+        past = torch.searchsorted(keys, seg_chunks[:, :, -1].contiguous(), right=True)  # after the last slot reached
+        carry = (reaches.take_along_dim(past.view(b, nc, 1, 1), dim=1) - reaches[:, 1:-1]).to(dtype)  # (b, nc, H, S)
     if packed and dtheta_final is not None:
         carry = carry + dtheta_final[seg_chunks[:, :, 0].long()]
 
@@ -239,8 +244,9 @@ def terms_backward(
         ends = turn_h if ends is None else ends + turn_h
     parts = parts or TermParts(initial_state_grads, token_grads)
     dk_prev, dv_prev, dmimo_x, dw0, dtheta_0 = parts.initial_state(inputs, weights, state, grads.h_in, boundary.h_in)
-    if ends is not None:  # packed, every document reaches its end
-        dtheta_0 = dtheta_0 + (ends if packed else torch.where((terms.seg[:, -1] == 0)[:, None, None], ends, 0))
+    if ends is not None:  # packed, every document reaches its end; one document a row reaches the row's
+        reached = ends if packed or one_document else torch.where((terms.seg[:, -1] == 0)[:, None, None], ends, 0)
+        dtheta_0 = dtheta_0 + reached
 
     ddt, dA, dtrap, dangles = parts.per_token(inputs, starts, terms.seg, grads, carry, dw0)
     no_key = dkey is None

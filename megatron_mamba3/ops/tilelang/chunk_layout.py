@@ -40,12 +40,15 @@ def last_token_rows(t: Tensor, last_tokens: Tensor | None) -> Tensor:
     return t[:, -1] if last_tokens is None else t[0, last_tokens]
 
 
-def unpacked_layout(starts: Tensor, Q: int) -> ChunkLayout:
-    """Rows with document starts (b, l) bool (never at t = 0) in chunks of Q tokens."""
-    b, length = starts.shape
+def unpacked_layout(starts: Tensor | None, b: int, length: int, Q: int, device: torch.device) -> ChunkLayout:
+    """b rows of `length` tokens in chunks of Q, with document starts (b, length) bool (never at t = 0), or
+    None: each row one document (seg all 0, one op instead of a pad and a cumsum)."""
     rows = chunk_count(length, Q) * Q
-    seg = (starts if rows == length else F.pad(starts, (0, rows - length))).cumsum(dim=1, dtype=torch.int32)
-    stand_in = torch.empty(1, 1, 2, dtype=torch.int32, device=starts.device)
+    if starts is None:
+        seg = torch.zeros(b, rows, dtype=torch.int32, device=device)
+    else:
+        seg = (starts if rows == length else F.pad(starts, (0, rows - length))).cumsum(dim=1, dtype=torch.int32)
+    stand_in = torch.empty(1, 1, 2, dtype=torch.int32, device=device)
     return ChunkLayout(seg, stand_in, stand_in, None)
 
 

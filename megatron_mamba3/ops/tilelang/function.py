@@ -100,28 +100,24 @@ def _prepare(
     inputs: Mamba3Inputs, weights: Mamba3Weights, starts: Tensor | None, cu_seqlens: Tensor | None,
     state: Mamba3State, prep: Mamba3Prep | None,
 ) -> _Launch:
-    """The launch of one call: rows with document `starts` (b, l) bool, or `cu_seqlens` documents (with one
-    state each); with `prep` (raw dt, A, B, C in), its Δ, B and C are chunk_prep's outputs."""
+    """The launch of one call: rows with document `starts` (b, l) bool (None: one document a row), or
+    `cu_seqlens` documents (with one state each); with `prep` (raw dt, A, B, C in), its Δ, B and C are
+    chunk_prep's outputs."""
     from megatron_mamba3.ops.tilelang.kernels import KernelConfig
 
-    length, H, p = inputs.x.shape[1:]
+    b, length, H, p = inputs.x.shape
     R, G, n = inputs.B.shape[2:]
     S = inputs.angles.shape[-1]
     Q = TILE_ROWS // R
     packed = cu_seqlens is not None
-    layout = packed_layout(cu_seqlens, length, Q) if packed else unpacked_layout(starts, Q)
+    layout = packed_layout(cu_seqlens, length, Q) if packed else unpacked_layout(starts, b, length, Q, inputs.x.device)
     config = KernelConfig(
         H, p, n, R, G, S, Q, weights.norm is not None, None if prep is None else float(prep.A_floor), packed,
         torch.are_deterministic_algorithms_enabled(),
     )
-    ones = {}  # one read-only tensor of ones per shape, for the absent weights
 
     def f32(t, shape):
-        if t is not None:
-            return as_dtype(t, torch.float32).contiguous()
-        if shape not in ones:
-            ones[shape] = torch.ones(shape, device=inputs.x.device)
-        return ones[shape]
+        return _ones(shape, inputs.x.device) if t is None else as_dtype(t, torch.float32).contiguous()
 
     inputs = Mamba3Inputs(*(t.contiguous() for t in inputs))
     mimo = [f32(t, (H, R, p)) for t in (weights.mimo_x, weights.mimo_z, weights.mimo_o)]
@@ -132,6 +128,20 @@ def _prepare(
     terms, inputs = kernel_terms(config, inputs, mimo[0], layout, state, prep_weights)
     x, z, B, C, dt, angles = (getattr(inputs, field) for field in _INPUT_FIELDS)
     return _Launch(config, layout, x, z, B, C, dt, angles, *terms, B_bias, C_bias, D, *mimo, norm, *prep_weights)
+
+
+@functools.cache
+def _cached_ones(shape: tuple[int, ...], device: torch.device) -> Tensor:
+    return torch.ones(shape, device=device)
+
+
+def _ones(shape: tuple[int, ...], device: torch.device) -> Tensor:
+    """A read-only fp32 tensor of ones of `shape` on `device`, the kernels' stand-in for an absent weight: made
+    once per shape and device (one op fewer per call), except while a CUDA graph is captured, whose memory pool
+    a cached tensor would outlive."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.ones(shape, device=device)
+    return _cached_ones(shape, device)
 
 
 def _empty(device: torch.device, *shape: int, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -317,10 +327,11 @@ def _backward_kernels(
     kernels.state_pass_bwd(gc, launch.mult, launch.seg, dh_final, ds.view(b, nc, H, 2, c.n, p), dh_in)
     del gc  # read by state_pass_bwd alone: its b·nc·H·n·p fp32 go back before chunk_dqkv's outputs (peak memory)
 
-    # dB, dC: sums over a group's heads by atomic adds, float64 where deterministic (backward_kernels.head_sum_dtype)
+    # dB, dC: sums over a group's heads by atomic adds, float64 where deterministic (backward_kernels.head_sum_dtype),
+    # zeroed in one op
     head_sum_dtype = torch.float64 if c.deterministic else torch.float32
-    head_sum = lambda: torch.zeros(b, length, c.R, c.G, c.n, device=x.device, dtype=head_sum_dtype)  # noqa: E731
-    dx, dB, dC = torch.empty_like(x), head_sum(), head_sum()  # dx in x's dtype: the kernel rounds it once
+    dB, dC = torch.zeros(2, b, length, c.R, c.G, c.n, device=x.device, dtype=head_sum_dtype).unbind(0)
+    dx = torch.empty_like(x)  # in x's dtype: the kernel rounds it once
     dB_bias, dC_bias, dmimo_x = empty(b, nc, H, c.R, c.n), empty(b, nc, H, c.R, c.n), empty(b, nc, H, c.R, p)
     dD, theta_turn = empty(b, H, rows * c.R), empty(b, H, rows)
     theta_dt = torch.zeros(b, rows, c.S, device=x.device, dtype=torch.float64)  # float64 sums over the heads
@@ -461,7 +472,7 @@ class _TileLangScan(torch.autograd.Function):
     """Arguments: the prep's A floor (None: no prep), whether a backward may follow (`saves`: the forward then
     keeps what it needs), then the leaves: 8 inputs, 7 weights (None where absent),
     4 state tensors (one per row, or per `cu_seqlens` document), the prep's dt_bias, B_norm, C_norm (None
-    without it), then starts (b, l) bool and cu_seqlens (N + 1,) (one of them None)."""
+    without it), then starts (b, l) bool and cu_seqlens (N + 1,) (at most one given; neither: each row one document)."""
 
     @staticmethod
     def forward(ctx, A_floor, saves, *leaves):
@@ -549,8 +560,11 @@ def tilelang_scan(
     and C are raw and the kernels run the prep (chunk_prep forward; terms_grad and norm_grad backward).
     """
     del chunk_size
-    if cu_seqlens is not None and inputs.x.shape[1] > 0:
-        return _packed_documents(inputs, weights, cu_seqlens, initial_state, prep)
+    if inputs.x.shape[1] > 0 and segment_ids is None:
+        if cu_seqlens is not None:
+            return _packed_documents(inputs, weights, cu_seqlens, initial_state, prep)
+        state = Mamba3State.given_or_zeros(initial_state, inputs.x.shape[0], read_dims(inputs), inputs.x)
+        return _rows(inputs, weights, None, state, prep=prep)  # one document a row: no starts to lay out
     return run_packed(
         functools.partial(_rows, prep=prep), inputs, weights, read_dims(inputs),
         segment_ids=segment_ids, cu_seqlens=cu_seqlens, initial_state=initial_state,
