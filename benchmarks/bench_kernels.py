@@ -16,9 +16,9 @@ leaves made once):
 and the peak device memory of one forward+backward (beside the official SISO's, recorded) and the first
 call's time. The official kernels' time on the same shape comes from their timing script
 (`bench_official.py`) run in a fresh process per case (`--official PATH`, PATH holding the script, or
-`--official auto`, see `resolve_official`) or, without it, from the figures recorded on an H100 (marked
-"recorded"). The second table splits each shape's forward+backward GPU time by kernel (`kernel_kind`),
-PyTorch's own kernels in one column.
+`--official auto`, see `resolve_official`) or, without it, from the figures recorded on the same GPU model
+(marked "recorded"), else on an H100 (marked "recorded on H100"; `recorded_official_ms`). The second table
+splits each shape's forward+backward GPU time by kernel (`kernel_kind`), PyTorch's own kernels in one column.
 
 Accuracy beside speed (`output_errors`): the forward output's relative error max |out − oracle| /
 max |oracle| (float64) against the float64 oracle `mamba3_recurrent` run on the very bf16 input values
@@ -202,16 +202,38 @@ def _peak_mib(fn) -> float:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-# The official kernels (state-spaces/mamba e9594ce) on one H100 with their own timing script (triton do_bench,
-# host included; torch 2.11, triton 3.6), the lowest of the runs recorded: 2026-11-25, and 2026-11-26 for SISO
-# fwd+bwd b8, whose autotuned run took 2.27 ms where the first took 3.90 (SISO fwd b8 took 0.71 that day, b1
-# fwd 1.19 and fwd+bwd 3.08 again); used where --official does not measure them.
+# The official kernels (state-spaces/mamba e9594ce) with their own timing script (triton do_bench, host included;
+# torch 2.11, triton 3.6), per GPU model, the lowest of the runs recorded; used where --official does not measure
+# them. H100: 2026-11-25, and 2026-11-26 for SISO fwd+bwd b8, whose autotuned run took 2.27 ms where the first took
+# 3.90 (SISO fwd b8 took 0.71 that day, b1 fwd 1.19 and fwd+bwd 3.08 again). H200: 2026-11-28, forwards only (one run).
 OFFICIAL_RECORDED = {
-    ("siso", "fwd", 8, 2048, 32): 0.60, ("siso", "fwd", 1, 8192, 8): 1.19,
-    ("mimo", "fwd", 8, 2048, 32): 1.08, ("mimo", "fwd", 1, 8192, 8): 3.13,
-    ("siso", "fwdbwd", 8, 2048, 32): 2.27, ("siso", "fwdbwd", 1, 8192, 8): 3.08,
+    "H100": {
+        ("siso", "fwd", 8, 2048, 32): 0.60, ("siso", "fwd", 1, 8192, 8): 1.19,
+        ("mimo", "fwd", 8, 2048, 32): 1.08, ("mimo", "fwd", 1, 8192, 8): 3.13,
+        ("siso", "fwdbwd", 8, 2048, 32): 2.27, ("siso", "fwdbwd", 1, 8192, 8): 3.08,
+    },
+    "H200": {
+        ("siso", "fwd", 8, 2048, 32): 0.50, ("siso", "fwd", 1, 8192, 8): 1.24,
+        ("mimo", "fwd", 8, 2048, 32): 1.07, ("mimo", "fwd", 1, 8192, 8): 3.13,
+    },
 }
-# Their peak device memory of one fwd+bwd above the inputs, MiB, as `_peak_mib` takes it (2026-11-26, same runs).
+RECORDED_FALLBACK = "H100"  # the GPU whose figures stand in where the running GPU has none recorded
+
+
+def recorded_official_ms(device: str, kind: str, mode: str, b: int, l: int,  # noqa: E741
+                         H: int) -> tuple[float | None, str]:
+    """(ms, source) recorded for the official kernels on one shape: the figure of the GPU model that `device`
+    (torch.cuda.get_device_name()) names, else the fallback GPU's, with the GPU named where it is not `device`'s."""
+    key = (kind, mode, b, l, H)
+    gpu = next((gpu for gpu in OFFICIAL_RECORDED if gpu in device), None)
+    if key in OFFICIAL_RECORDED.get(gpu, {}):
+        return OFFICIAL_RECORDED[gpu][key], "recorded"
+    if key in OFFICIAL_RECORDED[RECORDED_FALLBACK]:
+        return OFFICIAL_RECORDED[RECORDED_FALLBACK][key], f"recorded on {RECORDED_FALLBACK}"
+    return None, "-"
+
+
+# Their peak device memory of one fwd+bwd above the inputs, MiB, as `_peak_mib` takes it (H100, 2026-11-26, same runs).
 OFFICIAL_PEAK_RECORDED = {("siso", 8, 2048, 32): 1120, ("siso", 1, 8192, 8): 143}
 
 
@@ -255,12 +277,13 @@ def resolve_official(spec: str | None, copy: Path = OFFICIAL_COPY) -> Official:
     return Official(None, False, f"recorded figures: {'; '.join(reasons)}")
 
 
-def official_ms(official: Official, kind: str, mode: str, b: int, l: int, H: int, timeout: float) -> tuple[float | None, str]:  # noqa: E741
+def official_ms(official: Official, device: str, kind: str, mode: str, b: int, l: int, H: int,  # noqa: E741
+                timeout: float) -> tuple[float | None, str]:
     """(ms, source) of the official kernels on one shape: measured by their timing script in a fresh
-    process (first calls autotune: SISO fwd ~90 s, fwd+bwd ~340 s), else the recorded figure."""
+    process (first calls autotune: SISO fwd ~90 s, fwd+bwd ~340 s), else the figure recorded on `device`'s GPU
+    model (`recorded_official_ms`)."""
     if official.script is None:
-        recorded = OFFICIAL_RECORDED.get((kind, mode, b, l, H))
-        return recorded, "recorded" if recorded is not None else "-"
+        return recorded_official_ms(device, kind, mode, b, l, H)
     with tempfile.TemporaryDirectory() as folder:
         script = official.script
         if official.installed:  # the script puts its own folder first on sys.path; a bare copy imports the installed package
@@ -324,8 +347,8 @@ def main() -> None:
             splits.append((f"{kind} R{R} b{b} l{l} H{H}", split))
             peak = _peak_mib(forward_backward)
             errors = output_errors(inputs, weights, {"tilelang": forward()})
-            off_fwd = official_ms(official, kind, "fwd", b, l, H, args.official_timeout)
-            off_train = official_ms(official, kind, "fwdbwd", b, l, H, args.official_timeout)
+            off_fwd = official_ms(official, device, kind, "fwd", b, l, H, args.official_timeout)
+            off_train = official_ms(official, device, kind, "fwdbwd", b, l, H, args.official_timeout)
             rows.append(((kind, b, l, H), f"{kind} R{R} b{b} l{l} H{H}", fwd, fwd_latency, gpu, off_fwd, train,
                          train_latency, train_gpu, off_train, peak, first, errors["tilelang"], errors["reference"]))
             print(rows[-1], flush=True)
@@ -345,7 +368,7 @@ def main() -> None:
     for key, shape, fwd, fwd_latency, gpu, off_fwd, train, train_latency, train_gpu, off_train, peak, first, error, \
             reference_error in rows:
         off_peak = OFFICIAL_PEAK_RECORDED.get(key)
-        off_peak = "-" if off_peak is None else f"{off_peak} (recorded)"
+        off_peak = "-" if off_peak is None else f"{off_peak} (recorded on H100)"
         print(f"| {shape} | {fwd:.3f} | {fwd_latency:.3f} | {gpu:.3f} | {' | '.join(versus(fwd, off_fwd))} | {train:.3f} "
               f"| {train_latency:.3f} | {train_gpu:.3f} | {' | '.join(versus(train, off_train))} | {peak:.0f} "
               f"| {off_peak} | {first:.1f} | {error:.2e} | {reference_error:.2e} | - |")

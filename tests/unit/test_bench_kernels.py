@@ -10,8 +10,8 @@ import pytest
 import torch
 
 from benchmarks.bench_kernels import (
-    OFFICIAL_RECORDED, OFFICIAL_SCRIPT, Official, kernel_kind, kernel_table, official_ms, output_errors, resolve_official,
-    scan_call,
+    OFFICIAL_RECORDED, OFFICIAL_SCRIPT, Official, kernel_kind, kernel_table, official_ms, output_errors,
+    recorded_official_ms, resolve_official, scan_call,
 )
 from megatron_mamba3.ops import mamba3_scan
 from tests.helpers import make_case
@@ -148,13 +148,24 @@ def test_official_ms_runs_the_script_in_place_or_detached(tmp_path):
         f"here = Path(__file__).resolve().parent == Path({str(folder.resolve())!r})\n"
         "print(f'RESULT {sys.argv[1]}: {1.5 if here else 2.5} ms')\n"
     )
-    assert official_ms(Official(script, False, ""), "siso", "fwd", 1, 64, 2, 60) == (1.5, "measured")
-    assert official_ms(Official(script, True, ""), "siso", "fwd", 1, 64, 2, 60) == (2.5, "measured")
+    assert official_ms(Official(script, False, ""), "NVIDIA H200", "siso", "fwd", 1, 64, 2, 60) == (1.5, "measured")
+    assert official_ms(Official(script, True, ""), "NVIDIA H200", "siso", "fwd", 1, 64, 2, 60) == (2.5, "measured")
     script.write_text("import sys\nsys.exit('no GPU here')\n")
-    assert official_ms(Official(script, False, ""), "siso", "fwd", 1, 64, 2, 60) == (None, "no GPU here")
+    assert official_ms(Official(script, False, ""), "NVIDIA H200", "siso", "fwd", 1, 64, 2, 60) == (None, "no GPU here")
     recorded = Official(None, False, "")
-    assert official_ms(recorded, "siso", "fwd", 8, 2048, 32, 60) == (OFFICIAL_RECORDED["siso", "fwd", 8, 2048, 32], "recorded")
-    assert official_ms(recorded, "siso", "fwd", 3, 64, 2, 60) == (None, "-")
+    assert official_ms(recorded, "NVIDIA H100 80GB HBM3", "siso", "fwd", 8, 2048, 32, 60) == (0.60, "recorded")
+
+
+def test_recorded_official_figures_are_the_running_gpu_models_else_the_h100s_named():
+    h100, h200 = OFFICIAL_RECORDED["H100"], OFFICIAL_RECORDED["H200"]
+    siso8, mimo1 = ("siso", "fwd", 8, 2048, 32), ("mimo", "fwd", 1, 8192, 8)
+    siso8_train = ("siso", "fwdbwd", 8, 2048, 32)
+    assert h200[siso8] != h100[siso8]
+    assert recorded_official_ms("NVIDIA H200", *siso8) == (h200[siso8], "recorded")
+    assert recorded_official_ms("NVIDIA H200", *siso8_train) == (h100[siso8_train], "recorded on H100")
+    assert recorded_official_ms("NVIDIA H100 80GB HBM3", *siso8_train) == (h100[siso8_train], "recorded")
+    assert recorded_official_ms("NVIDIA A100-SXM4-80GB", *mimo1) == (h100[mimo1], "recorded on H100")
+    assert recorded_official_ms("NVIDIA H200", "siso", "fwd", 3, 64, 2) == (None, "-")
 
 
 def test_kernel_split_names_the_tilelang_kernels_and_lumps_the_rest():
