@@ -70,7 +70,7 @@ def _dtype(name: str, config) -> torch.dtype:
 # two RMSNorms and their casts) issues 32 ops forward on the SISO inputs here and about 80 in autograd's backward.
 # The forward's fell by 3 (SISO; by 1 MIMO with the norm, by 2 SISO with the prep) when the stand-ins for absent
 # weights (ones) were made once per shape and device (`function._ones`; the test's uncounted first call makes them).
-# The backward's fell by 2 when the kernels read x and z as finite themselves (`kernels.token_row`): no copies.
+# The backward's fell by 2 when the kernels made x and z finite themselves (`kernels.finite_in_place`): no copies.
 BOUNDS = {("siso", False): (17, 85), ("mimo", False): (18, 98), ("siso", True): (20, 94), ("mimo", True): (21, 107)}
 # Rows without document starts (no `segment_ids`: `tilelang_scan` passes starts=None): the layout's seg is one zeros
 # op instead of a pad and a cumsum of the starts, and θ's carry across chunks in `terms_backward` takes every

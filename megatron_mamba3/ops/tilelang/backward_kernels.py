@@ -46,6 +46,7 @@ from megatron_mamba3.ops.tilelang.kernels import (
     decay_rate,
     decay_slope,
     decay_table,
+    finite_in_place,
     gate_blocks_per_sm,
     gate_macro,
     load_state,
@@ -203,7 +204,8 @@ def _chunk_dy(c: KernelConfig):
             gate_weights(MIMO_Z, MIMO_O, NORM, h, gate_s, out_w_s, norm_s)
             for i, pp in T.Parallel(Q, p):
                 do_s[i, pp] = token_row(DOUT, first, last, b, h, i, pp)
-                z_s[i, pp] = token_row(Z, first, last, b, h, i, pp, finite=True)
+                z_s[i, pp] = token_row(Z, first, last, b, h, i, pp)
+            finite_in_place(z_s)
             if c.norm:
                 squares = T.alloc_fragment((QR, p), F32)
                 row_sum = T.alloc_fragment((QR,), F32)

@@ -273,11 +273,12 @@ def _backward_kernels(
     The backward runs on finite copies of the inputs, the initial state's k_prev and v_prev (the only fields
     it reads) and the per-token terms (as the reference's chunked form does, `toolkit.finite`): a token's
     non-finite value then contributes an exact 0 wherever its output gradient is 0, instead of 0 · NaN, so
-    the gradients of other tokens and documents stay finite and equal to a run without it. The kernels read
-    x and z, the largest inputs, with their non-finite entries as 0 themselves (`kernels.token_row`), as they
-    read the forward's chunk starts `starts_h` (b, nc, H, n, p) bf16 (`kernels.load_state`; those are
-    non-finite only in the documents a bad value reaches): no copies of those. Unlike the reference,
-    the output gradient at the outputs the forward made non-finite is not dropped.
+    the gradients of other tokens and documents stay finite and equal to a run without it. The kernels set
+    the non-finite entries of x and z, the largest inputs, to 0 themselves once loaded
+    (`kernels.finite_in_place`), and read the forward's chunk starts `starts_h` (b, nc, H, n, p) bf16 with
+    theirs as 0 (`kernels.load_state`; those are non-finite only in the documents a bad value reaches): no
+    copies of those. Unlike the reference, the output gradient at the outputs the forward made non-finite is
+    not dropped.
 
     The forward's terms are spent once copied: their buffers (the backward's alone) take the backward's
     outputs of the same shape and dtype (∂(AΔ), ∂wd, ∂wo into `scalars`, dθ's first-piece sums into
@@ -287,8 +288,8 @@ def _backward_kernels(
     spent = launch
     prepped = launch.config.A_floor is not None
     raw = inputs
-    # The launch's x and z (contiguous), which the kernels read as finite themselves (`kernels.token_row`); with
-    # the prep, chunk_prep's Δ, B and C (terms_grad reads the raw A (as u) and dt).
+    # The launch's x and z (contiguous), which the kernels make finite themselves (`kernels.finite_in_place`);
+    # with the prep, chunk_prep's Δ, B and C (terms_grad reads the raw A (as u) and dt).
     read_as_finite = ("x", "z")
     inputs = inputs._replace(**{field: getattr(launch, field) for field in read_as_finite})
     if prepped:

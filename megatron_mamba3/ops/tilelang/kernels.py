@@ -226,13 +226,19 @@ def state_weight(seg_s, cs_s, wo_s, i):
     return T.if_then_else(seg_s[i] == seg_s[last], T.exp(cs_s[last] - cs_s[i]) * wo_s[i], 0.0)
 
 
-def token_row(SRC, first, last, b, h, i, pp, finite: bool = False):
-    """SRC[b, first + i, h, pp] of a (b, l, H, p) bf16 tensor: the chunk's row i, 0 past `last`; with `finite`,
-    0 where the value is not finite (the backward's view of x and z, as `load_state`'s of the chunk starts)."""
-    value = SRC[b, first + i, h, pp]
-    if finite:
-        value = T.if_then_else(T.abs(T.cast(value, F32)) < T.infinity(F32), value, T.cast(0, BF16))
-    return T.if_then_else(first + i <= last, value, T.cast(0, BF16))
+def token_row(SRC, first, last, b, h, i, pp):
+    """SRC[b, first + i, h, pp] of a (b, l, H, p) bf16 tensor: the chunk's row i, 0 past `last`."""
+    return T.if_then_else(first + i <= last, SRC[b, first + i, h, pp], T.cast(0, BF16))
+
+
+@T.macro
+def finite_in_place(tile_s):
+    """tile_s (rows, cols) bf16 in shared memory with its non-finite entries set to 0: the backward's view of x
+    and z, made after their rows are loaded (a select inside `token_row`'s load turns its 16-byte loads into
+    2-byte ones, each made twice)."""
+    for i, j in T.Parallel(*tile_s.shape):
+        value = tile_s[i, j]
+        tile_s[i, j] = T.if_then_else(T.isfinite(T.cast(value, F32)), value, T.cast(0, BF16))
 
 
 def reaches(seg_s, i, j):
@@ -410,10 +416,12 @@ def chunk_prologue(c: KernelConfig):
 
     @T.macro
     def values(X, MIMO_X, first, last, b, h, x_s, mx_s, v_s, product=True, finite=False):
-        """x_s = the chunk's x (bf16, zero past `last`, and with `finite` where not finite: `token_row`), mx_s =
-        mimo_x[h]; with `product`, v_s[(i, r), :] = x_i ⊙ mimo_x[h, r] (bf16)."""
+        """x_s = the chunk's x (bf16, zero past `last`, and with `finite` where not finite: `finite_in_place`),
+        mx_s = mimo_x[h]; with `product`, v_s[(i, r), :] = x_i ⊙ mimo_x[h, r] (bf16)."""
         for i, pp in T.Parallel(Q, p):
-            x_s[i, pp] = token_row(X, first, last, b, h, i, pp, finite)
+            x_s[i, pp] = token_row(X, first, last, b, h, i, pp)
+        if finite:
+            finite_in_place(x_s)
         head_rows(MIMO_X, h, mx_s)
         if product:
             for row, pp in T.Parallel(Q * R, p):
@@ -441,7 +449,7 @@ def chunk_y_macro(c: KernelConfig, finite_reads: bool = False):
     inputs in device memory, leaving the chunk's queries in q_s, keys in k_s, values in v_s, x in x_s and the
     carried-state weights in inter_s; `chunk_mix`, chunk_y's part from the chunk's scalars, rotated queries and
     keys, x and mimo_x in shared memory on (as `chunk_walk`, which fetches them ahead, has them). With
-    `finite_reads` (the backward's view), x's and the chunk start's non-finite entries read as 0 (`token_row`,
+    `finite_reads` (the backward's view), x's and the chunk start's non-finite entries read as 0 (`finite_in_place`,
     `load_state`)."""
     Q, R, p = c.Q, c.R, c.p
     QR = Q * R
