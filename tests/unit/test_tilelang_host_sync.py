@@ -1,13 +1,14 @@
-"""The TileLang forward's host-side work never reads a device value (so it never synchronises and can be
-captured in a CUDA graph): `mamba3_scan(backend="tilelang")`, from its argument checks through packing,
-the autograd Function and `_prepare` / `kernel_terms`, runs here on meta tensors with the kernel
-launches recorded instead of run.
+"""The TileLang forward's and backward's host-side work never reads a device value (so neither synchronises
+and both can be captured in a CUDA graph): `mamba3_scan(backend="tilelang")`, from its argument checks through
+packing, the autograd Function and `_prepare` / `kernel_terms`, and its backward (`_backward_kernels`,
+`terms_backward`, in deterministic mode and not), runs here on meta tensors with the kernel launches recorded
+instead of run.
 
 Meta tensors hold no data, so every host synchronisation raises on them: `.item()`, `bool()` / `int()` /
 a Python `if` on a tensor, `.tolist()`, `.cpu()`, and ops whose output shape depends on values
 (`nonzero`, boolean-mask indexing, `torch.unique`, `masked_select`). `_MetaOnly` also fails on any host
 tensor in an op (one copied to the device is a pageable copy, which CUDA graph capture refuses).
-Needs neither CUDA nor TileLang: the kernel module is replaced by `_kernel_module`. `cu_seqlens` documents
+Needs neither CUDA nor TileLang: the kernel modules are replaced by `_kernel_modules`. `cu_seqlens` documents
 run in the same one launch per kernel, their layout built on the device (`chunk_layout`). The GPU
 counterpart, tests/gpu/test_cuda_graph.py, captures the real forward in a CUDA graph.
 """
@@ -27,11 +28,12 @@ from megatron_mamba3.ops import mamba3_scan
 from megatron_mamba3.ops.interface import Mamba3Prep
 from megatron_mamba3.ops.tilelang import backend as tilelang_backend
 from megatron_mamba3.ops.tilelang import function
-from tests.helpers import make_case, make_state
+from tests.helpers import deterministic_algorithms, make_case, make_state
 from tests.unit.test_tilelang_host_ops import FORWARD_LAUNCHES
 
 B, L, H, P, N = 2, 200, 4, 64, 128
 DOCUMENTS = 5
+BACKWARD_LAUNCHES = ("chunk_dy", "state_pass_bwd", "chunk_dqkv", "initial_grad", "terms_grad", "norm_grad")
 
 
 class _MetaOnly(TorchDispatchMode):
@@ -45,11 +47,11 @@ class _MetaOnly(TorchDispatchMode):
         return out
 
 
-def _kernel_module(launches: list) -> types.ModuleType:
-    """Stand-in for `megatron_mamba3.ops.tilelang.kernels`: its `KernelConfig` fields, and kernels that
-    record (name, tensor arguments) instead of launching."""
-    module = types.ModuleType("megatron_mamba3.ops.tilelang.kernels")
-    module.KernelConfig = namedtuple(
+def _kernel_modules(launches: list) -> tuple[types.ModuleType, types.ModuleType]:
+    """Stand-ins for `megatron_mamba3.ops.tilelang.kernels` (its `KernelConfig` fields) and `backward_kernels`:
+    kernels that record (name, tensor arguments) instead of launching."""
+    forward = types.ModuleType("megatron_mamba3.ops.tilelang.kernels")
+    forward.KernelConfig = namedtuple(
         "KernelConfig", "H p n R G S Q norm A_floor packed deterministic", defaults=(None, False, False)
     )
 
@@ -57,21 +59,23 @@ def _kernel_module(launches: list) -> types.ModuleType:
         return lambda *args: launches.append((name, [a for a in args if isinstance(a, torch.Tensor)]))
 
     names = {name for kernels in FORWARD_LAUNCHES.values() for name in kernels}
-    module.kernel_set = lambda config: types.SimpleNamespace(**{name: launcher(name) for name in names})
-    return module
+    forward.kernel_set = lambda config: types.SimpleNamespace(**{name: launcher(name) for name in names})
+    backward = types.ModuleType("megatron_mamba3.ops.tilelang.backward_kernels")
+    backward.backward_set = lambda config: types.SimpleNamespace(**{name: launcher(name) for name in BACKWARD_LAUNCHES})
+    return forward, backward
 
 
 def _meta(tensors, dtype):
     return type(tensors)(*(None if t is None else torch.empty(t.shape, dtype=dtype, device="meta") for t in tensors))
 
 
-@pytest.mark.parametrize("walk", [False, True], ids=["chunks", "walk"])
-@pytest.mark.parametrize("R,norm", [(1, False), (4, True)], ids=["siso", "mimo"])
-@pytest.mark.parametrize("packing", ["plain", "segment_ids", "segment_ids+prep", "cu_seqlens", "cu_seqlens+initial_state"])
-def test_forward_host_work_reads_no_device_value(monkeypatch, packing, R, norm, walk):
-    launches = []
+def _scan_case(monkeypatch, packing, R, norm, walk, launches):
+    """(inputs, weights, options) of one `mamba3_scan` call on meta tensors, with the kernel modules replaced by
+    `_kernel_modules`' and the TileLang backend allowed anywhere."""
     monkeypatch.setattr(function, "walks", lambda p, rows, device: walk)  # (on the GPU: by the SM count)
-    monkeypatch.setitem(sys.modules, "megatron_mamba3.ops.tilelang.kernels", _kernel_module(launches))
+    forward, backward = _kernel_modules(launches)
+    monkeypatch.setitem(sys.modules, forward.__name__, forward)
+    monkeypatch.setitem(sys.modules, backward.__name__, backward)
     runs_anywhere = dataclasses.replace(tilelang_backend.BACKEND, why_not=lambda inputs: None)
     monkeypatch.setattr(tilelang_backend, "BACKEND", runs_anywhere)  # meta tensors, TileLang not needed
     inputs, weights = make_case(b=B, l=L, H=H, p=P, R=R, G=1, n=N, norm=norm)
@@ -81,15 +85,27 @@ def test_forward_host_work_reads_no_device_value(monkeypatch, packing, R, norm, 
     if packing == "segment_ids":  # values play no part on meta: only their shape and dtype reach the code
         state = _meta(make_state(B, H, P, R, N, N // 4), torch.float32)
         options = dict(segment_ids=torch.empty(B, L, dtype=torch.int64, device="meta"), initial_state=state)
-    states = B
     if packing.startswith("cu_seqlens"):  # one row of DOCUMENTS documents
-        states, inputs = DOCUMENTS, type(inputs)(*(t[:1] for t in inputs))
+        inputs = type(inputs)(*(t[:1] for t in inputs))
         options = dict(cu_seqlens=torch.empty(DOCUMENTS + 1, dtype=torch.int32, device="meta"))
         if packing.endswith("+initial_state"):
             options["initial_state"] = _meta(make_state(DOCUMENTS, H, P, R, N, N // 4), torch.float32)
     if packing.endswith("+prep"):  # raw dt, A, B, C: chunk_prep runs the prep
         meta = lambda *shape: torch.empty(shape, device="meta")  # noqa: E731
         options["prep"] = Mamba3Prep(meta(H), meta(N), meta(N), 1e-4)
+    return inputs, weights, options
+
+
+PACKINGS = ["plain", "segment_ids", "segment_ids+prep", "cu_seqlens", "cu_seqlens+initial_state"]
+
+
+@pytest.mark.parametrize("walk", [False, True], ids=["chunks", "walk"])
+@pytest.mark.parametrize("R,norm", [(1, False), (4, True)], ids=["siso", "mimo"])
+@pytest.mark.parametrize("packing", PACKINGS)
+def test_forward_host_work_reads_no_device_value(monkeypatch, packing, R, norm, walk):
+    launches = []
+    inputs, weights, options = _scan_case(monkeypatch, packing, R, norm, walk, launches)
+    states = DOCUMENTS if packing.startswith("cu_seqlens") else B
 
     clear_receipts()
     with _MetaOnly():
@@ -103,3 +119,24 @@ def test_forward_host_work_reads_no_device_value(monkeypatch, packing, R, norm, 
     assert all(t.device.type == "meta" for _, args in launches for t in args)
     assert out.shape == (inputs.x.shape[0], L, H, P) and out.dtype == torch.bfloat16
     assert [tuple(t.shape) for t in final] == [(states, H, P, N), (states, R, H, N), (states, H, P), (states, H, N // 4)]
+
+
+@pytest.mark.parametrize("R,norm", [(1, False), (4, True)], ids=["siso", "mimo"])
+@pytest.mark.parametrize("packing", PACKINGS)
+def test_backward_host_work_reads_no_device_value(monkeypatch, packing, R, norm):
+    """The backward too (so a forward+backward can be captured in one CUDA graph: tests/gpu/test_cuda_graph.py),
+    with gradients of the output and of every final-state field, in deterministic mode and not."""
+    for deterministic in (False, True):
+        launches = []
+        inputs, weights, options = _scan_case(monkeypatch, packing, R, norm, True, launches)
+        tensors = [t for t in tree_leaves((inputs, weights, options)) if isinstance(t, torch.Tensor)]
+        leaves = [t.requires_grad_() for t in tensors if t.is_floating_point()]
+        with deterministic_algorithms(deterministic), _MetaOnly():
+            out, final = mamba3_scan(inputs, weights, backend="tilelang", **options)
+            launches.clear()
+            outputs = (out, *final)
+            grads = torch.autograd.grad(outputs, leaves, [torch.ones_like(t) for t in outputs], allow_unused=True)
+        prep = ("norm_grad", "norm_grad") if "prep" in options else ()
+        assert [name for name, _ in launches] == [*BACKWARD_LAUNCHES[:-1], *prep]
+        assert all(t.device.type == "meta" for _, args in launches for t in args)
+        assert all(grad is not None and grad.shape == leaf.shape for leaf, grad in zip(leaves, grads))
