@@ -1,5 +1,5 @@
-"""The TileLang forward's and backward's host-side work never reads a device value (so neither synchronises
-and both can be captured in a CUDA graph): `mamba3_scan(backend="tilelang")`, from its argument checks through
+"""The TileLang forward's and backward's host-side work never reads a device value (so neither synchronises,
+as capturing them in a CUDA graph requires): `mamba3_scan(backend="tilelang")`, from its argument checks through
 packing, the autograd Function and `_prepare` / `kernel_terms`, and its backward (`_backward_kernels`,
 `terms_backward`, in deterministic mode and not), runs here on meta tensors with the kernel launches recorded
 instead of run.
@@ -121,14 +121,15 @@ def test_forward_host_work_reads_no_device_value(monkeypatch, packing, R, norm, 
     assert [tuple(t.shape) for t in final] == [(states, H, P, N), (states, R, H, N), (states, H, P), (states, H, N // 4)]
 
 
+@pytest.mark.parametrize("walk", [False, True], ids=["chunks", "walk"])
 @pytest.mark.parametrize("R,norm", [(1, False), (4, True)], ids=["siso", "mimo"])
 @pytest.mark.parametrize("packing", PACKINGS)
-def test_backward_host_work_reads_no_device_value(monkeypatch, packing, R, norm):
-    """The backward too (so a forward+backward can be captured in one CUDA graph: tests/gpu/test_cuda_graph.py),
-    with gradients of the output and of every final-state field, in deterministic mode and not."""
+def test_backward_host_work_reads_no_device_value(monkeypatch, packing, R, norm, walk):
+    """The backward too, with gradients of the output and of every final-state field, in deterministic mode and
+    not, after either forward path."""
     for deterministic in (False, True):
         launches = []
-        inputs, weights, options = _scan_case(monkeypatch, packing, R, norm, True, launches)
+        inputs, weights, options = _scan_case(monkeypatch, packing, R, norm, walk, launches)
         tensors = [t for t in tree_leaves((inputs, weights, options)) if isinstance(t, torch.Tensor)]
         leaves = [t.requires_grad_() for t in tensors if t.is_floating_point()]
         with deterministic_algorithms(deterministic), _MetaOnly():
