@@ -226,7 +226,8 @@ def init_distributed(args: argparse.Namespace) -> None:
     args.patches = [patch.name for patch in (apply_cpu_patches() if args.device == "cpu" else apply_cuda_patches())]
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
     torch.manual_seed(args.seed)
-    model_parallel_cuda_manual_seed(args.seed, use_cudagraphable_rng=args.cuda_graph)
+    # --cuda-graph: the RNG tracker Megatron's CUDA graphs accept, made anew (a tracker made earlier would stay)
+    model_parallel_cuda_manual_seed(args.seed, use_cudagraphable_rng=args.cuda_graph, force_reset_rng=args.cuda_graph)
 
 
 def build_model(args: argparse.Namespace):
