@@ -156,6 +156,12 @@ FORWARD_LAUNCHES = {  # the forward's kernels, walking the chunks (`chunk_walk`)
 }
 
 
+def backward_launches(prep: bool) -> list[str]:
+    """The backward's kernels, in order, on the forward's saved chunk starts; with the prep, `norm_grad` for B's
+    and C's RMSNorms."""
+    return ["chunk_dy", "state_pass_bwd", "chunk_dqkv", "initial_grad", "terms_grad"] + ["norm_grad"] * 2 * prep
+
+
 @pytest.mark.parametrize("packing", ["segments", "rows"])
 @pytest.mark.parametrize("walk", [False, True], ids=["chunks", "walk"])
 @pytest.mark.parametrize(
@@ -198,9 +204,7 @@ def _check_launches_and_host_ops(monkeypatch, kind, R, norm, prep, B, config_dim
     forward_ops = _top_level_ops(lambda: results.extend(function._TileLangScan.apply(A_floor, True, *leaves)))
     backward_ops = _top_level_ops(lambda: results[0].float().sum().backward())
 
-    assert launches == FORWARD_LAUNCHES[walk] + [
-        "chunk_dy", "state_pass_bwd", "chunk_dqkv", "initial_grad", "terms_grad"  # on the forward's saved chunk starts
-    ] + ["norm_grad"] * 2 * prep
+    assert launches == FORWARD_LAUNCHES[walk] + backward_launches(prep)
     assert all(t.grad is not None for t in (*inputs, *(w for w in (*weights, *prep_weights) if w is not None)))
     forward_bound, backward_bound = {"segments": BOUNDS[kind, prep], "rows": ROW_BOUNDS[kind, prep]}.get(
         packing, PACKED_BOUNDS.get(kind)

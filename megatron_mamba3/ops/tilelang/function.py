@@ -568,12 +568,13 @@ def tilelang_scan(
     and C are raw and the kernels run the prep (chunk_prep forward; terms_grad and norm_grad backward).
     """
     del chunk_size
-    if inputs.x.shape[1] > 0 and segment_ids is None:
+    dims = read_dims(inputs)
+    if dims.l > 0 and segment_ids is None:
         if cu_seqlens is not None:
             return _packed_documents(inputs, weights, cu_seqlens, initial_state, prep)
-        state = Mamba3State.given_or_zeros(initial_state, inputs.x.shape[0], read_dims(inputs), inputs.x)
+        state = Mamba3State.given_or_zeros(initial_state, dims.b, dims, inputs.x)
         return _rows(inputs, weights, None, state, prep=prep)  # one document a row: no starts to lay out
     return run_packed(
-        functools.partial(_rows, prep=prep), inputs, weights, read_dims(inputs),
+        functools.partial(_rows, prep=prep), inputs, weights, dims,
         segment_ids=segment_ids, cu_seqlens=cu_seqlens, initial_state=initial_state,
     )
