@@ -45,6 +45,7 @@ import torch.distributed as dist
 
 import layer_times
 import lr_schedule
+import main_grads
 import preflight
 import quiet
 
@@ -297,11 +298,18 @@ def build_optimizer(args: argparse.Namespace, model):
 
     class OneReplica(_BaseDataParallel):
         """Megatron's data-parallel interface for a single replica: nothing to reduce across
-        replicas; gradient sync only sums over the CP ranks, and gradients stay in `param.grad`."""
+        replicas; gradient sync only sums over the CP ranks, and gradients stay in `param.grad` (with
+        CUDA graphs, in `param.main_grad`: launch/main_grads.py)."""
 
         def __init__(self, config, module):
             super().__init__(config=config, module=module)
             self.ddp_config = DistributedDataParallelConfig()
+            # Megatron's CUDA graphs add the captured layers' weight gradients into param.main_grad
+            self.grad_buffers = main_grads.attach_main_grads(module) if config.cuda_graph_impl == "local" else []
+
+        def zero_grad_buffer(self) -> None:
+            if self.grad_buffers:
+                torch._foreach_zero_(self.grad_buffers)
 
         def finish_grad_sync(self, force_all_reduce: bool = False) -> None:
             sum_over_context_parallel(self.module)
@@ -447,6 +455,7 @@ def train_step(wrapped, optimizer, tokens: torch.Tensor, packed) -> tuple[torch.
     from megatron.core import parallel_state
 
     optimizer.zero_grad()
+    wrapped.zero_grad_buffer()
     inputs, labels = context_parallel_batch(tokens)
     losses = wrapped(inputs, None, None, labels=labels, packed_seq_params=packed)
     # The step's loss is the mean over the CP ranks' equal parts; their gradients are summed.
