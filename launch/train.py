@@ -27,7 +27,8 @@ Rank 0 prints one progress line every `--log-interval` steps:
 and `ETA` extrapolates its mean step time to --train-iters; on CUDA a `peak mem` field follows the grad norm; the last field is the Mamba-3 receipt: the
 backend and kernel variant that ran ("+prep" where the kernels also ran the layer's prep; in parentheses the
 kernel path, where the backend has more than one: TileLang's forward "chunk_walk" or "chunk-parallel"), the
-dtype and the number of M layers that reported it.)
+dtype and the number of M layers that reported it; with --cuda-graph, once the layers replay their graphs, the
+receipts of their capture followed by "(CUDA graph replay)".)
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ import torch.distributed as dist
 
 import layer_times
 import lr_schedule
+import main_grads
 import preflight
 import quiet
 
@@ -123,6 +125,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     train.add_argument("--layer-times", action="store_true",
                        help=f"at the end, print each layer kind's forward and backward ms per step and share of the "
                             f"step time, over the steps after a run's first {layer_times.WARMUP} (see layer_times.py)")
+    train.add_argument("--cuda-graph", action="store_true",
+                       help="capture each layer's forward and backward in CUDA graphs after Megatron's warm-up steps "
+                            "(cuda_graph_impl='local', whole layers) and replay them: no host work per layer after "
+                            "that. CUDA only; fixed shapes (no --doc-ids-path, MoE or context parallelism); not with "
+                            "--layer-times, whose hooks the graphs skip")
     args = parser.parse_args(argv)
 
     pattern = args.hybrid_layer_pattern
@@ -150,10 +157,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("packed documents (--doc-ids-path) reach attention layers as THD, which Megatron's local "
                      "DotProductAttention refuses: use a pattern without '*' or --transformer-impl transformer_engine")
     check_context_parallel(parser, args)
+    check_cuda_graph(parser, args)
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     if args.device == "cuda" and not torch.cuda.is_available():
         parser.error("--device cuda: CUDA is not available here")
+    if args.cuda_graph and args.device != "cuda":
+        parser.error("--cuda-graph needs --device cuda")
     if args.bf16 and args.device != "cuda":
         parser.error("--bf16 needs --device cuda: Megatron's mixed-precision optimizer keeps its state on CUDA")
     if args.device == "cpu" and "E" in pattern:
@@ -179,6 +189,23 @@ def check_context_parallel(parser: argparse.ArgumentParser, args: argparse.Names
                      "CP ranks, the Mamba-3 layers split the whole row; use a pattern without '*'")
 
 
+def check_cuda_graph(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Refuse --cuda-graph with what a captured layer cannot replay: shapes or values that change from step to
+    step on the host (packed documents' cu_seqlens and longest document, MoE routing, context parallelism's
+    piece exchange), and --layer-times, whose module and tensor hooks replay skips."""
+    if not args.cuda_graph:
+        return
+    refused = {
+        "--layer-times": args.layer_times,
+        "--doc-ids-path": args.doc_ids_path is not None,
+        "MoE layers (E)": "E" in args.hybrid_layer_pattern,
+        f"--context-parallel-size {args.context_parallel_size}": args.context_parallel_size > 1,
+    }
+    for name, given in refused.items():
+        if given:
+            parser.error(f"--cuda-graph cannot be combined with {name}")
+
+
 def init_distributed(args: argparse.Namespace) -> None:
     """Join the torchrun process group (or make a one-process group when started without torchrun)
     and build Megatron's model-parallel groups: TP x CP = world size, DP = 1."""
@@ -200,7 +227,8 @@ def init_distributed(args: argparse.Namespace) -> None:
     args.patches = [patch.name for patch in (apply_cpu_patches() if args.device == "cpu" else apply_cuda_patches())]
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=tp, context_parallel_size=cp)
     torch.manual_seed(args.seed)
-    model_parallel_cuda_manual_seed(args.seed)
+    # --cuda-graph: the RNG tracker Megatron's CUDA graphs accept, made anew (a tracker made earlier would stay)
+    model_parallel_cuda_manual_seed(args.seed, use_cudagraphable_rng=args.cuda_graph, force_reset_rng=args.cuda_graph)
 
 
 def build_model(args: argparse.Namespace):
@@ -233,6 +261,7 @@ def build_model(args: argparse.Namespace):
         use_cpu_initialization=args.device == "cpu",
         bf16=args.bf16,
         params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+        cuda_graph_impl="local" if args.cuda_graph else "none",  # whole layers (cuda_graph_modules empty)
     )
     spec = mamba3_stack_spec(
         transformer_engine=args.transformer_impl == "transformer_engine",
@@ -269,11 +298,18 @@ def build_optimizer(args: argparse.Namespace, model):
 
     class OneReplica(_BaseDataParallel):
         """Megatron's data-parallel interface for a single replica: nothing to reduce across
-        replicas; gradient sync only sums over the CP ranks, and gradients stay in `param.grad`."""
+        replicas; gradient sync only sums over the CP ranks, and gradients stay in `param.grad` (with
+        CUDA graphs, in `param.main_grad`: launch/main_grads.py)."""
 
         def __init__(self, config, module):
             super().__init__(config=config, module=module)
             self.ddp_config = DistributedDataParallelConfig()
+            # Megatron's CUDA graphs add the captured layers' weight gradients into param.main_grad
+            self.grad_buffers = main_grads.attach_main_grads(module) if config.cuda_graph_impl == "local" else []
+
+        def zero_grad_buffer(self) -> None:
+            if self.grad_buffers:
+                torch._foreach_zero_(self.grad_buffers)
 
         def finish_grad_sync(self, force_all_reduce: bool = False) -> None:
             sum_over_context_parallel(self.module)
@@ -419,11 +455,16 @@ def train_step(wrapped, optimizer, tokens: torch.Tensor, packed) -> tuple[torch.
     from megatron.core import parallel_state
 
     optimizer.zero_grad()
+    wrapped.zero_grad_buffer()
     inputs, labels = context_parallel_batch(tokens)
     losses = wrapped(inputs, None, None, labels=labels, packed_seq_params=packed)
     # The step's loss is the mean over the CP ranks' equal parts; their gradients are summed.
     loss = losses.float().mean() / parallel_state.get_context_parallel_world_size()
     loss.backward()
+    if wrapped.config.cuda_graph_impl == "local":  # as Megatron's schedules do after a step's forward and backward:
+        from megatron.core.transformer.cuda_graphs import create_cudagraphs
+
+        create_cudagraphs()  # captures the graphs its layers recorded (once, after their warm-up steps)
     dist.all_reduce(loss.detach(), group=parallel_state.get_context_parallel_group())
     finalize_model_grads([wrapped])
     updated, grad_norm, _ = optimizer.step()
@@ -457,6 +498,7 @@ def train(args: argparse.Namespace, folder) -> None:
     interval_time, interval_steps = 0.0, 0
     run_began = time.perf_counter()
     receipt_summary()  # start the first interval's receipts afresh
+    last_ran = "none"  # the last interval's receipts that were not empty
     for step in range(start, args.train_iters):
         began = time.perf_counter()
         batch = data.batch(step)
@@ -488,8 +530,13 @@ def train(args: argparse.Namespace, folder) -> None:
             memory = f" | peak mem {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB" if args.device == "cuda" else ""
             elapsed_run = time.perf_counter() - run_began
             eta = elapsed_run / (step + 1 - start) * (args.train_iters - step - 1)
+            ran = receipt_summary()
+            if ran != "none":
+                last_ran = ran
+            elif args.cuda_graph:  # replayed layers run no Python and record nothing: what their capture ran
+                ran = f"{last_ran} (CUDA graph replay)"
             log(f"step {step + 1}/{args.train_iters} | loss {loss_value:.6f} | {tokens_per_step / mean:.0f} tokens/s | "
-                f"step {mean * 1e3:.1f} ms | elapsed {clock(elapsed_run)} | ETA {clock(eta)} | lr {lr:.2e} | grad norm {float(grad_norm):.3f}{memory} | mamba3 {receipt_summary()}")
+                f"step {mean * 1e3:.1f} ms | elapsed {clock(elapsed_run)} | ETA {clock(eta)} | lr {lr:.2e} | grad norm {float(grad_norm):.3f}{memory} | mamba3 {ran}")
             interval_time, interval_steps = 0.0, 0
         if args.save and (step + 1 == args.train_iters or (args.save_interval and (step + 1) % args.save_interval == 0)):
             train_state = {"args": vars(args), "scheduler": scheduler.state_dict()}

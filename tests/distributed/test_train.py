@@ -180,6 +180,23 @@ def test_bad_flags_are_one_line_before_anything_is_built(args, world_size, messa
     assert message in run.stderr
 
 
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (("--device", "cpu"), "--cuda-graph needs --device cuda"),
+        (("--layer-times",), "--cuda-graph cannot be combined with --layer-times"),
+        (("--hybrid-layer-pattern", "M-E-", "--num-experts", "4"), "--cuda-graph cannot be combined with MoE layers (E)"),
+        (("--hybrid-layer-pattern", "M-M-", "--context-parallel-size", "2", "--tensor-model-parallel-size", "1"),
+         "--cuda-graph cannot be combined with --context-parallel-size 2"),
+        (("--hybrid-layer-pattern", "M-M-", "--data-path", "tokens.npy", "--doc-ids-path", "docs.npy",
+          "--micro-batch-size", "1"), "--cuda-graph cannot be combined with --doc-ids-path"),
+    ],
+)
+def test_cuda_graph_refuses_what_a_replayed_layer_cannot_do(args, message):
+    run = train_py("--cuda-graph", *args, world_size=2 if "--context-parallel-size" in args else 1)
+    assert run.returncode == 2 and run.stderr == f"[train] error: {message}\n", run.stderr
+
+
 def test_tp_profile_runs_at_tp2_on_cpu(tmp_path):
     """benchmarks/tp_profile.py takes train.py's flags and, like train.py, the TP size from the process count."""
     output = tmp_path / "split.txt"

@@ -18,7 +18,7 @@ import torch
 
 from megatron_mamba3.ops import Mamba3Inputs, Mamba3Prep, mamba3_scan
 from megatron_mamba3.ops.tilelang.function import TILE_ROWS
-from tests.helpers import TILELANG_GPU, make_case, make_state
+from tests.helpers import TILELANG_GPU, deterministic_algorithms, make_case, make_state
 
 pytestmark = TILELANG_GPU
 
@@ -59,42 +59,105 @@ def _tensors(case):
     return [t for t in (*inputs, *weights, *state, segment_ids, *prep, cu_seqlens, *documents) if t is not None]
 
 
-@pytest.mark.parametrize("config", CONFIGS, ids=["siso", "mimo-r4-norm"])
-@pytest.mark.parametrize("packing", ["plain", "segment_ids", "segment_ids+prep", "cu_seqlens+initial_state"])
-def test_graph_replay_equals_eager(packing, config):
-    def forward(case):
-        inputs, weights, state, segment_ids, prep, cu_seqlens, documents = case
-        options = dict(segment_ids=segment_ids, initial_state=state) if packing != "plain" else {}
-        if packing.endswith("+prep"):  # the layer's prep in chunk_prep
-            options["prep"] = Mamba3Prep(*prep, A_FLOOR)
-        if packing.startswith("cu_seqlens"):  # row 0's documents (views of the captured tensors)
-            inputs = Mamba3Inputs(*(t[:1] for t in inputs))
-            options = dict(cu_seqlens=cu_seqlens, initial_state=documents)
-        out, final = mamba3_scan(inputs, weights, backend="tilelang", **options)
-        return (out, *final)
+def _run(case, packing):
+    """(out, *final state) of one `mamba3_scan` call on `case` (`_case`) with `packing`."""
+    inputs, weights, state, segment_ids, prep, cu_seqlens, documents = case
+    options = dict(segment_ids=segment_ids, initial_state=state) if packing != "plain" else {}
+    if packing.endswith("+prep"):  # the layer's prep in chunk_prep
+        options["prep"] = Mamba3Prep(*prep, A_FLOOR)
+    if packing.startswith("cu_seqlens"):  # row 0's documents (views of the captured tensors)
+        inputs = Mamba3Inputs(*(t[:1] for t in inputs))
+        options = dict(cu_seqlens=cu_seqlens, initial_state=documents)
+    out, final = mamba3_scan(inputs, weights, backend="tilelang", **options)
+    return (out, *final)
 
-    static = _case(*config, seed=0, starts=CAPTURED_STARTS, offsets=CAPTURED_OFFSETS)
-    replayed = _case(*config, seed=10, starts=REPLAYED_STARTS, offsets=REPLAYED_OFFSETS)
-    side = torch.cuda.Stream()  # warm-up and capture on one stream, as torch's CUDA graph docs ask
+
+def _capture(step, static):
+    """(`step(static)` run eagerly once, its CUDA graph, the graph's outputs): warm-up and capture on one side
+    stream, as torch's CUDA graph docs ask; the second warm-up runs under `torch.cuda.set_sync_debug_mode("error")`,
+    so an op that synchronises with the host is named before the capture fails on it."""
+    side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        first = forward(static)  # loads the kernels
+        first = step(static)  # loads the kernels
         torch.cuda.set_sync_debug_mode("error")
         try:
-            forward(static)
+            step(static)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     torch.cuda.current_stream().wait_stream(side)
-
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph, stream=side):
-        captured = forward(static)
-    for target, source in zip(_tensors(static), _tensors(replayed)):
-        target.copy_(source)
+        captured = step(static)
+    return first, graph, captured
+
+
+def _replay(graph, targets, sources):
+    """Copy the tensors `sources` into the captured tensors `targets`, then replay `graph`."""
+    with torch.no_grad():
+        for target, source in zip(targets, sources):
+            target.copy_(source)
     graph.replay()
-    expected = forward(replayed)
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["siso", "mimo-r4-norm"])
+@pytest.mark.parametrize("packing", ["plain", "segment_ids", "segment_ids+prep", "cu_seqlens+initial_state"])
+def test_graph_replay_equals_eager(packing, config):
+    static = _case(*config, seed=0, starts=CAPTURED_STARTS, offsets=CAPTURED_OFFSETS)
+    replayed = _case(*config, seed=10, starts=REPLAYED_STARTS, offsets=REPLAYED_OFFSETS)
+    first, graph, captured = _capture(lambda case: _run(case, packing), static)
+    _replay(graph, _tensors(static), _tensors(replayed))
+    expected = _run(replayed, packing)
     torch.cuda.synchronize()
 
     assert not torch.equal(expected[0], first[0])  # the replayed inputs change the output
     for name, got, want in zip(OUTPUTS, captured, expected):
         assert torch.equal(got, want), f"{name}: graph replay differs from eager by {(got - want).abs().max()}"
+
+
+def _with_gradients(case, packing, seed):
+    """(`case` with its floating tensors made leaves that need gradients, random gradients of `_run`'s outputs)."""
+    for t in _tensors(case):
+        t.requires_grad_(t.is_floating_point())
+    with torch.no_grad():
+        outputs = _run(case, packing)
+    generator = torch.Generator(device="cuda").manual_seed(seed)
+    return case, [torch.randn(o.shape, generator=generator, device="cuda").to(o.dtype) for o in outputs]
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=["siso", "mimo-r4-norm"])
+@pytest.mark.parametrize("packing", ["plain", "segment_ids+prep", "cu_seqlens+initial_state"])
+def test_forward_and_backward_graph_replay_equals_eager(packing, config):
+    """A training step's share: the forward and the gradients of every floating input, weight and state from
+    the output's and the final state's gradients, captured in one graph and replayed on new inputs and
+    gradients, equal an eager run bit for bit. Under PyTorch's deterministic algorithms, so that dB and dC are
+    summed over the heads exactly (`tests.helpers.deterministic_algorithms`)."""
+
+    def step(training_case):
+        case, output_grads = training_case
+        outputs = _run(case, packing)
+        differentiable, differentials = zip(*((o, g) for o, g in zip(outputs, output_grads) if o.requires_grad))
+        leaves = [t for t in _tensors(case) if t.requires_grad]
+        grads = torch.autograd.grad(differentiable, leaves, differentials, allow_unused=True)
+        return (*outputs, *grads)
+
+    def tensors(training_case):
+        case, output_grads = training_case
+        return [*_tensors(case), *output_grads]
+
+    with deterministic_algorithms():
+        static = _case(*config, seed=0, starts=CAPTURED_STARTS, offsets=CAPTURED_OFFSETS)
+        replayed = _case(*config, seed=10, starts=REPLAYED_STARTS, offsets=REPLAYED_OFFSETS)
+        static, replayed = _with_gradients(static, packing, 1), _with_gradients(replayed, packing, 11)
+        first, graph, captured = _capture(step, static)
+        _replay(graph, tensors(static), tensors(replayed))
+        expected = step(replayed)
+        torch.cuda.synchronize()
+
+    names = [*OUTPUTS, *(f"gradient of leaf {index}" for index in range(len(expected) - len(OUTPUTS)))]
+    assert sum(g is not None for g in expected[len(OUTPUTS):]) >= 8  # at least the 8 inputs' gradients
+    for name, got, want, before in zip(names, captured, expected, first):
+        assert (got is None) == (want is None), name
+        if want is not None:
+            assert not torch.equal(want, before), f"{name}: the replayed inputs leave it unchanged"
+            assert torch.equal(got, want), f"{name}: graph replay differs from eager by {(got - want).abs().max()}"

@@ -46,6 +46,7 @@ from megatron_mamba3.ops.tilelang.kernels import (
     decay_rate,
     decay_slope,
     decay_table,
+    finite_in_place,
     gate_blocks_per_sm,
     gate_macro,
     load_state,
@@ -123,7 +124,7 @@ def _chunk_dy(c: KernelConfig):
     H, p, n, R, G, S, Q = c.H, c.p, c.n, c.R, c.G, c.S, c.Q
     QR = Q * R
     batch, L, LP, NC, LPR, SB, SNC = T.dynamic("batch, L, LP, NC, LPR, SB, SNC")
-    outputs_of, _ = chunk_y_macro(c, finite_state=True)
+    outputs_of, _ = chunk_y_macro(c, finite_reads=True)
     gate_weights, _ = gate_macro(c)
     gate = _gate_terms(c)
     mimo = R > 1  # mimo_z and mimo_o are given exactly when R > 1
@@ -204,6 +205,7 @@ def _chunk_dy(c: KernelConfig):
             for i, pp in T.Parallel(Q, p):
                 do_s[i, pp] = token_row(DOUT, first, last, b, h, i, pp)
                 z_s[i, pp] = token_row(Z, first, last, b, h, i, pp)
+            finite_in_place(z_s)
             if c.norm:
                 squares = T.alloc_fragment((QR, p), F32)
                 row_sum = T.alloc_fragment((QR,), F32)
@@ -513,7 +515,7 @@ def _chunk_dqkv(c: KernelConfig):
             mult_s[0] = MULT[b, chunk, h]
             keys(Cq, C_BIAS, first, last, b, h, raw_s, bias_s, cos_s, sin_s, one_s, q_s, q_lo)
             keys(Bk, B_BIAS, first, last, b, h, raw_s, bias_s, cos_s, sin_s, one_s, k_s, k_lo)
-            values(X, MIMO_X, first, last, b, h, x_s, mx_s, v_s)
+            values(X, MIMO_X, first, last, b, h, x_s, mx_s, v_s, finite=True)
             split_tile_bf16(DY, b, h, chunk * QR, dy_s, dy_lo)
             table = None
             if R > 1:  # L once, for both masked products below

@@ -273,10 +273,12 @@ def _backward_kernels(
     The backward runs on finite copies of the inputs, the initial state's k_prev and v_prev (the only fields
     it reads) and the per-token terms (as the reference's chunked form does, `toolkit.finite`): a token's
     non-finite value then contributes an exact 0 wherever its output gradient is 0, instead of 0 · NaN, so
-    the gradients of other tokens and documents stay finite and equal to a run without it. The forward's
-    chunk starts `starts_h` (b, nc, H, n, p) bf16 are read by the kernels with their non-finite entries as
-    0 (`kernels.load_state`); those are only in the documents a bad value reaches. Unlike the reference,
-    the output gradient at the outputs the forward made non-finite is not dropped.
+    the gradients of other tokens and documents stay finite and equal to a run without it. The kernels set
+    the non-finite entries of x and z, the largest inputs, to 0 themselves once loaded
+    (`kernels.finite_in_place`), and read the forward's chunk starts `starts_h` (b, nc, H, n, p) bf16 with
+    theirs as 0 (`kernels.load_state`; those are non-finite only in the documents a bad value reaches): no
+    copies of those. Unlike the reference, the output gradient at the outputs the forward made non-finite is
+    not dropped.
 
     The forward's terms are spent once copied: their buffers (the backward's alone) take the backward's
     outputs of the same shape and dtype (∂(AΔ), ∂wd, ∂wo into `scalars`, dθ's first-piece sums into
@@ -286,9 +288,15 @@ def _backward_kernels(
     spent = launch
     prepped = launch.config.A_floor is not None
     raw = inputs
-    if prepped:  # the kernels read chunk_prep's Δ, B and C; terms_grad the raw A (as u) and dt
+    # The launch's x and z (contiguous), which the kernels make finite themselves (`kernels.finite_in_place`);
+    # with the prep, chunk_prep's Δ, B and C (terms_grad reads the raw A (as u) and dt).
+    read_as_finite = ("x", "z")
+    inputs = inputs._replace(**{field: getattr(launch, field) for field in read_as_finite})
+    if prepped:
         inputs = inputs._replace(dt=launch.dt, B=launch.B, C=launch.C)
-    inputs = Mamba3Inputs(*(finite_values(t) for t in inputs))
+    inputs = Mamba3Inputs(*(
+        t if field in read_as_finite else finite_values(t) for field, t in zip(Mamba3Inputs._fields, inputs)
+    ))
     state = state._replace(k_prev=finite_values(state.k_prev), v_prev=finite_values(state.v_prev))
     scalars = finite_values(launch.scalars)
     launch = launch._replace(
@@ -318,7 +326,7 @@ def _backward_kernels(
         x, launch.z, B, C, *scalar_args, starts_h, launch.B_bias, launch.C_bias, launch.D, launch.mimo_x,
         launch.mimo_z, launch.mimo_o, launch.norm, dout, dy, dz, gc, gate,
     )
-    inputs, launch = inputs._replace(z=None), launch._replace(z=None)  # z's finite copy had chunk_dy as its one reader
+    inputs, launch = inputs._replace(z=None), launch._replace(z=None)  # z had chunk_dy as its one reader
     ds = empty(b * nc, H, 2, c.n, p, dtype=torch.bfloat16)  # dS as bf16 hi and lo halves
     if grad_final.h is None:
         dh_final = torch.zeros_like(dh_in)

@@ -231,6 +231,16 @@ def token_row(SRC, first, last, b, h, i, pp):
     return T.if_then_else(first + i <= last, SRC[b, first + i, h, pp], T.cast(0, BF16))
 
 
+@T.macro
+def finite_in_place(tile_s):
+    """tile_s (rows, cols) bf16 in shared memory with its non-finite entries set to 0: the backward's view of x
+    and z, made after their rows are loaded (a select inside `token_row`'s load turns its 16-byte loads into
+    2-byte ones, each made twice)."""
+    for i, j in T.Parallel(*tile_s.shape):
+        value = tile_s[i, j]
+        tile_s[i, j] = T.if_then_else(T.isfinite(T.cast(value, F32)), value, T.cast(0, BF16))
+
+
 def reaches(seg_s, i, j):
     """Whether token j's value reaches row i of the chunk: j ≤ i in the same document (seg_s (Q,) int32)."""
     return (seg_s[i] == seg_s[j]) & (j <= i)
@@ -405,11 +415,13 @@ def chunk_prologue(c: KernelConfig):
             keys_rotated(raw_s, bias_s, cos_s, sin_s, scale_s, out_s, lo_s)
 
     @T.macro
-    def values(X, MIMO_X, first, last, b, h, x_s, mx_s, v_s, product=True):
-        """x_s = the chunk's x (bf16, zero past `last`), mx_s = mimo_x[h]; with `product`, v_s[(i, r), :] =
-        x_i ⊙ mimo_x[h, r] (bf16)."""
+    def values(X, MIMO_X, first, last, b, h, x_s, mx_s, v_s, product=True, finite=False):
+        """x_s = the chunk's x (bf16, zero past `last`, and with `finite` where not finite: `finite_in_place`),
+        mx_s = mimo_x[h]; with `product`, v_s[(i, r), :] = x_i ⊙ mimo_x[h, r] (bf16)."""
         for i, pp in T.Parallel(Q, p):
             x_s[i, pp] = token_row(X, first, last, b, h, i, pp)
+        if finite:
+            finite_in_place(x_s)
         head_rows(MIMO_X, h, mx_s)
         if product:
             for row, pp in T.Parallel(Q * R, p):
@@ -432,12 +444,13 @@ def chunk_prologue(c: KernelConfig):
     return load_scalars, rotation, keys, values, mix_weights
 
 
-def chunk_y_macro(c: KernelConfig, finite_state: bool = False):
+def chunk_y_macro(c: KernelConfig, finite_reads: bool = False):
     """Macros for one chunk's per-rank outputs y (before norm and gate) into y_s (QR, p) fp32: `chunk_y` from its
     inputs in device memory, leaving the chunk's queries in q_s, keys in k_s, values in v_s, x in x_s and the
     carried-state weights in inter_s; `chunk_mix`, chunk_y's part from the chunk's scalars, rotated queries and
     keys, x and mimo_x in shared memory on (as `chunk_walk`, which fetches them ahead, has them). With
-    `finite_state`, the chunk start's non-finite entries read as 0 (`load_state`)."""
+    `finite_reads` (the backward's view), x's and the chunk start's non-finite entries read as 0 (`finite_in_place`,
+    `load_state`)."""
     Q, R, p = c.Q, c.R, c.p
     QR = Q * R
     load_scalars, rotation, keys, values, mix_weights = chunk_prologue(c)
@@ -485,7 +498,7 @@ def chunk_y_macro(c: KernelConfig, finite_state: bool = False):
             if b < HS.shape[0]:  # saved for the backward (HS has no rows where none will run)
                 T.copy(hs_s, HS[b, chunk, h, :, :])
         else:
-            load_state(HS, b, chunk, h, hs_s, finite_state)
+            load_state(HS, b, chunk, h, hs_s, finite_reads)
         T.gemm(mix_s, v_s, y, clear_accum=True)
         T.gemm(q_s, hs_s, y_in, clear_accum=True)
         skip = D[d_at]
@@ -514,7 +527,7 @@ def chunk_y_macro(c: KernelConfig, finite_state: bool = False):
         rotation(ANG, DT, THS, first, last, b, h, chunk, seg_s, seg_before, turn_s, theta_f, cos_s, sin_s)
         keys(Cq, C_BIAS, first, last, b, h, raw_s, bias_s, cos_s, sin_s, one_s, q_s)
         keys(Bk, B_BIAS, first, last, b, h, raw_s, bias_s, cos_s, sin_s, one_s, k_s)
-        values(X, MIMO_X, first, last, b, h, x_s, mx_s, v_s, False)  # v_s comes from chunk_mix's finite check
+        values(X, MIMO_X, first, last, b, h, x_s, mx_s, v_s, False, finite_reads)  # v_s: chunk_mix's finite check
         chunk_mix(HS, D, h, b, h, chunk, seg_s, cs_s, wd_s, wo_s, inter_s, q_s, k_s, x_s, mx_s, v_s, hs_s, mix_s, scores, y, y_in, y_s)
 
     return chunk_y, chunk_mix
