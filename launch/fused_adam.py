@@ -1,10 +1,10 @@
 """Megatron's torch Adam fallback switched to torch's fused kernel.
 
 Without Transformer Engine or apex, megatron-core 0.19.2 steps its fp32 main parameters with
-`torch.optim.AdamW` (or `Adam`) made without `fused`, which on CUDA runs the foreach implementation: a
-dozen passes over the parameters, moments and gradients per step (`_foreach_lerp_`, `_foreach_mul_`,
-`_foreach_addcmul_`, `_foreach_sqrt`, ...). The fused implementation does the same update in one pass,
-with the same hyperparameters; it rounds differently, so its steps are not bit-equal to foreach's.
+`torch.optim.AdamW` (or `Adam`) made without `fused`, which on CUDA runs the foreach implementation: eight
+passes over the parameters, moments and gradients per step (`_foreach_mul_` for the weight decay, `_lerp_`,
+`_mul_`, `_addcmul_`, `_sqrt`, `_div_`, `_add_`, `_addcdiv_`). The fused implementation does the same update in
+one pass, with the same hyperparameters; it rounds differently, so its steps are not bit-equal to foreach's.
 Transformer Engine's and apex's `FusedAdam` are left as they are.
 """
 
