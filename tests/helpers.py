@@ -6,6 +6,9 @@ from __future__ import annotations
 import contextlib
 import importlib.util
 import math
+import sys
+import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +27,19 @@ TILELANG_GPU = [
         reason="needs a CUDA GPU and TileLang (runs on the GPU machine, not in CPU-only CI)",
     ),
 ]
+
+# The training entry's scripts (launch/ is not a package: they import each other by their file names).
+LAUNCH = Path(__file__).resolve().parents[1] / "launch"
+
+
+def launch_module(name: str) -> types.ModuleType:
+    """launch/<name>.py executed as the module `name` and registered in `sys.modules` under it, as the launch
+    scripts import one another."""
+    spec = importlib.util.spec_from_file_location(name, LAUNCH / f"{name}.py")
+    module = sys.modules[name] = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
 
 # A bf16 kernel may err against the float64 oracle at most this many times the bf16 reference's own error.
 ERROR_MULTIPLE = 4

@@ -3,7 +3,6 @@ previous good step), and the checkpoint-root lock refuses a second holder while 
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -11,10 +10,9 @@ from pathlib import Path
 
 import pytest
 
-LAUNCH = Path(__file__).resolve().parents[2] / "launch"
-_SPEC = importlib.util.spec_from_file_location("integrity", LAUNCH / "integrity.py")
-integrity = sys.modules["integrity"] = importlib.util.module_from_spec(_SPEC)  # launch/ is not a package
-_SPEC.loader.exec_module(integrity)
+from tests.helpers import LAUNCH, launch_module
+
+integrity = launch_module("integrity")
 
 FILES = {".metadata": 300, "__0_0.distcp": 5000, "__1_0.distcp": 5000, "train_state.json": 120}
 

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
-import sys
 import warnings
-from pathlib import Path
 
-_SPEC = importlib.util.spec_from_file_location("quiet", Path(__file__).resolve().parents[2] / "launch" / "quiet.py")
-quiet = sys.modules["quiet"] = importlib.util.module_from_spec(_SPEC)  # launch/ is not a package
-_SPEC.loader.exec_module(quiet)
+from tests.helpers import launch_module
+
+quiet = launch_module("quiet")
 
 
 def test_gloo_connected_lines_are_dropped_from_the_file_descriptor(capfd):

@@ -13,7 +13,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import re
 import subprocess
@@ -24,10 +23,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.helpers import launch_module
+
 ROOT = Path(__file__).resolve().parents[2]
-_SPEC = importlib.util.spec_from_file_location("layer_times", ROOT / "launch" / "layer_times.py")
-layer_times = sys.modules["layer_times"] = importlib.util.module_from_spec(_SPEC)  # launch/ is not a package
-_SPEC.loader.exec_module(layer_times)
+layer_times = launch_module("layer_times")
 
 SLEEPS_MS = {"M": (20, 50), "*": (40, 10), "-": (5, 30)}  # kind: (forward, backward) per layer
 REST_MS = (10, 15)  # before the stack, in the loss's backward

@@ -11,16 +11,12 @@ Oracle: plain autograd's `param.grad` on an identical copy of the model, same in
 from __future__ import annotations
 
 import copy
-import importlib.util
-import sys
-from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-_SPEC = importlib.util.spec_from_file_location("main_grads", ROOT / "launch" / "main_grads.py")
-main_grads = sys.modules["main_grads"] = importlib.util.module_from_spec(_SPEC)  # launch/ is not a package
-_SPEC.loader.exec_module(main_grads)
+from tests.helpers import launch_module
+
+main_grads = launch_module("main_grads")
 
 
 def _model() -> torch.nn.Module:

@@ -3,17 +3,13 @@ windows; document ids become THD offsets; bad files are refused naming the flag.
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
 
-_SPEC = importlib.util.spec_from_file_location("token_data", Path(__file__).resolve().parents[2] / "launch" / "token_data.py")
-token_data = sys.modules["token_data"] = importlib.util.module_from_spec(_SPEC)  # launch/ is not a package
-_SPEC.loader.exec_module(token_data)
+from tests.helpers import launch_module
+
+token_data = launch_module("token_data")
 
 
 def test_synthetic_batches_depend_only_on_the_step():
