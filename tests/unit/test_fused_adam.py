@@ -11,18 +11,14 @@ resumed losses equal the uninterrupted run's bit for bit, which foreach steps af
 
 from __future__ import annotations
 
-import importlib.util
-import sys
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
 
-ROOT = Path(__file__).resolve().parents[2]
-_SPEC = importlib.util.spec_from_file_location("fused_adam", ROOT / "launch" / "fused_adam.py")
-fused_adam = sys.modules["fused_adam"] = importlib.util.module_from_spec(_SPEC)  # launch/ is not a package
-_SPEC.loader.exec_module(fused_adam)
+from tests.helpers import launch_module
+
+fused_adam = launch_module("fused_adam")
 
 SETTINGS = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.1)
 STEPS = 5
