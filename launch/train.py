@@ -11,8 +11,8 @@ machine without CUDA it uses gloo and applies `megatron_mamba3.patches.apply_cpu
 CUDA it uses NCCL and applies `apply_cuda_patches()` (the optimizer's multi-tensor ops as
 `torch._foreach_*` calls where megatron-core lacks Transformer Engine and apex). The optimizer is
 Megatron's (`get_megatron_optimizer`, Adam; fp32 parameters, or with --bf16 bf16 parameters and
-activations with fp32 master weights) with Megatron's learning-rate scheduler (warm-up, then
-constant, linear or cosine).
+activations with fp32 master weights; torch's fused Adam where Megatron falls back to torch's, see
+`fused_adam.py`) with Megatron's learning-rate scheduler (warm-up, then constant, linear or cosine).
 Checkpoints are Megatron distributed checkpoints of model and optimizer, written atomically (see
 `checkpoints.py`). Tokens are synthetic or read from a memory-mapped file (see `token_data.py`) and
 depend only on the step, so a resumed run repeats the uninterrupted run's losses exactly (CPU, same
@@ -43,6 +43,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+import fused_adam
 import layer_times
 import lr_schedule
 import main_grads
@@ -323,6 +324,7 @@ def build_optimizer(args: argparse.Namespace, model):
         ),
         [wrapped],
     )
+    fused_adam.use_fused_adam(optimizer)  # megatron-core's torch Adam fallback: one fused pass per step
     decay = lr_schedule.decay_iters(args)
     scheduler = OptimizerParamScheduler(  # the settings are final here (a resume resolved them): they win on load
         optimizer, init_lr=0.0 if args.lr_warmup_iters else args.lr, max_lr=args.lr, min_lr=args.min_lr,
