@@ -205,7 +205,8 @@ def _peak_mib(fn) -> float:
 # The official kernels (state-spaces/mamba e9594ce) with their own timing script (triton do_bench, host included;
 # torch 2.11, triton 3.6), per GPU model, the lowest of the runs recorded; used where --official does not measure
 # them. H100: 2026-11-25, and 2026-11-26 for SISO fwd+bwd b8, whose autotuned run took 2.27 ms where the first took
-# 3.90 (SISO fwd b8 took 0.71 that day, b1 fwd 1.19 and fwd+bwd 3.08 again). H200: 2026-11-28, forwards only (one run).
+# 3.90 (SISO fwd b8 took 0.71 that day, b1 fwd 1.19 and fwd+bwd 3.08 again). H200: 2026-11-28, one run each (the
+# SISO fwd+bwd's first calls autotuned for 262 s at b8 and 146 s at b1).
 OFFICIAL_RECORDED = {
     "H100": {
         ("siso", "fwd", 8, 2048, 32): 0.60, ("siso", "fwd", 1, 8192, 8): 1.19,
@@ -215,6 +216,7 @@ OFFICIAL_RECORDED = {
     "H200": {
         ("siso", "fwd", 8, 2048, 32): 0.50, ("siso", "fwd", 1, 8192, 8): 1.24,
         ("mimo", "fwd", 8, 2048, 32): 1.07, ("mimo", "fwd", 1, 8192, 8): 3.13,
+        ("siso", "fwdbwd", 8, 2048, 32): 2.38, ("siso", "fwdbwd", 1, 8192, 8): 3.14,
     },
 }
 RECORDED_FALLBACK = "H100"  # the GPU whose figures stand in where the running GPU has none recorded

@@ -162,7 +162,7 @@ def test_recorded_official_figures_are_the_running_gpu_models_else_the_h100s_nam
     siso8_train = ("siso", "fwdbwd", 8, 2048, 32)
     assert h200[siso8] != h100[siso8]
     assert recorded_official_ms("NVIDIA H200", *siso8) == (h200[siso8], "recorded")
-    assert recorded_official_ms("NVIDIA H200", *siso8_train) == (h100[siso8_train], "recorded on H100")
+    assert recorded_official_ms("NVIDIA H200", *siso8_train) == (h200[siso8_train], "recorded")
     assert recorded_official_ms("NVIDIA H100 80GB HBM3", *siso8_train) == (h100[siso8_train], "recorded")
     assert recorded_official_ms("NVIDIA A100-SXM4-80GB", *mimo1) == (h100[mimo1], "recorded on H100")
     assert recorded_official_ms("NVIDIA H200", "siso", "fwd", 3, 64, 2) == (None, "-")
