@@ -387,6 +387,14 @@ def _chunk_dqkv(c: KernelConfig):
     H, p, n, R, G, S, Q = c.H, c.p, c.n, c.R, c.G, c.S, c.Q
     HEAD_SUM = head_sum_dtype(c)
     QR = Q * R
+
+    @T.macro
+    def state_dot(ds_s, hs_s, state_prod):
+        """state_prod (QR, p) += ds_s ⊙ hs_s over the state's rows in blocks of QR ((n, p) bf16 tiles): their
+        inner product, part-summed."""
+        for block in T.serial(n // QR):
+            for row, pp in T.Parallel(QR, p):
+                state_prod[row, pp] += T.cast(ds_s[block * QR + row, pp], F32) * T.cast(hs_s[block * QR + row, pp], F32)
     batch, L, LP, NC, LPR, BNC, SB, SNC = T.dynamic("batch, L, LP, NC, LPR, BNC, SB, SNC")
     load_scalars, rotation, keys, values, mix_weights = chunk_prologue(c)
     scatter, angle_grad = _rotation_backward(c)
@@ -549,7 +557,13 @@ def _chunk_dqkv(c: KernelConfig):
             T.copy(below, below_s)
 
             # kds = k dS and vds = v dSᵀ, with dS's two bf16 halves taking turns in ds_s (shared memory is
-            # short) and v as hi + lo halves where MIMO makes it inexact in bf16.
+            # short) and v as hi + lo halves where MIMO makes it inexact in bf16. ∂mult_c = ⟨dS_c, h̃_c⟩: SISO sums
+            # it from each half while it is there; MIMO reads the halves again after dv, which
+            # keeps its partial sums out of these gemms' registers (216 against 242 a thread).
+            state_prod = T.alloc_fragment((QR, p), F32)
+            if R == 1:
+                load_state(HS, b, chunk, h, hs_s, finite=True)
+                T.clear(state_prod)
             T.copy(DS[b * NC + chunk, h, 0, :, :], ds_s)
             T.gemm(k_s, ds_s, kds, clear_accum=True)
             T.gemm(v_s, ds_s, vds, transpose_B=True, clear_accum=True)
@@ -558,9 +572,13 @@ def _chunk_dqkv(c: KernelConfig):
                 for row, pp in T.Parallel(QR, p):
                     v_lo[row, pp] = bf16_rest(T.cast(x_s[row // R, pp], F32) * mx_s[row % R, pp], v_s[row, pp])
                 T.gemm(v_lo, ds_s, vds, transpose_B=True)
+            else:
+                state_dot(ds_s, hs_s, state_prod)
             T.copy(DS[b * NC + chunk, h, 1, :, :], ds_s)
             T.gemm(k_s, ds_s, kds)
             T.gemm(v_s, ds_s, vds, transpose_B=True)
+            if R == 1:
+                state_dot(ds_s, hs_s, state_prod)
 
             # dv = (scores ⊙ L)ᵀ dy + w_j k_j dS + D dy.
             T.gemm(mix_s, dy_s, dv, transpose_A=True, clear_accum=True)
@@ -589,16 +607,16 @@ def _chunk_dqkv(c: KernelConfig):
                         dmx[r, pp] += dv_s[i * R + r, pp] * T.cast(x_s[i, pp], F32)
                 T.copy(dmx, DMX[b, chunk, h, :, :])
 
-            # ∂mult_c = ⟨dS_c, h̃_c⟩, over the state in blocks of QR rows of n.
-            load_state(HS, b, chunk, h, hs_s, finite=True)
-            state_prod = T.alloc_fragment((QR, p), F32)
+            # ∂mult_c reduced (MIMO: summed here, from dS in global memory).
+            if R > 1:
+                load_state(HS, b, chunk, h, hs_s, finite=True)
+                T.clear(state_prod)
+                for block in T.serial(n // QR):
+                    for row, pp in T.Parallel(QR, p):
+                        ds_value = T.cast(DS[b * NC + chunk, h, 0, block * QR + row, pp], F32) + T.cast(DS[b * NC + chunk, h, 1, block * QR + row, pp], F32)
+                        state_prod[row, pp] += ds_value * T.cast(hs_s[block * QR + row, pp], F32)
             state_rows = T.alloc_fragment((QR,), F32)
             dmult = T.alloc_fragment((1,), F32)
-            T.clear(state_prod)
-            for block in T.serial(n // QR):
-                for row, pp in T.Parallel(QR, p):
-                    ds_value = T.cast(DS[b * NC + chunk, h, 0, block * QR + row, pp], F32) + T.cast(DS[b * NC + chunk, h, 1, block * QR + row, pp], F32)
-                    state_prod[row, pp] += ds_value * T.cast(hs_s[block * QR + row, pp], F32)
             T.reduce_sum(state_prod, state_rows, dim=1)
             T.reduce_sum(state_rows, dmult, dim=0)
 
