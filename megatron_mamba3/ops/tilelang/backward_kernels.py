@@ -558,8 +558,9 @@ def _chunk_dqkv(c: KernelConfig):
 
             # kds = k dS and vds = v dSᵀ, with dS's two bf16 halves taking turns in ds_s (shared memory is
             # short) and v as hi + lo halves where MIMO makes it inexact in bf16. ∂mult_c = ⟨dS_c, h̃_c⟩: SISO sums
-            # it from each half while it is there; MIMO reads the halves again after dv, which
-            # keeps its partial sums out of these gemms' registers (216 against 242 a thread).
+            # it from each half while it is there (no second read of dS, 4 bytes spilled instead of 44: 5 % faster);
+            # MIMO reads the halves again after dv, as its partial sums held across these gemms took 242 registers
+            # instead of 216 and 4 % more time (benchmarks/README.md, the twenty-third session).
             state_prod = T.alloc_fragment((QR, p), F32)
             if R == 1:
                 load_state(HS, b, chunk, h, hs_s, finite=True)
