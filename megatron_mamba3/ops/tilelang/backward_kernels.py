@@ -387,6 +387,12 @@ def _chunk_dqkv(c: KernelConfig):
     H, p, n, R, G, S, Q = c.H, c.p, c.n, c.R, c.G, c.S, c.Q
     HEAD_SUM = head_sum_dtype(c)
     QR = Q * R
+    # ∂mult_c = ⟨dS_c, h̃_c⟩: SISO at p = 64 sums it from each half of dS while it is in shared memory (no second
+    # read of dS; 4 bytes spilled instead of 44; 5 % faster on an H200). The others read dS again after dv: MIMO's
+    # partial sums held across the dS gemms took 242 registers instead of 216 and 4 % more time, and h̃'s tile
+    # loaded that early does not fit SISO's shared memory at p = 128 (265 KB). benchmarks/README.md, the
+    # twenty-third session.
+    dmult_from_tiles = R == 1 and p == 64
 
     @T.macro
     def state_dot(ds_s, hs_s, state_prod):
@@ -557,12 +563,10 @@ def _chunk_dqkv(c: KernelConfig):
             T.copy(below, below_s)
 
             # kds = k dS and vds = v dSᵀ, with dS's two bf16 halves taking turns in ds_s (shared memory is
-            # short) and v as hi + lo halves where MIMO makes it inexact in bf16. ∂mult_c = ⟨dS_c, h̃_c⟩: SISO sums
-            # it from each half while it is there (no second read of dS, 4 bytes spilled instead of 44: 5 % faster);
-            # MIMO reads the halves again after dv, as its partial sums held across these gemms took 242 registers
-            # instead of 216 and 4 % more time (benchmarks/README.md, the twenty-third session).
+            # short) and v as hi + lo halves where MIMO makes it inexact in bf16; ∂mult_c = ⟨dS_c, h̃_c⟩ from the
+            # same tiles where `dmult_from_tiles`.
             state_prod = T.alloc_fragment((QR, p), F32)
-            if R == 1:
+            if dmult_from_tiles:
                 load_state(HS, b, chunk, h, hs_s, finite=True)
                 T.clear(state_prod)
             T.copy(DS[b * NC + chunk, h, 0, :, :], ds_s)
@@ -573,12 +577,12 @@ def _chunk_dqkv(c: KernelConfig):
                 for row, pp in T.Parallel(QR, p):
                     v_lo[row, pp] = bf16_rest(T.cast(x_s[row // R, pp], F32) * mx_s[row % R, pp], v_s[row, pp])
                 T.gemm(v_lo, ds_s, vds, transpose_B=True)
-            else:
+            if dmult_from_tiles:
                 state_dot(ds_s, hs_s, state_prod)
             T.copy(DS[b * NC + chunk, h, 1, :, :], ds_s)
             T.gemm(k_s, ds_s, kds)
             T.gemm(v_s, ds_s, vds, transpose_B=True)
-            if R == 1:
+            if dmult_from_tiles:
                 state_dot(ds_s, hs_s, state_prod)
 
             # dv = (scores ⊙ L)ᵀ dy + w_j k_j dS + D dy.
@@ -608,8 +612,8 @@ def _chunk_dqkv(c: KernelConfig):
                         dmx[r, pp] += dv_s[i * R + r, pp] * T.cast(x_s[i, pp], F32)
                 T.copy(dmx, DMX[b, chunk, h, :, :])
 
-            # ∂mult_c reduced (MIMO: summed here, from dS in global memory).
-            if R > 1:
+            # ∂mult_c reduced (where not summed above: here, from dS in global memory).
+            if not dmult_from_tiles:
                 load_state(HS, b, chunk, h, hs_s, finite=True)
                 T.clear(state_prod)
                 for block in T.serial(n // QR):
