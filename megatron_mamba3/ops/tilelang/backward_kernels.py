@@ -401,6 +401,7 @@ def _chunk_dqkv(c: KernelConfig):
         for block in T.serial(n // QR):
             for row, pp in T.Parallel(QR, p):
                 state_prod[row, pp] += T.cast(ds_s[block * QR + row, pp], F32) * T.cast(hs_s[block * QR + row, pp], F32)
+
     batch, L, LP, NC, LPR, BNC, SB, SNC = T.dynamic("batch, L, LP, NC, LPR, BNC, SB, SNC")
     load_scalars, rotation, keys, values, mix_weights = chunk_prologue(c)
     scatter, angle_grad = _rotation_backward(c)
