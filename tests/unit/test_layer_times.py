@@ -23,9 +23,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.helpers import launch_module
+from tests.helpers import LAUNCH, launch_module
 
-ROOT = Path(__file__).resolve().parents[2]
 layer_times = launch_module("layer_times")
 
 SLEEPS_MS = {"M": (20, 50), "*": (40, 10), "-": (5, 30)}  # kind: (forward, backward) per layer
@@ -126,7 +125,7 @@ def test_a_run_shorter_than_the_warm_up_is_refused():
 def train_py(tmp_path: Path, name: str, *flags: str) -> tuple[list[str], dict[int, float]]:
     metrics = tmp_path / f"{name}.jsonl"
     run = subprocess.run(
-        [sys.executable, str(ROOT / "launch" / "train.py"), "--device", "cpu", "--hybrid-layer-pattern", "MM*-M-",
+        [sys.executable, str(LAUNCH / "train.py"), "--device", "cpu", "--hybrid-layer-pattern", "MM*-M-",
          "--hidden-size", "32", "--seq-length", "32", "--train-iters", "4", "--metrics-file", str(metrics), *flags],
         capture_output=True, text=True, timeout=300,
     )
