@@ -37,24 +37,26 @@ IDS = [f"n{n}-p{p}-R{R}-G{G}{'-norm' if norm else ''}" for n, p, R, G, norm in C
 PREP_CONFIGS = [CONFIGS[0], CONFIGS[1], CONFIGS[3]]
 PREP_IDS = [IDS[0], IDS[1], IDS[3]]
 A_FLOOR = 0.5  # large, so that the floor clamps some tokens' A (f(u) = 1 / (1 − u) < 0.5 below u = −1)
+ALL_ROTATED = CONFIGS[0]  # run once with every pair rotated (rope_fraction 1.0: S = n / 2)
 # The kernel configs (H, p, n, R, G, S, Q, norm, A_floor) these tests use, compiled first (tests/conftest.py).
 TILELANG_KERNELS = [(HEADS, p, n, R, G, n // 4, TILE_ROWS // R, norm, None) for n, p, R, G, norm in CONFIGS] + [
     (HEADS, p, n, R, G, n // 4, TILE_ROWS // R, norm, A_FLOOR) for n, p, R, G, norm in PREP_CONFIGS
-]
+] + [(HEADS, p, n, R, G, n // 2, TILE_ROWS // R, norm, None) for n, p, R, G, norm in [ALL_ROTATED]]
 
 
 def _cuda(case):
     return tuple(type(part)(*(None if t is None else t.cuda() for t in part)) for part in case)
 
 
-def _case(n, p, R, G, norm, b=2, l=LENGTH, seed=0, wide_angles=False):  # noqa: E741
-    """bf16 inputs, fp32 weights, fp32 initial state and segment ids on the GPU. With `wide_angles`, Δ ≈ 2.2
-    and tanh(angles) ≥ 0.76, so θ grows by about 5 rad per token (hundreds of radians within a chunk), with A
-    scaled down so that the decays still reach across the chunk."""
-    inputs, weights = make_case(b=b, l=l, H=HEADS, p=p, R=R, G=G, n=n, norm=norm, seed=seed)
+def _case(n, p, R, G, norm, b=2, l=LENGTH, seed=0, wide_angles=False, pairs=None):  # noqa: E741
+    """bf16 inputs, fp32 weights, fp32 initial state and segment ids on the GPU, with `pairs` rotated pairs
+    (default n / 4). With `wide_angles`, Δ ≈ 2.2 and tanh(angles) ≥ 0.76, so θ grows by about 5 rad per token
+    (hundreds of radians within a chunk), with A scaled down so that the decays still reach across the chunk."""
+    pairs = n // 4 if pairs is None else pairs
+    inputs, weights = make_case(b=b, l=l, H=HEADS, p=p, R=R, G=G, n=n, S=pairs, norm=norm, seed=seed)
     if wide_angles:
         inputs = inputs._replace(dt=inputs.dt + 2.0, A=0.01 * inputs.A, angles=inputs.angles.abs() + 1.0)
-    state = make_state(b, HEADS, p, R, n, n // 4, seed=seed + 1).to(torch.float32)
+    state = make_state(b, HEADS, p, R, n, pairs, seed=seed + 1).to(torch.float32)
     inputs, weights, state = _cuda((inputs.to(torch.bfloat16), weights.to(torch.float32), state))
     segment_ids = torch.zeros(b, l, dtype=torch.int64, device="cuda")
     segment_ids[0, 37:] = 1
@@ -64,10 +66,10 @@ def _case(n, p, R, G, norm, b=2, l=LENGTH, seed=0, wide_angles=False):  # noqa: 
 
 
 @functools.cache
-def _tolerance(config, wide_angles=False, segments=True):
+def _tolerance(config, wide_angles=False, segments=True, pairs=None):
     """`bf16_bound` of the bf16 reference's own relative error against the float64 oracle (on `_case`'s
     segment ids, or without: each row one document)."""
-    inputs, weights, state, segment_ids = _case(*config, wide_angles=wide_angles)
+    inputs, weights, state, segment_ids = _case(*config, wide_angles=wide_angles, pairs=pairs)
     segment_ids = segment_ids if segments else None
     options = dict(segment_ids=segment_ids, initial_state=state)
     oracle, _ = mamba3_recurrent(
@@ -113,11 +115,18 @@ def test_wide_rotation_angles_match_reference(config):
     _check_against_reference(config, wide_angles=True)
 
 
-def _check_against_reference(config, wide_angles=False, segments=True):
+def test_every_pair_rotated_matches_reference():
+    """rope_fraction 1.0 (S = n / 2) at SISO n = 128, p = 64, where chunk_output's and chunk_dy's θ tiles take twice
+    the shared memory, so that they are compiled for two blocks per SM instead of three
+    (`kernels.gate_blocks_per_sm`): within the same bound."""
+    _check_against_reference(ALL_ROTATED, pairs=ALL_ROTATED[0] // 2)
+
+
+def _check_against_reference(config, wide_angles=False, segments=True, pairs=None):
     """Outputs, final state and every gradient of the kernels against the fp32 reference's, within `_tolerance`;
     on `_case`'s segment ids, or (not `segments`) without them."""
-    tol = _tolerance(config, wide_angles, segments)
-    inputs, weights, state, segment_ids = _case(*config, wide_angles=wide_angles)
+    tol = _tolerance(config, wide_angles, segments, pairs)
+    inputs, weights, state, segment_ids = _case(*config, wide_angles=wide_angles, pairs=pairs)
     segment_ids = segment_ids if segments else None
     leaves_k, leaves_r = _leaves(inputs, weights, state), _leaves(inputs, weights, state)
     out, final = _run("tilelang", leaves_k, weights, segment_ids)

@@ -43,3 +43,20 @@ def test_walk_fits_the_blocks_per_sm_it_is_compiled_for(R, n, rotated):
     size = shared_memory_bytes(lower_kernel(kernels._chunk_walk, config))
     blocks = kernels.walk_blocks_per_sm(config)
     assert blocks * (size + BLOCK_RESERVED) <= SM_SHARED_MEMORY, f"{config}: {blocks} blocks of {size} bytes"
+
+
+@pytest.mark.parametrize("packed", [False, True], ids=["rows", "cu_seqlens"])
+@pytest.mark.parametrize("rotated", [0.5, 1.0], ids=["half-rotated", "all-rotated"])
+@pytest.mark.parametrize("n", [64, 128])
+@pytest.mark.parametrize("R", [1, 2, 4])
+@pytest.mark.parametrize("make", [kernels._chunk_output, backward_kernels._chunk_dy], ids=["chunk_output", "chunk_dy"])
+def test_gate_kernels_fit_the_blocks_per_sm_they_are_compiled_for(make, R, n, rotated, packed):
+    """`chunk_output` and `chunk_dy` (with the output norm, the most they hold) at p = 64: their shared memory
+    lets `gate_blocks_per_sm` blocks share an SM, or their registers are capped for blocks that never run
+    beside each other."""
+    config = kernels.KernelConfig(
+        H=8, p=64, n=n, R=R, G=1, S=int(n * rotated) // 2, Q=TILE_ROWS // R, norm=True, A_floor=None, packed=packed
+    )
+    size = shared_memory_bytes(lower_kernel(make, config))
+    blocks = kernels.gate_blocks_per_sm(config)
+    assert blocks * (size + BLOCK_RESERVED) <= SM_SHARED_MEMORY, f"{config}: {blocks} blocks of {size} bytes"
