@@ -91,12 +91,13 @@ def kernel_set(config: KernelConfig) -> KernelSet:
 
 def gate_blocks_per_sm(c: KernelConfig) -> int:
     """Blocks per SM that `chunk_output` and `chunk_dy` are compiled for (registers capped to fit them), as their
-    shared memory allows at p = 64: three where their three (Q, S) fp32 θ tiles take at most 24 KB (74 KB at
-    n = 128 with half the state rotated), two where they take more (SISO with all of it rotated at n = 128: 98 KB);
-    one at p = 128 (no cap)."""
+    shared memory allows at p = 64 (tests/unit/test_tilelang_smem.py): three where their three (Q, S) fp32 θ
+    tiles take at most 24 KB (74 KB SISO, 65 KB R = 4 at n = 128 with half the state rotated), but two at R = 2
+    (TileLang's plan for its 32-token chunks takes 86 KB there) and where the θ tiles take more (SISO with all of
+    the state rotated at n = 128: 98 KB); one at p = 128 (no cap)."""
     if c.p != 64:
         return 1
-    return 3 if c.Q * c.S <= 2048 else 2
+    return 3 if c.Q * c.S <= 2048 and c.R != 2 else 2
 
 
 def walk_blocks_per_sm(c: KernelConfig) -> int:
