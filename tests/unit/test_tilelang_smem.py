@@ -53,7 +53,8 @@ def test_walk_fits_the_blocks_per_sm_it_is_compiled_for(R, n, rotated):
 def test_gate_kernels_fit_the_blocks_per_sm_they_are_compiled_for(make, R, rotated, packed):
     """`chunk_output` and `chunk_dy` (with the output norm, the most they hold) at p = 64: their shared memory
     lets `gate_blocks_per_sm` blocks share an SM, or their registers are capped for blocks that never run
-    beside each other. At n = 128: n = 64 holds smaller tiles at the same Q·S as n = 128 half-rotated."""
+    beside each other. At n = 128, the size the kernels are timed at (TileLang's plan is not monotone in the
+    tiles' sizes: at R = 2 the half-rotated config takes more than the fully rotated one)."""
     n = 128
     config = kernels.KernelConfig(
         H=8, p=64, n=n, R=R, G=1, S=int(n * rotated) // 2, Q=TILE_ROWS // R, norm=True, A_floor=None, packed=packed
