@@ -18,6 +18,13 @@ SM_SHARED_MEMORY = 228 * 1024  # bytes per SM, shared by its resident blocks
 BLOCK_RESERVED = 1024  # bytes the system keeps per resident block
 
 
+def assert_blocks_fit(make, config, blocks: int) -> None:
+    """`blocks` blocks of the kernel `make(config)` (its lowered shared memory plus what the system keeps per block)
+    fit one SM's shared memory."""
+    size = shared_memory_bytes(lower_kernel(make, config))
+    assert blocks * (size + BLOCK_RESERVED) <= SM_SHARED_MEMORY, f"{config}: {blocks} blocks of {size} bytes"
+
+
 @pytest.mark.parametrize("packed", [False, True], ids=["rows", "cu_seqlens"])
 @pytest.mark.parametrize("R", [1, 2, 4])
 def test_largest_config_fits_shared_memory(R, packed):
@@ -41,9 +48,7 @@ def test_walk_fits_the_blocks_per_sm_it_is_compiled_for(R, n, rotated):
     config = kernels.KernelConfig(
         H=8, p=64, n=n, R=R, G=1, S=int(n * rotated) // 2, Q=TILE_ROWS // R, norm=True, A_floor=1e-4
     )
-    size = shared_memory_bytes(lower_kernel(kernels._chunk_walk, config))
-    blocks = kernels.walk_blocks_per_sm(config)
-    assert blocks * (size + BLOCK_RESERVED) <= SM_SHARED_MEMORY, f"{config}: {blocks} blocks of {size} bytes"
+    assert_blocks_fit(kernels._chunk_walk, config, kernels.walk_blocks_per_sm(config))
 
 
 @pytest.mark.parametrize("packed", [False, True], ids=["rows", "cu_seqlens"])
@@ -59,6 +64,4 @@ def test_gate_kernels_fit_the_blocks_per_sm_they_are_compiled_for(make, R, rotat
     config = kernels.KernelConfig(
         H=8, p=64, n=n, R=R, G=1, S=int(n * rotated) // 2, Q=TILE_ROWS // R, norm=True, A_floor=None, packed=packed
     )
-    size = shared_memory_bytes(lower_kernel(make, config))
-    blocks = kernels.gate_blocks_per_sm(config)
-    assert blocks * (size + BLOCK_RESERVED) <= SM_SHARED_MEMORY, f"{config}: {blocks} blocks of {size} bytes"
+    assert_blocks_fit(make, config, kernels.gate_blocks_per_sm(config))
